@@ -1,0 +1,74 @@
+"""Sample an exported one-step generator, or the teacher it came from (Heun) for reference.
+
+    python eval/sample.py runs/toy_2d/generator --seeds 0-63 --out grid.png
+    python eval/sample.py runs/x/generator --seeds 0-9999 --out samples.npz --classes 3
+    python eval/sample.py runs/x/generator --seeds 0-99 --out pngs/           # one PNG per seed
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sid.errors import SidError  # noqa: E402
+from sid.generator import load_generator  # noqa: E402
+from sid.images import save_image_grid, save_samples, to_uint8  # noqa: E402
+
+
+def parse_ints(text: str) -> list[int]:
+    """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's --seeds syntax)."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("generator", help="exported generator folder (or its generator.safetensors)")
+    parser.add_argument("--seeds", default="0-63", help="one sample per seed, e.g. 0-63 or 1,5,9")
+    parser.add_argument("--classes", default=None, help="class per seed (one value for all, or one per seed)")
+    parser.add_argument("--out", required=True, help="*.png: a grid; *.npz: uint8 images (or raw samples); folder: PNGs")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        seeds = parse_ints(args.seeds)
+        classes = parse_ints(args.classes) if args.classes else None
+        if classes is not None and len(classes) == 1:
+            classes = classes * len(seeds)
+        if classes is not None and len(classes) != len(seeds):
+            raise SidError(f"--classes gives {len(classes)} values for {len(seeds)} seeds")
+        generator = load_generator(args.generator, device=args.device)
+        if classes is not None and not generator.label_dim:
+            raise SidError("--classes given, but this generator is unconditional")
+        x = generator.sample_seeds(seeds, classes, device=args.device).cpu()
+        write(x, Path(args.out), seeds)
+    except SidError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(seeds)} samples to {args.out}")
+    return 0
+
+
+def write(x: torch.Tensor, out: Path, seeds) -> None:
+    images = x.ndim == 4 and x.shape[1] in (1, 3)
+    if out.suffix == ".npz":
+        np.savez(out, images=to_uint8(x), seeds=np.array(seeds)) if images else np.savez(out, samples=x.numpy())
+    elif out.suffix == ".png":
+        if not save_samples(x, out):
+            raise SidError(f"samples of shape {tuple(x.shape[1:])} cannot be drawn; write an .npz instead")
+    else:
+        if not images:
+            raise SidError("a folder of PNGs needs image samples; write an .npz instead")
+        out.mkdir(parents=True, exist_ok=True)
+        for seed, image in zip(seeds, x):
+            save_image_grid(image[None], out / f"{seed:06d}.png", cols=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

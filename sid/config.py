@@ -1,0 +1,185 @@
+"""The configuration: a typed schema, YAML presets that only override, dotted CLI overrides, validation.
+
+``load_config(["configs/x.yaml"], ["loss.lam=1.0"])`` merges schema defaults < each YAML < the dotlist,
+validates every value, and returns a read-only config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from sid.errors import SidError
+
+
+@dataclass
+class AnalyticTeacherConfig:
+    shape: list[int] = field(default_factory=lambda: [2])  # sample shape, e.g. [2] or [1, 8, 8]
+    modes: int = 8                       # number of mixture components
+    radius: float = 2.0                  # distance of the component means from the origin
+    mode_std: float = 0.2                # standard deviation of every component
+    weights: list[float] = field(default_factory=list)  # mixture weights (empty: equal)
+    seed: int = 0                        # places the means when shape is not [2]
+    student_width: int = 128             # MLP width of the generator and fake score
+    student_depth: int = 3               # MLP hidden layers
+    student_fit_steps: int = 1000        # steps fitting the MLP to the exact denoiser (the "teacher init")
+
+
+@dataclass
+class DiffusersTeacherConfig:
+    path: Optional[str] = None           # local diffusers folder (model or pipeline) or hub id
+    unet_config: Optional[dict[str, Any]] = None  # instead of path: a random UNet from this config (tests)
+    prediction_type: Optional[str] = None  # epsilon | v_prediction | sample | edm; null: from the scheduler
+    sigma_data: float = 0.5              # data std assumed by EDM preconditioning and the fake-score weight
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "analytic"               # analytic | diffusers
+    analytic: AnalyticTeacherConfig = field(default_factory=AnalyticTeacherConfig)
+    diffusers: DiffusersTeacherConfig = field(default_factory=DiffusersTeacherConfig)
+
+
+@dataclass
+class GeneratorConfig:
+    sigma_init: float = 2.5              # G(z) = D_θ(sigma_init z, sigma_init)
+
+
+@dataclass
+class LossConfig:
+    lam: str = "sid"                     # λ: sid (1.2) | lambda1 (1.0) | fgm (0.5) | l2 (0) | any number
+    weighting: str = "sid"               # sid: 1/mean|x_g - f_φ| | x0: 1 | eps: 1/σ²
+    t_max: float = 0.8                   # generator-loss σ from the Karras schedule at u < t_max (SiD: 800/1000)
+    sigma_min: Optional[float] = None    # Karras range of the generator loss; null: the teacher's
+    sigma_max: Optional[float] = None
+    rho: float = 7.0
+    p_mean: float = -1.2                 # fake-score loss: ln σ ~ N(p_mean, p_std²)
+    p_std: float = 1.2
+    g_scale: float = 100.0               # generator loss multiplier (SiD's lsg)
+    fake_scale: float = 1.0              # fake-score loss multiplier (SiD's ls)
+
+
+@dataclass
+class OptimConfig:
+    batch: int = 256                     # images per iteration, all processes together
+    batch_gpu: Optional[int] = None      # per-process micro-batch; null: batch / processes (no accumulation)
+    g_lr: float = 1e-5                   # generator Adam learning rate (SiD's glr)
+    fake_lr: float = 1e-5                # fake-score Adam learning rate (SiD's lr)
+    g_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    fake_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class EMAConfig:
+    halflife_nimg: float = 500_000       # EMA half-life in images (SiD: 0.5 Mimg); 0 disables
+    rampup: float = 0.05                 # half-life <= rampup * images seen
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/sid"            # checkpoints, exports, samples, metrics, resolved config
+    total_nimg: int = 10_000_000         # stop after this many generator images
+    seed: int = 0
+    precision: str = "fp32"              # fp32 | bf16 (autocast, fp32 master weights)
+    log_every_nimg: int = 25_600         # metrics to metrics.jsonl / TensorBoard
+    sample_every_nimg: int = 256_000     # sample grid of the EMA generator
+    ckpt_every_nimg: int = 1_024_000     # training state + exported generator
+    keep_ckpts: int = 2                  # training states kept on disk
+    num_samples: int = 64                # images in each sample grid
+    max_nonfinite_steps: int = 20        # abort after this many consecutive steps with non-finite values
+    tensorboard: bool = True
+    progress: bool = True                # progress bar on the main process
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "teacher.kind": ("analytic", "diffusers"),
+    "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm"),
+    "loss.weighting": ("sid", "x0", "eps"),
+    "train.precision": ("fp32", "bf16"),
+}
+POSITIVE = ("optim.batch", "optim.g_lr", "optim.fake_lr", "generator.sigma_init", "train.total_nimg",
+            "train.log_every_nimg", "train.sample_every_nimg", "train.ckpt_every_nimg", "train.keep_ckpts",
+            "loss.rho", "loss.p_std", "train.max_nonfinite_steps", "teacher.analytic.modes")
+
+
+def _valid_keys(node, prefix: str) -> str:
+    keys = sorted(node.keys()) if isinstance(node, DictConfig) else []
+    return f"valid keys under {prefix or 'the top level'}: {', '.join(keys)}"
+
+
+def _friendly(e: OmegaConfBaseException, schema: DictConfig, source: str) -> SidError:
+    key = getattr(e, "full_key", "") or ""
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    if isinstance(e, ConfigKeyError):
+        node = OmegaConf.select(schema, parent) if parent else schema
+        return SidError(f"unknown config key {key!r} in {source}; {_valid_keys(node, parent)}")
+    return SidError(f"bad value for config key {key!r} in {source}: {str(e).splitlines()[0]}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject values the schema's types cannot: choices, ranges, and the λ spelling."""
+    from sid.losses import resolve_lam  # losses imports only errors: no cycle
+
+    for key, choices in CHOICES.items():
+        if OmegaConf.select(cfg, key) not in choices:
+            raise SidError(f"{key}={OmegaConf.select(cfg, key)!r} is invalid; choose one of {choices}")
+    for key in POSITIVE:
+        if not OmegaConf.select(cfg, key) > 0:
+            raise SidError(f"{key}={OmegaConf.select(cfg, key)!r} must be positive")
+    resolve_lam(cfg.loss.lam)
+    if not 0 < cfg.loss.t_max <= 1:
+        raise SidError(f"loss.t_max={cfg.loss.t_max} must be in (0, 1] (a fraction of the Karras schedule)")
+    if cfg.teacher.kind == "diffusers" and not (cfg.teacher.diffusers.path or cfg.teacher.diffusers.unet_config):
+        raise SidError("teacher.kind=diffusers needs teacher.diffusers.path (a local folder or hub id)")
+
+
+def load_config(files=(), overrides=()) -> DictConfig:
+    """Schema defaults, then each YAML file, then ``key=value`` overrides; validated and read-only."""
+    schema = OmegaConf.structured(Config)
+    cfg = schema
+    for path in files:
+        if not Path(path).is_file():
+            raise SidError(f"config file {path} not found")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as e:
+            raise _friendly(e, schema, str(path)) from None
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise _friendly(e, schema, "the command line") from None
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)  # after merging: read-only nodes do not merge (omegaconf#1102)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def plain(node):
+    """A config node as plain Python (dicts, lists, scalars); anything else unchanged."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def as_tuple(node) -> tuple:
+    return tuple(node) if isinstance(node, (ListConfig, list, tuple)) else (node,)

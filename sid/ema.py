@@ -1,0 +1,31 @@
+"""Exponential moving average of the generator by half-life in images, with ramp-up (sid-math.md §2.4 step 9)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_beta(batch: int, cur_nimg: int, halflife_nimg: float, rampup: float | None) -> float:
+    """β = 0.5^(batch / halflife), halflife = min(halflife_nimg, rampup * cur_nimg) (SiD / EDM)."""
+    halflife = halflife_nimg if rampup is None else min(halflife_nimg, cur_nimg * rampup)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+class EMA(nn.Module):
+    """Holds the averaged copy; ``update`` runs after each generator step, with cur_nimg counted after it."""
+
+    def __init__(self, model: nn.Module, halflife_nimg: float, rampup: float | None = 0.05):
+        super().__init__()
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.halflife_nimg, self.rampup = halflife_nimg, rampup
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, cur_nimg: int, batch: int) -> None:
+        beta = ema_beta(batch, cur_nimg, self.halflife_nimg, self.rampup) if self.halflife_nimg > 0 else 0.0
+        for p_ema, p in zip(self.model.parameters(), model.parameters()):
+            p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - beta)       # p_ema = β p_ema + (1 - β) p
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)

@@ -1,0 +1,182 @@
+"""diffusers UNets as EDM denoisers: VP ε / v / x0 prediction on a discrete schedule, or EDM-preconditioned.
+
+The only module that knows about timestep indices and prediction types (sid-math.md §1.2-§1.3).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sid.errors import SidError
+from sid.precond import Coefficients, EDMPrecond, Preconditioned
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm")
+EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+
+
+class VPPrecond(nn.Module):
+    """A VP network on a discrete schedule seen in EDM units: σ_k = sqrt((1 - ā_k) / ā_k), x_t = x / sqrt(1 + σ²).
+
+    Continuous σ maps to a fractional timestep by linear interpolation of k in ln σ.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str, sigma_data: float = 0.5):
+        super().__init__()
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self.register_buffer("log_sigmas", ((1 - ac) / ac).sqrt().log())          # [K], increasing in k
+        self.prediction_type, self.sigma_data = prediction_type, sigma_data
+        self.sigma_min, self.sigma_max = float(self.log_sigmas[0].exp()), float(self.log_sigmas[-1].exp())
+
+    def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        log_sigma = sigma.double().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        hi = torch.searchsorted(self.log_sigmas, log_sigma.contiguous()).clamp(1, len(self.log_sigmas) - 1)
+        lo_val, hi_val = self.log_sigmas[hi - 1], self.log_sigmas[hi]
+        return (hi - 1 + (log_sigma - lo_val) / (hi_val - lo_val)).to(sigma.dtype)
+
+    def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.double().clamp(0, len(self.log_sigmas) - 1)
+        lo = t.floor().long().clamp(max=len(self.log_sigmas) - 2)
+        frac = t - lo
+        return ((1 - frac) * self.log_sigmas[lo] + frac * self.log_sigmas[lo + 1]).exp()
+
+    def forward(self, sigma: torch.Tensor) -> Coefficients:
+        total = 1 + sigma**2
+        c_in, t = total.rsqrt(), self.sigma_to_t(sigma)
+        if self.prediction_type == "epsilon":                    # x0 = x - σ ε
+            c_skip, c_out = torch.ones_like(sigma), -sigma
+        elif self.prediction_type == "v_prediction":             # x0 = x / (1 + σ²) - σ v / sqrt(1 + σ²)
+            c_skip, c_out = 1 / total, -sigma * c_in
+        else:                                                    # "sample": the network predicts x0
+            c_skip, c_out = torch.zeros_like(sigma), torch.ones_like(sigma)
+        return Coefficients(c_skip, c_out, c_in, t)
+
+
+class UNetBackbone(nn.Module):
+    """``F(x_in, c_noise, labels)`` over a diffusers UNet2DModel or UNet2DConditionModel (class labels only)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.cross_attention_dim = getattr(unet.config, "cross_attention_dim", None)
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {}
+        if labels is not None:
+            kwargs["class_labels"] = labels.argmax(dim=1)        # one-hot in the contract, indices in diffusers
+        if self.cross_attention_dim is not None:                  # unconditional text context
+            kwargs["encoder_hidden_states"] = x_in.new_zeros(x_in.shape[0], 1, self.cross_attention_dim)
+        return self.unet(x_in, c_noise, return_dict=False, **kwargs)[0]
+
+
+def _unet_class(name: str):
+    import diffusers
+
+    if name not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise SidError(f"teacher class {name!r} is not supported; use a UNet2DModel or UNet2DConditionModel folder")
+    return getattr(diffusers, name)
+
+
+def denoiser_from_unet(unet: nn.Module, prediction_type: str, scheduler_config: dict | None, sigma_data: float):
+    """Wrap a diffusers UNet with the coefficient rule of its parameterisation."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise SidError(f"prediction_type={prediction_type!r} is unknown; choose one of {PREDICTION_TYPES}")
+    if prediction_type == "edm":
+        cfg = scheduler_config or {}
+        precond = EDMPrecond(cfg.get("sigma_data", sigma_data), cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0))
+    else:
+        from diffusers import DDPMScheduler
+
+        alphas_cumprod = DDPMScheduler.from_config(scheduler_config or {}).alphas_cumprod
+        precond = VPPrecond(alphas_cumprod, prediction_type, sigma_data)
+    label_dim = unet.config.num_class_embeds or 0
+    return Preconditioned(UNetBackbone(unet), precond, label_dim=label_dim)
+
+
+def spec_of(denoiser: Preconditioned, prediction_type: str, scheduler_config: dict | None) -> dict:
+    """What rebuilds this denoiser's architecture without the weights (stored with exported generators)."""
+    unet = denoiser.net.unet
+    return {
+        "kind": "diffusers",
+        "class_name": type(unet).__name__,
+        "unet_config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+        "prediction_type": prediction_type,
+        "scheduler_config": scheduler_config,
+        "sigma_data": denoiser.sigma_data,
+    }
+
+
+def denoiser_from_spec(spec: dict) -> Preconditioned:
+    unet = _unet_class(spec["class_name"]).from_config(spec["unet_config"])
+    return denoiser_from_unet(unet, spec["prediction_type"], spec["scheduler_config"], spec["sigma_data"])
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SidError(f"{path} is not valid JSON ({e}); restore it from the model's source") from None
+
+
+def _load_local(root: Path):
+    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    config = _read_json(unet_dir / "config.json")
+    if config is None:
+        raise SidError(f"teacher folder {root} has no config.json (nor unet/config.json); give a diffusers model folder")
+    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json") or _read_json(
+        root / "scheduler_config.json"
+    )
+    try:
+        unet = _unet_class(config.get("_class_name", "UNet2DModel")).from_pretrained(unet_dir)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SidError(f"cannot load the teacher weights in {unet_dir}: {str(e).splitlines()[0]}") from None
+    return unet, scheduler_config
+
+
+def _load_hub(repo_id: str):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    try:
+        try:
+            unet = UNet2DModel.from_pretrained(repo_id, subfolder="unet")
+        except (OSError, EnvironmentError):
+            unet = UNet2DModel.from_pretrained(repo_id)
+        try:
+            scheduler_config = dict(DDPMScheduler.load_config(repo_id, subfolder="scheduler"))
+        except (OSError, EnvironmentError):
+            scheduler_config = None
+    except Exception as e:  # hub errors come in many types; all mean the same to the user
+        raise SidError(
+            f"teacher {repo_id!r} is neither a local folder nor a reachable hub model ({type(e).__name__}); "
+            "check the path, or download the model while online"
+        ) from None
+    return unet, scheduler_config
+
+
+def load_diffusers_denoiser(path: str | None, unet_config: dict | None, prediction_type: str | None, sigma_data: float):
+    """A teacher denoiser from a local diffusers folder, a hub id, or (tests, smoke runs) a random UNet config.
+
+    Returns ``(denoiser, spec)``.
+    """
+    if path is None and not unet_config:
+        raise SidError("teacher.diffusers needs a path (local folder or hub id) or a unet_config to build from")
+    if path is None:
+        unet, scheduler_config = _unet_class(unet_config.get("_class_name", "UNet2DModel")).from_config(
+            {k: v for k, v in unet_config.items() if k != "_class_name"}
+        ), None
+    elif Path(path).exists():
+        unet, scheduler_config = _load_local(Path(path))
+    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise SidError(f"teacher path {path!r} does not exist; give a local diffusers folder or a hub id (owner/name)")
+    else:
+        unet, scheduler_config = _load_hub(path)
+    if prediction_type is None:
+        sched = scheduler_config or {}
+        prediction_type = "edm" if sched.get("_class_name") in EDM_SCHEDULERS else sched.get("prediction_type", "epsilon")
+    denoiser = denoiser_from_unet(unet, prediction_type, scheduler_config, sigma_data)
+    return denoiser, spec_of(denoiser, prediction_type, scheduler_config)

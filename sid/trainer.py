@@ -1,0 +1,310 @@
+"""Data-free distillation: builders, then one loop alternating fake-score and generator updates (sid-math.md §2.2).
+
+The only module that knows Accelerate. Precision policy, stated once: trainable networks keep fp32 master
+weights; with ``train.precision=bf16`` every network forward runs under one bf16 autocast, while the
+preconditioning, the losses and the optimisers stay in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from sid.checkpoint import load_training_state, resolve_resume, save_training_state
+from sid.config import as_tuple, to_dict, to_yaml
+from sid.ema import EMA, ema_beta
+from sid.errors import SidError
+from sid.generator import OneStepGenerator, export_generator
+from sid.images import save_samples
+from sid.losses import fake_score_loss, generator_loss, resolve_lam
+from sid.schedules import sample_lognormal_sigma, sample_sid_sigma
+from sid.teachers import Teacher, build_teacher
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built before it starts."""
+
+    accelerator: Accelerator
+    teacher: Teacher
+    fake_score: torch.nn.Module          # f_ψ (unwrapped)
+    generator: OneStepGenerator          # G_θ (unwrapped)
+    fake_ddp: torch.nn.Module            # the same modules as prepared by Accelerate (DDP on several processes)
+    generator_ddp: torch.nn.Module
+    opt_fake: torch.optim.Optimizer
+    opt_g: torch.optim.Optimizer
+    ema: EMA
+    nimg: int = 0
+    step: int = 0
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Every step reseeds from (seed, rank, step): resumed runs draw exactly the numbers the original did."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63)
+
+
+def micro_batches(cfg, world_size: int) -> tuple[int, int]:
+    """(per-process micro-batch, accumulation rounds) for the configured global batch."""
+    batch, batch_gpu = cfg.optim.batch, cfg.optim.batch_gpu
+    if batch % world_size:
+        raise SidError(f"optim.batch={batch} is not divisible by the {world_size} processes")
+    per_process = batch // world_size
+    batch_gpu = batch_gpu or per_process
+    if per_process % batch_gpu:
+        raise SidError(f"optim.batch_gpu={batch_gpu} must divide the per-process batch {per_process}")
+    return batch_gpu, per_process // batch_gpu
+
+
+def build(cfg, accelerator: Accelerator, resume: str | None) -> Run:
+    """Teacher, students, optimisers and EMA, restored from a checkpoint when resuming."""
+    teacher = build_teacher(cfg.teacher)
+    torch.manual_seed(cfg.train.seed)                       # identical initial students on every process
+    fake_score = teacher.make_student()
+    generator = OneStepGenerator(teacher.make_student(), teacher.shape, cfg.generator.sigma_init)
+    teacher.denoiser.to(accelerator.device).eval().requires_grad_(False)
+
+    def adam(module, lr, betas):
+        return torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(betas), eps=cfg.optim.eps)
+
+    opt_fake = adam(fake_score, cfg.optim.fake_lr, cfg.optim.fake_betas)
+    opt_g = adam(generator, cfg.optim.g_lr, cfg.optim.g_betas)
+    ema = EMA(generator, cfg.ema.halflife_nimg, cfg.ema.rampup)
+    nimg = step = 0
+    path = resolve_resume(resume, cfg.train.run_dir) if resume else None
+    if path is not None:
+        state = load_training_state(path)
+        try:
+            fake_score.load_state_dict(state["fake_score"])
+            generator.load_state_dict(state["generator"])
+            ema.model.load_state_dict(state["ema"])
+            opt_fake.load_state_dict(state["opt_fake"])
+            opt_g.load_state_dict(state["opt_g"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise SidError(f"checkpoint {path} does not fit this config's networks ({str(e).splitlines()[0][:160]})")
+        nimg, step = state["nimg"], state["step"]
+        accelerator.print(f"resumed from {path} at {nimg} images")
+    ema.to(accelerator.device)
+    fake_ddp, generator_ddp, opt_fake, opt_g = accelerator.prepare(fake_score, generator, opt_fake, opt_g)
+    return Run(accelerator, teacher, fake_score, generator, fake_ddp, generator_ddp, opt_fake, opt_g, ema, nimg, step)
+
+
+def keep_finite(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop samples whose loss is not finite (SiD's NaN policy, §5.1); returns (losses, number dropped)."""
+    finite = per_sample.isfinite()
+    return torch.where(finite, per_sample, torch.zeros_like(per_sample)), (~finite).sum()
+
+
+def sanitize_grads(module: torch.nn.Module) -> torch.Tensor:
+    """nan_to_num on every gradient (SiD: nan -> 0, ±inf -> ±1e5); returns whether any was non-finite."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    bad = torch.stack([g.isfinite().all() for g in grads]).logical_not().any()
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
+    return bad
+
+
+def accumulate(run: Run, model: torch.nn.Module, rounds: int, micro_loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward ``micro_loss()`` over accumulation rounds, all-reducing gradients only on the last one.
+
+    ``micro_loss`` returns per-sample losses already multiplied by their scale / per-process batch.
+    Returns (summed loss, samples dropped), both as tensors: no host sync here.
+    """
+    total, dropped = 0.0, 0
+    for r in range(rounds):
+        sync = contextlib.nullcontext() if r == rounds - 1 else run.accelerator.no_sync(model)
+        with sync, run.accelerator.autocast():
+            loss, n_bad = keep_finite(micro_loss())
+            run.accelerator.backward(loss.sum())
+        total, dropped = total + loss.detach().sum(), dropped + n_bad
+    return total, dropped
+
+
+def train(cfg, resume: str | None = None) -> Run:
+    """Distil ``cfg.teacher`` into a one-step generator; returns the finished run (for tests and notebooks)."""
+    run_dir = Path(cfg.train.run_dir)
+    accelerator = Accelerator(
+        mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
+        log_with="tensorboard" if cfg.train.tensorboard else None,
+        project_dir=str(run_dir),
+    )
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if cfg.train.tensorboard:
+        accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
+    run = build(cfg, accelerator, resume)
+    loop(cfg, run)
+    accelerator.end_training()
+    return run
+
+
+def loop(cfg, run: Run) -> None:
+    acc, device = run.accelerator, run.accelerator.device
+    batch_gpu, rounds = micro_batches(cfg, acc.num_processes)
+    per_process = batch_gpu * rounds
+    lam = resolve_lam(cfg.loss.lam)
+    sigma_min = cfg.loss.sigma_min or run.teacher.denoiser.sigma_min
+    sigma_max = cfg.loss.sigma_max or run.teacher.denoiser.sigma_max
+    sigma_data = run.fake_score.sigma_data
+    teacher, fake_score, generator = run.teacher.denoiser, run.fake_score, run.generator
+    logger = MetricsLogger(cfg, acc, run.nimg)
+    streak = torch.zeros((), device=device, dtype=torch.long)   # consecutive non-finite steps
+
+    def fake_micro_loss():
+        z, labels = generator.random_inputs(batch_gpu, device)
+        with torch.no_grad():
+            x_g = generator(z, labels)                                          # G in eval mode (§2.3 step 1)
+        sigma = sample_lognormal_sigma(batch_gpu, cfg.loss.p_mean, cfg.loss.p_std, device=device)
+        per_sample = fake_score_loss(run.fake_ddp, x_g.detach(), sigma, labels, sigma_data=sigma_data)
+        return per_sample * (cfg.loss.fake_scale / per_process)
+
+    def generator_micro_loss():
+        z, labels = generator.random_inputs(batch_gpu, device)
+        x_g = run.generator_ddp(z, labels)
+        sigma = sample_sid_sigma(batch_gpu, cfg.loss.t_max, sigma_min, sigma_max, cfg.loss.rho, device=device)
+        per_sample = generator_loss(teacher, fake_score, x_g, sigma, labels, lam=lam, weighting=cfg.loss.weighting)
+        return per_sample * (cfg.loss.g_scale / per_process)
+
+    while run.nimg < cfg.train.total_nimg:
+        torch.manual_seed(step_seed(cfg.train.seed, acc.process_index, run.step))
+
+        # Update fake score: f_ψ fits the current generator's samples (§2.3).
+        generator.eval()
+        fake_score.train().requires_grad_(True)
+        loss_fake, dropped_fake = accumulate(run, run.fake_ddp, rounds, fake_micro_loss)
+        bad = sanitize_grads(fake_score)
+        run.opt_fake.step()
+        run.opt_fake.zero_grad(set_to_none=True)
+
+        # Update generator: f_φ and f_ψ frozen in their parameters, differentiable in their inputs (§2.4).
+        fake_score.eval().requires_grad_(False)
+        generator.train()
+        loss_g, dropped_g = accumulate(run, run.generator_ddp, rounds, generator_micro_loss)
+        bad = bad | sanitize_grads(generator) | (dropped_fake + dropped_g > 0)
+        run.opt_g.step()
+        run.opt_g.zero_grad(set_to_none=True)
+
+        # Update EMA.
+        run.nimg += cfg.optim.batch
+        run.step += 1
+        run.ema.update(generator, run.nimg, cfg.optim.batch)
+
+        # Maintenance: metrics, samples, checkpoints; host syncs happen only here.
+        streak = (streak + 1) * bad
+        logger.accumulate(loss_fake, loss_g, dropped_fake + dropped_g, bad, streak)
+        done = run.nimg >= cfg.train.total_nimg
+        if crossed(run.nimg, cfg.optim.batch, cfg.train.log_every_nimg) or done:
+            logger.flush(run.nimg, run.step, ema_beta(cfg.optim.batch, run.nimg, cfg.ema.halflife_nimg, cfg.ema.rampup))
+        if crossed(run.nimg, cfg.optim.batch, cfg.train.sample_every_nimg) or done:
+            save_sample_grid(cfg, run)
+        if crossed(run.nimg, cfg.optim.batch, cfg.train.ckpt_every_nimg) or done:
+            logger.check_finite()
+            save_checkpoint(cfg, run)
+    logger.close()
+
+
+def crossed(nimg: int, batch: int, every: int) -> bool:
+    """Whether the last step carried the image counter across a multiple of ``every``."""
+    return nimg // every != (nimg - batch) // every
+
+
+class MetricsLogger:
+    """Running sums on the device; reduced across processes and written (JSONL, TensorBoard) every interval."""
+
+    def __init__(self, cfg, accelerator: Accelerator, nimg: int):
+        self.cfg, self.acc = cfg, accelerator
+        self.path = Path(cfg.train.run_dir) / "metrics.jsonl"
+        self.sums = torch.zeros(5, device=accelerator.device)   # loss_fake, loss_g, dropped, nonfinite, steps
+        self.worst_streak = torch.zeros((), device=accelerator.device, dtype=torch.long)
+        self.start_time, self.last_time, self.last_nimg = time.time(), time.time(), nimg
+        total = cfg.train.total_nimg
+        self.bar = tqdm(total=total, initial=min(nimg, total), unit="img", unit_scale=True, dynamic_ncols=True,
+                        disable=not (accelerator.is_main_process and cfg.train.progress))
+
+    def accumulate(self, loss_fake, loss_g, dropped, bad, streak) -> None:
+        self.sums += torch.stack([loss_fake.float(), loss_g.float(), dropped.float(), bad.float(),
+                                  torch.ones((), device=self.sums.device)])
+        self.worst_streak = torch.maximum(self.worst_streak, streak)
+
+    def check_finite(self) -> None:
+        worst = int(self.acc.gather(self.worst_streak[None]).max())
+        if worst >= self.cfg.train.max_nonfinite_steps:
+            raise SidError(
+                f"aborting: {worst} consecutive steps had non-finite losses or gradients "
+                f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); checkpoints already in "
+                f"{self.cfg.train.run_dir} are kept. Lower optim.g_lr / optim.fake_lr, or use train.precision=fp32"
+            )
+
+    def flush(self, nimg: int, step: int, beta: float) -> None:
+        self.check_finite()
+        sums = self.acc.reduce(self.sums.clone(), "sum").tolist()
+        steps = max(sums[4], 1)
+        now = time.time()
+        record = {
+            "nimg": nimg, "step": step,
+            "loss_fake": sums[0] / steps, "loss_g": sums[1] / steps,             # mean over processes and steps
+            "dropped_samples": int(sums[2]), "nonfinite_steps": int(sums[3] / self.acc.num_processes),
+            "img_per_s": (nimg - self.last_nimg) / max(now - self.last_time, 1e-9),
+            "seconds": now - self.start_time, "ema_beta": beta,
+        }
+        self.sums.zero_()
+        if self.acc.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.bar.update(nimg - self.last_nimg)
+            self.bar.set_postfix(loss_g=f"{record['loss_g']:.4g}", loss_fake=f"{record['loss_fake']:.4g}")
+        if self.cfg.train.tensorboard:
+            self.acc.log({k: v for k, v in record.items() if k not in ("nimg", "step")}, step=nimg)
+        self.last_time, self.last_nimg = now, nimg
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def save_sample_grid(cfg, run: Run) -> None:
+    """EMA-generator samples at fixed seeds 0..N-1, next to teacher samples for 2-D toys."""
+    if not run.accelerator.is_main_process:
+        return
+    generator = run.ema.model
+    n = cfg.train.num_samples if generator.shape != (2,) else 2000
+    x = generator.sample_seeds(range(n), device=run.accelerator.device)
+    teacher = run.teacher.denoiser
+    reference = teacher.sample(2000, torch.Generator().manual_seed(0)).float() if hasattr(teacher, "sample") else None
+    path = Path(cfg.train.run_dir) / "samples" / f"samples-{run.nimg:012d}.png"
+    path.parent.mkdir(exist_ok=True)
+    save_samples(x, path, reference, title=f"{run.nimg} images, lam={cfg.loss.lam}")
+
+
+def save_checkpoint(cfg, run: Run) -> None:
+    """Training state (resumable) and the exported EMA generator (the deliverable); main process only."""
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        state = {
+            "nimg": run.nimg, "step": run.step, "config": to_dict(cfg),
+            "fake_score": run.fake_score.state_dict(), "generator": run.generator.state_dict(),
+            "ema": run.ema.model.state_dict(),
+            "opt_fake": run.opt_fake.state_dict(), "opt_g": run.opt_g.state_dict(),
+        }
+        save_training_state(cfg.train.run_dir, run.nimg, state, keep=cfg.train.keep_ckpts)
+        export_generator(run.ema.model, run.teacher.spec, Path(cfg.train.run_dir) / "generator",
+                         extra={"nimg": run.nimg, "lam": resolve_lam(cfg.loss.lam), "config": to_dict(cfg)})
+    run.accelerator.wait_for_everyone()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested config -> flat {'a.b': scalar} for TensorBoard's hparams."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(as_tuple(v) if v is not None else v)
+    return out

@@ -1,0 +1,30 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# A diffusers UNet2DModel small enough for CPU tests (built from config: no download).
+TINY_UNET = {
+    "sample_size": 8, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
+    "block_out_channels": [16, 32], "norm_num_groups": 8,
+    "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"],
+}
+
+
+@pytest.fixture
+def tiny_unet_overrides(tmp_path):
+    """Dotted overrides for a short training run on a random tiny diffusers teacher."""
+    import json
+
+    return [
+        "teacher.kind=diffusers", f"teacher.diffusers.unet_config={json.dumps(TINY_UNET).replace(' ', '')}",
+        "teacher.diffusers.prediction_type=edm", "optim.batch=8", "train.total_nimg=32",
+        "train.log_every_nimg=16", "train.sample_every_nimg=32", "train.ckpt_every_nimg=16",
+        f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "train.num_samples=4",
+    ]

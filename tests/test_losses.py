@@ -1,0 +1,219 @@
+"""The generator and fake-score losses against the algebra and closed forms of sid-math.md §6 (T1, T4-T6, T8)."""
+
+import math
+
+import pytest
+import torch
+
+from sid.losses import (LAMBDA_PRESETS, edm_loss_weight, fake_score_loss, generator_loss, identity_loss,
+                        resolve_lam, sid_weight)
+from sid.precond import EDMPrecond, Preconditioned
+from sid.networks import MLP
+from sid.teachers.analytic import GaussianMixture
+
+LAMS = [0.0, 0.5, 1.0, 1.2, 2.0]
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+# T1: pointwise algebra ---------------------------------------------------------------------------------------
+
+def test_presets_and_free_lambda():
+    assert LAMBDA_PRESETS == {"sid": 1.2, "lambda1": 1.0, "fgm": 0.5, "l2": 0.0}
+    assert resolve_lam("fgm") == 0.5 and resolve_lam("0.75") == 0.75 and resolve_lam(1.5) == 1.5
+
+
+@pytest.mark.parametrize("lam", LAMS)
+def test_t1_equivalent_form(lam):
+    f_phi, f_psi, x_g = rand(4, 3, 5, 5, seed=1), rand(4, 3, 5, 5, seed=2), rand(4, 3, 5, 5, seed=3)
+    delta = (f_phi - f_psi).flatten(1)
+    other = (delta * (f_psi - x_g).flatten(1)).sum(1) + (1 - lam) * delta.pow(2).sum(1)   # SiD Eq. (23)
+    torch.testing.assert_close(identity_loss(f_phi, f_psi, x_g, lam), other, rtol=1e-12, atol=1e-12)
+
+
+def test_t1_fgm_is_half_difference_of_denoising_losses():
+    f_phi, f_psi, x_g = rand(6, 10, seed=1), rand(6, 10, seed=2), rand(6, 10, seed=3)
+    half_diff = 0.5 * ((f_phi - x_g).pow(2).sum(1) - (f_psi - x_g).pow(2).sum(1))
+    torch.testing.assert_close(identity_loss(f_phi, f_psi, x_g, LAMBDA_PRESETS["fgm"]), half_diff)
+
+
+@pytest.mark.parametrize("lam", LAMS)
+def test_t1_eps_form_is_x0_form_over_sigma_squared(lam):
+    """The blog's ε-form <ε_φ - ε_ψ, ε_φ - ε> - λ|ε_φ - ε_ψ|² equals σ⁻² L^x0_λ (EDM) and SNR·L^x0_λ (VP)."""
+    f_phi, f_psi, x_g, n = (rand(5, 7, seed=s) for s in range(4))
+    sigma = torch.tensor([0.1, 0.5, 1.0, 3.0, 20.0], dtype=torch.float64)[:, None]
+    x_t = x_g + sigma * n
+    e_phi, e_psi = (x_t - f_phi) / sigma, (x_t - f_psi) / sigma
+    eps_form = ((e_phi - e_psi) * (e_phi - n)).sum(1) - lam * (e_phi - e_psi).pow(2).sum(1)
+    torch.testing.assert_close(eps_form, identity_loss(f_phi, f_psi, x_g, lam) / sigma[:, 0] ** 2)
+    # VP: x_t = ᾱ x_g + β̄ n, ε_• = (x_t - ᾱ f_•) / β̄
+    a = 1 / torch.sqrt(1 + sigma**2)
+    b = sigma * a
+    xt_vp = a * x_g + b * n
+    e_phi, e_psi = (xt_vp - a * f_phi) / b, (xt_vp - a * f_psi) / b
+    eps_form = ((e_phi - e_psi) * (e_phi - n)).sum(1) - lam * (e_phi - e_psi).pow(2).sum(1)
+    torch.testing.assert_close(eps_form, (a / b)[:, 0] ** 2 * identity_loss(f_phi, f_psi, x_g, lam))
+
+
+def test_t1_mixed_forms_flip_the_sign():
+    """Pitfall §2.5: an ε-form first factor with an x0-form second factor has the opposite sign."""
+    f_phi, f_psi, x_g = rand(200, 3, seed=1), rand(200, 3, seed=2), rand(200, 3, seed=3)
+    mixed = (-(f_phi - f_psi) * (f_phi - x_g)).sum(1)          # (ε_φ - ε_ψ)σ = -(f_φ - f_ψ)
+    assert torch.allclose(mixed, -identity_loss(f_phi, f_psi, x_g, 0.0))
+
+
+def test_official_weight_and_reduction():
+    """ω = 1/max(mean|x_g - f_φ|, 1e-5), stop-gradient (§2.4 step 5)."""
+    x_g = rand(3, 4, seed=1).requires_grad_()
+    f_phi = rand(3, 4, seed=2)
+    w = sid_weight(x_g, f_phi)
+    torch.testing.assert_close(w, 1 / (x_g - f_phi).abs().mean(1).detach())
+    assert not w.requires_grad
+    same = x_g.detach().clone()
+    torch.testing.assert_close(sid_weight(same, same), torch.full((3,), 1e5, dtype=torch.float64))  # clamped
+
+
+# T4: zero loss and zero gradient at the optimum, per sample -------------------------------------------------
+
+@pytest.mark.parametrize("lam", LAMS)
+@pytest.mark.parametrize("weighting", ["sid", "x0", "eps"])
+def test_t4_zero_at_optimum(lam, weighting):
+    """Generator = an exact reparameterised sampler of the teacher's GMM, fake = teacher: L = 0 and ∇L = 0."""
+    gmm = GaussianMixture([0.3, 0.7], [[-2.0, 0.5], [1.5, -1.0]], [0.5, 0.8])
+    theta = torch.tensor([[-2.0, 0.5, 0.5], [1.5, -1.0, 0.8]], dtype=torch.float64, requires_grad=True)
+    k = torch.multinomial(torch.tensor([0.3, 0.7]), 64, replacement=True, generator=torch.Generator().manual_seed(0))
+    x_g = theta[k, :2] + theta[k, 2:] * rand(64, 2, seed=5)      # exact samples of the mixture
+    sigma = torch.logspace(-2, 1.5, 64, dtype=torch.float64)
+    loss = generator_loss(gmm, gmm, x_g, sigma, lam=lam, weighting=weighting)
+    assert loss.abs().max() == 0                                   # Δ = f_φ - f_ψ is exactly 0
+    (grad,) = torch.autograd.grad(loss.sum(), theta)
+    assert grad.abs().max() < 1e-12                                # only the rounding of opposite paths remains
+
+
+# T5: 1-D Gaussian closed forms (Monte Carlo with common random numbers) -------------------------------------
+
+def expected_gradient_mc(lam, mu, s, mu_g, s_g, sigma, n=400_000, weighting="x0"):
+    """E ∂L_λ/∂(μ_g, s_g) with the fake frozen at the exact denoiser of the current generator."""
+    teacher, fake = GaussianMixture([1.0], [[mu]], [s]), GaussianMixture([1.0], [[mu_g]], [s_g])
+    theta = torch.tensor([mu_g, s_g], dtype=torch.float64, requires_grad=True)
+    x_g = theta[0] + theta[1] * rand(n, 1, seed=11)
+    torch.manual_seed(12)
+    loss = generator_loss(teacher, fake, x_g, torch.full((n,), sigma, dtype=torch.float64), lam=lam, weighting=weighting)
+    return torch.autograd.grad(loss.mean(), theta)[0]
+
+
+def closed_form(lam, mu, s, mu_g, s_g, sigma):
+    """sid-math.md T5.2."""
+    a, b = s**2 / (s**2 + sigma**2), s_g**2 / (s_g**2 + sigma**2)
+    g_mu = (1 - a) * (mu - mu_g) * ((1 - 2 * lam) * (a - b) - (1 - a))
+    g_s = -2 * s_g * (a - b) * ((1 - a) + lam * (a - b))
+    return torch.tensor([g_mu, g_s], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0, 1.2])
+@pytest.mark.parametrize("mu_g,s_g,sigma", [(1.0, 0.5, 0.7), (-0.5, 2.0, 0.7), (0.8, 1.5, 2.0)])
+def test_t5_expected_gradient_matches_closed_form(lam, mu_g, s_g, sigma):
+    mc = expected_gradient_mc(lam, 0.3, 0.8, mu_g, s_g, sigma)
+    exact = closed_form(lam, 0.3, 0.8, mu_g, s_g, sigma)
+    assert torch.allclose(mc, exact, rtol=0.03, atol=3e-3), (mc, exact)
+
+
+def objective(mu, s, mu_g, s_g, sigma):
+    """T5.1: J = E (D_φ - D_ψ*)² under x_t ~ N(μ_g, s_g² + σ²)."""
+    return sigma**4 * ((mu - mu_g) ** 2 * (s_g**2 + sigma**2) + (s**2 - s_g**2) ** 2) / (
+        (s**2 + sigma**2) ** 2 * (s_g**2 + sigma**2))
+
+
+def test_t5_special_values():
+    """λ = ½ is exactly ½∇J (FGM); at s_g = s the μ-gradient is the same for every λ; (μ, s) is stationary."""
+    mu, s, mu_g, s_g, sigma = 0.3, 0.8, -0.4, 1.7, 0.9
+    theta = torch.tensor([mu_g, s_g], dtype=torch.float64, requires_grad=True)
+    (grad_j,) = torch.autograd.grad(objective(mu, s, theta[0], theta[1], sigma), theta)
+    torch.testing.assert_close(closed_form(0.5, mu, s, mu_g, s_g, sigma), grad_j / 2)
+    same = [closed_form(lam, mu, s, mu_g, s, sigma)[0] for lam in LAMS]
+    torch.testing.assert_close(torch.stack(same), same[0].expand(len(LAMS)))
+    for lam in LAMS:
+        assert closed_form(lam, mu, s, mu, s, sigma).abs().max() == 0
+
+
+def test_t5_sid_weight_keeps_the_fixed_point():
+    """ω rescales per sample but cannot move the stationary point (μ_g, s_g) = (μ, s) (T5.5)."""
+    g = expected_gradient_mc(1.2, 0.3, 0.8, 0.3, 0.8, 0.7, n=20_000, weighting="sid")
+    assert g.abs().max() < 1e-12
+
+
+# T6: GMM teacher, Gaussian generator: 2 E∇L_½ = ∇J ----------------------------------------------------------
+
+def test_t6_fgm_gradient_is_half_the_true_gradient_on_a_mixture():
+    """J(θ) = E_{x_t ~ p_θ,σ} |D_φ - D_ψ*(θ)|² by quadrature, its θ-gradient by finite differences."""
+    teacher = GaussianMixture([0.3, 0.7], [[-2.0], [1.5]], [0.5, 0.8])
+    mu_g, s_g, sigma = 0.5, 2.0, 0.7
+    grid = torch.linspace(-14, 14, 20001, dtype=torch.float64)[:, None]
+
+    def J(m, s):
+        var = s**2 + sigma**2
+        density = torch.exp(-(grid[:, 0] - m) ** 2 / (2 * var)) / math.sqrt(2 * math.pi * var)
+        d_fake = m + s**2 / var * (grid[:, 0] - m)
+        d_teacher = teacher(grid, torch.full((len(grid),), sigma, dtype=torch.float64))[:, 0]
+        return float(((d_teacher - d_fake) ** 2 * density).sum() * (grid[1, 0] - grid[0, 0]))
+
+    h = 1e-4
+    grad_j = torch.tensor([(J(mu_g + h, s_g) - J(mu_g - h, s_g)) / (2 * h),
+                           (J(mu_g, s_g + h) - J(mu_g, s_g - h)) / (2 * h)], dtype=torch.float64)
+    fake = GaussianMixture([1.0], [[mu_g]], [s_g])
+    theta = torch.tensor([mu_g, s_g], dtype=torch.float64, requires_grad=True)
+    n = 1_000_000
+    x_g = theta[0] + theta[1] * rand(n, 1, seed=21)
+    torch.manual_seed(22)
+    loss = generator_loss(teacher, fake, x_g, torch.full((n,), sigma, dtype=torch.float64), lam=0.5, weighting="x0")
+    (grad_l,) = torch.autograd.grad(loss.mean(), theta)
+    assert torch.allclose(2 * grad_l, grad_j, rtol=0.02, atol=0.01 * grad_j.norm()), (2 * grad_l, grad_j)
+
+
+# T8: implementation invariants ------------------------------------------------------------------------------
+
+def mlp_denoiser(seed):
+    torch.manual_seed(seed)
+    return Preconditioned(MLP((3,), width=16, depth=2), EDMPrecond(0.5))
+
+
+def test_t8_no_gradient_reaches_teacher_or_fake_parameters_and_both_take_part():
+    """Parameters of f_φ and f_ψ get no gradient; cutting the input-gradient of either changes G's update."""
+    teacher = mlp_denoiser(0).requires_grad_(False)
+    fake = mlp_denoiser(1).requires_grad_(False)
+    generator = mlp_denoiser(2)
+    z, sigma = torch.randn(32, 3), torch.full((32,), 0.8)
+
+    def g_grad(teacher_net, fake_net):
+        generator.zero_grad()
+        torch.manual_seed(3)
+        generator_loss(teacher_net, fake_net, generator(2.5 * z, 2.5), sigma, lam=1.2).sum().backward()
+        return torch.cat([p.grad.flatten() for p in generator.parameters()])
+
+    class NoInputGrad(torch.nn.Module):  # the same predictions, with the input-gradient cut
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, s, labels=None):
+            return self.net(x.detach(), s, labels)
+
+    full = g_grad(teacher, fake)
+    assert all(p.grad is None for p in teacher.parameters()) and all(p.grad is None for p in fake.parameters())
+    torch.testing.assert_close(full, g_grad(teacher, fake))          # deterministic given the seed
+    assert not torch.allclose(full, g_grad(teacher, NoInputGrad(fake)))   # f_ψ's input-gradient takes part
+    assert not torch.allclose(full, g_grad(NoInputGrad(teacher), fake))   # f_φ's input-gradient takes part
+
+
+def test_fake_score_loss_is_the_weighted_denoising_error():
+    gmm = GaussianMixture([1.0], [[0.0, 0.0]], [1.0])
+    x_g, sigma = torch.zeros(4, 2), torch.tensor([0.5, 1.0, 2.0, 4.0])
+    torch.manual_seed(0)
+    loss = fake_score_loss(gmm, x_g, sigma, sigma_data=0.5)
+    torch.manual_seed(0)
+    n = torch.randn_like(x_g)
+    x_t = sigma[:, None] * n
+    expected = edm_loss_weight(sigma, 0.5) * (gmm(x_t, sigma) - x_g).pow(2).sum(1)
+    torch.testing.assert_close(loss, expected)

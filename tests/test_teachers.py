@@ -1,0 +1,191 @@
+"""Teacher adapters against the denoiser contract (sid-math.md T2) and on real, tiny diffusers UNets."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TINY_UNET
+from sid.errors import SidError
+from sid.precond import EDMPrecond, Preconditioned
+from sid.teachers import build_teacher
+from sid.teachers.analytic import GaussianMixture
+from sid.teachers.diffusers_unet import VPPrecond, load_diffusers_denoiser
+
+GMM = GaussianMixture([0.2, 0.5, 0.3], torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0)),
+                      [0.3, 0.5, 0.8])
+
+
+def alphas_cumprod(schedule="linear"):
+    from diffusers import DDPMScheduler
+
+    if schedule == "scaled_linear":
+        return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    return DDPMScheduler(beta_schedule=schedule).alphas_cumprod
+
+
+class ExactVPNet(nn.Module):
+    """What a perfect diffusers VP network outputs, built from the exact denoiser by inverting §1.3."""
+
+    def __init__(self, precond: VPPrecond):
+        super().__init__()
+        self.precond = precond
+
+    def forward(self, x_vp, t, labels=None):
+        sigma = self.precond.t_to_sigma(t).view(-1, 1, 1, 1)
+        alpha, beta = (1 + sigma**2).rsqrt(), sigma * (1 + sigma**2).rsqrt()
+        x = x_vp / alpha                                        # EDM-space input
+        x0 = GMM(x, sigma.flatten())
+        eps = (x - x0) / sigma
+        return {"epsilon": eps, "v_prediction": alpha * eps - beta * x0, "sample": x0}[self.precond.prediction_type]
+
+
+class ExactEDMNet(nn.Module):
+    def __init__(self, precond: EDMPrecond):
+        super().__init__()
+        self.precond = precond
+
+    def forward(self, x_in, c_noise, labels=None):
+        sigma = (4 * c_noise).exp()
+        c = self.precond(sigma.view(-1, 1, 1, 1))
+        x = x_in / c.c_in
+        return (GMM(x, sigma) - c.c_skip * x) / c.c_out
+
+
+SIGMAS = torch.tensor([0.03, 0.1, 0.5, 1.0, 2.5, 7.0, 14.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear"])
+def test_t2_vp_adapters_recover_the_exact_denoiser(prediction_type, schedule):
+    precond = VPPrecond(alphas_cumprod(schedule), prediction_type)
+    denoiser = Preconditioned(ExactVPNet(precond), precond)
+    x0 = GMM.sample(len(SIGMAS), torch.Generator().manual_seed(1))
+    x = x0 + SIGMAS.view(-1, 1, 1, 1) * torch.randn(x0.shape, dtype=torch.float64)
+    torch.testing.assert_close(denoiser(x, SIGMAS), GMM(x, SIGMAS), rtol=1e-9, atol=1e-9)
+
+
+def test_t2_edm_adapter_recovers_the_exact_denoiser():
+    precond = EDMPrecond(0.5)
+    denoiser = Preconditioned(ExactEDMNet(precond), precond)
+    sigmas = torch.logspace(-2.5, 1.9, 9, dtype=torch.float64)
+    x = GMM.sample(9).double() + sigmas.view(-1, 1, 1, 1) * torch.randn(9, 2, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(denoiser(x, sigmas), GMM(x, sigmas), rtol=1e-9, atol=1e-9)
+
+
+def test_t2_sigma_timestep_round_trips():
+    precond = VPPrecond(alphas_cumprod("scaled_linear"), "epsilon")
+    assert abs(float(precond.t_to_sigma(torch.tensor(625.0))) - 2.5017) < 1e-4   # SiD-LSG's init_timestep
+    assert abs(float(precond.t_to_sigma(torch.tensor(20.0))) - 0.138) < 1e-3
+    t = torch.linspace(0, 999, 1234, dtype=torch.float64)
+    torch.testing.assert_close(precond.sigma_to_t(precond.t_to_sigma(t)), t, rtol=0, atol=1e-9)
+    k = torch.arange(1000, dtype=torch.float64)
+    sigma_k = precond.t_to_sigma(k)
+    ac = alphas_cumprod("scaled_linear").double()
+    torch.testing.assert_close(sigma_k, ((1 - ac) / ac).sqrt())                     # σ_k = sqrt((1-ā)/ā)
+    assert (sigma_k.diff() > 0).all()
+
+
+def test_t2_edm_coefficients_at_sigma_init():
+    c = EDMPrecond(0.5)(torch.tensor(2.5, dtype=torch.float64))
+    assert abs(c.c_skip - 1 / 26) < 1e-6 and abs(c.c_out - 0.490290) < 1e-6
+    assert abs(c.c_in - 0.392232) < 1e-6 and abs(c.c_noise - 0.229073) < 1e-6
+
+
+def test_t2_guidance_is_linear_in_every_parameterisation():
+    """CFG on ε, converted to x0, equals CFG on x0 (D is affine in the network output at fixed x, σ)."""
+    precond = VPPrecond(alphas_cumprod(), "epsilon")
+    sigma = torch.full((4,), 1.3, dtype=torch.float64)
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    e_u, e_c = torch.randn_like(x), torch.randn_like(x)
+    c = precond(sigma.view(-1, 1, 1, 1))
+    d = lambda eps: c.c_skip * x + c.c_out * eps                                    # noqa: E731
+    torch.testing.assert_close(d(e_u + 3.0 * (e_c - e_u)), d(e_u) + 3.0 * (d(e_c) - d(e_u)))
+
+
+# Real diffusers networks (tiny, random, built from config: no download) ---------------------------------------
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "edm"])
+def test_diffusers_unet_meets_the_contract(prediction_type):
+    denoiser, spec = load_diffusers_denoiser(None, TINY_UNET, prediction_type, 0.5)
+    x = torch.randn(3, 1, 8, 8)
+    out = denoiser(x, torch.tensor([0.01, 1.0, 50.0]))
+    assert out.shape == x.shape and out.dtype == torch.float32 and out.isfinite().all()
+    assert json.loads(json.dumps(spec)) == spec                                    # JSON-able
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert denoiser(x, 1.0).dtype == torch.float32                             # float32 at the boundary
+
+
+def test_class_conditional_unets_take_one_hot_labels():
+    from diffusers import UNet2DConditionModel
+
+    cond = {**TINY_UNET, "num_class_embeds": 10}
+    denoiser, _ = load_diffusers_denoiser(None, cond, "edm", 0.5)
+    assert denoiser.label_dim == 10
+    x, labels = torch.randn(2, 1, 8, 8), nn.functional.one_hot(torch.tensor([1, 7]), 10).float()
+    a, b = denoiser(x, 1.0, labels), denoiser(x, 1.0, labels.flip(0))
+    assert not torch.allclose(a, b)                                                # labels are used
+
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type=None, cross_attention_dim=8, num_class_embeds=10,
+    )
+    from sid.teachers.diffusers_unet import denoiser_from_unet
+
+    denoiser = denoiser_from_unet(unet, "epsilon", None, 0.5)
+    assert denoiser(x, torch.tensor([0.5, 3.0]), labels).shape == x.shape
+
+
+def test_local_folder_round_trip_reads_the_scheduler(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(**TINY_UNET)
+    unet.save_pretrained(tmp_path / "unet")
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").save_pretrained(
+        tmp_path / "scheduler")
+    denoiser, spec = load_diffusers_denoiser(str(tmp_path), None, None, 0.5)
+    assert spec["prediction_type"] == "v_prediction"
+    ac = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod.double()
+    assert abs(denoiser.sigma_max - float(((1 - ac[-1]) / ac[-1]).sqrt())) < 1e-6
+    x = torch.randn(2, 1, 8, 8)
+    direct = denoiser.net.unet(x / (1 + 4.0) ** 0.5, denoiser.precond.sigma_to_t(torch.full((2,), 2.0)))[0]
+    expected = x / 5.0 - 2.0 * direct / 5.0**0.5                                    # §1.3 VP-v row
+    torch.testing.assert_close(denoiser(x, 2.0), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_missing_or_broken_teacher_paths_say_what_to_do(tmp_path):
+    with pytest.raises(SidError, match="does not exist"):
+        load_diffusers_denoiser(str(tmp_path / "nope"), None, None, 0.5)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(SidError, match="not valid JSON"):
+        load_diffusers_denoiser(str(tmp_path), None, None, 0.5)
+    with pytest.raises(SidError, match="prediction_type"):
+        load_diffusers_denoiser(None, TINY_UNET, "x0", 0.5)
+
+
+def test_students_start_as_the_teacher():
+    from sid.config import load_config
+
+    cfg = load_config([], ["teacher.kind=diffusers", f"teacher.diffusers.unet_config={json.dumps(TINY_UNET)}"])
+    teacher = build_teacher(cfg.teacher)
+    student = teacher.make_student()
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(student(x, 1.0), teacher.denoiser(x, 1.0))
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.denoiser.parameters())
+    assert teacher.shape == (1, 8, 8)
+
+
+def test_analytic_students_are_fitted_to_the_exact_denoiser():
+    from sid.config import load_config
+
+    cfg = load_config([], ["teacher.analytic.modes=3", "teacher.analytic.student_fit_steps=300"])
+    teacher = build_teacher(cfg.teacher)
+    torch.manual_seed(0)
+    student = teacher.make_student()
+    sigma = torch.full((2000,), 0.5)
+    x = teacher.denoiser.sample(2000).float() + 0.5 * torch.randn(2000, 2)
+    err = (student(x, sigma) - teacher.denoiser(x, sigma)).pow(2).sum(1).mean()
+    assert err < 0.05 * teacher.denoiser(x, sigma).pow(2).sum(1).mean()

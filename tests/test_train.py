@@ -1,0 +1,98 @@
+"""End-to-end runs of the trainer on CPU: smoke run, exact resume, bad input, non-finite abort, sampling CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from sid.config import load_config
+from sid.errors import SidError
+from sid.trainer import train
+
+
+def cli(*args, script="train.py"):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path):
+    out = cli(*tiny_unet_overrides)
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nimg"] for r in records] == [16, 32]
+    assert all(np.isfinite(r["loss_g"]) and np.isfinite(r["loss_fake"]) for r in records)
+    assert (run / "training-state-000000000032" / "tensors.safetensors").is_file()
+    assert Image.open(run / "samples" / "samples-000000000032.png").size == (16, 16)     # 2×2 grid of 8×8
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (run / "config.yaml").is_file()
+    # the export loads without the training code and samples by seed
+    out = cli(str(run / "generator"), "--seeds", "0-5", "--out", str(tmp_path / "s.npz"), script="eval/sample.py")
+    assert out.returncode == 0, out.stderr
+    images = np.load(tmp_path / "s.npz")["images"]
+    assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
+    out = cli(str(run / "generator"), "--seeds", "0-1", "--out", str(tmp_path / "pngs"), script="eval/sample.py")
+    assert out.returncode == 0 and len(list((tmp_path / "pngs").glob("*.png"))) == 2
+
+
+def toy_overrides(tmp_path, name, total):
+    return ["teacher.analytic.student_width=32", "teacher.analytic.student_fit_steps=20", "optim.batch=64",
+            f"train.total_nimg={total}", "train.log_every_nimg=128", "train.sample_every_nimg=100000",
+            "train.ckpt_every_nimg=256", f"train.run_dir={tmp_path / name}", "train.progress=false",
+            "train.tensorboard=false", "ema.halflife_nimg=500"]
+
+
+def test_resume_is_exact(tmp_path):
+    """A run stopped at 256 images and resumed to 512 ends bit-identical to an uninterrupted 512-image run."""
+    whole = train(load_config([], toy_overrides(tmp_path, "whole", 512)))
+    train(load_config([], toy_overrides(tmp_path, "split", 256)))
+    resumed = train(load_config([], toy_overrides(tmp_path, "split", 512)), resume="auto")
+    assert resumed.nimg == whole.nimg == 512
+    for name in ("generator", "fake_score"):
+        a, b = getattr(whole, name).state_dict(), getattr(resumed, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = whole.ema.model.state_dict(), resumed.ema.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    exported_a = load_file(tmp_path / "whole" / "generator" / "generator.safetensors")
+    exported_b = load_file(tmp_path / "split" / "generator" / "generator.safetensors")
+    assert all(torch.equal(exported_a[k], exported_b[k]) for k in exported_a)
+
+
+def test_missing_teacher_path_is_one_clear_line(tmp_path):
+    out = cli("teacher.kind=diffusers", f"teacher.diffusers.path={tmp_path / 'nope'}", f"train.run_dir={tmp_path}")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith("error: teacher path") and "does not exist" in out.stderr
+
+
+def test_corrupt_checkpoint_on_resume_is_one_clear_line_and_keeps_files(tmp_path):
+    overrides = toy_overrides(tmp_path, "run", 256)
+    train(load_config([], overrides))
+    state = tmp_path / "run" / "training-state-000000000256" / "tensors.safetensors"
+    state.write_bytes(state.read_bytes()[:100])                                       # truncated
+    out = cli(*overrides[:-4], "train.total_nimg=512", f"train.run_dir={tmp_path / 'run'}", "--resume")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "is unreadable" in out.stderr
+    assert state.is_file() and (tmp_path / "run" / "generator" / "generator.safetensors").is_file()
+
+
+def test_non_finite_steps_are_counted_then_abort(tmp_path, monkeypatch):
+    import sid.trainer
+
+    real = sid.trainer.generator_loss
+
+    def poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return torch.cat([loss[:1] * float("nan"), loss[1:]])                       # one NaN sample per batch
+
+    monkeypatch.setattr(sid.trainer, "generator_loss", poisoned)
+    overrides = toy_overrides(tmp_path, "nan", 640) + ["train.max_nonfinite_steps=5"]
+    with pytest.raises(SidError, match=r"aborting: 6 consecutive steps had non-finite.*are kept"):
+        train(load_config([], overrides))                                            # checked every 2 steps
+    record = json.loads((tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["dropped_samples"] == 2 and record["nonfinite_steps"] == 2          # 128 images = 2 steps
+    assert [p.name for p in (tmp_path / "nan").glob("training-state-*")] == ["training-state-000000000256"]
