@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("generator", help="exported generator folder (or its generator.safetensors)")
     parser.add_argument("--seeds", default="0-63", help="one sample per seed, e.g. 0-63 or 1,5,9")
     parser.add_argument("--classes", default=None, help="class per seed (one value for all, or one per seed)")
-    parser.add_argument("--out", required=True, help="*.png: a grid; *.npz: uint8 images (or raw samples); folder: PNGs")
+    parser.add_argument("--out", required=True, help="*.png: grid; *.npz: uint8 images (or raw samples); folder: PNGs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:

@@ -57,7 +57,9 @@ class OneStepGenerator(nn.Module):
     def sample_seeds(self, seeds, classes=None, device=None, batch: int = 256) -> torch.Tensor:
         """One sample per seed (see ``inputs_for_seeds``), generated in batches."""
         z, labels = self.inputs_for_seeds(list(seeds), classes, device)
-        chunks = [self(z[i:i + batch], None if labels is None else labels[i:i + batch]) for i in range(0, len(z), batch)]
+        chunks = []
+        for i in range(0, len(z), batch):
+            chunks.append(self(z[i:i + batch], None if labels is None else labels[i:i + batch]))
         return torch.cat(chunks)
 
 
@@ -91,7 +93,8 @@ def load_generator(path: str | Path, device=None) -> OneStepGenerator:
             config = json.loads((f.metadata() or {})["sid_config"])
         state = load_file(weights)
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
-        raise SidError(f"{weights} is not a readable exported generator ({type(e).__name__}); export it again") from None
+        raise SidError(f"{weights} is not a readable exported generator ({type(e).__name__}); export it again") \
+            from None
     generator = OneStepGenerator(denoiser_from_spec(config["denoiser"]), config["shape"], config["sigma_init"])
     generator.denoiser.load_state_dict(state)
     return generator.to(device).eval().requires_grad_(False)

@@ -1,8 +1,16 @@
-"""Teacher samplers (state kept in float64, the denoiser called in float32) with one signature ``sampler(denoiser, noise, sigmas, labels)`` (Karras et al. 2022, Alg. 1-2)."""
+"""Teacher samplers with one signature ``sampler(denoiser, noise, sigmas, labels)`` (Karras et al. 2022, Alg. 1-2).
+
+The state is kept in float64; the denoiser is called in float32.
+"""
 
 from __future__ import annotations
 
 import torch
+
+
+def slope(denoiser, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
+    """dx/dσ = (x - D(x; σ)) / σ of the probability-flow ODE (Karras et al. 2022, Eq. 3)."""
+    return (x - denoiser(x.float(), sigma.float().expand(x.shape[0]), labels).double()) / sigma
 
 
 @torch.no_grad()
@@ -17,10 +25,10 @@ def heun_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels=Non
     sigmas = sigmas.to(torch.float64)
     x = noise.to(torch.float64) * sigmas[0]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        d = (x - denoiser(x.float(), sigma.float().expand(x.shape[0]), labels).double()) / sigma          # dx/dσ at σ
+        d = slope(denoiser, x, sigma, labels)                                              # dx/dσ at σ
         x_next = x + (sigma_next - sigma) * d
         if second_order and sigma_next > 0:                                               # trapezoidal correction
-            d_next = (x_next - denoiser(x_next.float(), sigma_next.float().expand(x.shape[0]), labels).double()) / sigma_next
+            d_next = slope(denoiser, x_next, sigma_next, labels)
             x_next = x + (sigma_next - sigma) * (d + d_next) / 2
         x = x_next
     return x.float()

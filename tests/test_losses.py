@@ -5,10 +5,17 @@ import math
 import pytest
 import torch
 
-from sid.losses import (LAMBDA_PRESETS, edm_loss_weight, fake_score_loss, generator_loss, identity_loss,
-                        resolve_lam, sid_weight)
-from sid.precond import EDMPrecond, Preconditioned
+from sid.losses import (
+    LAMBDA_PRESETS,
+    edm_loss_weight,
+    fake_score_loss,
+    generator_loss,
+    identity_loss,
+    resolve_lam,
+    sid_weight,
+)
 from sid.networks import MLP
+from sid.precond import EDMPrecond, Preconditioned
 from sid.teachers.analytic import GaussianMixture
 
 LAMS = [0.0, 0.5, 1.0, 1.2, 2.0]
@@ -100,7 +107,8 @@ def expected_gradient_mc(lam, mu, s, mu_g, s_g, sigma, n=400_000, weighting="x0"
     theta = torch.tensor([mu_g, s_g], dtype=torch.float64, requires_grad=True)
     x_g = theta[0] + theta[1] * rand(n, 1, seed=11)
     torch.manual_seed(12)
-    loss = generator_loss(teacher, fake, x_g, torch.full((n,), sigma, dtype=torch.float64), lam=lam, weighting=weighting)
+    sigmas = torch.full((n,), sigma, dtype=torch.float64)
+    loss = generator_loss(teacher, fake, x_g, sigmas, lam=lam, weighting=weighting)
     return torch.autograd.grad(loss.mean(), theta)[0]
 
 

@@ -31,7 +31,8 @@ def test_heun_converges_at_second_order_on_gaussian_data():
     noise = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0))
     # deterministic ODE: the map is x_T -> s x_T / sqrt(s² + σ_max²), exact for every starting point
     exact = noise * 80 * 0.5 / math.sqrt(0.25 + 80**2)
-    errors = [float((heun_sampler(gauss, noise, karras_sigmas(n, 0.002, 80.0)) - exact).abs().max()) for n in (8, 16, 32)]
+    errors = [float((heun_sampler(gauss, noise, karras_sigmas(n, 0.002, 80.0)) - exact).abs().max())
+              for n in (8, 16, 32)]
     assert errors[0] > errors[1] > errors[2]
     assert errors[1] / errors[2] > 3.0                                       # ≈ 4 for a second-order method
     euler = float((euler_sampler(gauss, noise, karras_sigmas(32, 0.002, 80.0)) - exact).abs().max())

@@ -47,7 +47,8 @@ class Teacher:
 
 
 def fit_student(student: nn.Module, mixture: GaussianMixture, steps: int, batch: int = 512, lr: float = 2e-3):
-    """Regress an MLP denoiser onto the exact one: E λ_EDM(σ) |D_student(x) - D_exact(x)|², ln σ ~ U[ln σ_min, ln σ_max].
+    """Regress an MLP denoiser onto the exact one: E λ_EDM(σ) |D_student(x) - D_exact(x)|², ln σ uniform
+    on [ln σ_min, ln σ_max].
 
     The exact target has no sampling noise, so a few hundred steps suffice. Uses the global RNG.
     """
@@ -55,7 +56,8 @@ def fit_student(student: nn.Module, mixture: GaussianMixture, steps: int, batch:
     lo, hi = math.log(mixture.sigma_min), math.log(mixture.sigma_max)
     for _ in range(steps):
         sigma = torch.empty(batch).uniform_(lo, hi).exp()
-        x = mixture.sample(batch).float() + sigma.view(-1, *[1] * len(mixture.shape)) * torch.randn(batch, *mixture.shape)
+        noise = torch.randn(batch, *mixture.shape)
+        x = mixture.sample(batch).float() + sigma.view(-1, *[1] * len(mixture.shape)) * noise
         weight = (sigma**2 + student.sigma_data**2) / (sigma * student.sigma_data) ** 2
         err = (student(x, sigma) - mixture(x, sigma)).flatten(1).pow(2).sum(1)
         loss = (weight * err).mean()

@@ -127,7 +127,7 @@ def _load_local(root: Path):
     unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
     config = _read_json(unet_dir / "config.json")
     if config is None:
-        raise SidError(f"teacher folder {root} has no config.json (nor unet/config.json); give a diffusers model folder")
+        raise SidError(f"teacher folder {root} has no config.json (nor unet/config.json); give a diffusers folder")
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json") or _read_json(
         root / "scheduler_config.json"
     )
@@ -177,6 +177,7 @@ def load_diffusers_denoiser(path: str | None, unet_config: dict | None, predicti
         unet, scheduler_config = _load_hub(path)
     if prediction_type is None:
         sched = scheduler_config or {}
-        prediction_type = "edm" if sched.get("_class_name") in EDM_SCHEDULERS else sched.get("prediction_type", "epsilon")
+        edm = sched.get("_class_name") in EDM_SCHEDULERS
+        prediction_type = "edm" if edm else sched.get("prediction_type", "epsilon")
     denoiser = denoiser_from_unet(unet, prediction_type, scheduler_config, sigma_data)
     return denoiser, spec_of(denoiser, prediction_type, scheduler_config)
