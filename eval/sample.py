@@ -1,8 +1,9 @@
-"""Sample an exported one-step generator, or the teacher it came from (Heun) for reference.
+"""Sample an exported one-step generator, or a teacher (EDM Heun sampler) for reference.
 
     python eval/sample.py runs/toy_2d/generator --seeds 0-63 --out grid.png
     python eval/sample.py runs/x/generator --seeds 0-9999 --out samples.npz --classes 3
     python eval/sample.py runs/x/generator --seeds 0-99 --out pngs/           # one PNG per seed
+    python eval/sample.py --teacher runs/x/config.yaml --steps 18 --seeds 0-63 --out teacher.png
 """
 
 import argparse
@@ -14,9 +15,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sid.config import load_config  # noqa: E402
 from sid.errors import SidError  # noqa: E402
 from sid.generator import load_generator  # noqa: E402
 from sid.images import save_image_grid, save_samples, to_uint8  # noqa: E402
+from sid.sampling import euler_sampler, heun_sampler  # noqa: E402
+from sid.schedules import karras_sigmas  # noqa: E402
+from sid.teachers import build_teacher  # noqa: E402
 
 
 def parse_ints(text: str) -> list[int]:
@@ -30,7 +35,10 @@ def parse_ints(text: str) -> list[int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("generator", help="exported generator folder (or its generator.safetensors)")
+    parser.add_argument("generator", nargs="?", help="exported generator folder (or its generator.safetensors)")
+    parser.add_argument("--teacher", metavar="CONFIG", help="sample the teacher of this config instead (Heun/Euler)")
+    parser.add_argument("--steps", type=int, default=18, help="teacher: noise levels (Heun: 2 * steps - 1 evaluations)")
+    parser.add_argument("--solver", choices=("heun", "euler"), default="heun")
     parser.add_argument("--seeds", default="0-63", help="one sample per seed, e.g. 0-63 or 1,5,9")
     parser.add_argument("--classes", default=None, help="class per seed (one value for all, or one per seed)")
     parser.add_argument("--out", required=True, help="*.png: grid; *.npz: uint8 images (or raw samples); folder: PNGs")
@@ -43,16 +51,35 @@ def main(argv=None) -> int:
             classes = classes * len(seeds)
         if classes is not None and len(classes) != len(seeds):
             raise SidError(f"--classes gives {len(classes)} values for {len(seeds)} seeds")
-        generator = load_generator(args.generator, device=args.device)
-        if classes is not None and not generator.label_dim:
-            raise SidError("--classes given, but this generator is unconditional")
-        x = generator.sample_seeds(seeds, classes, device=args.device).cpu()
+        if (args.generator is None) == (args.teacher is None):
+            raise SidError("give either an exported generator or --teacher CONFIG")
+        if args.teacher:
+            x = sample_teacher(args.teacher, args.steps, args.solver, seeds, classes, args.device)
+        else:
+            generator = load_generator(args.generator, device=args.device)
+            if classes is not None and not generator.label_dim:
+                raise SidError("--classes given, but this generator is unconditional")
+            x = generator.sample_seeds(seeds, classes, device=args.device).cpu()
         write(x, Path(args.out), seeds)
     except SidError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(seeds)} samples to {args.out}")
     return 0
+
+
+@torch.no_grad()
+def sample_teacher(config: str, steps: int, solver: str, seeds, classes, device) -> torch.Tensor:
+    """The teacher's probability-flow ODE from the same per-seed noise a generator would get."""
+    from sid.generator import OneStepGenerator
+
+    teacher = build_teacher(load_config([config]).teacher)
+    denoiser = teacher.denoiser.to(device)
+    z, labels = OneStepGenerator(denoiser, teacher.shape).inputs_for_seeds(seeds, classes, device)
+    sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, device=device)
+    sampler = heun_sampler if solver == "heun" else euler_sampler
+    return torch.cat([sampler(denoiser, z[i:i + 256], sigmas, None if labels is None else labels[i:i + 256])
+                      for i in range(0, len(z), 256)]).cpu()
 
 
 def write(x: torch.Tensor, out: Path, seeds) -> None:

@@ -165,6 +165,12 @@ def test_missing_or_broken_teacher_paths_say_what_to_do(tmp_path):
         load_diffusers_denoiser(None, TINY_UNET, "x0", 0.5)
 
 
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SidError, match="neither a local folder nor a reachable hub model"):
+        load_diffusers_denoiser("nobody/no-such-model", None, None, 0.5)
+
+
 def test_students_start_as_the_teacher():
     from sid.config import load_config
 

@@ -64,6 +64,24 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(exported_a[k], exported_b[k]) for k in exported_a)
 
 
+def test_bf16_autocast_run(tmp_path):
+    run = train(load_config([], toy_overrides(tmp_path, "bf16", 256) + ["train.precision=bf16"]))
+    record = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(record["loss_g"]) and record["dropped_samples"] == 0
+    assert all(p.dtype == torch.float32 for p in run.generator.parameters())          # fp32 master weights
+
+
+def test_teacher_reference_samples(tmp_path):
+    (tmp_path / "t.yaml").write_text("teacher:\n  analytic:\n    modes: 3\n")
+    out = cli("--teacher", str(tmp_path / "t.yaml"), "--steps", "12", "--seeds", "0-999",
+              "--out", str(tmp_path / "t.npz"), script="eval/sample.py")
+    assert out.returncode == 0, out.stderr
+    from sid.teachers.analytic import mode_weights, ring_mixture
+
+    weights = mode_weights(ring_mixture(modes=3), torch.from_numpy(np.load(tmp_path / "t.npz")["samples"]))
+    assert (weights[:3] - 1 / 3).abs().max() < 0.05 and weights[3] < 0.02          # Heun samples the mixture
+
+
 def test_missing_teacher_path_is_one_clear_line(tmp_path):
     out = cli("teacher.kind=diffusers", f"teacher.diffusers.path={tmp_path / 'nope'}", f"train.run_dir={tmp_path}")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
