@@ -43,6 +43,14 @@ class Run:
     ema: EMA
     nimg: int = 0
     step: int = 0
+    bf16: bool = False
+
+    def autocast(self):
+        """The one mixed-precision policy: network forwards in bf16 under autocast, everything else fp32.
+
+        Stated here rather than through Accelerate's ``mixed_precision``, which is fixed once per process.
+        """
+        return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -92,7 +100,8 @@ def build(cfg, accelerator: Accelerator, resume: str | None) -> Run:
         accelerator.print(f"resumed from {path} at {nimg} images")
     ema.to(accelerator.device)
     fake_ddp, generator_ddp, opt_fake, opt_g = accelerator.prepare(fake_score, generator, opt_fake, opt_g)
-    return Run(accelerator, teacher, fake_score, generator, fake_ddp, generator_ddp, opt_fake, opt_g, ema, nimg, step)
+    return Run(accelerator, teacher, fake_score, generator, fake_ddp, generator_ddp, opt_fake, opt_g, ema, nimg, step,
+               bf16=cfg.train.precision == "bf16")
 
 
 def keep_finite(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +128,7 @@ def accumulate(run: Run, model: torch.nn.Module, rounds: int, micro_loss) -> tup
     total, dropped = 0.0, 0
     for r in range(rounds):
         sync = contextlib.nullcontext() if r == rounds - 1 else run.accelerator.no_sync(model)
-        with sync, run.accelerator.autocast():
+        with sync, run.autocast():
             loss, n_bad = keep_finite(micro_loss())
             run.accelerator.backward(loss.sum())
         total, dropped = total + loss.detach().sum(), dropped + n_bad
@@ -129,11 +138,7 @@ def accumulate(run: Run, model: torch.nn.Module, rounds: int, micro_loss) -> tup
 def train(cfg, resume: str | None = None) -> Run:
     """Distil ``cfg.teacher`` into a one-step generator; returns the finished run (for tests and notebooks)."""
     run_dir = Path(cfg.train.run_dir)
-    accelerator = Accelerator(
-        mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
-        log_with="tensorboard" if cfg.train.tensorboard else None,
-        project_dir=str(run_dir),
-    )
+    accelerator = Accelerator(log_with="tensorboard" if cfg.train.tensorboard else None, project_dir=str(run_dir))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
