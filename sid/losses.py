@@ -41,17 +41,21 @@ def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-def fake_score_loss(
-    fake_score: Callable, x_g: torch.Tensor, sigma: torch.Tensor, labels=None, *, sigma_data: float
+def denoising_loss(
+    denoiser: Callable, x0: torch.Tensor, sigma: torch.Tensor, labels=None, *, sigma_data: float
 ) -> torch.Tensor:
-    """Denoising score matching of f_ψ on generator samples: λ_EDM(σ) Σ_j (D_ψ(x_g + σn) - x_g)_j² (§2.3 step 4).
+    """EDM denoising score matching: λ_EDM(σ) Σ_j (D(x0 + σn) - x0)_j² (Karras et al. 2022, Eq. 2 and 8).
 
-    ``x_g`` must already be detached; ``sigma`` is [B].
+    The fake score's loss on (detached) generator samples x0 = x_g (sid-math.md §2.3 step 4), and the loss
+    that trains a teacher on data. ``sigma`` is [B].
     """
-    s = sigma.reshape(-1, *[1] * (x_g.ndim - 1))
-    x_t = x_g + s * torch.randn_like(x_g)
-    err = fake_score(x_t, sigma, labels) - x_g
+    s = sigma.reshape(-1, *[1] * (x0.ndim - 1))
+    x_t = x0 + s * torch.randn_like(x0)
+    err = denoiser(x_t, sigma, labels) - x0
     return edm_loss_weight(sigma, sigma_data) * _sum_per_sample(err**2)
+
+
+fake_score_loss = denoising_loss  # f_ψ fits the generator's samples with the teacher's own training loss
 
 
 def identity_loss(f_teacher: torch.Tensor, f_fake: torch.Tensor, x_g: torch.Tensor, lam: float) -> torch.Tensor:

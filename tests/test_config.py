@@ -21,6 +21,13 @@ def test_presets_load_and_only_override_known_keys(preset):
     load_config([preset])
 
 
+@pytest.mark.parametrize("preset", sorted((ROOT / "configs/teacher").glob("*.yaml")), ids=lambda p: p.name)
+def test_teacher_presets_load(preset):
+    from sid.config import TeacherTrainingConfig
+
+    load_config([preset], schema_class=TeacherTrainingConfig)
+
+
 def test_overrides_apply_last_and_config_is_read_only():
     cfg = load_config([ROOT / "configs/toy_2d.yaml"], ["loss.lam=0.75", "optim.batch=64"])
     assert cfg.loss.lam == "0.75" and cfg.optim.batch == 64

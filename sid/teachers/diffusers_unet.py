@@ -181,3 +181,16 @@ def load_diffusers_denoiser(path: str | None, unet_config: dict | None, predicti
         prediction_type = "edm" if edm else sched.get("prediction_type", "epsilon")
     denoiser = denoiser_from_unet(unet, prediction_type, scheduler_config, sigma_data)
     return denoiser, spec_of(denoiser, prediction_type, scheduler_config)
+
+
+def save_edm_teacher(denoiser: Preconditioned, out_dir: str | Path) -> Path:
+    """Write an EDM-preconditioned UNet as a diffusers folder (``unet/`` + an ``EDMEulerScheduler`` config in
+    ``scheduler/``), which ``teacher.diffusers.path`` loads back with ``prediction_type=edm``."""
+    from diffusers import EDMEulerScheduler
+
+    out_dir = Path(out_dir)
+    denoiser.net.unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+    precond = denoiser.precond
+    EDMEulerScheduler(sigma_min=precond.sigma_min, sigma_max=precond.sigma_max,
+                      sigma_data=precond.sigma_data).save_pretrained(out_dir / "scheduler")
+    return out_dir

@@ -1,0 +1,123 @@
+"""Train a small EDM teacher on images: a diffusers UNet2DModel with EDM preconditioning and the EDM loss.
+
+For users without a teacher, and for the shipped demo teacher. Reuses the distillation pieces: the same
+denoising loss as the fake score, the EMA, the training-state format, per-step reseeding (exact resume)
+and Accelerate for devices and processes. The result is a diffusers folder that ``teacher.diffusers.path``
+loads as an ``edm`` teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from sid.checkpoint import load_training_state, resolve_resume, save_training_state
+from sid.config import plain, to_dict, to_yaml
+from sid.data import load_images
+from sid.ema import EMA
+from sid.errors import SidError
+from sid.generator import num_params
+from sid.images import save_image_grid
+from sid.losses import denoising_loss
+from sid.sampling import heun_sampler
+from sid.schedules import karras_sigmas, sample_lognormal_sigma
+from sid.teachers.diffusers_unet import load_diffusers_denoiser, save_edm_teacher
+from sid.trainer import crossed, step_seed
+
+
+def build_denoiser(cfg):
+    """A randomly initialised UNet2DModel from ``cfg.unet``, EDM-preconditioned."""
+    try:
+        return load_diffusers_denoiser(None, plain(cfg.unet), "edm", cfg.sigma_data)[0]
+    except (TypeError, ValueError) as e:
+        raise SidError(f"unet config rejected by diffusers: {str(e).splitlines()[0][:200]}") from None
+
+
+def train_teacher(cfg, resume: str | None = None):
+    """Train until cfg.total_nimg images; returns (EMA denoiser, images seen)."""
+    run_dir = Path(cfg.run_dir)
+    acc = Accelerator()
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    images = load_images(cfg.source)                                        # uint8 [N, C, H, W], in memory
+    torch.manual_seed(cfg.seed)
+    denoiser = build_denoiser(cfg)
+    if tuple(images.shape[1:]) != (denoiser.net.unet.config.in_channels, *[denoiser.net.unet.config.sample_size] * 2):
+        raise SidError(f"images are {tuple(images.shape[1:])}, the UNet expects in_channels × sample_size²")
+    opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    ema = EMA(denoiser, cfg.ema_halflife_nimg, cfg.ema_rampup)
+    nimg = step = 0
+    path = resolve_resume(resume, run_dir) if resume else None
+    if path is not None:
+        state = load_training_state(path)
+        denoiser.load_state_dict(state["denoiser"])
+        ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        nimg, step = state["nimg"], state["step"]
+    ema.to(acc.device)
+    ddp, opt = acc.prepare(denoiser, opt)
+    per_process = cfg.batch // acc.num_processes
+    bf16 = cfg.precision == "bf16" and acc.device.type == "cuda"
+    acc.print(f"teacher: {num_params(denoiser) / 1e6:.2f}M parameters, {len(images)} images of "
+              f"{tuple(images.shape[1:])}")
+    bar = tqdm(total=cfg.total_nimg, initial=nimg, unit="img", unit_scale=True, disable=not (acc.is_main_process
+                                                                                             and cfg.progress))
+    loss_sum, steps, t0 = torch.zeros((), device=acc.device), 0, time.time()
+    while nimg < cfg.total_nimg:
+        torch.manual_seed(step_seed(cfg.seed, acc.process_index, step))
+        x0 = images[torch.randint(len(images), (per_process,))].to(acc.device).float() / 127.5 - 1
+        if cfg.xflip:
+            x0 = torch.where(torch.rand(per_process, 1, 1, 1, device=acc.device) < 0.5, x0.flip(-1), x0)
+        sigma = sample_lognormal_sigma(per_process, cfg.p_mean, cfg.p_std, device=acc.device)
+        for group in opt.param_groups:                                       # linear warm-up
+            group["lr"] = cfg.lr * min(1.0, (nimg + cfg.batch) / max(cfg.warmup_nimg, 1))
+        with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = denoising_loss(ddp, x0, sigma, sigma_data=cfg.sigma_data).mean()
+        acc.backward(loss)
+        for p in denoiser.parameters():
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        nimg, step = nimg + cfg.batch, step + 1
+        ema.update(denoiser, nimg, cfg.batch)
+        loss_sum, steps = loss_sum + loss.detach(), steps + 1
+
+        done = nimg >= cfg.total_nimg
+        if crossed(nimg, cfg.batch, cfg.log_every_nimg) or done:
+            mean_loss = float(acc.reduce(loss_sum, "mean")) / steps
+            if acc.is_main_process:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"nimg": nimg, "step": step, "loss": mean_loss,
+                                        "seconds": time.time() - t0}) + "\n")
+                bar.update(nimg - bar.n)
+                bar.set_postfix(loss=f"{mean_loss:.4g}")
+            loss_sum, steps = torch.zeros((), device=acc.device), 0
+        if acc.is_main_process and (crossed(nimg, cfg.batch, cfg.sample_every_nimg) or done):
+            save_teacher_samples(ema.model, run_dir / "samples" / f"samples-{nimg:012d}.png", acc.device)
+        if crossed(nimg, cfg.batch, cfg.ckpt_every_nimg) or done:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state = {"nimg": nimg, "step": step, "config": to_dict(cfg), "denoiser": denoiser.state_dict(),
+                         "ema": ema.model.state_dict(), "opt": opt.state_dict()}
+                save_training_state(run_dir, nimg, state, keep=cfg.keep_ckpts)
+                save_edm_teacher(ema.model, run_dir / "teacher")
+            acc.wait_for_everyone()
+    bar.close()
+    return ema.model, nimg
+
+
+@torch.no_grad()
+def save_teacher_samples(denoiser, path: Path, device, num: int = 64, steps: int = 18) -> None:
+    """Heun samples (35 evaluations) of the EMA teacher at seeds 0..num-1."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (denoiser.net.unet.config.in_channels, *[denoiser.net.unet.config.sample_size] * 2)
+    noise = torch.randn(num, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    x = heun_sampler(denoiser, noise, karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, device=device))
+    save_image_grid(x, path)
