@@ -98,9 +98,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    fid_every_nimg: int = 0              # in-loop proxy FID of the EMA generator every this many images; 0: off
+    every_nimg: int = 0                  # in-loop quality of the EMA generator every this many images; 0: off.
+                                         # Image teachers: proxy FID; analytic teachers: sliced Wasserstein
+    num: int = 10_000                    # generated samples per evaluation (fixed seeds)
     fid_ref: Optional[str] = None        # reference statistics (.npz with mu, sigma: `python eval/fid.py ref`)
-    fid_num: int = 10_000                # generated images per proxy FID
     fid_weights: str = "auto"            # auto | torchmetrics | path to a TorchScript feature extractor
 
 
@@ -191,8 +192,8 @@ def validate(cfg: DictConfig) -> None:
     resolve_lam(cfg.loss.lam)
     if not 0 < cfg.loss.t_max <= 1:
         raise SidError(f"loss.t_max={cfg.loss.t_max} must be in (0, 1] (a fraction of the Karras schedule)")
-    if cfg.eval.fid_every_nimg and not cfg.eval.fid_ref:
-        raise SidError("eval.fid_every_nimg needs eval.fid_ref (reference statistics from `python eval/fid.py ref`)")
+    if cfg.eval.every_nimg and cfg.teacher.kind != "analytic" and not cfg.eval.fid_ref:
+        raise SidError("eval.every_nimg needs eval.fid_ref (reference statistics from `python eval/fid.py ref`)")
     if cfg.teacher.kind == "diffusers" and not (cfg.teacher.diffusers.path or cfg.teacher.diffusers.unet_config):
         raise SidError("teacher.kind=diffusers needs teacher.diffusers.path (a local folder or hub id)")
 

@@ -27,6 +27,7 @@ from sid.images import save_samples
 from sid.losses import fake_score_loss, generator_loss, resolve_lam
 from sid.schedules import sample_lognormal_sigma, sample_sid_sigma
 from sid.teachers import Teacher, build_teacher
+from sid.teachers.analytic import sliced_wasserstein
 
 
 @dataclass
@@ -161,7 +162,7 @@ def loop(cfg, run: Run) -> None:
     sigma_data = run.fake_score.sigma_data
     teacher, fake_score, generator = run.teacher.denoiser, run.fake_score, run.generator
     logger = MetricsLogger(cfg, acc, run.nimg)
-    fid_metric = build_fid(cfg, acc) if cfg.eval.fid_every_nimg else None
+    evaluate = build_evaluator(cfg, run) if cfg.eval.every_nimg else None
     streak = torch.zeros((), device=device, dtype=torch.long)   # consecutive non-finite steps
 
     def fake_micro_loss():
@@ -211,8 +212,8 @@ def loop(cfg, run: Run) -> None:
             logger.flush(run.nimg, run.step, ema_beta(cfg.optim.batch, run.nimg, cfg.ema.halflife_nimg, cfg.ema.rampup))
         if crossed(run.nimg, cfg.optim.batch, cfg.train.sample_every_nimg) or done:
             save_sample_grid(cfg, run)
-        if cfg.eval.fid_every_nimg and (crossed(run.nimg, cfg.optim.batch, cfg.eval.fid_every_nimg) or done):
-            logger.write({"nimg": run.nimg, "fid": proxy_fid(cfg, run, fid_metric)})
+        if evaluate and (crossed(run.nimg, cfg.optim.batch, cfg.eval.every_nimg) or done):
+            logger.write({"nimg": run.nimg, **evaluate()})
         if crossed(run.nimg, cfg.optim.batch, cfg.train.ckpt_every_nimg) or done:
             logger.check_finite()
             save_checkpoint(cfg, run)
@@ -282,20 +283,31 @@ class MetricsLogger:
         self.bar.close()
 
 
-def build_fid(cfg, accelerator: Accelerator):
-    """The proxy-FID metric with its reference statistics, on the main process (None elsewhere)."""
-    if not accelerator.is_main_process:
-        return None
-    metric = make_fid(cfg.eval.fid_weights).to(accelerator.device)
-    load_reference(metric, cfg.eval.fid_ref)
-    return metric
+def build_evaluator(cfg, run: Run):
+    """In-loop quality of the EMA generator on cfg.eval.num samples at fixed seeds, by the main process:
+    proxy FID against reference statistics for image teachers, the sliced Wasserstein distance to exact
+    samples for analytic teachers. Returns a function giving ``{"fid": v}`` or ``{"swd": v}``."""
+    acc, teacher = run.accelerator, run.teacher.denoiser
+    if hasattr(teacher, "sample"):
+        reference = teacher.sample(cfg.eval.num, torch.Generator().manual_seed(0)).float()
 
+        def measure():
+            x = run.ema.model.sample_seeds(range(cfg.eval.num), device=acc.device).cpu()
+            return {"swd": sliced_wasserstein(x, reference)}
+    else:
+        metric = make_fid(cfg.eval.fid_weights).to(acc.device) if acc.is_main_process else None
+        if metric is not None:
+            load_reference(metric, cfg.eval.fid_ref)
 
-def proxy_fid(cfg, run: Run, metric) -> float | None:
-    """FID of the EMA generator on cfg.eval.fid_num images (fixed seeds), computed by the main process."""
-    value = generator_fid(metric, run.ema.model, cfg.eval.fid_num) if metric is not None else None
-    run.accelerator.wait_for_everyone()
-    return value
+        def measure():
+            return {"fid": generator_fid(metric, run.ema.model, cfg.eval.num)}
+
+    def evaluate():
+        result = measure() if acc.is_main_process else {}
+        acc.wait_for_everyone()
+        return result
+
+    return evaluate
 
 
 def save_sample_grid(cfg, run: Run) -> None:

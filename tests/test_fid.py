@@ -110,8 +110,8 @@ def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_ov
     out = run("ref", "--source", str(folder), "--out", str(tmp_path / "ref.npz"), "--weights", str(extractor_file))
     assert out.returncode == 0, out.stderr
     # a tiny distillation run with in-loop proxy FID against that reference
-    overrides = tiny_unet_overrides + ["eval.fid_every_nimg=16", f"eval.fid_ref={tmp_path / 'ref.npz'}",
-                                       "eval.fid_num=8", f"eval.fid_weights={extractor_file}"]
+    overrides = tiny_unet_overrides + ["eval.every_nimg=16", f"eval.fid_ref={tmp_path / 'ref.npz'}",
+                                       "eval.num=8", f"eval.fid_weights={extractor_file}"]
     out = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr

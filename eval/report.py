@@ -1,0 +1,155 @@
+"""A sweep folder -> report.md with a table (final and best quality per grid point, mean ± std over seeds)
+and figures: quality vs images (log scale), losses vs images, and samples of every grid point at the same seeds.
+Runs that diverged (failed, non-finite losses, or quality rising past ``rise`` × their best) are marked."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from sid.generator import load_generator  # noqa: E402
+from sid.images import to_uint8  # noqa: E402
+
+
+def read_run(run_dir: Path) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
+    config = OmegaConf.load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    quality = [(r["nimg"], r[k]) for r in records for k in ("fid", "swd") if k in r]
+    metric = next((k for r in records for k in ("fid", "swd") if k in r), None)
+    losses = [(r["nimg"], r["loss_g"], r["loss_fake"]) for r in records if "loss_g" in r]
+    return {"name": run_dir.name, "dir": run_dir, "status": status, "config": config, "metric": metric,
+            "quality": quality, "losses": losses}
+
+
+def diverged(run: dict, rise: float) -> str:
+    """Why a run counts as diverged ('' when it did not)."""
+    if run["status"].get("state") == "failed":
+        return "failed: " + run["status"].get("error", "")[:80]
+    if any(not (math.isfinite(g) and math.isfinite(f)) for _, g, f in run["losses"]):
+        return "non-finite losses"
+    values = [v for _, v in run["quality"]]
+    if values and (not all(math.isfinite(v) for v in values) or values[-1] > rise * min(values)):
+        return f"quality rose to {values[-1]:.3g} from a best of {min(values):.3g}"
+    return ""
+
+
+def group_key(run: dict) -> str:
+    """The grid point without its seed: runs differing only in train.seed form one row."""
+    return "_".join(p for p in run["name"].split("_") if not p.startswith("seed=")) or run["name"]
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64) -> Path:
+    sweep_dir = Path(sweep_dir)
+    runs = [read_run(d) for d in sorted(sweep_dir.iterdir()) if d.is_dir() and (d / "config.yaml").is_file()]
+    if not runs:
+        from sid.errors import SidError
+
+        raise SidError(f"{sweep_dir} holds no runs (folders with config.yaml)")
+    metric = next((r["metric"] for r in runs if r["metric"]), "quality")
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(group_key(run), []).append(run)
+
+    lines = [f"# Sweep report: {sweep_dir.name}", "",
+             f"Quality metric: `{metric}` (lower is better), EMA generator, fixed seeds. A run counts as diverged "
+             f"when it failed, had non-finite losses, or its {metric} ended above {rise}× its best.", "",
+             f"| run | λ | seeds | images | final {metric} | best {metric} | diverged |",
+             "|---|---|---|---|---|---|---|"]
+    for key, members in groups.items():
+        finals = [r["quality"][-1][1] for r in members if r["quality"]]
+        bests = [min(v for _, v in r["quality"]) for r in members if r["quality"]]
+        nimg = max((r["quality"][-1][0] if r["quality"] else 0) for r in members)
+        lam = members[0]["config"].loss.lam if members[0]["config"] is not None else "?"
+        marks = "; ".join(f"{r['name']}: {why}" for r in members if (why := diverged(r, rise))) or "no"
+        lines.append(f"| {key} | {lam} | {len(members)} | {nimg} | {mean_std(finals)} | {mean_std(bests)} | {marks} |")
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    colors = {key: f"C{i}" for i, key in enumerate(groups)}
+    for run in runs:
+        if run["quality"]:
+            x, y = zip(*run["quality"])
+            ax.plot(x, y, color=colors[group_key(run)], label=group_key(run), marker="o", markersize=3,
+                    linestyle="--" if diverged(run, rise) else "-")
+    ax.set_xscale("log")
+    ax.set_xlabel("generator images")
+    ax.set_ylabel(metric)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "quality.png")
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=120)
+    for run in runs:
+        if run["losses"]:
+            n, g, f = zip(*run["losses"])
+            axes[0].plot(n, g, color=colors[group_key(run)], label=group_key(run))
+            axes[1].plot(n, f, color=colors[group_key(run)], label=group_key(run))
+    for ax, title in zip(axes, ("generator loss", "fake-score loss")):
+        ax.set_xscale("log")
+        ax.set_xlabel("generator images")
+        ax.set_title(title, fontsize=9)
+    axes[1].set_yscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[0].legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "losses.png")
+    plt.close(fig)
+
+    save_sample_panels(groups, sweep_dir / "samples.png", num_samples)
+    lines += ["", "![quality vs images](quality.png)", "", "![losses](losses.png)", "",
+              f"Samples of each grid point's first run at seeds 0–{num_samples - 1}:", "",
+              "![samples](samples.png)", ""]
+    (sweep_dir / "report.md").write_text("\n".join(lines))
+    return sweep_dir / "report.md"
+
+
+@torch.no_grad()
+def save_sample_panels(groups: dict[str, list[dict]], path: Path, num: int) -> None:
+    """One panel per grid point: an image grid, or a scatter plot for 2-D samples."""
+    exported = [(key, members[0]["dir"] / "generator") for key, members in groups.items()
+                if (members[0]["dir"] / "generator" / "generator.safetensors").is_file()]
+    cols = max(len(exported), 1)
+    fig, axes = plt.subplots(1, cols, figsize=(3 * cols, 3), dpi=120, squeeze=False)
+    for ax, (key, folder) in zip(axes[0], exported):
+        generator = load_generator(folder)
+        x = generator.sample_seeds(range(num if generator.shape != (2,) else 2000))
+        if x.ndim == 2 and x.shape[1] == 2:
+            ax.scatter(*x.T, s=1, alpha=0.5)
+            lim = float(x.abs().quantile(0.99)) * 1.1
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+        elif x.ndim == 4:
+            side = math.ceil(math.sqrt(len(x)))
+            images = to_uint8(x)
+            n, h, w, c = images.shape
+            grid = torch.zeros(side * h, side * w, c, dtype=torch.uint8)
+            for i, im in enumerate(images):
+                r, k = divmod(i, side)
+                grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = torch.from_numpy(im)
+            ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if c == 1 else None)
+        ax.set_title(key, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,123 @@
+"""Sweeps: a grid of config overrides (λ first of all), one run folder each, resumable.
+
+``expand_grid(["loss.lam=0.5,1.0", "train.seed=0,1"])`` gives the four override lists; a sweep folder holds
+one sub-folder per grid point, named by its values, each a normal run folder (config.yaml, metrics.jsonl,
+checkpoints, exported generator) plus ``status.json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sid.config import load_config
+from sid.errors import SidError
+
+
+def split_values(text: str) -> list[str]:
+    """'0.5,1.0,[0.9,0.99]' -> ['0.5', '1.0', '[0.9,0.99]']: commas inside brackets do not split."""
+    values, depth, current = [], 0, ""
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += ch
+    return values + [current]
+
+
+def expand_grid(overrides: list[str]) -> list[dict[str, str]]:
+    """Dotted overrides with comma-separated values -> every combination, in order, as {key: value}."""
+    axes = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SidError(f"sweep override {item!r} is not key=value[,value...]")
+        axes.append([(key, v) for v in split_values(value)])
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def run_name(point: dict[str, str], varying: list[str]) -> str:
+    """Folder name from the values that vary across the sweep, e.g. 'lam=0.5_g_lr=1e-5_seed=0'."""
+    parts = [f"{key.split('.')[-1]}={point[key]}" for key in varying] or ["run"]
+    return "_".join(parts).replace("/", "-").replace(" ", "")
+
+
+def plan(config_files, overrides, out_dir) -> list[dict]:
+    """The runs of a sweep: name, run folder, override list, resolved config, and whether it already finished."""
+    grid = expand_grid(overrides)
+    varying = [k for k in (grid[0] if grid else {}) if len({p[k] for p in grid}) > 1]
+    runs = []
+    for point in grid:
+        name = run_name(point, varying)
+        run_dir = Path(out_dir) / name
+        items = [f"{k}={v}" for k, v in point.items()] + [f"train.run_dir={run_dir}"]
+        cfg = load_config(config_files, items)
+        runs.append({"name": name, "dir": run_dir, "overrides": items, "config": cfg, "point": point,
+                     "state": status(run_dir, cfg.train.total_nimg)})
+    return runs
+
+
+def status(run_dir: Path, total_nimg: int) -> str:
+    """finished | failed | partial (resumable) | new."""
+    marker = run_dir / "status.json"
+    if marker.is_file():
+        state = json.loads(marker.read_text())
+        if state.get("state") == "finished" and state.get("nimg", 0) >= total_nimg:
+            return "finished"
+        if state.get("state") == "failed":
+            return "failed"
+    return "partial" if any(run_dir.glob("training-state-*")) else "new"
+
+
+def write_status(run_dir: Path, **fields) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "status.json").write_text(json.dumps(fields))
+
+
+def single_run(config_files, overrides) -> dict:
+    """One grid point given as its full override list (train.run_dir included), for a per-GPU process."""
+    cfg = load_config(config_files, overrides)
+    return {"config": cfg, "dir": Path(cfg.train.run_dir)}
+
+
+def run_one(run: dict) -> None:
+    """Train (or resume) one grid point in this process; a run that aborts is marked failed, not fatal."""
+    from sid.trainer import train
+
+    try:
+        result = train(run["config"], resume="auto")
+        write_status(run["dir"], state="finished", nimg=result.nimg)
+    except SidError as e:
+        write_status(run["dir"], state="failed", error=str(e))
+
+
+def run_sweep(runs: list[dict], config_files, devices: int = 0) -> None:
+    """Unfinished runs, one after another here, or with ``devices`` > 1 one process per GPU at a time."""
+    todo = [r for r in runs if r["state"] in ("new", "partial")]
+    if devices <= 1:
+        for run in todo:
+            run_one(run)
+        return
+    entry = Path(__file__).resolve().parents[1] / "sweep.py"
+    configs = [a for f in config_files for a in ("--config", str(f))]
+    active: dict[int, subprocess.Popen] = {}
+    while todo or active:
+        for gpu, proc in list(active.items()):
+            if proc.poll() is not None:
+                del active[gpu]
+        for gpu in range(devices):
+            if todo and gpu not in active:
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+                active[gpu] = subprocess.Popen([sys.executable, str(entry), "one", *configs, *todo.pop(0)["overrides"]],
+                                               env=env)
+        time.sleep(1)

@@ -1,0 +1,58 @@
+"""λ sweeps: one command runs a grid of runs, another writes the report.
+
+    python sweep.py run --config configs/toy_2d.yaml --out runs/sweep loss.lam=0.5,1.0,1.2 train.seed=0,1
+    python sweep.py run --config configs/toy_2d.yaml --out runs/sweep loss.lam=0.5,1.0,1.2 --dry-run
+    python sweep.py report runs/sweep                 # report.md, quality.png, losses.png, samples.png
+
+Values separated by commas form the grid (commas inside [...] do not split); every other override applies
+to all runs. Re-running the same command skips finished runs and resumes unfinished ones. With several
+GPUs visible, one run per GPU runs at a time.
+"""
+
+import argparse
+import sys
+
+from sid.errors import SidError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) every grid point")
+    run.add_argument("--out", required=True, help="sweep folder")
+    run.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    run.add_argument("--devices", type=int, default=None, help="parallel runs (default: the visible GPUs)")
+    one = sub.add_parser("one", help=argparse.SUPPRESS)       # one grid point in its own process (per GPU)
+    for p in (run, one):
+        p.add_argument("--config", action="append", default=[])
+        p.add_argument("overrides", nargs="*")
+    report = sub.add_parser("report", help="write report.md and figures for a sweep folder")
+    report.add_argument("sweep_dir")
+    report.add_argument("--rise", type=float, default=2.0, help="diverged if the metric ends above rise × its best")
+    args = parser.parse_args(argv)
+    try:
+        from sid.sweep import plan, run_one, run_sweep, single_run
+
+        if args.command == "report":
+            from eval.report import write_report
+
+            print(f"wrote {write_report(args.sweep_dir, rise=args.rise)}")
+        elif args.command == "one":
+            run_one(single_run(args.config, args.overrides))
+        else:
+            runs = plan(args.config, args.overrides, args.out)
+            for r in runs:
+                print(f"{r['state']:>8}  {r['dir']}  {' '.join(r['overrides'][:-1])}")
+            if not args.dry_run:
+                import torch
+
+                devices = args.devices if args.devices is not None else torch.cuda.device_count()
+                run_sweep(runs, args.config, devices)
+    except SidError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

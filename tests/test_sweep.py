@@ -1,0 +1,78 @@
+"""λ sweeps on the analytic teacher: grid expansion, a 3-λ sweep with its report, skipping and resuming."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from sid.config import load_config
+from sid.sweep import expand_grid, plan, run_sweep, split_values
+from sid.trainer import train
+
+SMALL = ["teacher.analytic.modes=3", "teacher.analytic.student_width=32", "teacher.analytic.student_fit_steps=50",
+         "optim.batch=128", "train.total_nimg=2560", "train.log_every_nimg=640", "train.sample_every_nimg=100000",
+         "train.ckpt_every_nimg=1280", "train.progress=false", "train.tensorboard=false", "eval.every_nimg=1280",
+         "eval.num=500"]
+CONFIG = [ROOT / "configs/toy_2d.yaml"]
+
+
+def test_grid_expansion():
+    assert split_values("0.5,1.0,[0.9,0.99]") == ["0.5", "1.0", "[0.9,0.99]"]
+    grid = expand_grid(["loss.lam=0.5,1.0", "optim.g_betas=[0.9,0.99]", "train.seed=0,1"])
+    assert len(grid) == 4 and grid[1] == {"loss.lam": "0.5", "optim.g_betas": "[0.9,0.99]", "train.seed": "1"}
+
+
+def test_sweep_runs_reports_and_skips_finished_runs(tmp_path):
+    overrides = ["loss.lam=0.5,1.0,1.2"] + SMALL
+    runs = plan(CONFIG, overrides, tmp_path)
+    assert [r["name"] for r in runs] == ["lam=0.5", "lam=1.0", "lam=1.2"] and {r["state"] for r in runs} == {"new"}
+    # an interrupted sweep: λ=0.5 finished, λ=1.0 stopped half-way, λ=1.2 not started
+    run_sweep(runs[:1], CONFIG)
+    train(load_config(CONFIG, runs[1]["overrides"] + ["train.total_nimg=1280"]))
+    lines_before = (tmp_path / "lam=0.5" / "metrics.jsonl").read_text()
+    runs = plan(CONFIG, overrides, tmp_path)
+    assert [r["state"] for r in runs] == ["finished", "partial", "new"]
+    run_sweep(runs, CONFIG)
+    assert (tmp_path / "lam=0.5" / "metrics.jsonl").read_text() == lines_before          # skipped
+    resumed = [json.loads(x) for x in (tmp_path / "lam=1.0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nimg"] for r in resumed if "swd" in r] == [1280, 2560]                     # resumed, not restarted
+    assert all(r["state"] == "finished" for r in plan(CONFIG, overrides, tmp_path))
+
+    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "report", str(tmp_path)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = (tmp_path / "report.md").read_text()
+    for name in ("lam=0.5", "lam=1.0", "lam=1.2"):
+        assert f"| {name} |" in report
+    assert "final swd" in report
+    for figure in ("quality.png", "losses.png", "samples.png"):
+        assert (tmp_path / figure).stat().st_size > 1000 and f"({figure})" in report
+
+
+def test_failed_runs_are_marked_not_dropped(tmp_path, monkeypatch):
+    import sid.trainer
+
+    real = sid.trainer.generator_loss
+    monkeypatch.setattr(sid.trainer, "generator_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    runs = plan(CONFIG, ["loss.lam=0.5"] + SMALL + ["train.max_nonfinite_steps=2"], tmp_path)
+    run_sweep(runs, CONFIG)
+    assert plan(CONFIG, ["loss.lam=0.5"] + SMALL, tmp_path)[0]["state"] == "failed"
+    sys.path.insert(0, str(ROOT))
+    from eval.report import write_report
+
+    report = write_report(tmp_path).read_text()
+    assert "failed: aborting" in report
+
+
+@pytest.mark.slow
+def test_one_process_per_device_and_dry_run(tmp_path):
+    args = [sys.executable, str(ROOT / "sweep.py"), "run", "--config", str(CONFIG[0]), "--out", str(tmp_path),
+            "loss.lam=0.5,1.0", *SMALL]
+    out = subprocess.run(args + ["--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0 and out.stdout.count("new") == 2 and not any(tmp_path.iterdir())
+    out = subprocess.run(args + ["--devices", "2"], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(r["state"] == "finished" for r in plan(CONFIG, ["loss.lam=0.5,1.0"] + SMALL, tmp_path))
