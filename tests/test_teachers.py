@@ -166,7 +166,12 @@ def test_missing_or_broken_teacher_paths_say_what_to_do(tmp_path):
 
 
 def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from diffusers import UNet2DModel
+
+    def offline(*args, **kwargs):                    # what the hub client raises without a connection
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(UNet2DModel, "from_pretrained", offline)
     with pytest.raises(SidError, match="neither a local folder nor a reachable hub model"):
         load_diffusers_denoiser("nobody/no-such-model", None, None, 0.5)
 
