@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from sid.generator import load_generator  # noqa: E402
-from sid.images import to_uint8  # noqa: E402
+from sid.images import image_grid  # noqa: E402
 
 
 def read_run(run_dir: Path) -> dict:
@@ -139,14 +139,7 @@ def save_sample_panels(groups: dict[str, list[dict]], path: Path, num: int) -> N
             ax.set_xlim(-lim, lim)
             ax.set_ylim(-lim, lim)
         elif x.ndim == 4:
-            side = math.ceil(math.sqrt(len(x)))
-            images = to_uint8(x)
-            n, h, w, c = images.shape
-            grid = torch.zeros(side * h, side * w, c, dtype=torch.uint8)
-            for i, im in enumerate(images):
-                r, k = divmod(i, side)
-                grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = torch.from_numpy(im)
-            ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if c == 1 else None)
+            ax.imshow(image_grid(x), cmap="gray" if x.shape[1] == 1 else None)
         ax.set_title(key, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])

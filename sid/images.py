@@ -16,8 +16,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_image_grid(x: torch.Tensor, path: str | Path, cols: int | None = None) -> None:
-    """Tile [N, C, H, W] images in [-1, 1] into one PNG (C = 1 or 3)."""
+def image_grid(x: torch.Tensor, cols: int | None = None) -> np.ndarray:
+    """Tile [N, C, H, W] images in [-1, 1] into one uint8 array [H', W'] (C = 1) or [H', W', 3]."""
     images = to_uint8(x)
     n, h, w, c = images.shape
     cols = cols or math.ceil(math.sqrt(n))
@@ -26,7 +26,12 @@ def save_image_grid(x: torch.Tensor, path: str | Path, cols: int | None = None) 
     for i, image in enumerate(images):
         r, k = divmod(i, cols)
         grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
-    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(path)
+    return grid.squeeze(-1) if c == 1 else grid
+
+
+def save_image_grid(x: torch.Tensor, path: str | Path, cols: int | None = None) -> None:
+    """Tile [N, C, H, W] images in [-1, 1] into one PNG (C = 1 or 3)."""
+    Image.fromarray(image_grid(x, cols)).save(path)
 
 
 def save_scatter(points: torch.Tensor, reference: torch.Tensor | None, path: str | Path, title: str = "") -> None:

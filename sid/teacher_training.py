@@ -27,7 +27,7 @@ from sid.losses import denoising_loss
 from sid.sampling import heun_sampler
 from sid.schedules import karras_sigmas, sample_lognormal_sigma
 from sid.teachers.diffusers_unet import load_diffusers_denoiser, save_edm_teacher
-from sid.trainer import crossed, step_seed
+from sid.trainer import crossed, sanitize_grads, step_seed
 
 
 def build_denoiser(cfg):
@@ -80,9 +80,7 @@ def train_teacher(cfg, resume: str | None = None):
         with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = denoising_loss(ddp, x0, sigma, sigma_data=cfg.sigma_data).mean()
         acc.backward(loss)
-        for p in denoiser.parameters():
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        sanitize_grads(denoiser)
         opt.step()
         opt.zero_grad(set_to_none=True)
         nimg, step = nimg + cfg.batch, step + 1
