@@ -92,13 +92,15 @@ def single_run(config_files, overrides) -> dict:
 
 def run_one(run: dict) -> None:
     """Train (or resume) one grid point in this process; a run that aborts is marked failed, not fatal."""
+    import torch
+
     from sid.trainer import train
 
     try:
         result = train(run["config"], resume="auto")
         write_status(run["dir"], state="finished", nimg=result.nimg)
-    except SidError as e:
-        write_status(run["dir"], state="failed", error=str(e))
+    except (SidError, torch.cuda.OutOfMemoryError) as e:
+        write_status(run["dir"], state="failed", error=str(e).splitlines()[0])
 
 
 def run_sweep(runs: list[dict], config_files, devices: int = 0) -> None:
@@ -110,14 +112,21 @@ def run_sweep(runs: list[dict], config_files, devices: int = 0) -> None:
         return
     entry = Path(__file__).resolve().parents[1] / "sweep.py"
     configs = [a for f in config_files for a in ("--config", str(f))]
-    active: dict[int, subprocess.Popen] = {}
+    active: dict[int, tuple[subprocess.Popen, dict]] = {}
     while todo or active:
-        for gpu, proc in list(active.items()):
+        for gpu, (proc, run) in list(active.items()):
             if proc.poll() is not None:
                 del active[gpu]
+                if proc.returncode and status(run["dir"], run["config"].train.total_nimg) != "failed":
+                    write_status(run["dir"], state="failed", error=f"process exited with code {proc.returncode}; "
+                                                                   f"see {run['dir'] / 'sweep.log'}")
         for gpu in range(devices):
             if todo and gpu not in active:
+                run = todo.pop(0)
+                run["dir"].mkdir(parents=True, exist_ok=True)
                 env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-                active[gpu] = subprocess.Popen([sys.executable, str(entry), "one", *configs, *todo.pop(0)["overrides"]],
-                                               env=env)
+                with open(run["dir"] / "sweep.log", "a") as log:
+                    proc = subprocess.Popen([sys.executable, str(entry), "one", *configs, *run["overrides"]],
+                                            env=env, stdout=log, stderr=subprocess.STDOUT)
+                active[gpu] = (proc, run)
         time.sleep(1)

@@ -66,6 +66,30 @@ def test_failed_runs_are_marked_not_dropped(tmp_path, monkeypatch):
     assert "failed: aborting" in report
 
 
+def test_a_crashed_per_device_process_is_marked_failed(tmp_path, monkeypatch):
+    """A child that dies outside SidError (say, out of GPU memory) is marked failed with its log named."""
+    import sid.sweep
+
+    class Crashing:
+        returncode = None
+
+        def __init__(self, args, **kwargs):
+            kwargs["stdout"].write("Traceback: CUDA out of memory\n")
+
+        def poll(self):
+            self.returncode = 1
+            return 1
+
+    monkeypatch.setattr(sid.sweep.subprocess, "Popen", Crashing)
+    monkeypatch.setattr(sid.sweep.time, "sleep", lambda s: None)
+    runs = plan(CONFIG, ["loss.lam=0.5,1.0"] + SMALL, tmp_path)
+    run_sweep(runs, CONFIG, devices=2)
+    for run in plan(CONFIG, ["loss.lam=0.5,1.0"] + SMALL, tmp_path):
+        assert run["state"] == "failed"
+        assert "sweep.log" in json.loads((run["dir"] / "status.json").read_text())["error"]
+        assert "out of memory" in (run["dir"] / "sweep.log").read_text()
+
+
 @pytest.mark.slow
 def test_one_process_per_device_and_dry_run(tmp_path):
     args = [sys.executable, str(ROOT / "sweep.py"), "run", "--config", str(CONFIG[0]), "--out", str(tmp_path),
