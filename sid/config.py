@@ -84,8 +84,9 @@ class EMAConfig:
 class TrainConfig:
     run_dir: str = "runs/sid"            # checkpoints, exports, samples, metrics, resolved config
     total_nimg: int = 10_000_000         # stop after this many generator images
+    max_seconds: float = 0               # also stop (checkpointed) after this long, checked when logging; 0: off
     seed: int = 0
-    precision: str = "fp32"              # fp32 | bf16 (autocast, fp32 master weights)
+    precision: str = "auto"              # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 (autocast, fp32 masters)
     log_every_nimg: int = 25_600         # metrics to metrics.jsonl / TensorBoard
     sample_every_nimg: int = 256_000     # sample grid of the EMA generator
     ckpt_every_nimg: int = 1_024_000     # training state + exported generator
@@ -94,6 +95,18 @@ class TrainConfig:
     max_nonfinite_steps: int = 20        # abort after this many consecutive steps with non-finite values
     tensorboard: bool = True
     progress: bool = True                # progress bar on the main process
+
+
+@dataclass
+class PerfConfig:
+    """How fast, never what is computed (up to rounding)."""
+
+    tf32: bool = True                    # CUDA: TF32 for the matmuls and convolutions that stay fp32
+    channels_last: bool = False          # NHWC memory format for the three networks
+    fused_adam: bool = True              # fused Adam kernels (else PyTorch's default foreach)
+    teacher_bf16: bool = True            # with bf16 precision, store the frozen teacher's weights in bf16
+    compile: bool = False                # torch.compile the teacher, fake score and generator
+    grad_checkpointing: bool = False     # recompute UNet activations in backward: less memory, more compute
 
 
 @dataclass
@@ -113,6 +126,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -120,7 +134,7 @@ CHOICES = {
     "teacher.kind": ("analytic", "diffusers"),
     "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm"),
     "loss.weighting": ("sid", "x0", "eps"),
-    "train.precision": ("fp32", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16"),
 }
 POSITIVE = ("optim.batch", "optim.g_lr", "optim.fake_lr", "generator.sigma_init", "train.total_nimg",
             "train.log_every_nimg", "train.sample_every_nimg", "train.ckpt_every_nimg", "train.keep_ckpts",
@@ -190,6 +204,9 @@ def validate(cfg: DictConfig) -> None:
         if not OmegaConf.select(cfg, key) > 0:
             raise SidError(f"{key}={OmegaConf.select(cfg, key)!r} must be positive")
     resolve_lam(cfg.loss.lam)
+    for key in ("train.max_seconds", "optim.eps", "eval.every_nimg"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise SidError(f"{key}={OmegaConf.select(cfg, key)!r} must not be negative")
     if not 0 < cfg.loss.t_max <= 1:
         raise SidError(f"loss.t_max={cfg.loss.t_max} must be in (0, 1] (a fraction of the Karras schedule)")
     if cfg.eval.every_nimg and cfg.teacher.kind != "analytic" and not cfg.eval.fid_ref:

@@ -72,16 +72,53 @@ def micro_batches(cfg, world_size: int) -> tuple[int, int]:
     return batch_gpu, per_process // batch_gpu
 
 
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """``train.precision``: auto is bf16 on GPUs and fp32 elsewhere."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 (10-bit mantissa) for fp32 matmuls and convolutions on CUDA; process-wide."""
+    mode = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
+
+
+def diffusers_models(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if hasattr(m, "enable_gradient_checkpointing")]
+
+
+def apply_perf(perf, bf16: bool, teacher: torch.nn.Module, students: list[torch.nn.Module]) -> None:
+    """The ``perf`` switches that change how networks are stored; before optimisers and EMA are built."""
+    if perf.grad_checkpointing:
+        unets = [m for net in (teacher, *students) for m in diffusers_models(net)]
+        if not unets:
+            raise SidError("perf.grad_checkpointing=true needs a diffusers teacher (teacher.kind=diffusers)")
+        for unet in unets:
+            unet.enable_gradient_checkpointing()
+    if perf.channels_last:
+        for net in (teacher, *students):
+            net.to(memory_format=torch.channels_last)
+    if bf16 and perf.teacher_bf16 and hasattr(teacher, "net"):
+        teacher.net.to(torch.bfloat16)          # the backbone only: preconditioning stays fp32 (precond.py)
+
+
 def build(cfg, accelerator: Accelerator, resume: str | None) -> Run:
     """Teacher, students, optimisers and EMA, restored from a checkpoint when resuming."""
+    device = accelerator.device
+    bf16 = use_bf16(cfg.train.precision, device)
+    if device.type == "cuda":
+        set_tf32(cfg.perf.tf32)
+    torch.manual_seed(cfg.train.seed)          # identical networks on every process (also a random-init teacher)
     teacher = build_teacher(cfg.teacher)
-    torch.manual_seed(cfg.train.seed)                       # identical initial students on every process
     fake_score = teacher.make_student()
     generator = OneStepGenerator(teacher.make_student(), teacher.shape, cfg.generator.sigma_init)
-    teacher.denoiser.to(accelerator.device).eval().requires_grad_(False)
+    teacher.denoiser.to(device).eval().requires_grad_(False)
+    apply_perf(cfg.perf, bf16, teacher.denoiser, [fake_score, generator])
 
     def adam(module, lr, betas):
-        return torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(betas), eps=cfg.optim.eps)
+        return torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(betas), eps=cfg.optim.eps,
+                                fused=cfg.perf.fused_adam or None)
 
     opt_fake = adam(fake_score, cfg.optim.fake_lr, cfg.optim.fake_betas)
     opt_g = adam(generator, cfg.optim.g_lr, cfg.optim.g_betas)
@@ -100,10 +137,13 @@ def build(cfg, accelerator: Accelerator, resume: str | None) -> Run:
             raise SidError(f"checkpoint {path} does not fit this config's networks ({str(e).splitlines()[0][:160]})")
         nimg, step = state["nimg"], state["step"]
         accelerator.print(f"resumed from {path} at {nimg} images")
-    ema.to(accelerator.device)
+    ema.to(device)
+    if cfg.perf.compile:                        # in place: state_dict keys and the EMA copy stay uncompiled
+        for net in (teacher.denoiser, fake_score, generator):
+            net.compile()
     fake_ddp, generator_ddp, opt_fake, opt_g = accelerator.prepare(fake_score, generator, opt_fake, opt_g)
     return Run(accelerator, teacher, fake_score, generator, fake_ddp, generator_ddp, opt_fake, opt_g, ema, nimg, step,
-               bf16=cfg.train.precision == "bf16")
+               bf16=bf16)
 
 
 def keep_finite(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +153,12 @@ def keep_finite(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sanitize_grads(module: torch.nn.Module) -> torch.Tensor:
-    """nan_to_num on every gradient (SiD: nan -> 0, ±inf -> ±1e5); returns whether any was non-finite."""
+    """nan_to_num on every gradient (SiD: nan -> 0, ±inf -> ±1e5); returns whether any was non-finite.
+
+    The check is one foreach norm: a NaN or ±inf anywhere makes the total norm non-finite.
+    """
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    bad = torch.stack([g.isfinite().all() for g in grads]).logical_not().any()
+    bad = torch.nn.utils.get_total_norm(grads).isfinite().logical_not()
     for g in grads:
         torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
     return bad
@@ -152,7 +195,12 @@ def train(cfg, resume: str | None = None) -> Run:
     return run
 
 
-def loop(cfg, run: Run) -> None:
+def make_step(cfg, run: Run):
+    """One training iteration as a function of nothing: fake-score update, generator update, EMA update.
+
+    Returns device tensors (loss_fake, loss_g, samples dropped, whether anything was non-finite) and never
+    syncs with the host, so the loop and the speed benchmark (eval/bench_speed.py) run the same code.
+    """
     acc, device = run.accelerator, run.accelerator.device
     batch_gpu, rounds = micro_batches(cfg, acc.num_processes)
     per_process = batch_gpu * rounds
@@ -161,9 +209,6 @@ def loop(cfg, run: Run) -> None:
     sigma_max = cfg.loss.sigma_max or run.teacher.denoiser.sigma_max
     sigma_data = run.fake_score.sigma_data
     teacher, fake_score, generator = run.teacher.denoiser, run.fake_score, run.generator
-    logger = MetricsLogger(cfg, acc, run.nimg)
-    evaluate = build_evaluator(cfg, run) if cfg.eval.every_nimg else None
-    streak = torch.zeros((), device=device, dtype=torch.long)   # consecutive non-finite steps
 
     def fake_micro_loss():
         z, labels = generator.random_inputs(batch_gpu, device)
@@ -180,7 +225,7 @@ def loop(cfg, run: Run) -> None:
         per_sample = generator_loss(teacher, fake_score, x_g, sigma, labels, lam=lam, weighting=cfg.loss.weighting)
         return per_sample * (cfg.loss.g_scale / per_process)
 
-    while run.nimg < cfg.train.total_nimg:
+    def step():
         torch.manual_seed(step_seed(cfg.train.seed, acc.process_index, run.step))
 
         # Update fake score: f_ψ fits the current generator's samples (§2.3).
@@ -203,21 +248,43 @@ def loop(cfg, run: Run) -> None:
         run.nimg += cfg.optim.batch
         run.step += 1
         run.ema.update(generator, run.nimg, cfg.optim.batch)
+        return loss_fake, loss_g, dropped_fake + dropped_g, bad
+
+    return step
+
+
+def loop(cfg, run: Run) -> None:
+    step = make_step(cfg, run)
+    logger = MetricsLogger(cfg, run.accelerator, run.nimg)
+    evaluate = build_evaluator(cfg, run) if cfg.eval.every_nimg else None
+    streak = torch.zeros((), device=run.accelerator.device, dtype=torch.long)   # consecutive non-finite steps
+    deadline = time.time() + cfg.train.max_seconds if cfg.train.max_seconds else None
+    batch, done = cfg.optim.batch, run.nimg >= cfg.train.total_nimg
+
+    while not done:
+        loss_fake, loss_g, dropped, bad = step()
 
         # Maintenance: metrics, samples, checkpoints; host syncs happen only here.
         streak = (streak + 1) * bad
-        logger.accumulate(loss_fake, loss_g, dropped_fake + dropped_g, bad, streak)
+        logger.accumulate(loss_fake, loss_g, dropped, bad, streak)
         done = run.nimg >= cfg.train.total_nimg
-        if crossed(run.nimg, cfg.optim.batch, cfg.train.log_every_nimg) or done:
-            logger.flush(run.nimg, run.step, ema_beta(cfg.optim.batch, run.nimg, cfg.ema.halflife_nimg, cfg.ema.rampup))
-        if crossed(run.nimg, cfg.optim.batch, cfg.train.sample_every_nimg) or done:
+        if crossed(run.nimg, batch, cfg.train.log_every_nimg) or done:
+            logger.flush(run.nimg, run.step, ema_beta(batch, run.nimg, cfg.ema.halflife_nimg, cfg.ema.rampup))
+            done = done or (deadline is not None and past(deadline, run.accelerator))
+        if crossed(run.nimg, batch, cfg.train.sample_every_nimg) or done:
             save_sample_grid(cfg, run)
-        if evaluate and (crossed(run.nimg, cfg.optim.batch, cfg.eval.every_nimg) or done):
+        if evaluate and (crossed(run.nimg, batch, cfg.eval.every_nimg) or done):
             logger.write({"nimg": run.nimg, **evaluate()})
-        if crossed(run.nimg, cfg.optim.batch, cfg.train.ckpt_every_nimg) or done:
+        if crossed(run.nimg, batch, cfg.train.ckpt_every_nimg) or done:
             logger.check_finite()
             save_checkpoint(cfg, run)
     logger.close()
+
+
+def past(deadline: float, accelerator: Accelerator) -> bool:
+    """Whether any process is past the wall-clock deadline: all processes stop at the same step."""
+    late = torch.tensor([float(time.time() > deadline)], device=accelerator.device)
+    return bool(accelerator.reduce(late, "max"))
 
 
 def crossed(nimg: int, batch: int, every: int) -> bool:

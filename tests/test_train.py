@@ -114,3 +114,15 @@ def test_non_finite_steps_are_counted_then_abort(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["dropped_samples"] == 2 and record["nonfinite_steps"] == 2          # 128 images = 2 steps
     assert [p.name for p in (tmp_path / "nan").glob("training-state-*")] == ["training-state-000000000256"]
+
+
+def test_wall_clock_budget_stops_at_a_log_interval_with_a_checkpoint(tmp_path, monkeypatch):
+    import sid.trainer
+
+    clock = iter(range(0, 10**6, 10))                       # every call to time.time() advances 10 s
+    monkeypatch.setattr(sid.trainer.time, "time", lambda: next(clock))
+    run = train(load_config([], toy_overrides(tmp_path, "timed", 6400) + ["train.max_seconds=25"]))
+    assert run.nimg < 6400 and run.nimg % 128 == 0                                   # stopped when logging
+    assert (tmp_path / "timed" / f"training-state-{run.nimg:012d}").is_dir()
+    resumed = train(load_config([], toy_overrides(tmp_path, "timed", run.nimg + 128)), resume="auto")
+    assert resumed.nimg == run.nimg + 128

@@ -1,0 +1,112 @@
+"""The speed settings (`perf`, precision) and the throughput benchmark: FLOP counting, one-step agreement of
+fast and reference settings (CPU parts everywhere, the full fast mode where a GPU exists), the benchmark table."""
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from conftest import TINY_UNET
+from eval import bench_speed
+from sid.config import load_config
+from sid.errors import SidError
+from sid.trainer import build, make_step
+
+TINY = ["teacher.kind=diffusers", f"teacher.diffusers.unet_config={json.dumps(TINY_UNET).replace(' ', '')}",
+        "teacher.diffusers.prediction_type=edm", "optim.batch=16", "train.progress=false", "train.tensorboard=false"]
+EXACT = ["train.precision=fp32", "perf.tf32=false", "perf.fused_adam=false", "perf.teacher_bf16=false",
+         "perf.channels_last=false", "perf.compile=false", "perf.grad_checkpointing=false"]
+
+
+def test_flop_counter_counts_a_known_matmul():
+    layer = torch.nn.Linear(64, 32, bias=False)
+    assert bench_speed.count_flops(lambda: layer(torch.randn(8, 64))) == 2 * 8 * 64 * 32
+
+
+def test_an_iteration_costs_eleven_forwards(tmp_path):
+    """Fake step: G forward, f_ψ forward + weight and input backward (4); generator step: G forward + backward
+    (3), f_φ and f_ψ forward + input backward (4). Checks the counting, and that no network runs twice."""
+    flops = bench_speed.network_flops([], TINY + [f"train.run_dir={tmp_path}"])
+    assert 10.5 < flops["iteration_flop_per_img"] / flops["forward_flop"] < 11.5
+
+
+def one_step(overrides, tmp_path, device="cpu"):
+    """Losses and gradients of one training iteration (same seed, same batch), from a fake score moved 2% away
+    from the teacher, as it is after some training. (At the very start f_φ - f_ψ is far below bf16's
+    resolution, and bf16 gradients are mostly rounding: see BENCHMARKS.md.)"""
+    cfg = load_config([], TINY + overrides + [f"train.run_dir={tmp_path}"])
+    run = build(cfg, Accelerator(cpu=device == "cpu"), resume=None)
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in run.fake_score.parameters():
+            p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=noise).to(p.device))
+    grads = {}
+    for name, opt, net in (("fake", run.opt_fake, run.fake_score), ("g", run.opt_g, run.generator)):
+        def record(*args, _step=opt.step, _name=name, _net=net, **kwargs):
+            grads[_name] = torch.cat([p.grad.flatten().float() for p in _net.parameters()])
+            return _step(*args, **kwargs)
+        opt.step = record
+    loss_fake, loss_g, dropped, bad = make_step(cfg, run)()
+    assert not bad and int(dropped) == 0
+    return float(loss_fake), float(loss_g), grads
+
+
+def assert_agree(a, b, loss_rtol, min_cosine, compare_loss_g=True):
+    """Loss values within ``loss_rtol`` and gradients at cosine > ``min_cosine``. The generator loss's value is
+    a sum of terms δ·(f_φ - x_g) of both signs with small δ = f_φ - f_ψ, so in bf16 only its gradient compares."""
+    assert a[0] == pytest.approx(b[0], rel=loss_rtol)
+    if compare_loss_g:
+        assert a[1] == pytest.approx(b[1], rel=loss_rtol)
+    for name in ("fake", "g"):
+        cosine = torch.nn.functional.cosine_similarity(a[2][name], b[2][name], dim=0)
+        assert cosine > min_cosine, (name, float(cosine))
+
+
+def test_fp32_speed_settings_change_nothing_but_rounding(tmp_path):
+    reference = one_step(EXACT, tmp_path / "a")
+    fast = one_step(EXACT + ["perf.fused_adam=true", "perf.channels_last=true", "perf.grad_checkpointing=true"],
+                    tmp_path / "b")
+    assert_agree(reference, fast, 1e-4, 0.9999)
+
+
+def test_bf16_agrees_with_fp32_within_bf16_tolerance(tmp_path):
+    reference = one_step(EXACT, tmp_path / "a")
+    bf16 = one_step(EXACT + ["train.precision=bf16", "perf.teacher_bf16=true"], tmp_path / "b")
+    assert_agree(reference, bf16, 1e-2, 0.97, compare_loss_g=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fast_mode_agrees_with_reference_on_a_gpu(tmp_path):
+    reference = one_step(EXACT, tmp_path / "a", device="cuda")
+    fast = one_step(bench_speed.mode_overrides("fast", 16) + ["optim.batch_gpu=null"], tmp_path / "b", "cuda")
+    assert_agree(reference, fast, 1e-2, 0.97, compare_loss_g=False)
+
+
+def test_precision_auto_is_fp32_on_cpu_and_teacher_stays_fp32(tmp_path):
+    cfg = load_config([], TINY + [f"train.run_dir={tmp_path}"])
+    run = build(cfg, Accelerator(cpu=True), resume=None)
+    assert cfg.train.precision == "auto" and not run.bf16
+    assert all(p.dtype == torch.float32 for p in run.teacher.denoiser.parameters())
+    cfg = load_config([], TINY + [f"train.run_dir={tmp_path}", "train.precision=bf16"])
+    run = build(cfg, Accelerator(cpu=True), resume=None)
+    assert all(p.dtype == torch.bfloat16 for p in run.teacher.denoiser.net.parameters())
+    assert all(p.dtype == torch.float32 for p in run.fake_score.parameters())     # fp32 masters
+
+
+def test_grad_checkpointing_needs_a_unet_teacher(tmp_path):
+    cfg = load_config([], [f"train.run_dir={tmp_path}", "perf.grad_checkpointing=true"])
+    with pytest.raises(SidError, match="diffusers teacher"):
+        build(cfg, Accelerator(cpu=True), resume=None)
+
+
+def test_bench_writes_its_table(tmp_path):
+    args = ["--modes", "reference,no_accumulation,fused_adam", "--warmup", "1", "--iters", "2",
+            "--out", str(tmp_path / "out"), *TINY]
+    assert bench_speed.main(args) == 0
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert [r["mode"] for r in result["rows"]] == ["reference", "no_accumulation", "fused_adam"]
+    assert [r["batch_gpu"] for r in result["rows"]] == [4, None, None]
+    assert all(r["finite"] and r["img_per_s"] > 0 and 0 < r["peak_fraction"] < 1 for r in result["rows"])
+    assert "| reference | 16 (4) |" in (tmp_path / "out" / "bench.md").read_text()
+    assert bench_speed.main(["--modes", "warp_drive", *TINY]) == 2
