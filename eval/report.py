@@ -57,8 +57,11 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
-def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64) -> Path:
+def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64,
+                 baselines: dict[str, float] | None = None) -> Path:
+    """``baselines``: named quality values drawn as horizontal lines and listed (e.g. the teacher's FID)."""
     sweep_dir = Path(sweep_dir)
+    baselines = baselines or {}
     runs = [read_run(d) for d in sorted(sweep_dir.iterdir()) if d.is_dir() and (d / "config.yaml").is_file()]
     if not runs:
         from sid.errors import SidError
@@ -81,6 +84,8 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
         lam = members[0]["config"].loss.lam if members[0]["config"] is not None else "?"
         marks = "; ".join(f"{r['name']}: {why}" for r in members if (why := diverged(r, rise))) or "no"
         lines.append(f"| {key} | {lam} | {len(members)} | {nimg} | {mean_std(finals)} | {mean_std(bests)} | {marks} |")
+    for name, value in baselines.items():
+        lines.append(f"| {name} | | | | {value:.4g} | | |")
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     colors = {key: f"C{i}" for i, key in enumerate(groups)}
@@ -89,6 +94,8 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
             x, y = zip(*run["quality"])
             ax.plot(x, y, color=colors[group_key(run)], label=group_key(run), marker="o", markersize=3,
                     linestyle="--" if diverged(run, rise) else "-")
+    for i, (name, value) in enumerate(baselines.items()):
+        ax.axhline(value, color="0.3", linestyle=(0, (1, 1 + i)), linewidth=1, label=name)
     ax.set_xscale("log")
     ax.set_xlabel("generator images")
     ax.set_ylabel(metric)

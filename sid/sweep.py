@@ -72,7 +72,7 @@ def status(run_dir: Path, total_nimg: int) -> str:
     marker = run_dir / "status.json"
     if marker.is_file():
         state = json.loads(marker.read_text())
-        if state.get("state") == "finished" and state.get("nimg", 0) >= total_nimg:
+        if state.get("state") == "finished" and (state.get("nimg", 0) >= total_nimg or state.get("stopped_by")):
             return "finished"
         if state.get("state") == "failed":
             return "failed"
@@ -98,7 +98,9 @@ def run_one(run: dict) -> None:
 
     try:
         result = train(run["config"], resume="auto")
-        write_status(run["dir"], state="finished", nimg=result.nimg)
+        timed_out = result.nimg < run["config"].train.total_nimg                  # stopped by train.max_seconds
+        extra = {"stopped_by": "max_seconds"} if timed_out else {}
+        write_status(run["dir"], state="finished", nimg=result.nimg, **extra)
     except (SidError, torch.cuda.OutOfMemoryError) as e:
         write_status(run["dir"], state="failed", error=str(e).splitlines()[0])
 

@@ -274,7 +274,7 @@ def loop(cfg, run: Run) -> None:
         if crossed(run.nimg, batch, cfg.train.sample_every_nimg) or done:
             save_sample_grid(cfg, run)
         if evaluate and (crossed(run.nimg, batch, cfg.eval.every_nimg) or done):
-            logger.write({"nimg": run.nimg, **evaluate()})
+            logger.write({"nimg": run.nimg, "seconds": time.time() - logger.start_time, **evaluate()})
         if crossed(run.nimg, batch, cfg.train.ckpt_every_nimg) or done:
             logger.check_finite()
             save_checkpoint(cfg, run)

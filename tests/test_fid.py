@@ -137,3 +137,29 @@ def test_real_inception_features():
     ex = InceptionTorchScript(find_inception())
     feats = ex(images(0, n=4))
     assert feats.shape == (4, 2048) and feats.isfinite().all()
+
+
+def test_fmnist_benchmark_end_to_end_on_stand_ins(extractor_file, tmp_path):
+    """eval/bench_fmnist.py with a random tiny EDM teacher, random reference images and the stand-in extractor:
+    reference statistics, teacher FIDs, one run per preset with in-loop FID, report and table; a re-run
+    skips everything already done."""
+    from conftest import TINY_UNET
+    from eval import bench_fmnist
+    from sid.teachers.diffusers_unet import load_diffusers_denoiser, save_edm_teacher
+
+    torch.manual_seed(0)
+    teacher = save_edm_teacher(load_diffusers_denoiser(None, TINY_UNET, "edm", 0.5)[0], tmp_path / "teacher")
+    np.savez(tmp_path / "ref.npz", images=images(5, n=40)[:, :, :8, :8].numpy())
+    out = tmp_path / "bench"
+    args = ["--teacher", str(teacher), "--out", str(out), "--presets", "fgm,lambda1", "--every-nimg", "16",
+            "--num", "8", "--teacher-steps", "2,3", "--ref-source", str(tmp_path / "ref.npz"),
+            "--weights", str(extractor_file), "optim.batch=8", "train.total_nimg=32", "train.log_every_nimg=16",
+            "train.sample_every_nimg=32", "train.ckpt_every_nimg=32", "train.num_samples=4", "train.tensorboard=false"]
+    assert bench_fmnist.main(args) == 0
+    table = (out / "bench.md").read_text()
+    assert "| lam=fgm | fgm | 32 |" in table and "| lam=lambda1 | lambda1 | 32 |" in table
+    assert "teacher, Heun 3 NFE" in table and "teacher, Heun 5 NFE" in table
+    assert "teacher, Heun 5 NFE" in (out / "report.md").read_text() and (out / "quality.png").is_file()
+    stamp = (out / "lam=fgm" / "metrics.jsonl").stat().st_mtime_ns
+    assert bench_fmnist.main(args) == 0 and (out / "lam=fgm" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    assert len((out / "teacher_fid.jsonl").read_text().splitlines()) == 2

@@ -100,3 +100,11 @@ def test_one_process_per_device_and_dry_run(tmp_path):
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert all(r["state"] == "finished" for r in plan(CONFIG, ["loss.lam=0.5,1.0"] + SMALL, tmp_path))
+
+
+def test_a_run_stopped_by_its_time_budget_counts_as_finished(tmp_path):
+    from sid.sweep import status, write_status
+
+    write_status(tmp_path / "a", state="finished", nimg=512)
+    write_status(tmp_path / "b", state="finished", nimg=512, stopped_by="max_seconds")
+    assert status(tmp_path / "a", 1024) == "new" and status(tmp_path / "b", 1024) == "finished"

@@ -1,0 +1,105 @@
+"""The end-to-end result: distil a Fashion-MNIST teacher with each λ preset for a fixed wall-clock budget,
+with proxy FID-10k against the test set as training goes, next to the teacher's own FID (Heun, 35 and 79
+network evaluations).
+
+    python eval/bench_fmnist.py --teacher runs/teacher_fmnist/teacher --out runs/bench_fmnist --seconds 300
+
+Writes, in --out: ``ref-test.npz`` (reference statistics, computed once), ``teacher_fid.jsonl``, one run
+folder per preset (a sweep folder: re-running resumes it), ``report.md`` with figures (FID vs images, teacher
+as horizontal lines) and ``bench.md``: the table of images seen, seconds and FID per preset. Extra dotted
+overrides apply to every run (e.g. ``optim.batch=512``).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sid.errors import SidError  # noqa: E402
+
+
+def teacher_fids(config: Path, ref: Path, steps: list[int], num: int, weights: str, out: Path) -> dict[str, float]:
+    """FID of the teacher's Heun sampler at each step count (2·steps − 1 evaluations), cached in ``out``."""
+    from eval import fid
+
+    done = {r["what"]: r for r in map(json.loads, out.read_text().splitlines())} if out.is_file() else {}
+    values = {}
+    for n in steps:
+        what = f"{config} heun nfe={2 * n - 1}"
+        if what not in done:
+            args = ["teacher", "--config", str(config), "--ref", str(ref), "--steps", str(n), "--num", str(num),
+                    "--weights", weights, "--json", str(out)]
+            if fid.main(args):
+                raise SidError(f"teacher FID failed for {n} steps")
+            done = {r["what"]: r for r in map(json.loads, out.read_text().splitlines())}
+        values[f"teacher, Heun {2 * n - 1} NFE"] = done[what]["mean"]
+    return values
+
+
+def summary_table(out: Path, baselines: dict[str, float]) -> str:
+    """preset | λ | images | seconds | images/s | final and best FID, then the teacher rows."""
+    from eval.report import read_run
+
+    lines = ["| run | λ | images | seconds | images/s | final FID | best FID |", "|---|---|---|---|---|---|---|"]
+    for folder in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").is_file()):
+        run = read_run(folder)
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        fids = [r for r in records if "fid" in r]
+        steps = [r for r in records if "img_per_s" in r]
+        if not fids:
+            continue
+        rate = sum(r["img_per_s"] for r in steps) / max(len(steps), 1)
+        lines.append(f"| {run['name']} | {run['config'].loss.lam} | {fids[-1]['nimg']} | {fids[-1]['seconds']:.0f} | "
+                     f"{rate:.0f} | {fids[-1]['fid']:.2f} | {min(r['fid'] for r in fids):.2f} |")
+    lines += [f"| {name} | | | | | {value:.2f} | |" for name, value in baselines.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True, help="a diffusers teacher folder (e.g. train_teacher.py's)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--presets", default="sid,lambda1,fgm", help="values of loss.lam, comma-separated")
+    parser.add_argument("--seconds", type=float, default=300, help="wall-clock budget per preset, FID included")
+    parser.add_argument("--every-nimg", type=int, default=128_000, help="in-loop FID interval in images")
+    parser.add_argument("--num", type=int, default=10_000, help="samples per FID (10000: the proxy FID-10k)")
+    parser.add_argument("--teacher-steps", default="18,40", help="Heun steps for the teacher's FID (35, 79 NFE)")
+    parser.add_argument("--ref-source", default="fashion-mnist:test", help="images for the reference statistics")
+    parser.add_argument("--weights", default="auto", help="FID feature extractor (see eval/fid.py)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every run")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    try:
+        from eval import fid
+        from eval.report import write_report
+        from sid.sweep import plan, run_sweep
+
+        out.mkdir(parents=True, exist_ok=True)
+        ref = out / "ref-test.npz"
+        if not ref.is_file() and fid.main(["ref", "--source", args.ref_source, "--out", str(ref),
+                                            "--weights", args.weights]):
+            raise SidError(f"could not compute reference statistics from {args.ref_source}")
+        teacher = ["teacher.kind=diffusers", f"teacher.diffusers.path={Path(args.teacher).resolve()}"]
+        config = out / "teacher.yaml"
+        config.write_text(f"teacher:\n  kind: diffusers\n  diffusers:\n    path: {Path(args.teacher).resolve()}\n")
+        steps = [int(s) for s in args.teacher_steps.split(",") if s]
+        baselines = teacher_fids(config, ref, steps, args.num, args.weights, out / "teacher_fid.jsonl")
+        overrides = [*teacher, f"loss.lam={args.presets}", f"train.max_seconds={args.seconds}",
+                     "train.total_nimg=1000000000000", f"eval.every_nimg={args.every_nimg}", f"eval.num={args.num}",
+                     f"eval.fid_ref={ref.resolve()}", f"eval.fid_weights={args.weights}", "train.progress=false",
+                     *args.overrides]
+        run_sweep(plan([], overrides, out), [], devices=1)
+        write_report(out, baselines=baselines)
+        table = summary_table(out, baselines)
+    except SidError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    (out / "bench.md").write_text(table)
+    print(table, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
