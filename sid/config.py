@@ -182,6 +182,7 @@ class TeacherTrainingConfig:
     sample_every_nimg: int = 1_024_000
     ckpt_every_nimg: int = 2_048_000
     keep_ckpts: int = 2
+    export_fp16: bool = True             # teacher/ weights stored in fp16 (half the size; they load as fp32)
     progress: bool = True
 
 

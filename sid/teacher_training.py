@@ -105,7 +105,7 @@ def train_teacher(cfg, resume: str | None = None):
                 state = {"nimg": nimg, "step": step, "config": to_dict(cfg), "denoiser": denoiser.state_dict(),
                          "ema": ema.model.state_dict(), "opt": opt.state_dict()}
                 save_training_state(run_dir, nimg, state, keep=cfg.keep_ckpts)
-                save_edm_teacher(ema.model, run_dir / "teacher")
+                save_edm_teacher(ema.model, run_dir / "teacher", torch.float16 if cfg.export_fp16 else None)
             acc.wait_for_everyone()
     bar.close()
     return ema.model, nimg

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_UNET
 from sid.config import TeacherTrainingConfig, load_config
@@ -46,7 +47,11 @@ def test_teacher_trains_resumes_exactly_and_exports(dataset, tmp_path):
     loaded, spec = load_diffusers_denoiser(str(tmp_path / "whole" / "teacher"), None, None, 0.5)
     assert spec["prediction_type"] == "edm"
     x = torch.randn(2, 1, 8, 8)
-    torch.testing.assert_close(loaded(x, torch.tensor([0.3, 5.0])), whole(x, torch.tensor([0.3, 5.0])))
+    torch.testing.assert_close(loaded(x, torch.tensor([0.3, 5.0])), whole(x, torch.tensor([0.3, 5.0])),
+                               rtol=1e-2, atol=2e-3)                                 # stored in fp16
+    stored = load_file(tmp_path / "whole" / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     assert (tmp_path / "whole" / "samples" / "samples-000000000064.png").is_file()
 
 

@@ -5,6 +5,7 @@ The only module that knows about timestep indices and prediction types (sid-math
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -183,13 +184,15 @@ def load_diffusers_denoiser(path: str | None, unet_config: dict | None, predicti
     return denoiser, spec_of(denoiser, prediction_type, scheduler_config)
 
 
-def save_edm_teacher(denoiser: Preconditioned, out_dir: str | Path) -> Path:
+def save_edm_teacher(denoiser: Preconditioned, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write an EDM-preconditioned UNet as a diffusers folder (``unet/`` + an ``EDMEulerScheduler`` config in
-    ``scheduler/``), which ``teacher.diffusers.path`` loads back with ``prediction_type=edm``."""
+    ``scheduler/``), which ``teacher.diffusers.path`` loads back with ``prediction_type=edm``. ``dtype``: store
+    the weights in it (float16 halves the file); they load back as float32."""
     from diffusers import EDMEulerScheduler
 
     out_dir = Path(out_dir)
-    denoiser.net.unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+    unet = denoiser.net.unet if dtype is None else copy.deepcopy(denoiser.net.unet).to(dtype)
+    unet.save_pretrained(out_dir / "unet", safe_serialization=True)
     precond = denoiser.precond
     EDMEulerScheduler(sigma_min=precond.sigma_min, sigma_max=precond.sigma_max,
                       sigma_data=precond.sigma_data).save_pretrained(out_dir / "scheduler")
