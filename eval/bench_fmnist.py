@@ -45,9 +45,8 @@ def summary_table(out: Path, baselines: dict[str, float]) -> str:
     lines = ["| run | λ | images | seconds | images/s | final FID | best FID |", "|---|---|---|---|---|---|---|"]
     for folder in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").is_file()):
         run = read_run(folder)
-        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        fids = [r for r in records if "fid" in r]
-        steps = [r for r in records if "img_per_s" in r]
+        fids = [r for r in run["records"] if "fid" in r]
+        steps = [r for r in run["records"] if "img_per_s" in r]
         if not fids:
             continue
         rate = sum(r["img_per_s"] for r in steps) / max(len(steps), 1)

@@ -29,7 +29,7 @@ def read_run(run_dir: Path) -> dict:
     metric = next((k for r in records for k in ("fid", "swd") if k in r), None)
     losses = [(r["nimg"], r["loss_g"], r["loss_fake"]) for r in records if "loss_g" in r]
     return {"name": run_dir.name, "dir": run_dir, "status": status, "config": config, "metric": metric,
-            "quality": quality, "losses": losses}
+            "quality": quality, "losses": losses, "records": records}
 
 
 def diverged(run: dict, rise: float) -> str:
