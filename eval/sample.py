@@ -19,8 +19,7 @@ from sid.config import load_config  # noqa: E402
 from sid.errors import SidError  # noqa: E402
 from sid.generator import load_generator  # noqa: E402
 from sid.images import save_image_grid, save_samples, to_uint8  # noqa: E402
-from sid.sampling import euler_sampler, heun_sampler  # noqa: E402
-from sid.schedules import karras_sigmas  # noqa: E402
+from sid.sampling import sample_teacher  # noqa: E402
 from sid.teachers import build_teacher  # noqa: E402
 
 
@@ -73,18 +72,6 @@ def load_teacher(config: str, device):
     """(frozen teacher denoiser on device, sample shape) of a distillation config."""
     teacher = build_teacher(load_config([config]).teacher)
     return teacher.denoiser.to(device), teacher.shape
-
-
-@torch.no_grad()
-def sample_teacher(denoiser, shape, steps: int, solver: str, seeds, classes=None, device=None, batch=256):
-    """The teacher's probability-flow ODE from the same per-seed noise a generator would get."""
-    from sid.generator import OneStepGenerator
-
-    z, labels = OneStepGenerator(denoiser, shape).inputs_for_seeds(list(seeds), classes, device)
-    sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, device=device)
-    sampler = heun_sampler if solver == "heun" else euler_sampler
-    return torch.cat([sampler(denoiser, z[i:i + batch], sigmas, None if labels is None else labels[i:i + batch])
-                      for i in range(0, len(z), batch)]).cpu()
 
 
 def write(x: torch.Tensor, out: Path, seeds) -> None:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from sid.generator import OneStepGenerator
+from sid.schedules import karras_sigmas
+
 
 def slope(denoiser, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
     """dx/dσ = (x - D(x; σ)) / σ of the probability-flow ODE (Karras et al. 2022, Eq. 3)."""
@@ -32,3 +35,14 @@ def heun_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels=Non
             x_next = x + (sigma_next - sigma) * (d + d_next) / 2
         x = x_next
     return x.float()
+
+
+@torch.no_grad()
+def sample_teacher(denoiser, shape, steps: int, solver: str, seeds, classes=None, device=None, batch=256):
+    """The teacher's probability-flow ODE (Heun: 2·steps − 1 evaluations, or Euler: steps) from the same
+    per-seed noise a one-step generator gets for those seeds (``OneStepGenerator.inputs_for_seeds``)."""
+    z, labels = OneStepGenerator(denoiser, shape).inputs_for_seeds(list(seeds), classes, device)
+    sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, device=device)
+    sampler = heun_sampler if solver == "heun" else euler_sampler
+    return torch.cat([sampler(denoiser, z[i:i + batch], sigmas, None if labels is None else labels[i:i + batch])
+                      for i in range(0, len(z), batch)]).cpu()

@@ -24,8 +24,8 @@ from sid.errors import SidError
 from sid.generator import num_params
 from sid.images import save_image_grid
 from sid.losses import denoising_loss
-from sid.sampling import heun_sampler
-from sid.schedules import karras_sigmas, sample_lognormal_sigma
+from sid.sampling import sample_teacher
+from sid.schedules import sample_lognormal_sigma
 from sid.teachers.diffusers_unet import load_diffusers_denoiser, save_edm_teacher
 from sid.trainer import crossed, sanitize_grads, step_seed
 
@@ -111,11 +111,8 @@ def train_teacher(cfg, resume: str | None = None):
     return ema.model, nimg
 
 
-@torch.no_grad()
 def save_teacher_samples(denoiser, path: Path, device, num: int = 64, steps: int = 18) -> None:
     """Heun samples (35 evaluations) of the EMA teacher at seeds 0..num-1."""
     path.parent.mkdir(parents=True, exist_ok=True)
     shape = (denoiser.net.unet.config.in_channels, *[denoiser.net.unet.config.sample_size] * 2)
-    noise = torch.randn(num, *shape, generator=torch.Generator().manual_seed(0)).to(device)
-    x = heun_sampler(denoiser, noise, karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, device=device))
-    save_image_grid(x, path)
+    save_image_grid(sample_teacher(denoiser, shape, steps, "heun", range(num), device=device), path)

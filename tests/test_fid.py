@@ -109,6 +109,14 @@ def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_ov
                                     text=True, cwd=ROOT, timeout=300)
     out = run("ref", "--source", str(folder), "--out", str(tmp_path / "ref.npz"), "--weights", str(extractor_file))
     assert out.returncode == 0, out.stderr
+    # an image source against reference statistics: the same 20 images give ~0, two halves of them do not
+    out = run("images", "--source", str(folder), "--ref", str(tmp_path / "ref.npz"), "--num", "20",
+              "--weights", str(extractor_file), "--json", str(tmp_path / "images.jsonl"))
+    assert out.returncode == 0, out.stderr
+    out = run("images", "--source", str(folder), "--ref", str(tmp_path / "ref.npz"), "--num", "10", "--repeats", "2",
+              "--weights", str(extractor_file), "--json", str(tmp_path / "images.jsonl"))
+    same, halves = [json.loads(line) for line in (tmp_path / "images.jsonl").read_text().splitlines()]
+    assert abs(same["mean"]) < 1e-6 and min(halves["values"]) > 1e-4 and "FID-10 of images" in out.stdout
     # a tiny distillation run with in-loop proxy FID against that reference
     overrides = tiny_unet_overrides + ["eval.every_nimg=16", f"eval.fid_ref={tmp_path / 'ref.npz'}",
                                        "eval.num=8", f"eval.fid_weights={extractor_file}"]
