@@ -31,7 +31,7 @@ class AnalyticTeacherConfig:
 
 @dataclass
 class DiffusersTeacherConfig:
-    path: Optional[str] = None           # local diffusers folder (model or pipeline) or hub id
+    path: Optional[str] = None           # local diffusers folder (model or pipeline), hub id, or builtin:<name>
     unet_config: Optional[dict[str, Any]] = None  # instead of path: a random UNet from this config (tests)
     prediction_type: Optional[str] = None  # epsilon | v_prediction | sample | edm; null: from the scheduler
     sigma_data: float = 0.5              # data std assumed by EDM preconditioning and the fake-score weight
@@ -128,6 +128,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Settings applied only when no GPU is visible, as a partial config (e.g. {train: {max_seconds: 240}}):
+    # one preset gives a short bounded run on a laptop and the full run on a GPU. The command line still wins.
+    on_cpu: dict[str, Any] = field(default_factory=dict)
 
 
 CHOICES = {
@@ -217,7 +220,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
-    """Schema defaults, then each YAML file, then ``key=value`` overrides; validated and read-only.
+    """Schema defaults, then each YAML file, then (distillation configs, no GPU visible) the ``on_cpu``
+    settings, then ``key=value`` overrides; validated and read-only.
 
     ``schema_class`` defaults to the distillation ``Config``; ``TeacherTrainingConfig`` is the other schema.
     """
@@ -232,15 +236,29 @@ def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
         except OmegaConfBaseException as e:
             raise _friendly(e, schema, str(path)) from None
     try:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        command_line = OmegaConf.from_dotlist(list(overrides))
+        cfg = OmegaConf.merge(cfg, command_line)
     except OmegaConfBaseException as e:
         raise _friendly(e, schema, "the command line") from None
+    if schema_class is Config and cfg.on_cpu:
+        try:
+            on_cpu = OmegaConf.merge(cfg, cfg.on_cpu, command_line)      # checked on every machine
+        except OmegaConfBaseException as e:
+            raise _friendly(e, schema, "on_cpu") from None
+        if not gpu_visible():
+            cfg = on_cpu
     if schema_class is Config:
         validate(cfg)
     else:
         validate_teacher_training(cfg)
     OmegaConf.set_readonly(cfg, True)  # after merging: read-only nodes do not merge (omegaconf#1102)
     return cfg
+
+
+def gpu_visible() -> bool:
+    import torch  # late: --dry-run and config errors stay fast
+
+    return torch.cuda.is_available()
 
 
 def to_yaml(cfg: DictConfig) -> str:

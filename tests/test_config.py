@@ -49,6 +49,23 @@ def test_bad_values_name_the_key_and_the_choices(override, message):
         load_config([], [override])
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_on_cpu_settings_apply_only_without_a_gpu_and_the_command_line_wins(gpu, monkeypatch, tmp_path):
+    monkeypatch.setattr("sid.config.gpu_visible", lambda: gpu)
+    (tmp_path / "p.yaml").write_text("optim: {batch: 256}\non_cpu: {optim: {batch: 32}, train: {max_seconds: 60}}\n")
+    cfg = load_config([tmp_path / "p.yaml"])
+    assert (cfg.optim.batch, cfg.train.max_seconds) == ((256, 0) if gpu else (32, 60))
+    cfg = load_config([tmp_path / "p.yaml"], ["train.max_seconds=5", "on_cpu.optim.batch=16"])
+    assert (cfg.optim.batch, cfg.train.max_seconds) == ((256, 5) if gpu else (16, 5))
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_unknown_on_cpu_keys_are_rejected_on_every_machine(gpu, monkeypatch):
+    monkeypatch.setattr("sid.config.gpu_visible", lambda: gpu)
+    with pytest.raises(SidError, match="unknown config key 'optim.bach' in on_cpu"):
+        load_config([], ["on_cpu.optim.bach=3"])
+
+
 def test_missing_config_file():
     with pytest.raises(SidError, match="not found"):
         load_config(["nope.yaml"])
