@@ -53,6 +53,23 @@ def save_scatter(points: torch.Tensor, reference: torch.Tensor | None, path: str
     plt.close(fig)
 
 
+def save_panels(panels: list[tuple[np.ndarray, str]], path: str | Path) -> None:
+    """Image grids (uint8 arrays from ``image_grid``) side by side, each under its title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), dpi=100, squeeze=False)
+    for ax, (grid, title) in zip(axes[0], panels):
+        ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def save_samples(x: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None, title: str = "") -> bool:
     """A grid for image-shaped samples, a scatter plot for 2-D points; False for other shapes."""
     if x.ndim == 4 and x.shape[1] in (1, 3):

@@ -13,8 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from PIL import Image
 from tqdm.auto import tqdm
 
 from sid.checkpoint import load_training_state, resolve_resume, save_training_state
@@ -23,8 +25,9 @@ from sid.ema import EMA, ema_beta
 from sid.errors import SidError
 from sid.fid import generator_fid, load_reference, make_fid
 from sid.generator import OneStepGenerator, export_generator
-from sid.images import save_samples
+from sid.images import image_grid, save_image_grid, save_panels, save_samples
 from sid.losses import fake_score_loss, generator_loss, resolve_lam
+from sid.sampling import sample_teacher
 from sid.schedules import sample_lognormal_sigma, sample_sid_sigma
 from sid.teachers import Teacher, build_teacher
 from sid.teachers.analytic import sliced_wasserstein
@@ -189,9 +192,15 @@ def train(cfg, resume: str | None = None) -> Run:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     if cfg.train.tensorboard:
         accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
+    if cfg.on_cpu and accelerator.device.type == "cpu":
+        applied = " ".join(f"{k}={v}" for k, v in _flat(to_dict(cfg.on_cpu)).items())
+        accelerator.print(f"no GPU visible: on_cpu settings applied ({applied})")
     run = build(cfg, accelerator, resume)
+    start = time.time()
     loop(cfg, run)
     accelerator.end_training()
+    accelerator.print(f"stopped at {run.nimg:,} images after {time.time() - start:.0f} s; generator in "
+                      f"{run_dir / 'generator'}, samples in {run_dir / 'samples'}")
     return run
 
 
@@ -378,17 +387,30 @@ def build_evaluator(cfg, run: Run):
 
 
 def save_sample_grid(cfg, run: Run) -> None:
-    """EMA-generator samples at fixed seeds 0..N-1, next to teacher samples for 2-D toys."""
+    """EMA-generator samples at fixed seeds 0..N-1 next to the teacher's: for images, ``samples-N.png`` (the
+    generator's grid) and ``compare.png`` (it beside ``teacher.png``, the teacher's Heun samples at the same
+    seeds, 35 evaluations, drawn once); for 2-D toys a scatter over exact teacher samples."""
     if not run.accelerator.is_main_process:
         return
-    generator = run.ema.model
+    generator, teacher, device = run.ema.model, run.teacher.denoiser, run.accelerator.device
+    folder = Path(cfg.train.run_dir) / "samples"
+    folder.mkdir(exist_ok=True)
     n = cfg.train.num_samples if generator.shape != (2,) else 2000
-    x = generator.sample_seeds(range(n), device=run.accelerator.device)
-    teacher = run.teacher.denoiser
-    reference = teacher.sample(2000, torch.Generator().manual_seed(0)).float() if hasattr(teacher, "sample") else None
-    path = Path(cfg.train.run_dir) / "samples" / f"samples-{run.nimg:012d}.png"
-    path.parent.mkdir(exist_ok=True)
-    save_samples(x, path, reference, title=f"{run.nimg} images, lam={cfg.loss.lam}")
+    x = generator.sample_seeds(range(n), device=device)
+    path = folder / f"samples-{run.nimg:012d}.png"
+    if hasattr(teacher, "sample"):                              # analytic: exact teacher samples under the scatter
+        reference = teacher.sample(2000, torch.Generator().manual_seed(0)).float()
+        save_samples(x, path, reference, title=f"{run.nimg} images, lam={cfg.loss.lam}")
+        return
+    if not save_samples(x, path):                               # neither images nor 2-D points: nothing to draw
+        return
+    teacher_png = folder / "teacher.png"
+    if not teacher_png.is_file():
+        with run.autocast():
+            reference = sample_teacher(teacher, run.teacher.shape, 18, "heun", range(n), device=device)
+        save_image_grid(reference, teacher_png)
+    save_panels([(image_grid(x), f"one-step generator, {run.nimg:,} images, λ={resolve_lam(cfg.loss.lam):g}"),
+                 (np.asarray(Image.open(teacher_png)), "teacher, Heun, 35 evaluations")], folder / "compare.png")
 
 
 def save_checkpoint(cfg, run: Run) -> None:

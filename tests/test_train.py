@@ -30,6 +30,8 @@ def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path):
     assert all(np.isfinite(r["loss_g"]) and np.isfinite(r["loss_fake"]) for r in records)
     assert (run / "training-state-000000000032" / "tensors.safetensors").is_file()
     assert Image.open(run / "samples" / "samples-000000000032.png").size == (16, 16)     # 2×2 grid of 8×8
+    assert Image.open(run / "samples" / "teacher.png").size == (16, 16)                 # Heun, same seeds
+    assert (run / "samples" / "compare.png").is_file()                                 # the two side by side
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert (run / "config.yaml").is_file()
     # the export loads without the training code and samples by seed
