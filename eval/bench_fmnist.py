@@ -2,7 +2,7 @@
 with proxy FID-10k against the test set as training goes, next to the teacher's own FID (Heun, 35 and 79
 network evaluations).
 
-    python eval/bench_fmnist.py --teacher runs/teacher_fmnist/teacher --out runs/bench_fmnist --seconds 300
+    python eval/bench_fmnist.py --out runs/bench_fmnist --seconds 300        # the shipped teacher (builtin:fmnist)
 
 Writes, in --out: ``ref-test.npz`` (reference statistics, computed once), ``teacher_fid.jsonl``, one run
 folder per preset (a sweep folder: re-running resumes it), ``report.md`` with figures (FID vs images, teacher
@@ -58,7 +58,8 @@ def summary_table(out: Path, baselines: dict[str, float]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", required=True, help="a diffusers teacher folder (e.g. train_teacher.py's)")
+    parser.add_argument("--teacher", default="builtin:fmnist",
+                        help="a diffusers teacher folder (e.g. train_teacher.py's) or builtin:<name>")
     parser.add_argument("--out", required=True)
     parser.add_argument("--presets", default="sid,lambda1,fgm", help="values of loss.lam, comma-separated")
     parser.add_argument("--seconds", type=float, default=300, help="wall-clock budget per preset, FID included")
@@ -74,15 +75,17 @@ def main(argv=None) -> int:
         from eval import fid
         from eval.report import write_report
         from sid.sweep import plan, run_sweep
+        from sid.teachers.diffusers_unet import resolve_path
 
         out.mkdir(parents=True, exist_ok=True)
         ref = out / "ref-test.npz"
         if not ref.is_file() and fid.main(["ref", "--source", args.ref_source, "--out", str(ref),
                                             "--weights", args.weights]):
             raise SidError(f"could not compute reference statistics from {args.ref_source}")
-        teacher = ["teacher.kind=diffusers", f"teacher.diffusers.path={Path(args.teacher).resolve()}"]
+        path = Path(resolve_path(args.teacher)).resolve()
+        teacher = ["teacher.kind=diffusers", f"teacher.diffusers.path={path}"]
         config = out / "teacher.yaml"
-        config.write_text(f"teacher:\n  kind: diffusers\n  diffusers:\n    path: {Path(args.teacher).resolve()}\n")
+        config.write_text(f"teacher:\n  kind: diffusers\n  diffusers:\n    path: {path}\n")
         steps = [int(s) for s in args.teacher_steps.split(",") if s]
         baselines = teacher_fids(config, ref, steps, args.num, args.weights, out / "teacher_fid.jsonl")
         overrides = [*teacher, f"loss.lam={args.presets}", f"train.max_seconds={args.seconds}",

@@ -17,6 +17,22 @@ from sid.precond import Coefficients, EDMPrecond, Preconditioned
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm")
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+ASSETS = Path(__file__).resolve().parent.parent / "assets"       # teachers shipped inside the package
+BUILTIN = "builtin:"                                               # teacher.diffusers.path=builtin:<name>
+
+
+def builtin_teachers() -> list[str]:
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "unet" / "config.json").is_file()) if ASSETS.is_dir() else []
+
+
+def resolve_path(path: str) -> str:
+    """``builtin:<name>`` -> the shipped folder ``sid/assets/<name>``; any other path unchanged."""
+    if not path.startswith(BUILTIN):
+        return path
+    name = path[len(BUILTIN):]
+    if name not in builtin_teachers():
+        raise SidError(f"no built-in teacher {name!r}; the package ships: {', '.join(builtin_teachers()) or 'none'}")
+    return str(ASSETS / name)
 
 
 class VPPrecond(nn.Module):
@@ -170,7 +186,7 @@ def load_diffusers_denoiser(path: str | None, unet_config: dict | None, predicti
         unet, scheduler_config = _unet_class(unet_config.get("_class_name", "UNet2DModel")).from_config(
             {k: v for k, v in unet_config.items() if k != "_class_name"}
         ), None
-    elif Path(path).exists():
+    elif Path(path := resolve_path(path)).exists():
         unet, scheduler_config = _load_local(Path(path))
     elif path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise SidError(f"teacher path {path!r} does not exist; give a local diffusers folder or a hub id (owner/name)")
