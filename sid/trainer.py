@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from omegaconf import OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -193,7 +194,7 @@ def train(cfg, resume: str | None = None) -> Run:
     if cfg.train.tensorboard:
         accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
     if cfg.on_cpu and accelerator.device.type == "cpu":
-        applied = " ".join(f"{k}={v}" for k, v in _flat(to_dict(cfg.on_cpu)).items())
+        applied = " ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in _flat(to_dict(cfg.on_cpu)))
         accelerator.print(f"no GPU visible: on_cpu settings applied ({applied})")
     run = build(cfg, accelerator, resume)
     start = time.time()
