@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_UNET
+from conftest import ROOT, TINY_UNET
+from sid.data import load_images
 from sid.errors import SidError
 from sid.precond import EDMPrecond, Preconditioned
 from sid.teachers import build_teacher
 from sid.teachers.analytic import GaussianMixture
-from sid.teachers.diffusers_unet import VPPrecond, load_diffusers_denoiser
+from sid.teachers.diffusers_unet import ASSETS, VPPrecond, load_diffusers_denoiser
 
 GMM = GaussianMixture([0.2, 0.5, 0.3], torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0)),
                       [0.3, 0.5, 0.8])
@@ -174,6 +175,31 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(UNet2DModel, "from_pretrained", offline)
     with pytest.raises(SidError, match="neither a local folder nor a reachable hub model"):
         load_diffusers_denoiser("nobody/no-such-model", None, None, 0.5)
+
+
+# Denoising error allowed, as a fraction of min(σ², the mean image's error): an untrained network of the same
+# architecture scores 1.3, 1.3, 3.1, 3.4 (tests/data, seed 0); at σ = 10 the input says little and ~0.9 is the best.
+MAX_DENOISING_ERROR = {0.1: 0.5, 0.5: 0.25, 2.0: 0.5, 10.0: 1.0}
+
+
+def test_unknown_builtin_teacher_lists_the_shipped_ones():
+    with pytest.raises(SidError, match="no built-in teacher 'nope'; the package ships: fmnist"):
+        load_diffusers_denoiser("builtin:nope", None, None, 0.5)
+
+
+def test_shipped_fmnist_teacher_fits_its_budget_and_denoises_real_images():
+    """The demo teacher: at most 10 MB, an EDM denoiser of 1×32×32 images, and on 64 Fashion-MNIST test images
+    (tests/data) it removes most of the noise at every level a sampler visits."""
+    assert sum(f.stat().st_size for f in (ASSETS / "fmnist").rglob("*") if f.is_file()) <= 10 * 2**20
+    denoiser, spec = load_diffusers_denoiser("builtin:fmnist", None, None, 0.5)
+    assert spec["prediction_type"] == "edm" and spec["unet_config"]["sample_size"] == 32
+    x0 = load_images(str(ROOT / "tests/data/fmnist-test-64.npz")).float() / 127.5 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for sigma in (0.1, 0.5, 2.0, 10.0):
+            mse = (denoiser(x0 + sigma * noise, sigma) - x0).pow(2).mean()
+            blind = (x0 - x0.mean(0)).pow(2).mean()        # the best guess that ignores its input: the mean image
+            assert mse < MAX_DENOISING_ERROR[sigma] * min(sigma**2, blind), (sigma, float(mse))
 
 
 def test_students_start_as_the_teacher():
