@@ -43,6 +43,18 @@ def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path):
     assert out.returncode == 0 and len(list((tmp_path / "pngs").glob("*.png"))) == 2
 
 
+def test_readme_main_command_distils_the_shipped_teacher(tmp_path, monkeypatch):
+    """configs/fmnist.yaml on a CPU: the on_cpu settings (batch 32, a time budget) and the comparison figure."""
+    monkeypatch.setattr("sid.config.gpu_visible", lambda: False)
+    cfg = load_config([ROOT / "configs/fmnist.yaml"], ["train.total_nimg=64", f"train.run_dir={tmp_path}",
+                                                       "train.num_samples=4", "train.progress=false"])
+    assert cfg.optim.batch == 32 and cfg.train.max_seconds > 0
+    run = train(cfg)
+    assert run.nimg == 64 and (tmp_path / "generator" / "generator.safetensors").is_file()
+    assert Image.open(tmp_path / "samples" / "teacher.png").size == (64, 64)            # 2×2 grid of 32×32
+    assert Image.open(tmp_path / "samples" / "compare.png").size[0] > 2 * 64
+
+
 def toy_overrides(tmp_path, name, total):
     return ["teacher.analytic.student_width=32", "teacher.analytic.student_fit_steps=20", "optim.batch=64",
             f"train.total_nimg={total}", "train.log_every_nimg=128", "train.sample_every_nimg=100000",
