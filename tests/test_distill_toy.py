@@ -27,8 +27,8 @@ BUDGET = {"fgm": 512_000, "lambda1": 768_000, "sid": 384_000}     # images seen 
 def overrides(tmp_path, lam):
     weighting = "x0" if lam == "fgm" else "sid"
     return [f"loss.lam={lam}", f"loss.weighting={weighting}", "teacher.analytic.modes=3",
-            "teacher.analytic.mode_std=0.3",
-            f"teacher.analytic.weights={WEIGHTS}", "teacher.analytic.student_width=64", f"train.total_nimg={BUDGET[lam]}",
+            "teacher.analytic.mode_std=0.3", f"teacher.analytic.weights={WEIGHTS}",
+            "teacher.analytic.student_width=64", f"train.total_nimg={BUDGET[lam]}",
             "train.log_every_nimg=102400", "train.sample_every_nimg=1000000000", "train.ckpt_every_nimg=1000000000",
             f"train.run_dir={tmp_path / lam}", "train.progress=false", "train.tensorboard=false"]
 
