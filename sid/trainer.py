@@ -95,10 +95,7 @@ def diffusers_models(module: torch.nn.Module) -> list[torch.nn.Module]:
 def apply_perf(perf, bf16: bool, teacher: torch.nn.Module, students: list[torch.nn.Module]) -> None:
     """The ``perf`` switches that change how networks are stored; before optimisers and EMA are built."""
     if perf.grad_checkpointing:
-        unets = [m for net in (teacher, *students) for m in diffusers_models(net)]
-        if not unets:
-            raise SidError("perf.grad_checkpointing=true needs a diffusers teacher (teacher.kind=diffusers)")
-        for unet in unets:
+        for unet in [m for net in (teacher, *students) for m in diffusers_models(net)]:
             unet.enable_gradient_checkpointing()
     if perf.channels_last:
         for net in (teacher, *students):
@@ -115,6 +112,8 @@ def build(cfg, accelerator: Accelerator, resume: str | None) -> Run:
         set_tf32(cfg.perf.tf32)
     torch.manual_seed(cfg.train.seed)          # identical networks on every process (also a random-init teacher)
     teacher = build_teacher(cfg.teacher)
+    if cfg.perf.grad_checkpointing and not diffusers_models(teacher.denoiser):
+        raise SidError("perf.grad_checkpointing=true needs a diffusers teacher (teacher.kind=diffusers)")
     fake_score = teacher.make_student()
     generator = OneStepGenerator(teacher.make_student(), teacher.shape, cfg.generator.sigma_init)
     teacher.denoiser.to(device).eval().requires_grad_(False)

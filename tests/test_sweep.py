@@ -91,12 +91,14 @@ def test_a_crashed_per_device_process_is_marked_failed(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_one_process_per_device_and_dry_run(tmp_path):
-    args = [sys.executable, str(ROOT / "sweep.py"), "run", "--config", str(CONFIG[0]), "--out", str(tmp_path),
-            "loss.lam=0.5,1.0", *SMALL]
-    out = subprocess.run(args + ["--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.returncode == 0 and out.stdout.count("new") == 2 and not any(tmp_path.iterdir())
-    out = subprocess.run(args + ["--devices", "2"], capture_output=True, text=True, cwd=ROOT, timeout=600,
+def test_one_process_per_device_and_dry_run(tmp_path, capsys):
+    import sweep
+
+    args = ["run", "--config", str(CONFIG[0]), "--out", str(tmp_path), "loss.lam=0.5,1.0", *SMALL]
+    assert sweep.main(args + ["--dry-run"]) == 0
+    assert capsys.readouterr().out.count("new") == 2 and not any(tmp_path.iterdir())
+    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args, "--devices", "2"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=600,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert all(r["state"] == "finished" for r in plan(CONFIG, ["loss.lam=0.5,1.0"] + SMALL, tmp_path))

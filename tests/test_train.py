@@ -34,13 +34,14 @@ def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path):
     assert (run / "samples" / "compare.png").is_file()                                 # the two side by side
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert (run / "config.yaml").is_file()
-    # the export loads without the training code and samples by seed
-    out = cli(str(run / "generator"), "--seeds", "0-5", "--out", str(tmp_path / "s.npz"), script="eval/sample.py")
-    assert out.returncode == 0, out.stderr
+    # the export loads without the training code and samples by seed (eval/sample.py's entry point)
+    from eval import sample
+
+    assert sample.main([str(run / "generator"), "--seeds", "0-5", "--out", str(tmp_path / "s.npz")]) == 0
     images = np.load(tmp_path / "s.npz")["images"]
     assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
-    out = cli(str(run / "generator"), "--seeds", "0-1", "--out", str(tmp_path / "pngs"), script="eval/sample.py")
-    assert out.returncode == 0 and len(list((tmp_path / "pngs").glob("*.png"))) == 2
+    assert sample.main([str(run / "generator"), "--seeds", "0-1", "--out", str(tmp_path / "pngs")]) == 0
+    assert len(list((tmp_path / "pngs").glob("*.png"))) == 2
 
 
 def test_readme_main_command_distils_the_shipped_teacher(tmp_path, monkeypatch):
@@ -102,13 +103,18 @@ def test_missing_teacher_path_is_one_clear_line(tmp_path):
     assert out.stderr.startswith("error: teacher path") and "does not exist" in out.stderr
 
 
-def test_corrupt_checkpoint_on_resume_is_one_clear_line_and_keeps_files(tmp_path):
+def test_corrupt_checkpoint_on_resume_is_one_clear_line_and_keeps_files(tmp_path, capsys):
+    import train as train_cli
+
     overrides = toy_overrides(tmp_path, "run", 256)
     train(load_config([], overrides))
     state = tmp_path / "run" / "training-state-000000000256" / "tensors.safetensors"
     state.write_bytes(state.read_bytes()[:100])                                       # truncated
-    out = cli(*overrides[:-4], "train.total_nimg=512", f"train.run_dir={tmp_path / 'run'}", "--resume")
-    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "is unreadable" in out.stderr
+    capsys.readouterr()
+    code = train_cli.run(train_cli.__doc__, train_cli.Config, train_cli.trainer,
+                         [*overrides[:-4], "train.total_nimg=512", f"train.run_dir={tmp_path / 'run'}", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is unreadable" in err
     assert state.is_file() and (tmp_path / "run" / "generator" / "generator.safetensors").is_file()
 
 
