@@ -310,8 +310,10 @@ class MetricsLogger:
         self.sums = torch.zeros(5, device=accelerator.device)   # loss_fake, loss_g, dropped, nonfinite, steps
         self.worst_streak = torch.zeros((), device=accelerator.device, dtype=torch.long)
         self.start_time, self.last_time, self.last_nimg = time.time(), time.time(), nimg
-        total = cfg.train.total_nimg
-        self.bar = tqdm(total=total, initial=min(nimg, total), unit="img", unit_scale=True, dynamic_ncols=True,
+        # With a time budget the run usually ends on the clock, so the bar counts images without an image total.
+        total, budget = cfg.train.total_nimg, cfg.train.max_seconds
+        self.bar = tqdm(total=None if budget else total, initial=min(nimg, total), unit="img", unit_scale=True,
+                        desc=f"{budget:g} s budget" if budget else None, dynamic_ncols=True,
                         disable=not (accelerator.is_main_process and cfg.train.progress))
 
     def accumulate(self, loss_fake, loss_g, dropped, bad, streak) -> None:

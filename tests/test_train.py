@@ -146,3 +146,15 @@ def test_wall_clock_budget_stops_at_a_log_interval_with_a_checkpoint(tmp_path, m
     assert (tmp_path / "timed" / f"training-state-{run.nimg:012d}").is_dir()
     resumed = train(load_config([], toy_overrides(tmp_path, "timed", run.nimg + 128)), resume="auto")
     assert resumed.nimg == run.nimg + 128
+
+
+def test_progress_bar_of_a_time_budgeted_run_has_no_image_total(tmp_path):
+    from accelerate import Accelerator
+
+    from sid.trainer import MetricsLogger
+
+    for budget, total in ((0, 1024), (240, None)):
+        cfg = load_config([], [f"train.run_dir={tmp_path}", "train.total_nimg=1024", f"train.max_seconds={budget}"])
+        logger = MetricsLogger(cfg, Accelerator(cpu=True), 0)
+        assert logger.bar.total == total
+        logger.close()
