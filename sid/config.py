@@ -61,6 +61,7 @@ class LossConfig:
     p_std: float = 1.2
     g_scale: float = 100.0               # generator loss multiplier (SiD's lsg)
     fake_scale: float = 1.0              # fake-score loss multiplier (SiD's ls)
+    reuse_generator_batch: bool = False  # fake step fits the last generator step's x_g: one G forward fewer
 
 
 @dataclass

@@ -219,10 +219,15 @@ def make_step(cfg, run: Run):
     sigma_data = run.fake_score.sigma_data
     teacher, fake_score, generator = run.teacher.denoiser, run.fake_score, run.generator
 
+    reused = []                         # the generator step's samples, detached, when the fake step reuses them
+
     def fake_micro_loss():
-        z, labels = generator.random_inputs(batch_gpu, device)
-        with torch.no_grad():
-            x_g = generator(z, labels)                                          # G in eval mode (§2.3 step 1)
+        if reused:
+            x_g, labels = reused.pop(0)
+        else:
+            z, labels = generator.random_inputs(batch_gpu, device)
+            with torch.no_grad():
+                x_g = generator(z, labels)                                      # G in eval mode (§2.3 step 1)
         sigma = sample_lognormal_sigma(batch_gpu, cfg.loss.p_mean, cfg.loss.p_std, device=device)
         per_sample = fake_score_loss(run.fake_ddp, x_g.detach(), sigma, labels, sigma_data=sigma_data)
         return per_sample * (cfg.loss.fake_scale / per_process)
@@ -230,34 +235,48 @@ def make_step(cfg, run: Run):
     def generator_micro_loss():
         z, labels = generator.random_inputs(batch_gpu, device)
         x_g = run.generator_ddp(z, labels)
+        if cfg.loss.reuse_generator_batch:
+            reused.append((x_g.detach(), labels))
         sigma = sample_sid_sigma(batch_gpu, cfg.loss.t_max, sigma_min, sigma_max, cfg.loss.rho, device=device)
         per_sample = generator_loss(teacher, fake_score, x_g, sigma, labels, lam=lam, weighting=cfg.loss.weighting)
         return per_sample * (cfg.loss.g_scale / per_process)
 
-    def step():
-        torch.manual_seed(step_seed(cfg.train.seed, acc.process_index, run.step))
-
-        # Update fake score: f_ψ fits the current generator's samples (§2.3).
+    def update_fake_score():
+        """f_ψ fits the current generator's samples (§2.3)."""
         generator.eval()
         fake_score.train().requires_grad_(True)
-        loss_fake, dropped_fake = accumulate(run, run.fake_ddp, rounds, fake_micro_loss)
+        loss, dropped = accumulate(run, run.fake_ddp, rounds, fake_micro_loss)
         bad = sanitize_grads(fake_score)
         run.opt_fake.step()
         run.opt_fake.zero_grad(set_to_none=True)
+        return loss, dropped, bad
 
-        # Update generator: f_φ and f_ψ frozen in their parameters, differentiable in their inputs (§2.4).
+    def update_generator():
+        """f_φ and f_ψ frozen in their parameters, differentiable in their inputs (§2.4)."""
         fake_score.eval().requires_grad_(False)
         generator.train()
-        loss_g, dropped_g = accumulate(run, run.generator_ddp, rounds, generator_micro_loss)
-        bad = bad | sanitize_grads(generator) | (dropped_fake + dropped_g > 0)
+        loss, dropped = accumulate(run, run.generator_ddp, rounds, generator_micro_loss)
+        bad = sanitize_grads(generator)
         run.opt_g.step()
         run.opt_g.zero_grad(set_to_none=True)
+        return loss, dropped, bad
 
-        # Update EMA.
+    def step():
+        torch.manual_seed(step_seed(cfg.train.seed, acc.process_index, run.step))
+        if not cfg.loss.reuse_generator_batch:
+            loss_fake, dropped_fake, bad_fake = update_fake_score()
+            loss_g, dropped_g, bad_g = update_generator()
+        else:
+            # The same sequence of updates with the fake step moved after the generator step, on its samples:
+            # fake(fresh) once at the start, then per iteration generator, fake(that generator batch).
+            if run.step == 0:
+                update_fake_score()
+            loss_g, dropped_g, bad_g = update_generator()
+            loss_fake, dropped_fake, bad_fake = update_fake_score()
         run.nimg += cfg.optim.batch
         run.step += 1
         run.ema.update(generator, run.nimg, cfg.optim.batch)
-        return loss_fake, loss_g, dropped_fake + dropped_g, bad
+        return loss_fake, loss_g, dropped_fake + dropped_g, bad_fake | bad_g | (dropped_fake + dropped_g > 0)
 
     return step
 

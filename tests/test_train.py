@@ -63,11 +63,13 @@ def toy_overrides(tmp_path, name, total):
             "train.tensorboard=false", "ema.halflife_nimg=500"]
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("reuse", [False, True])
+def test_resume_is_exact(tmp_path, reuse):
     """A run stopped at 256 images and resumed to 512 ends bit-identical to an uninterrupted 512-image run."""
-    whole = train(load_config([], toy_overrides(tmp_path, "whole", 512)))
-    train(load_config([], toy_overrides(tmp_path, "split", 256)))
-    resumed = train(load_config([], toy_overrides(tmp_path, "split", 512)), resume="auto")
+    extra = [f"loss.reuse_generator_batch={reuse}"]
+    whole = train(load_config([], toy_overrides(tmp_path, "whole", 512) + extra))
+    train(load_config([], toy_overrides(tmp_path, "split", 256) + extra))
+    resumed = train(load_config([], toy_overrides(tmp_path, "split", 512) + extra), resume="auto")
     assert resumed.nimg == whole.nimg == 512
     for name in ("generator", "fake_score"):
         a, b = getattr(whole, name).state_dict(), getattr(resumed, name).state_dict()
@@ -158,3 +160,29 @@ def test_progress_bar_of_a_time_budgeted_run_has_no_image_total(tmp_path):
         logger = MetricsLogger(cfg, Accelerator(cpu=True), 0)
         assert logger.bar.total == total
         logger.close()
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_reused_generator_batch_saves_one_generator_forward(tmp_path, monkeypatch, reuse):
+    """loss.reuse_generator_batch: after the first iteration the generator runs once per iteration (twice
+    without it), and the fake score fits exactly the samples of the generator step before it."""
+    from accelerate import Accelerator
+
+    import sid.trainer
+    from sid.trainer import build, make_step
+
+    cfg = load_config([], toy_overrides(tmp_path, "r", 1024) + ["optim.batch=32", "optim.batch_gpu=16",
+                                                               f"loss.reuse_generator_batch={reuse}"])
+    run = build(cfg, Accelerator(cpu=True), resume=None)
+    outputs, fitted = [], []
+    run.generator.register_forward_hook(lambda module, args, out: outputs.append(out.detach().clone()))
+    real = sid.trainer.fake_score_loss
+    monkeypatch.setattr(sid.trainer, "fake_score_loss",
+                        lambda net, x, *a, **k: fitted.append(x) or real(net, x, *a, **k))
+    step = make_step(cfg, run)
+    step()                                                  # 2 accumulation rounds per step
+    outputs.clear(), fitted.clear()
+    step()
+    assert len(outputs) == (2 if reuse else 4) and len(fitted) == 2
+    if reuse:
+        assert all(torch.equal(x, g) for x, g in zip(fitted, outputs))
