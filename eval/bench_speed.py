@@ -105,6 +105,8 @@ def network_flops(config_files: list[str], overrides: list[str]) -> dict:
     cfg = load_config(config_files, overrides + eager)
     run = build_run(cfg)
     step = make_step(cfg, run)
+    if cfg.loss.reuse_generator_batch:
+        step()                                  # its first iteration has one more fake-score step than the rest
     per_iteration = count_flops(step) / cfg.optim.batch
     z, labels = run.generator.random_inputs(1, run.accelerator.device)
     with torch.no_grad():

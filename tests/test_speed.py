@@ -29,6 +29,9 @@ def test_an_iteration_costs_eleven_forwards(tmp_path):
     (3), f_φ and f_ψ forward + input backward (4). Checks the counting, and that no network runs twice."""
     flops = bench_speed.network_flops([], TINY + [f"train.run_dir={tmp_path}"])
     assert 10.5 < flops["iteration_flop_per_img"] / flops["forward_flop"] < 11.5
+    # loss.reuse_generator_batch: the fake step fits the generator step's samples, one G forward fewer
+    flops = bench_speed.network_flops([], TINY + [f"train.run_dir={tmp_path}", "loss.reuse_generator_batch=true"])
+    assert 9.5 < flops["iteration_flop_per_img"] / flops["forward_flop"] < 10.5
 
 
 def one_step(overrides, tmp_path, device="cpu"):
