@@ -36,8 +36,8 @@ def test_an_iteration_costs_eleven_forwards(tmp_path):
 
 def one_step(overrides, tmp_path, device="cpu"):
     """Losses and gradients of one training iteration (same seed, same batch), from a fake score moved 2% away
-    from the teacher, as it is after some training. (At the very start f_φ - f_ψ is far below bf16's
-    resolution, and bf16 gradients are mostly rounding: see BENCHMARKS.md.)"""
+    from the teacher, as it is after some training. (At the very start f_ψ = f_φ, so in bf16 f_φ - f_ψ and the
+    generator's gradient are rounding noise, and comparing them with fp32 would test nothing.)"""
     cfg = load_config([], TINY + overrides + [f"train.run_dir={tmp_path}"])
     run = build(cfg, Accelerator(cpu=device == "cpu"), resume=None)
     noise = torch.Generator().manual_seed(1)
