@@ -205,7 +205,8 @@ def train(cfg, resume: str | None = None) -> Run:
 
 
 def make_step(cfg, run: Run):
-    """One training iteration as a function of nothing: fake-score update, generator update, EMA update.
+    """One training iteration as a function of nothing: fake-score update, generator update, EMA update
+    (with ``loss.reuse_generator_batch``: generator update, then the fake-score update on its samples).
 
     Returns device tensors (loss_fake, loss_g, samples dropped, whether anything was non-finite) and never
     syncs with the host, so the loop and the speed benchmark (eval/bench_speed.py) run the same code.
