@@ -89,12 +89,12 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     colors = {key: f"C{i}" for i, key in enumerate(groups)}
-    labels = {key: key + (" (diverged)" if any(diverged(r, rise) for r in members) else "")
-              for key, members in groups.items()}
+    names = {key: key + (" (diverged)" if any(diverged(r, rise) for r in members) else "")
+             for key, members in groups.items()}
     for run in runs:
         if run["quality"]:
             x, y = zip(*run["quality"])
-            ax.plot(x, y, color=colors[group_key(run)], label=labels[group_key(run)], marker="o", markersize=3,
+            ax.plot(x, y, color=colors[group_key(run)], label=names[group_key(run)], marker="o", markersize=3,
                     linestyle="--" if diverged(run, rise) else "-")
     for i, (name, value) in enumerate(baselines.items()):
         ax.axhline(value, color="0.3", linestyle=(0, (1, 1 + i)), linewidth=1, label=name)
