@@ -63,6 +63,8 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
     sweep_dir = Path(sweep_dir)
     baselines = baselines or {}
     runs = [read_run(d) for d in sorted(sweep_dir.iterdir()) if d.is_dir() and (d / "config.yaml").is_file()]
+    for run in runs:
+        run["diverged"] = diverged(run, rise)                    # why, or '' when it did not
     if not runs:
         from sid.errors import SidError
 
@@ -82,25 +84,25 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
         bests = [min(v for _, v in r["quality"]) for r in members if r["quality"]]
         nimg = max((r["quality"][-1][0] if r["quality"] else 0) for r in members)
         lam = members[0]["config"].loss.lam if members[0]["config"] is not None else "?"
-        marks = "; ".join(f"{r['name']}: {why}" for r in members if (why := diverged(r, rise))) or "no"
+        marks = "; ".join(f"{r['name']}: {why}" for r in members if (why := r["diverged"])) or "no"
         lines.append(f"| {key} | {lam} | {len(members)} | {nimg} | {mean_std(finals)} | {mean_std(bests)} | {marks} |")
     for name, value in baselines.items():
         lines.append(f"| {name} | | | | {value:.4g} | | |")
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     colors = {key: f"C{i}" for i, key in enumerate(groups)}
-    names = {key: key + (" (diverged)" if any(diverged(r, rise) for r in members) else "")
+    names = {key: key + (" (diverged)" if any(r["diverged"] for r in members) else "")
              for key, members in groups.items()}
     for run in runs:
         if run["quality"]:
             x, y = zip(*run["quality"])
             ax.plot(x, y, color=colors[group_key(run)], label=names[group_key(run)], marker="o", markersize=3,
-                    linestyle="--" if diverged(run, rise) else "-")
+                    linestyle="--" if run["diverged"] else "-")
     for i, (name, value) in enumerate(baselines.items()):
         ax.axhline(value, color="0.3", linestyle=(0, (1, 1 + i)), linewidth=1, label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    kept = [v for run in runs if not diverged(run, rise) for _, v in run["quality"] if math.isfinite(v)]
+    kept = [v for run in runs if not run["diverged"] for _, v in run["quality"] if math.isfinite(v)]
     if kept and len(kept) < sum(len(run["quality"]) for run in runs):    # diverged runs leave through the top
         ax.set_ylim(top=3 * max([*kept, *baselines.values()]))
     ax.set_xlabel("generator images")
