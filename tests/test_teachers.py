@@ -12,7 +12,7 @@ from sid.errors import SidError
 from sid.precond import EDMPrecond, Preconditioned
 from sid.teachers import build_teacher
 from sid.teachers.analytic import GaussianMixture
-from sid.teachers.diffusers_unet import ASSETS, VPPrecond, load_diffusers_denoiser
+from sid.teachers.diffusers_unet import ASSETS, VPPrecond, denoiser_from_spec, load_diffusers_denoiser
 
 GMM = GaussianMixture([0.2, 0.5, 0.3], torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0)),
                       [0.3, 0.5, 0.8])
@@ -154,6 +154,27 @@ def test_local_folder_round_trip_reads_the_scheduler(tmp_path):
     direct = denoiser.net.unet(x / (1 + 4.0) ** 0.5, denoiser.precond.sigma_to_t(torch.full((2,), 2.0)))[0]
     expected = x / 5.0 - 2.0 * direct / 5.0**0.5                                    # §1.3 VP-v row
     torch.testing.assert_close(denoiser(x, 2.0), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("output", ["epsilon", "v_prediction"])
+def test_edm_scheduler_folders_match_diffusers_own_preconditioning(tmp_path, output):
+    """An EDM-scheduler folder (e.g. a v-prediction EDM model with sigma_data 1) is the denoiser diffusers defines."""
+    from diffusers import EDMEulerScheduler, UNet2DModel
+
+    unet = UNet2DModel(**TINY_UNET)
+    unet.save_pretrained(tmp_path / "unet")
+    scheduler = EDMEulerScheduler(sigma_data=1.0, prediction_type=output)
+    scheduler.save_pretrained(tmp_path / "scheduler")
+    denoiser, spec = load_diffusers_denoiser(str(tmp_path), None, None, 0.5)
+    assert spec["prediction_type"] == "edm" and denoiser.sigma_data == 1.0
+    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 4.0]).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        raw = unet(scheduler.precondition_inputs(x, sigma), scheduler.precondition_noise(sigma.flatten())).sample
+        torch.testing.assert_close(denoiser(x, sigma.flatten()), scheduler.precondition_outputs(x, raw, sigma),
+                                   rtol=1e-5, atol=1e-5)
+        rebuilt = denoiser_from_spec(spec)                                         # exported generators keep it
+        rebuilt.load_state_dict(denoiser.state_dict())
+        torch.testing.assert_close(rebuilt(x, sigma.flatten()), denoiser(x, sigma.flatten()))
 
 
 def test_missing_or_broken_teacher_paths_say_what_to_do(tmp_path):

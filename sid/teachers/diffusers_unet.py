@@ -97,13 +97,26 @@ def _unet_class(name: str):
     return getattr(diffusers, name)
 
 
+class EDMVPrecond(EDMPrecond):
+    """diffusers' EDM schedulers with ``prediction_type="v_prediction"``: the network outputs -F, so c_out
+    changes sign (D = c_skip x - c_out F); everything else is EDM's rule."""
+
+    def forward(self, sigma: torch.Tensor) -> Coefficients:
+        c = super().forward(sigma)
+        return c._replace(c_out=-c.c_out)
+
+
 def denoiser_from_unet(unet: nn.Module, prediction_type: str, scheduler_config: dict | None, sigma_data: float):
     """Wrap a diffusers UNet with the coefficient rule of its parameterisation."""
     if prediction_type not in PREDICTION_TYPES:
         raise SidError(f"prediction_type={prediction_type!r} is unknown; choose one of {PREDICTION_TYPES}")
     if prediction_type == "edm":
         cfg = scheduler_config or {}
-        precond = EDMPrecond(cfg.get("sigma_data", sigma_data), cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0))
+        output = cfg.get("prediction_type", "epsilon") if cfg.get("_class_name") in EDM_SCHEDULERS else "epsilon"
+        if output not in ("epsilon", "v_prediction"):
+            raise SidError(f"EDM scheduler with prediction_type={output!r}: only epsilon and v_prediction are defined")
+        rule = EDMVPrecond if output == "v_prediction" else EDMPrecond
+        precond = rule(cfg.get("sigma_data", sigma_data), cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0))
     else:
         from diffusers import DDPMScheduler
 
