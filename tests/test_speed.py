@@ -113,3 +113,20 @@ def test_bench_writes_its_table(tmp_path):
     assert all(r["finite"] and r["img_per_s"] > 0 and 0 < r["peak_fraction"] < 1 for r in result["rows"])
     assert "| reference | 16 (4) |" in (tmp_path / "out" / "bench.md").read_text()
     assert bench_speed.main(["--modes", "warp_drive", *TINY]) == 2
+
+
+def test_compiled_networks_agree_with_eager(tmp_path, monkeypatch):
+    """perf.compile: TorchDynamo captures each network whole (no graph breaks, which would cost speed on a GPU)
+    and one iteration changes nothing but rounding. The inductor backend is swapped for aot_eager to keep this
+    fast on a CPU; capture and autograd of the captured graphs are the same."""
+    from torch._dynamo.utils import counters
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    reference = one_step(EXACT, tmp_path / "a")
+    compiled = one_step(EXACT + ["perf.compile=true"], tmp_path / "b")
+    assert counters["stats"]["unique_graphs"] > 0 and counters["frames"]["ok"] == counters["frames"]["total"]
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert_agree(reference, compiled, 1e-4, 0.9999)
