@@ -106,7 +106,7 @@ class PerfConfig:
     channels_last: bool = False          # NHWC memory format for the three networks
     fused_adam: bool = True              # fused Adam kernels (else PyTorch's default foreach)
     teacher_bf16: bool = True            # with bf16 precision, store the frozen teacher's weights in bf16
-    compile: bool = False                # torch.compile the teacher, fake score and generator
+    compile: Optional[bool] = None       # torch.compile the teacher, fake score and generator; null: on GPUs
     grad_checkpointing: bool = False     # recompute UNet activations in backward: less memory, more compute
 
 

@@ -81,6 +81,11 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+def use_compile(compile: bool | None, device: torch.device) -> bool:
+    """``perf.compile``: null compiles on GPUs, where the speed repays the compile time, and not on CPUs."""
+    return device.type == "cuda" if compile is None else compile
+
+
 def set_tf32(enabled: bool) -> None:
     """TF32 (10-bit mantissa) for fp32 matmuls and convolutions on CUDA; process-wide."""
     mode = "tf32" if enabled else "ieee"
@@ -141,7 +146,8 @@ def build(cfg, accelerator: Accelerator, resume: str | None) -> Run:
         nimg, step = state["nimg"], state["step"]
         accelerator.print(f"resumed from {path} at {nimg} images")
     ema.to(device)
-    if cfg.perf.compile:                        # in place: state_dict keys and the EMA copy stay uncompiled
+    if use_compile(cfg.perf.compile, device):   # in place: state_dict keys and the EMA copy stay uncompiled
+        accelerator.print("torch.compile: the networks compile during the first iterations (perf.compile=false: eager)")
         for net in (teacher.denoiser, fake_score, generator):
             net.compile()
     fake_ddp, generator_ddp, opt_fake, opt_g = accelerator.prepare(fake_score, generator, opt_fake, opt_g)
@@ -197,7 +203,15 @@ def train(cfg, resume: str | None = None) -> Run:
         accelerator.print(f"no GPU visible: on_cpu settings applied ({applied})")
     run = build(cfg, accelerator, resume)
     start = time.time()
-    loop(cfg, run)
+    try:
+        loop(cfg, run)
+    except Exception as e:
+        if use_compile(cfg.perf.compile, accelerator.device) and type(e).__module__.startswith("torch._dynamo"):
+            cause = getattr(e, "inner_exception", None) or e.__cause__ or e     # a backend's own error, if any
+            first = (str(cause).strip().splitlines() or [""])[0][:200]
+            raise SidError(f"torch.compile failed ({type(cause).__name__}: {first}); "
+                           "set perf.compile=false to train without it") from None
+        raise
     accelerator.end_training()
     accelerator.print(f"stopped at {run.nimg:,} images after {time.time() - start:.0f} s; generator in "
                       f"{run_dir / 'generator'}, samples in {run_dir / 'samples'}")

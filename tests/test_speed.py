@@ -11,7 +11,7 @@ from conftest import TINY_UNET
 from eval import bench_speed
 from sid.config import load_config
 from sid.errors import SidError
-from sid.trainer import build, make_step
+from sid.trainer import build, make_step, train, use_compile
 
 TINY = ["teacher.kind=diffusers", f"teacher.diffusers.unet_config={json.dumps(TINY_UNET).replace(' ', '')}",
         "teacher.diffusers.prediction_type=edm", "optim.batch=16", "train.progress=false", "train.tensorboard=false"]
@@ -130,3 +130,21 @@ def test_compiled_networks_agree_with_eager(tmp_path, monkeypatch):
     assert counters["stats"]["unique_graphs"] > 0 and counters["frames"]["ok"] == counters["frames"]["total"]
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert_agree(reference, compiled, 1e-4, 0.9999)
+
+
+def test_compile_defaults_to_gpus_and_a_failing_compile_names_the_switch(tmp_path, monkeypatch):
+    assert load_config([], []).perf.compile is None
+    assert use_compile(None, torch.device("cuda")) and not use_compile(None, torch.device("cpu"))
+    assert use_compile(True, torch.device("cpu")) and not use_compile(False, torch.device("cuda"))
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend=broken_backend))
+    torch._dynamo.reset()
+    cfg = load_config([], ["perf.compile=true", "teacher.analytic.student_fit_steps=10", "optim.batch=64",
+                           "train.total_nimg=64", "train.tensorboard=false", "train.progress=false",
+                           f"train.run_dir={tmp_path}"])
+    with pytest.raises(SidError, match=r"torch.compile failed .*no compiler on this machine.*perf.compile=false"):
+        train(cfg)
