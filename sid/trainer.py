@@ -442,7 +442,7 @@ def save_sample_grid(cfg, run: Run) -> None:
         return
     teacher_png = folder / "teacher.png"
     if not teacher_png.is_file():
-        with run.autocast():
+        with run.autocast(), torch.compiler.set_stance("force_eager"):  # drawn once: not worth a compile
             reference = sample_teacher(teacher, run.teacher.shape, 18, "heun", range(n), device=device)
         save_image_grid(reference, teacher_png)
     save_panels([(image_grid(x), f"one-step generator, {run.nimg:,} images, λ={resolve_lam(cfg.loss.lam):g}"),

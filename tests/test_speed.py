@@ -11,7 +11,7 @@ from conftest import TINY_UNET
 from eval import bench_speed
 from sid.config import load_config
 from sid.errors import SidError
-from sid.trainer import build, make_step, train, use_compile
+from sid.trainer import build, make_step, save_sample_grid, train, use_compile
 
 TINY = ["teacher.kind=diffusers", f"teacher.diffusers.unet_config={json.dumps(TINY_UNET).replace(' ', '')}",
         "teacher.diffusers.prediction_type=edm", "optim.batch=16", "train.progress=false", "train.tensorboard=false"]
@@ -130,6 +130,13 @@ def test_compiled_networks_agree_with_eager(tmp_path, monkeypatch):
     assert counters["stats"]["unique_graphs"] > 0 and counters["frames"]["ok"] == counters["frames"]["total"]
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert_agree(reference, compiled, 1e-4, 0.9999)
+    # the teacher's reference grid (Heun, drawn once per run) runs eagerly instead of compiling another graph
+    graphs = counters["stats"]["unique_graphs"]
+    cfg = load_config([], TINY + EXACT + ["perf.compile=true", "train.num_samples=4", f"train.run_dir={tmp_path / 'c'}"])
+    (tmp_path / "c").mkdir()
+    save_sample_grid(cfg, build(cfg, Accelerator(cpu=True), resume=None))
+    assert (tmp_path / "c" / "samples" / "teacher.png").is_file()
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_compile_defaults_to_gpus_and_a_failing_compile_names_the_switch(tmp_path, monkeypatch):
