@@ -284,10 +284,10 @@ def make_step(cfg, run: Run):
         else:
             # The same sequence of updates with the fake step moved after the generator step, on its samples:
             # fake(fresh) once at the start, then per iteration generator, fake(that generator batch).
-            if run.step == 0:
-                update_fake_score()
+            _, dropped_first, bad_first = update_fake_score() if run.step == 0 else (None, 0, False)
             loss_g, dropped_g, bad_g = update_generator()
             loss_fake, dropped_fake, bad_fake = update_fake_score()
+            dropped_fake, bad_fake = dropped_fake + dropped_first, bad_fake | bad_first
         run.nimg += cfg.optim.batch
         run.step += 1
         run.ema.update(generator, run.nimg, cfg.optim.batch)

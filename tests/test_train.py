@@ -138,6 +138,22 @@ def test_non_finite_steps_are_counted_then_abort(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "nan").glob("training-state-*")] == ["training-state-000000000256"]
 
 
+def test_reuse_counts_the_extra_first_fake_step_in_the_statistics(tmp_path, monkeypatch):
+    """With loss.reuse_generator_batch the first iteration has two fake-score updates; both are counted."""
+    import sid.trainer
+
+    real = sid.trainer.fake_score_loss
+
+    def poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return torch.cat([loss[:1] * float("nan"), loss[1:]])                       # one NaN sample per batch
+
+    monkeypatch.setattr(sid.trainer, "fake_score_loss", poisoned)
+    train(load_config([], toy_overrides(tmp_path, "reuse", 128) + ["loss.reuse_generator_batch=true"]))
+    record = json.loads((tmp_path / "reuse" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["dropped_samples"] == 3 and record["nonfinite_steps"] == 2          # 2 + 1 fake updates
+
+
 def test_wall_clock_budget_stops_at_a_log_interval_with_a_checkpoint(tmp_path, monkeypatch):
     import sid.trainer
 
