@@ -3,6 +3,7 @@
     python sweep.py run --config configs/toy_2d.yaml --out runs/sweep loss.lam=0.5,1.0,1.2 train.seed=0,1
     python sweep.py run --config configs/toy_2d.yaml --out runs/sweep loss.lam=0.5,1.0,1.2 --dry-run
     python sweep.py report runs/sweep                 # report.md, quality.png, losses.png, samples.png
+    python sweep.py report runs/sweep --baseline "teacher, Heun 35 NFE=31.25"    # plus a reference line
 
 Values separated by commas form the grid (commas inside [...] do not split); every other override applies
 to all runs. Re-running the same command skips finished runs and resumes unfinished ones. With several
@@ -13,6 +14,20 @@ import argparse
 import sys
 
 from sid.errors import SidError
+
+
+def parse_baselines(items: list[str]) -> dict[str, float]:
+    """``NAME=VALUE`` pairs (split at the last '='; names may hold spaces and commas)."""
+    baselines = {}
+    for item in items:
+        name, _, value = item.rpartition("=")
+        try:
+            baselines[name.strip()] = float(value)
+        except ValueError:
+            raise SidError(f"--baseline {item!r}: expected NAME=VALUE with a number, e.g. 'teacher=31.25'") from None
+        if not name.strip():
+            raise SidError(f"--baseline {item!r}: the name before '=' is missing")
+    return baselines
 
 
 def main(argv=None) -> int:
@@ -29,6 +44,8 @@ def main(argv=None) -> int:
     report = sub.add_parser("report", help="write report.md and figures for a sweep folder")
     report.add_argument("sweep_dir")
     report.add_argument("--rise", type=float, default=2.0, help="diverged if the metric ends above rise × its best")
+    report.add_argument("--baseline", action="append", default=[], metavar="NAME=VALUE",
+                        help="a reference value drawn as a horizontal line and listed, e.g. 'teacher, 35 NFE=31.25'")
     args = parser.parse_args(argv)
     try:
         from sid.sweep import plan, run_one, run_sweep, single_run
@@ -36,7 +53,7 @@ def main(argv=None) -> int:
         if args.command == "report":
             from eval.report import write_report
 
-            print(f"wrote {write_report(args.sweep_dir, rise=args.rise)}")
+            print(f"wrote {write_report(args.sweep_dir, rise=args.rise, baselines=parse_baselines(args.baseline))}")
         elif args.command == "one":
             run_one(single_run(args.config, args.overrides))
         else:

@@ -40,12 +40,14 @@ def test_sweep_runs_reports_and_skips_finished_runs(tmp_path):
     assert [r["nimg"] for r in resumed if "swd" in r] == [1280, 2560]                     # resumed, not restarted
     assert all(r["state"] == "finished" for r in plan(CONFIG, overrides, tmp_path))
 
-    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "report", str(tmp_path)], capture_output=True,
-                         text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "report", str(tmp_path),
+                          "--baseline", "exact samples, 2 sets=0.035"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
     report = (tmp_path / "report.md").read_text()
     for name in ("lam=0.5", "lam=1.0", "lam=1.2"):
         assert f"| {name} |" in report
+    assert "| exact samples, 2 sets | | | | 0.035 |" in report
     assert "final swd" in report
     for figure in ("quality.png", "losses.png", "samples.png"):
         assert (tmp_path / figure).stat().st_size > 1000 and f"({figure})" in report
@@ -110,3 +112,11 @@ def test_a_run_stopped_by_its_time_budget_counts_as_finished(tmp_path):
     write_status(tmp_path / "a", state="finished", nimg=512)
     write_status(tmp_path / "b", state="finished", nimg=512, stopped_by="max_seconds")
     assert status(tmp_path / "a", 1024) == "new" and status(tmp_path / "b", 1024) == "finished"
+
+
+def test_report_baselines_are_name_value_pairs(tmp_path, capsys):
+    import sweep
+
+    assert sweep.parse_baselines(["teacher, Heun 35 NFE=31.25", "a=b=1"]) == {"teacher, Heun 35 NFE": 31.25, "a=b": 1.0}
+    assert sweep.main(["report", str(tmp_path), "--baseline", "teacher"]) == 2
+    assert "expected NAME=VALUE" in capsys.readouterr().err
