@@ -132,7 +132,8 @@ def test_compiled_networks_agree_with_eager(tmp_path, monkeypatch):
     assert_agree(reference, compiled, 1e-4, 0.9999)
     # the teacher's reference grid (Heun, drawn once per run) runs eagerly instead of compiling another graph
     graphs = counters["stats"]["unique_graphs"]
-    cfg = load_config([], TINY + EXACT + ["perf.compile=true", "train.num_samples=4", f"train.run_dir={tmp_path / 'c'}"])
+    cfg = load_config([], TINY + EXACT + ["perf.compile=true", "train.num_samples=4",
+                                          f"train.run_dir={tmp_path / 'c'}"])
     (tmp_path / "c").mkdir()
     save_sample_grid(cfg, build(cfg, Accelerator(cpu=True), resume=None))
     assert (tmp_path / "c" / "samples" / "teacher.png").is_file()
