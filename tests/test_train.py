@@ -120,16 +120,21 @@ def test_corrupt_checkpoint_on_resume_is_one_clear_line_and_keeps_files(tmp_path
     assert state.is_file() and (tmp_path / "run" / "generator" / "generator.safetensors").is_file()
 
 
-def test_non_finite_steps_are_counted_then_abort(tmp_path, monkeypatch):
+def poison_one_sample(monkeypatch, loss_name: str) -> None:
+    """Make the trainer's ``loss_name`` return one NaN sample per batch."""
     import sid.trainer
 
-    real = sid.trainer.generator_loss
+    real = getattr(sid.trainer, loss_name)
 
     def poisoned(*args, **kwargs):
         loss = real(*args, **kwargs)
-        return torch.cat([loss[:1] * float("nan"), loss[1:]])                       # one NaN sample per batch
+        return torch.cat([loss[:1] * float("nan"), loss[1:]])
 
-    monkeypatch.setattr(sid.trainer, "generator_loss", poisoned)
+    monkeypatch.setattr(sid.trainer, loss_name, poisoned)
+
+
+def test_non_finite_steps_are_counted_then_abort(tmp_path, monkeypatch):
+    poison_one_sample(monkeypatch, "generator_loss")
     overrides = toy_overrides(tmp_path, "nan", 640) + ["train.max_nonfinite_steps=5"]
     with pytest.raises(SidError, match=r"aborting: 6 consecutive steps had non-finite.*are kept"):
         train(load_config([], overrides))                                            # checked every 2 steps
@@ -140,15 +145,7 @@ def test_non_finite_steps_are_counted_then_abort(tmp_path, monkeypatch):
 
 def test_reuse_counts_the_extra_first_fake_step_in_the_statistics(tmp_path, monkeypatch):
     """With loss.reuse_generator_batch the first iteration has two fake-score updates; both are counted."""
-    import sid.trainer
-
-    real = sid.trainer.fake_score_loss
-
-    def poisoned(*args, **kwargs):
-        loss = real(*args, **kwargs)
-        return torch.cat([loss[:1] * float("nan"), loss[1:]])                       # one NaN sample per batch
-
-    monkeypatch.setattr(sid.trainer, "fake_score_loss", poisoned)
+    poison_one_sample(monkeypatch, "fake_score_loss")
     train(load_config([], toy_overrides(tmp_path, "reuse", 128) + ["loss.reuse_generator_batch=true"]))
     record = json.loads((tmp_path / "reuse" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["dropped_samples"] == 3 and record["nonfinite_steps"] == 2          # 2 + 1 fake updates
