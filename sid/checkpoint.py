@@ -94,6 +94,24 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     return states[-1] if states else None
 
 
+def restore(path: str | Path, state: dict, **targets) -> None:
+    """``target.load_state_dict(state[name])`` for each named target; a state that does not fit is one error."""
+    try:
+        for name, target in targets.items():
+            target.load_state_dict(state[name])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise SidError(f"checkpoint {path} does not fit this config's networks ({str(e).splitlines()[0][:160]}); "
+                       "resume with the settings it was saved with (the run folder's config.yaml)") from None
+
+
+def check_fresh_start(run_dir: str | Path, resume: str | None, key: str = "train.run_dir") -> None:
+    """A run started without ``--resume`` must not write over the training states of an earlier run."""
+    states = list_training_states(run_dir)
+    if resume is None and states:
+        raise SidError(f"{run_dir} already holds a run (up to {states[-1].name}): add --resume to continue it, "
+                       f"or set {key} to a new folder (or delete this one) to start over")
+
+
 def load_training_state(path: str | Path) -> dict:
     path = Path(path)
     try:

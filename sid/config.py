@@ -85,7 +85,7 @@ class EMAConfig:
 class TrainConfig:
     run_dir: str = "runs/sid"            # checkpoints, exports, samples, metrics, resolved config
     total_nimg: int = 10_000_000         # stop after this many generator images
-    max_seconds: float = 0               # also stop (checkpointed) after this long, checked when logging; 0: off
+    max_seconds: float = 0               # also stop (checkpointed) after this long in this invocation; 0: off
     seed: int = 0
     precision: str = "auto"              # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 (autocast, fp32 masters)
     log_every_nimg: int = 25_600         # metrics to metrics.jsonl / TensorBoard

@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from sid.checkpoint import load_training_state, resolve_resume, save_training_state
+from sid.checkpoint import check_fresh_start, load_training_state, resolve_resume, restore, save_training_state
 from sid.config import plain, to_dict, to_yaml
 from sid.data import load_images
 from sid.ema import EMA
@@ -27,7 +27,7 @@ from sid.losses import denoising_loss
 from sid.sampling import sample_teacher
 from sid.schedules import sample_lognormal_sigma
 from sid.teachers.diffusers_unet import load_diffusers_denoiser, save_edm_teacher
-from sid.trainer import crossed, sanitize_grads, step_seed
+from sid.trainer import crossed, sanitize_grads, step_seed, truncate_records
 
 
 def build_denoiser(cfg):
@@ -41,6 +41,7 @@ def build_denoiser(cfg):
 def train_teacher(cfg, resume: str | None = None):
     """Train until cfg.total_nimg images; returns (EMA denoiser, images seen)."""
     run_dir = Path(cfg.run_dir)
+    check_fresh_start(run_dir, resume, key="run_dir")
     acc = Accelerator()
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -53,13 +54,14 @@ def train_teacher(cfg, resume: str | None = None):
     opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     ema = EMA(denoiser, cfg.ema_halflife_nimg, cfg.ema_rampup)
     nimg = step = 0
+    seconds = 0.0                                                            # wall clock of earlier sessions
     path = resolve_resume(resume, run_dir) if resume else None
     if path is not None:
         state = load_training_state(path)
-        denoiser.load_state_dict(state["denoiser"])
-        ema.model.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        nimg, step = state["nimg"], state["step"]
+        restore(path, state, denoiser=denoiser, ema=ema.model, opt=opt)
+        nimg, step, seconds = state["nimg"], state["step"], state.get("seconds", 0.0)
+    if acc.is_main_process:
+        truncate_records(run_dir / "metrics.jsonl", nimg)
     ema.to(acc.device)
     ddp, opt = acc.prepare(denoiser, opt)
     per_process = cfg.batch // acc.num_processes
@@ -68,7 +70,7 @@ def train_teacher(cfg, resume: str | None = None):
               f"{tuple(images.shape[1:])}")
     bar = tqdm(total=cfg.total_nimg, initial=nimg, unit="img", unit_scale=True, disable=not (acc.is_main_process
                                                                                              and cfg.progress))
-    loss_sum, steps, t0 = torch.zeros((), device=acc.device), 0, time.time()
+    loss_sum, steps, t0 = torch.zeros((), device=acc.device), 0, time.time() - seconds
     while nimg < cfg.total_nimg:
         torch.manual_seed(step_seed(cfg.seed, acc.process_index, step))
         x0 = images[torch.randint(len(images), (per_process,))].to(acc.device).float() / 127.5 - 1
@@ -102,8 +104,8 @@ def train_teacher(cfg, resume: str | None = None):
         if crossed(nimg, cfg.batch, cfg.ckpt_every_nimg) or done:
             acc.wait_for_everyone()
             if acc.is_main_process:
-                state = {"nimg": nimg, "step": step, "config": to_dict(cfg), "denoiser": denoiser.state_dict(),
-                         "ema": ema.model.state_dict(), "opt": opt.state_dict()}
+                state = {"nimg": nimg, "step": step, "seconds": time.time() - t0, "config": to_dict(cfg),
+                         "denoiser": denoiser.state_dict(), "ema": ema.model.state_dict(), "opt": opt.state_dict()}
                 save_training_state(run_dir, nimg, state, keep=cfg.keep_ckpts)
                 save_edm_teacher(ema.model, run_dir / "teacher", torch.float16 if cfg.export_fp16 else None)
             acc.wait_for_everyone()

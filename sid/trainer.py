@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sid.checkpoint import load_training_state, resolve_resume, save_training_state
+from sid.checkpoint import check_fresh_start, load_training_state, resolve_resume, restore, save_training_state
 from sid.config import as_tuple, to_dict, to_yaml
 from sid.ema import EMA, ema_beta
 from sid.errors import SidError
@@ -49,6 +50,7 @@ class Run:
     ema: EMA
     nimg: int = 0
     step: int = 0
+    seconds: float = 0.0                 # wall-clock seconds of the sessions before this one (resumed runs)
     bf16: bool = False
 
     def autocast(self):
@@ -132,18 +134,13 @@ def build(cfg, accelerator: Accelerator, resume: str | None) -> Run:
     opt_g = adam(generator, cfg.optim.g_lr, cfg.optim.g_betas)
     ema = EMA(generator, cfg.ema.halflife_nimg, cfg.ema.rampup)
     nimg = step = 0
+    seconds = 0.0
     path = resolve_resume(resume, cfg.train.run_dir) if resume else None
     if path is not None:
         state = load_training_state(path)
-        try:
-            fake_score.load_state_dict(state["fake_score"])
-            generator.load_state_dict(state["generator"])
-            ema.model.load_state_dict(state["ema"])
-            opt_fake.load_state_dict(state["opt_fake"])
-            opt_g.load_state_dict(state["opt_g"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise SidError(f"checkpoint {path} does not fit this config's networks ({str(e).splitlines()[0][:160]})")
-        nimg, step = state["nimg"], state["step"]
+        restore(path, state, fake_score=fake_score, generator=generator, ema=ema.model, opt_fake=opt_fake,
+                opt_g=opt_g)
+        nimg, step, seconds = state["nimg"], state["step"], state.get("seconds", 0.0)
         accelerator.print(f"resumed from {path} at {nimg} images")
     ema.to(device)
     if use_compile(cfg.perf.compile, device):   # in place: state_dict keys and the EMA copy stay uncompiled
@@ -152,7 +149,7 @@ def build(cfg, accelerator: Accelerator, resume: str | None) -> Run:
             net.compile()
     fake_ddp, generator_ddp, opt_fake, opt_g = accelerator.prepare(fake_score, generator, opt_fake, opt_g)
     return Run(accelerator, teacher, fake_score, generator, fake_ddp, generator_ddp, opt_fake, opt_g, ema, nimg, step,
-               bf16=bf16)
+               seconds, bf16=bf16)
 
 
 def keep_finite(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,6 +189,7 @@ def accumulate(run: Run, model: torch.nn.Module, rounds: int, micro_loss) -> tup
 def train(cfg, resume: str | None = None) -> Run:
     """Distil ``cfg.teacher`` into a one-step generator; returns the finished run (for tests and notebooks)."""
     run_dir = Path(cfg.train.run_dir)
+    check_fresh_start(run_dir, resume)
     accelerator = Accelerator(log_with="tensorboard" if cfg.train.tensorboard else None, project_dir=str(run_dir))
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -298,7 +296,7 @@ def make_step(cfg, run: Run):
 
 def loop(cfg, run: Run) -> None:
     step = make_step(cfg, run)
-    logger = MetricsLogger(cfg, run.accelerator, run.nimg)
+    logger = MetricsLogger(cfg, run.accelerator, run.nimg, run.seconds)
     evaluate = build_evaluator(cfg, run) if cfg.eval.every_nimg else None
     streak = torch.zeros((), device=run.accelerator.device, dtype=torch.long)   # consecutive non-finite steps
     deadline = time.time() + cfg.train.max_seconds if cfg.train.max_seconds else None
@@ -317,10 +315,10 @@ def loop(cfg, run: Run) -> None:
         if crossed(run.nimg, batch, cfg.train.sample_every_nimg) or done:
             save_sample_grid(cfg, run)
         if evaluate and (crossed(run.nimg, batch, cfg.eval.every_nimg) or done):
-            logger.write({"nimg": run.nimg, "seconds": time.time() - logger.start_time, **evaluate()})
+            logger.write({"nimg": run.nimg, "seconds": logger.elapsed(), **evaluate()})    # when it began
         if crossed(run.nimg, batch, cfg.train.ckpt_every_nimg) or done:
             logger.check_finite()
-            save_checkpoint(cfg, run)
+            save_checkpoint(cfg, run, logger.elapsed())
     logger.close()
 
 
@@ -338,12 +336,16 @@ def crossed(nimg: int, batch: int, every: int) -> bool:
 class MetricsLogger:
     """Running sums on the device; reduced across processes and written (JSONL, TensorBoard) every interval."""
 
-    def __init__(self, cfg, accelerator: Accelerator, nimg: int):
+    def __init__(self, cfg, accelerator: Accelerator, nimg: int, seconds: float = 0.0):
+        """Starts at image ``nimg`` after ``seconds`` of earlier sessions (a resumed run)."""
         self.cfg, self.acc = cfg, accelerator
         self.path = Path(cfg.train.run_dir) / "metrics.jsonl"
+        if accelerator.is_main_process:
+            truncate_records(self.path, nimg)
         self.sums = torch.zeros(5, device=accelerator.device)   # loss_fake, loss_g, dropped, nonfinite, steps
         self.worst_streak = torch.zeros((), device=accelerator.device, dtype=torch.long)
-        self.start_time, self.last_time, self.last_nimg = time.time(), time.time(), nimg
+        now = time.time()
+        self.start_time, self.last_time, self.last_nimg = now - seconds, now, nimg
         # With a time budget the run usually ends on the clock, so the bar counts images without an image total.
         total, budget = cfg.train.total_nimg, cfg.train.max_seconds
         self.bar = tqdm(total=None if budget else total, initial=min(nimg, total), unit="img", unit_scale=True,
@@ -391,8 +393,34 @@ class MetricsLogger:
             if self.cfg.train.tensorboard:
                 self.acc.log({k: v for k, v in record.items() if k not in ("nimg", "step")}, step=record["nimg"])
 
+    def elapsed(self) -> float:
+        """Wall-clock seconds since the run started, earlier sessions of a resumed run included."""
+        return time.time() - self.start_time
+
     def close(self) -> None:
         self.bar.close()
+
+
+def truncate_records(path: Path, nimg: int) -> None:
+    """Keep the records of ``path`` (JSONL) up to image ``nimg``, where a run (re)starts.
+
+    The records past it belong to steps that a resumed run redoes bit-identically and logs again (or, for a
+    fresh start, to an earlier attempt that left no checkpoint); a line torn by a kill is dropped too.
+    """
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["nimg"] <= nimg:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    if kept != lines:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def build_evaluator(cfg, run: Run):
@@ -449,12 +477,13 @@ def save_sample_grid(cfg, run: Run) -> None:
                  (np.asarray(Image.open(teacher_png)), "teacher, Heun, 35 evaluations")], folder / "compare.png")
 
 
-def save_checkpoint(cfg, run: Run) -> None:
-    """Training state (resumable) and the exported EMA generator (the deliverable); main process only."""
+def save_checkpoint(cfg, run: Run, seconds: float) -> None:
+    """Training state (resumable) and the exported EMA generator (the deliverable); main process only.
+    ``seconds``: the run's wall-clock time so far, which a resumed run continues from."""
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process:
         state = {
-            "nimg": run.nimg, "step": run.step, "config": to_dict(cfg),
+            "nimg": run.nimg, "step": run.step, "seconds": seconds, "config": to_dict(cfg),
             "fake_score": run.fake_score.state_dict(), "generator": run.generator.state_dict(),
             "ema": run.ema.model.state_dict(),
             "opt_fake": run.opt_fake.state_dict(), "opt_g": run.opt_g.state_dict(),

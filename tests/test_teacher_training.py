@@ -40,6 +40,14 @@ def test_teacher_trains_resumes_exactly_and_exports(dataset, tmp_path):
     assert nimg == 64
     a, b = whole.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nimg"] for r in records] == [32, 64] and records[0]["seconds"] <= records[1]["seconds"]
+    with pytest.raises(SidError, match="already holds a run.*--resume"):                 # never overwritten
+        train_teacher(cfg("split", 64))
+    wider = json.dumps({**TINY_UNET, "block_out_channels": [16, 16]}).replace(" ", "")
+    with pytest.raises(SidError, match="does not fit this config's networks"):
+        train_teacher(load_config([], overrides(dataset, tmp_path / "split", 96) + [f"unet={wider}"],
+                                  schema_class=TeacherTrainingConfig), resume="auto")
     losses = [float(line.split('"loss": ')[1].split(",")[0])
               for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(losses))

@@ -1,6 +1,7 @@
 """End-to-end runs of the trainer on CPU: smoke run, exact resume, bad input, non-finite abort, sampling CLI."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -161,6 +162,37 @@ def test_wall_clock_budget_stops_at_a_log_interval_with_a_checkpoint(tmp_path, m
     assert (tmp_path / "timed" / f"training-state-{run.nimg:012d}").is_dir()
     resumed = train(load_config([], toy_overrides(tmp_path, "timed", run.nimg + 128)), resume="auto")
     assert resumed.nimg == run.nimg + 128
+
+
+def test_resume_after_a_kill_keeps_one_record_per_image_count_and_the_clock(tmp_path, monkeypatch):
+    """A run killed after a checkpoint resumes from it: metrics.jsonl keeps one record per image count (the
+    steps past the checkpoint are redone and logged again), a torn line is dropped, and ``seconds`` counts on
+    from the earlier session. A fresh start over the folder is refused and leaves it as it was."""
+    import sid.trainer
+
+    clock = iter(range(0, 10**6, 10))                       # every call to time.time() advances 10 s
+    monkeypatch.setattr(sid.trainer.time, "time", lambda: next(clock))
+    overrides = toy_overrides(tmp_path, "killed", 512)     # logs every 128 images, checkpoints at 256 and 512
+    train(load_config([], overrides))
+    run_dir = tmp_path / "killed"
+    shutil.rmtree(run_dir / "training-state-000000000512")              # killed after logging 512 images
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"nimg": 64')                                           # ... in the middle of a write
+    config = (run_dir / "config.yaml").read_text()
+    with pytest.raises(SidError, match="already holds a run.*add --resume"):
+        train(load_config([], overrides + ["loss.lam=fgm"]))
+    assert (run_dir / "config.yaml").read_text() == config and (run_dir / "training-state-000000000256").is_dir()
+    train(load_config([], overrides), resume="auto")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nimg"] for r in records] == [128, 256, 384, 512]
+    assert [r["seconds"] for r in records] == sorted(r["seconds"] for r in records)
+
+
+def test_resume_with_other_networks_is_one_clear_error(tmp_path):
+    train(load_config([], toy_overrides(tmp_path, "run", 256)))
+    wider = toy_overrides(tmp_path, "run", 512) + ["teacher.analytic.student_width=48"]
+    with pytest.raises(SidError, match="does not fit this config's networks.*config.yaml"):
+        train(load_config([], wider), resume="auto")
 
 
 def test_progress_bar_of_a_time_budgeted_run_has_no_image_total(tmp_path):
