@@ -38,10 +38,18 @@ class DiffusersTeacherConfig:
 
 
 @dataclass
+class EDMPickleTeacherConfig:
+    path: Optional[str] = None           # an NVIDIA EDM pickle (edm-*.pkl, network-snapshot-*.pkl), a local file
+    trust: bool = False                  # unpickling runs the code stored in the file: true only for trusted files
+    sigma_data: float = 0.5              # fake-score loss weight for VP/VE networks (EDMPrecond brings its own)
+
+
+@dataclass
 class TeacherConfig:
-    kind: str = "analytic"               # analytic | diffusers
+    kind: str = "analytic"               # analytic | diffusers | edm_pickle
     analytic: AnalyticTeacherConfig = field(default_factory=AnalyticTeacherConfig)
     diffusers: DiffusersTeacherConfig = field(default_factory=DiffusersTeacherConfig)
+    edm_pickle: EDMPickleTeacherConfig = field(default_factory=EDMPickleTeacherConfig)
 
 
 @dataclass
@@ -135,7 +143,7 @@ class Config:
 
 
 CHOICES = {
-    "teacher.kind": ("analytic", "diffusers"),
+    "teacher.kind": ("analytic", "diffusers", "edm_pickle"),
     "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm"),
     "loss.weighting": ("sid", "x0", "eps"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -218,6 +226,8 @@ def validate(cfg: DictConfig) -> None:
         raise SidError("eval.every_nimg needs eval.fid_ref (reference statistics from `python eval/fid.py ref`)")
     if cfg.teacher.kind == "diffusers" and not (cfg.teacher.diffusers.path or cfg.teacher.diffusers.unet_config):
         raise SidError("teacher.kind=diffusers needs teacher.diffusers.path (a local folder or hub id)")
+    if cfg.teacher.kind == "edm_pickle" and not cfg.teacher.edm_pickle.path:
+        raise SidError("teacher.kind=edm_pickle needs teacher.edm_pickle.path (a local EDM .pkl file)")
 
 
 def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:

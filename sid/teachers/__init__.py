@@ -21,7 +21,7 @@ from sid.networks import MLP
 from sid.precond import EDMPrecond, Preconditioned
 from sid.teachers.analytic import GaussianMixture, ring_mixture
 
-TEACHER_KINDS = ("analytic", "diffusers")
+TEACHER_KINDS = ("analytic", "diffusers", "edm_pickle")
 
 
 @dataclass
@@ -76,6 +76,10 @@ def denoiser_from_spec(spec: dict) -> nn.Module:
         from sid.teachers.diffusers_unet import denoiser_from_spec as diffusers_from_spec
 
         return diffusers_from_spec(spec)
+    if spec["kind"] == "edm_pickle":
+        from sid.teachers.edm_pickle import denoiser_from_spec as edm_from_spec
+
+        return edm_from_spec(spec)
     raise SidError(f"unknown denoiser kind {spec['kind']!r} in an exported config; it was written by another tool")
 
 
@@ -97,6 +101,11 @@ def build_teacher(cfg) -> Teacher:
         size = unet_cfg.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         return Teacher(denoiser.eval().requires_grad_(False), (unet_cfg.in_channels, *size), spec)
+    if cfg.kind == "edm_pickle":
+        from sid.teachers.edm_pickle import load_edm_denoiser
+
+        denoiser, shape, spec = load_edm_denoiser(cfg.edm_pickle.path, cfg.edm_pickle.trust, cfg.edm_pickle.sigma_data)
+        return Teacher(denoiser.eval().requires_grad_(False), shape, spec)
     raise SidError(f"teacher.kind={cfg.kind!r} is unknown; choose one of {TEACHER_KINDS}")
 
 

@@ -1,0 +1,218 @@
+"""NVIDIA EDM network pickles (``edm-*.pkl``, ``network-snapshot-*.pkl``) as EDM denoisers.
+
+EDM pickles carry the source code of their networks (EDM's ``torch_utils.persistence``), and unpickling
+executes it: a pickle is loaded only with ``teacher.edm_pickle.trust=true``. EDM's repository is not needed;
+the few names a pickle refers to outside its own code (``torch_utils.persistence``, ``dnnlib.EasyDict``)
+are provided here while it loads.
+
+Of the unpickled ``ema`` network only the backbone (``.model``: SongUNet, DhariwalUNet) is kept. Its
+preconditioning object (EDMPrecond, VPPrecond or VEPrecond) is replaced by the same coefficients in
+``Preconditioned``, so the precision policy is sid's: coefficients in fp32, the backbone under autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sid.errors import SidError
+from sid.precond import Coefficients, EDMPrecond, Preconditioned
+
+EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0      # EDM's sampling range, which clips every pickle's own range
+
+
+class EasyDict(dict):
+    """dnnlib.EasyDict: a dict with attribute access (found in EDM pickles' keyword arguments)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        self[name] = value
+
+
+class Unavailable:
+    """Stands for a pickled object whose code could not run here (e.g. an augmentation pipe); only an error
+    if it is the network asked for."""
+
+    def __init__(self, class_name: str, error: str):
+        self.class_name, self.error = class_name, error
+
+
+_MODULES: dict[str, types.ModuleType] = {}       # pickled source -> the module it was executed into
+
+
+@contextlib.contextmanager
+def _edm_names():
+    """``torch_utils.persistence`` and ``dnnlib`` as the pickled code imports them, while it is executed."""
+    persistence = types.ModuleType("torch_utils.persistence")
+    persistence.persistent_class = lambda cls: cls              # recording sources matters only when pickling
+    persistence.is_persistent = lambda obj: False
+    persistence.import_hook = lambda hook: hook
+    package = types.ModuleType("torch_utils")
+    package.persistence, package.misc = persistence, types.ModuleType("torch_utils.misc")
+    dnnlib = types.ModuleType("dnnlib")
+    dnnlib.EasyDict = EasyDict
+    dnnlib.util = types.SimpleNamespace(EasyDict=EasyDict)
+    names = {"torch_utils": package, "torch_utils.persistence": persistence, "torch_utils.misc": package.misc,
+             "dnnlib": dnnlib}
+    saved = {name: sys.modules.get(name) for name in names}
+    sys.modules.update(names)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def _module_from_source(source: str) -> types.ModuleType:
+    """Execute pickled module source once per distinct source, as EDM's persistence does."""
+    if source not in _MODULES:
+        name = "_sid_edm_" + hashlib.sha256(source.encode()).hexdigest()[:16]
+        module = types.ModuleType(name)
+        with _edm_names():
+            exec(compile(source, f"<{name}>", "exec"), module.__dict__)     # noqa: S102 (behind the trust flag)
+        sys.modules[name] = module
+        _MODULES[source] = module
+    return _MODULES[source]
+
+
+def _reconstruct(meta: dict):
+    """EDM's ``_reconstruct_persistent_obj``: build the object of ``meta['class_name']`` from the pickled source
+    and restore its state (an ``nn.Module``'s ``__dict__``)."""
+    try:
+        cls = getattr(_module_from_source(meta["module_src"]), meta["class_name"])
+    except Exception as e:                                          # any failure of foreign code, reported later
+        return Unavailable(meta.get("class_name", "?"), f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    obj = cls.__new__(cls)
+    state = EasyDict(meta["state"])
+    if callable(getattr(obj, "__setstate__", None)):
+        obj.__setstate__(state)
+    else:
+        obj.__dict__.update(state)
+    return obj
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch_utils.persistence", "_reconstruct_persistent_obj"):
+            return _reconstruct
+        if module in ("dnnlib", "dnnlib.util") and name == "EasyDict":
+            return EasyDict
+        return super().find_class(module, name)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_pickle(path: str | Path, trust: bool) -> nn.Module:
+    """The EDM network in a pickle: ``data['ema']`` of an EDM snapshot, or the pickled network itself."""
+    path = Path(path)
+    if not trust:
+        raise SidError(f"loading {path} runs the code stored in the pickle; if you trust its source, set "
+                       "teacher.edm_pickle.trust=true")
+    if not path.is_file():
+        raise SidError(f"EDM pickle {path} not found (a local file; download URLs first)")
+    try:
+        with open(path, "rb") as f:
+            data = _Unpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, RuntimeError) as e:
+        raise SidError(f"{path} is not a readable EDM pickle ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
+            from None
+    net = data.get("ema") if isinstance(data, dict) else data
+    if isinstance(net, Unavailable):
+        raise SidError(f"the network in {path} ({net.class_name}) could not be rebuilt from its code: {net.error}")
+    if not isinstance(net, nn.Module):
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise SidError(f"{path} holds no EDM network (found {found}); expected an EDM snapshot with 'ema'")
+    return net
+
+
+class VPRule(nn.Module):
+    """EDM's continuous VP preconditioning (VPPrecond; sid-math.md §1.2): c_skip = 1, c_out = -σ,
+    c_in = 1/sqrt(σ² + 1), c_noise = (M - 1) t(σ) with t(σ) = (sqrt(β_min² + 2 β_d ln(1 + σ²)) - β_min) / β_d."""
+
+    def __init__(self, beta_d: float, beta_min: float, M: int, sigma_data: float, sigma_min: float, sigma_max: float):
+        super().__init__()
+        self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
+        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+
+    def forward(self, sigma: torch.Tensor) -> Coefficients:
+        t = ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
+        return Coefficients(torch.ones_like(sigma), -sigma, (1 + sigma**2).rsqrt(), (self.M - 1) * t)
+
+
+class VERule(nn.Module):
+    """EDM's VE preconditioning (VEPrecond): c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ/2)."""
+
+    def __init__(self, sigma_data: float, sigma_min: float, sigma_max: float):
+        super().__init__()
+        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+
+    def forward(self, sigma: torch.Tensor) -> Coefficients:
+        return Coefficients(torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log())
+
+
+class EDMBackbone(nn.Module):
+    """``F(x_in, c_noise, labels)`` over an EDM network (``model`` of a pickled preconditioner)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x_in, c_noise, labels)
+
+
+def coefficient_rule(net: nn.Module, sigma_data: float) -> nn.Module:
+    """The pickled preconditioner's coefficients, its σ range clipped to EDM's sampling range [0.002, 80]."""
+    kind = type(net).__name__
+    lo = max(EDM_SIGMA_MIN, float(getattr(net, "sigma_min", 0.0)))
+    hi = min(EDM_SIGMA_MAX, float(getattr(net, "sigma_max", math.inf)))
+    if kind == "EDMPrecond":
+        return EDMPrecond(float(net.sigma_data), lo, hi)
+    if kind == "VPPrecond":
+        return VPRule(float(net.beta_d), float(net.beta_min), int(net.M), sigma_data, lo, hi)
+    if kind == "VEPrecond":
+        return VERule(sigma_data, lo, hi)
+    raise SidError(f"EDM network class {kind!r} is not supported; supported: EDMPrecond, VPPrecond, VEPrecond")
+
+
+def load_edm_denoiser(path: str | Path, trust: bool, sigma_data: float = 0.5):
+    """(denoiser, sample shape, spec) of an EDM pickle's network; ``sigma_data`` for VP and VE networks, whose
+    preconditioning has none (the fake-score loss weight uses it)."""
+    path = Path(path).resolve()
+    net = read_pickle(path, trust)
+    rule = coefficient_rule(net, sigma_data)
+    denoiser = Preconditioned(EDMBackbone(net.model), rule, label_dim=int(net.label_dim)).float()
+    shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+    spec = {"kind": "edm_pickle", "path": str(path), "sha256": sha256(path), "sigma_data": sigma_data}
+    return denoiser, shape, spec
+
+
+def denoiser_from_spec(spec: dict) -> Preconditioned:
+    """An exported generator's architecture, from the pickle its run was trusted with (same SHA-256)."""
+    path = Path(spec["path"])
+    if not path.is_file() or sha256(path) != spec["sha256"]:
+        raise SidError(f"this generator's architecture comes from the EDM pickle {path}, which is missing or "
+                       f"changed (SHA-256 {spec['sha256'][:12]}...); put that file back to load it")
+    return load_edm_denoiser(path, trust=True, sigma_data=spec["sigma_data"])[0]
