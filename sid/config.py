@@ -39,7 +39,7 @@ class DiffusersTeacherConfig:
 
 @dataclass
 class EDMPickleTeacherConfig:
-    path: Optional[str] = None           # an NVIDIA EDM pickle (edm-*.pkl, network-snapshot-*.pkl), a local file
+    path: Optional[str] = None           # an NVIDIA EDM pickle (edm-*.pkl, network-snapshot-*.pkl): a file or URL
     trust: bool = False                  # unpickling runs the code stored in the file: true only for trusted files
     sigma_data: float = 0.5              # fake-score loss weight for VP/VE networks (EDMPrecond brings its own)
 
@@ -227,7 +227,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.teacher.kind == "diffusers" and not (cfg.teacher.diffusers.path or cfg.teacher.diffusers.unet_config):
         raise SidError("teacher.kind=diffusers needs teacher.diffusers.path (a local folder or hub id)")
     if cfg.teacher.kind == "edm_pickle" and not cfg.teacher.edm_pickle.path:
-        raise SidError("teacher.kind=edm_pickle needs teacher.edm_pickle.path (a local EDM .pkl file)")
+        raise SidError("teacher.kind=edm_pickle needs teacher.edm_pickle.path (an EDM .pkl file or URL)")
 
 
 def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:

@@ -9,6 +9,7 @@ backbone with EDM's call signature, their coefficients written out as in EDM's T
 import pickle
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,6 +205,18 @@ def test_distil_an_edm_pickle_and_reload_its_generator(edm_side, tmp_path):
         f.write(b"\0")                                                              # not the trusted file any more
     with pytest.raises(SidError, match="missing or changed"):
         load_generator(tmp_path / "run" / "generator")
+
+
+def test_a_url_is_downloaded_once_into_the_hub_folder(edm_side, tmp_path, monkeypatch):
+    write_snapshot(tmp_path / "net.pkl", edm_side.EDMPrecond(8, 1))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    url = (tmp_path / "net.pkl").as_uri()                                            # file:// reads like https://
+    _, _, spec = load_edm_denoiser(url, trust=True)
+    assert Path(spec["path"]) == (tmp_path / "hub" / "sid" / "net.pkl").resolve()
+    (tmp_path / "net.pkl").unlink()
+    load_edm_denoiser(url, trust=True)                                               # the cached copy
+    with pytest.raises(SidError, match="cannot download"):
+        load_edm_denoiser((tmp_path / "other.pkl").as_uri(), trust=True)
 
 
 def test_bad_edm_pickles_are_one_clear_error(edm_side, tmp_path):

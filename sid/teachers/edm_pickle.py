@@ -18,6 +18,7 @@ import math
 import pickle
 import sys
 import types
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -124,14 +125,26 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_pickle(path: str | Path, trust: bool) -> nn.Module:
+def local_file(path: str | Path) -> Path:
+    """A local path as it is; a URL (EDM's released pickles are at https://nvlabs-fi-cdn.nvidia.com/edm/) is
+    downloaded once into torch's hub folder, ``<torch.hub.get_dir()>/sid/``."""
+    if "://" not in str(path):
+        return Path(path)
+    target = Path(torch.hub.get_dir()) / "sid" / Path(urllib.parse.urlparse(str(path)).path).name
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(str(path), str(target), progress=False)   # to a temporary file first
+        except (OSError, ValueError) as e:                                          # URLError is an OSError
+            raise SidError(f"cannot download {path} ({type(e).__name__}: {e}); download it and give the local "
+                           "file as teacher.edm_pickle.path") from None
+    return target
+
+
+def read_pickle(path: Path) -> nn.Module:
     """The EDM network in a pickle: ``data['ema']`` of an EDM snapshot, or the pickled network itself."""
-    path = Path(path)
-    if not trust:
-        raise SidError(f"loading {path} runs the code stored in the pickle; if you trust its source, set "
-                       "teacher.edm_pickle.trust=true")
     if not path.is_file():
-        raise SidError(f"EDM pickle {path} not found (a local file; download URLs first)")
+        raise SidError(f"EDM pickle {path} not found")
     try:
         with open(path, "rb") as f:
             data = _Unpickler(f).load()
@@ -200,8 +213,11 @@ def coefficient_rule(net: nn.Module, sigma_data: float) -> nn.Module:
 def load_edm_denoiser(path: str | Path, trust: bool, sigma_data: float = 0.5):
     """(denoiser, sample shape, spec) of an EDM pickle's network; ``sigma_data`` for VP and VE networks, whose
     preconditioning has none (the fake-score loss weight uses it)."""
-    path = Path(path).resolve()
-    net = read_pickle(path, trust)
+    if not trust:
+        raise SidError(f"loading {path} runs the code stored in the pickle; if you trust its source, set "
+                       "teacher.edm_pickle.trust=true")
+    path = local_file(path).resolve()
+    net = read_pickle(path)
     rule = coefficient_rule(net, sigma_data)
     denoiser = Preconditioned(EDMBackbone(net.model), rule, label_dim=int(net.label_dim)).float()
     shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
