@@ -226,9 +226,14 @@ def test_bad_edm_pickles_are_one_clear_error(edm_side, tmp_path):
 
     with pytest.raises(SidError, match="not found"):
         teacher(tmp_path / "none.pkl")
+    with pytest.raises(SidError, match="is a folder.*teacher.kind=diffusers"):
+        teacher(tmp_path)
     (tmp_path / "junk.pkl").write_bytes(b"not a pickle")
     with pytest.raises(SidError, match="not a readable EDM pickle"):
         teacher(tmp_path / "junk.pkl")
+    with pytest.raises(SidError, match="is a file.*teacher.kind=edm_pickle"):                # the other kind
+        build_teacher(load_config([], ["teacher.kind=diffusers", f"teacher.diffusers.path={tmp_path / 'junk.pkl'}"])
+                      .teacher)
     with open(tmp_path / "dict.pkl", "wb") as f:
         pickle.dump({"augment_pipe": Opaque()}, f)
     with pytest.raises(SidError, match="holds no EDM network"):

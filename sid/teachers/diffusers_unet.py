@@ -156,6 +156,9 @@ def _read_json(path: Path) -> dict | None:
 def _load_local(root: Path):
     unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
     config = _read_json(unet_dir / "config.json")
+    if config is None and root.is_file():
+        raise SidError(f"teacher path {root} is a file; teacher.kind=diffusers needs a diffusers folder "
+                       "(an EDM .pkl file is teacher.kind=edm_pickle)")
     if config is None:
         raise SidError(f"teacher folder {root} has no config.json (nor unet/config.json); give a diffusers folder")
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json") or _read_json(

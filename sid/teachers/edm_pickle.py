@@ -143,6 +143,9 @@ def local_file(path: str | Path) -> Path:
 
 def read_pickle(path: Path) -> nn.Module:
     """The EDM network in a pickle: ``data['ema']`` of an EDM snapshot, or the pickled network itself."""
+    if path.is_dir():
+        raise SidError(f"EDM pickle path {path} is a folder; give the .pkl file (a diffusers folder is "
+                       "teacher.kind=diffusers)")
     if not path.is_file():
         raise SidError(f"EDM pickle {path} not found")
     try:
