@@ -59,8 +59,6 @@ def _edm_names():
     """``torch_utils.persistence`` and ``dnnlib`` as the pickled code imports them, while it is executed."""
     persistence = types.ModuleType("torch_utils.persistence")
     persistence.persistent_class = lambda cls: cls              # recording sources matters only when pickling
-    persistence.is_persistent = lambda obj: False
-    persistence.import_hook = lambda hook: hook
     package = types.ModuleType("torch_utils")
     package.persistence, package.misc = persistence, types.ModuleType("torch_utils.misc")
     dnnlib = types.ModuleType("dnnlib")
