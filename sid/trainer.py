@@ -194,12 +194,13 @@ def train(cfg, resume: str | None = None) -> Run:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    if cfg.train.tensorboard:
-        accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)))
     if cfg.on_cpu and accelerator.device.type == "cpu":
         applied = " ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in _flat(to_dict(cfg.on_cpu)))
         accelerator.print(f"no GPU visible: on_cpu settings applied ({applied})")
     run = build(cfg, accelerator, resume)
+    if cfg.train.tensorboard:   # a resumed run hides the events past its checkpoint, as metrics.jsonl drops them
+        accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)),
+                                  init_kwargs={"tensorboard": {"purge_step": run.nimg + 1}} if run.nimg else {})
     start = time.time()
     try:
         loop(cfg, run)

@@ -165,14 +165,15 @@ def test_wall_clock_budget_stops_at_a_log_interval_with_a_checkpoint(tmp_path, m
 
 
 def test_resume_after_a_kill_keeps_one_record_per_image_count_and_the_clock(tmp_path, monkeypatch):
-    """A run killed after a checkpoint resumes from it: metrics.jsonl keeps one record per image count (the
-    steps past the checkpoint are redone and logged again), a torn line is dropped, and ``seconds`` counts on
-    from the earlier session. A fresh start over the folder is refused and leaves it as it was."""
+    """A run killed after a checkpoint resumes from it: metrics.jsonl and TensorBoard keep one record per image
+    count (the steps past the checkpoint are redone and logged again), a torn line is dropped, and ``seconds``
+    counts on from the earlier session (checkpoints at 256 and 512). A fresh start over the folder is refused
+    and leaves it as it was."""
     import sid.trainer
 
     clock = iter(range(0, 10**6, 10))                       # every call to time.time() advances 10 s
     monkeypatch.setattr(sid.trainer.time, "time", lambda: next(clock))
-    overrides = toy_overrides(tmp_path, "killed", 512)     # logs every 128 images, checkpoints at 256 and 512
+    overrides = toy_overrides(tmp_path, "killed", 512) + ["train.tensorboard=true"]  # log every 128 images,
     train(load_config([], overrides))
     run_dir = tmp_path / "killed"
     shutil.rmtree(run_dir / "training-state-000000000512")              # killed after logging 512 images
@@ -186,6 +187,11 @@ def test_resume_after_a_kill_keeps_one_record_per_image_count_and_the_clock(tmp_
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["nimg"] for r in records] == [128, 256, 384, 512]
     assert [r["seconds"] for r in records] == sorted(r["seconds"] for r in records)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run_dir / "tensorboard"))                             # both sessions' files
+    board.Reload()
+    assert [e.step for e in board.Scalars("loss_g")] == [128, 256, 384, 512]          # TensorBoard agrees
 
 
 def test_resume_with_other_networks_is_one_clear_error(tmp_path):
