@@ -28,10 +28,11 @@ from torch_utils import persistence
 
 @persistence.persistent_class
 class TinyUNet(torch.nn.Module):
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, channels=8):
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, channels=8):
         super().__init__()
         self.emb = torch.nn.Linear(2, channels)
         self.map_label = torch.nn.Linear(label_dim, channels) if label_dim else None
+        self.map_augment = torch.nn.Linear(augment_dim, channels, bias=False) if augment_dim else None
         self.conv0 = torch.nn.Conv2d(in_channels, channels, 3, padding=1)
         self.conv1 = torch.nn.Conv2d(channels, out_channels, 3, padding=1)
 
@@ -39,14 +40,16 @@ class TinyUNet(torch.nn.Module):
         emb = self.emb(torch.stack([noise_labels.cos(), (noise_labels / 100).sin()], dim=1))
         if self.map_label is not None:
             emb = emb + self.map_label(class_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
         return self.conv1(torch.nn.functional.silu(self.conv0(x) + emb[:, :, None, None]))
 
 
 class _Precond(torch.nn.Module):
-    def __init__(self, img_resolution, img_channels, label_dim=0):
+    def __init__(self, img_resolution, img_channels, label_dim=0, augment_dim=0):
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.model = TinyUNet(img_resolution, img_channels, img_channels, label_dim)
+        self.model = TinyUNet(img_resolution, img_channels, img_channels, label_dim, augment_dim)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False):
         x = x.to(torch.float32)
@@ -186,6 +189,19 @@ def test_vp_noise_input_follows_the_continuous_schedule(edm_side, tmp_path, monk
     t = ((0.1**2 + 2 * 19.9 * torch.log1p(torch.tensor(2.5**2))).sqrt() - 0.1) / 19.9
     torch.testing.assert_close(c.c_noise, 999 * t.reshape(1))
     assert float(c.c_skip) == 1 and float(c.c_out) == -2.5
+
+
+def test_every_parameter_of_an_augmented_network_takes_part(edm_side, tmp_path):
+    """EDM's CIFAR-10 networks have augment labels; fed zeros (no augmentation, SiD's input), the augment layer
+    still takes part, so DDP finds no unused parameters in the students, and the output is the network's."""
+    net = edm_side.VPPrecond(8, 1, augment_dim=9)
+    write_snapshot(tmp_path / "aug.pkl", net)
+    denoiser, _, _ = load_edm_denoiser(tmp_path / "aug.pkl", trust=True)
+    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 5.0])
+    denoiser(x, sigma).square().sum().backward()
+    assert all(p.grad is not None for p in denoiser.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser(x, sigma), net(x, sigma), rtol=1e-5, atol=1e-5)
 
 
 def test_distil_an_edm_pickle_and_reload_its_generator(edm_side, tmp_path):

@@ -187,14 +187,23 @@ class VERule(nn.Module):
 
 
 class EDMBackbone(nn.Module):
-    """``F(x_in, c_noise, labels)`` over an EDM network (``model`` of a pickled preconditioner)."""
+    """``F(x_in, c_noise, labels)`` over an EDM network (``model`` of a pickled preconditioner).
+
+    Networks trained with augmentation (EDM's CIFAR-10 DDPM++: 9 augment labels) are fed zero augment labels,
+    "no augmentation", as SiD does, rather than none: then every parameter takes part in the forward, which
+    DistributedDataParallel requires of the students.
+    """
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        augment = getattr(model, "map_augment", None)
+        self.augment_dim = augment.in_features if augment is not None else 0
 
     def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(x_in, c_noise, labels)
+        if not self.augment_dim:
+            return self.model(x_in, c_noise, labels)
+        return self.model(x_in, c_noise, labels, augment_labels=x_in.new_zeros(x_in.shape[0], self.augment_dim))
 
 
 def coefficient_rule(net: nn.Module, sigma_data: float) -> nn.Module:
