@@ -228,11 +228,12 @@ def test_a_url_is_downloaded_once_into_the_hub_folder(edm_side, tmp_path, monkey
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     url = (tmp_path / "net.pkl").as_uri()                                            # file:// reads like https://
     _, _, spec = load_edm_denoiser(url, trust=True)
-    assert Path(spec["path"]) == (tmp_path / "hub" / "sid" / "net.pkl").resolve()
+    cached = Path(spec["path"])
+    assert cached.name == "net.pkl" and cached.parent.parent == (tmp_path / "hub" / "sid").resolve()
     (tmp_path / "net.pkl").unlink()
     load_edm_denoiser(url, trust=True)                                               # the cached copy
-    with pytest.raises(SidError, match="cannot download"):
-        load_edm_denoiser((tmp_path / "other.pkl").as_uri(), trust=True)
+    with pytest.raises(SidError, match="cannot download"):                          # same name, another URL
+        load_edm_denoiser((tmp_path / "elsewhere" / "net.pkl").as_uri(), trust=True)
 
 
 def test_bad_edm_pickles_are_one_clear_error(edm_side, tmp_path):

@@ -125,10 +125,11 @@ def sha256(path: Path) -> str:
 
 def local_file(path: str | Path) -> Path:
     """A local path as it is; a URL (EDM's released pickles are at https://nvlabs-fi-cdn.nvidia.com/edm/) is
-    downloaded once into torch's hub folder, ``<torch.hub.get_dir()>/sid/``."""
+    downloaded once into torch's hub folder, ``<torch.hub.get_dir()>/sid/<hash of the URL>/<file name>``."""
     if "://" not in str(path):
         return Path(path)
-    target = Path(torch.hub.get_dir()) / "sid" / Path(urllib.parse.urlparse(str(path)).path).name
+    url_hash = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    target = Path(torch.hub.get_dir()) / "sid" / url_hash / Path(urllib.parse.urlparse(str(path)).path).name
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
