@@ -228,12 +228,17 @@ def load_edm_denoiser(path: str | Path, trust: bool, sigma_data: float = 0.5):
         raise SidError(f"loading {path} runs the code stored in the pickle; if you trust its source, set "
                        "teacher.edm_pickle.trust=true")
     path = local_file(path).resolve()
+    denoiser, shape = denoiser_from_pickle(path, sigma_data)
+    spec = {"kind": "edm_pickle", "path": str(path), "sha256": sha256(path), "sigma_data": sigma_data}
+    return denoiser, shape, spec
+
+
+def denoiser_from_pickle(path: Path, sigma_data: float) -> tuple[Preconditioned, tuple[int, int, int]]:
+    """The pickled network as a ``Preconditioned`` denoiser, and its sample shape."""
     net = read_pickle(path)
     rule = coefficient_rule(net, sigma_data)
     denoiser = Preconditioned(EDMBackbone(net.model), rule, label_dim=int(net.label_dim)).float()
-    shape = (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
-    spec = {"kind": "edm_pickle", "path": str(path), "sha256": sha256(path), "sigma_data": sigma_data}
-    return denoiser, shape, spec
+    return denoiser, (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
 
 
 def denoiser_from_spec(spec: dict) -> Preconditioned:
@@ -242,4 +247,4 @@ def denoiser_from_spec(spec: dict) -> Preconditioned:
     if not path.is_file() or sha256(path) != spec["sha256"]:
         raise SidError(f"this generator's architecture comes from the EDM pickle {path}, which is missing or "
                        f"changed (SHA-256 {spec['sha256'][:12]}...); put that file back to load it")
-    return load_edm_denoiser(path, trust=True, sigma_data=spec["sigma_data"])[0]
+    return denoiser_from_pickle(path, spec["sigma_data"])[0]
