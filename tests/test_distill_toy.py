@@ -21,7 +21,7 @@ from sid.trainer import train
 
 pytestmark = pytest.mark.slow
 WEIGHTS = [0.5, 0.3, 0.2]
-BUDGET = {"fgm": 512_000, "lambda1": 768_000, "sid": 384_000}     # images seen per preset
+BUDGET = {"fgm": 512_000, "lambda1": 768_000, "sid": 128_000}     # images seen per preset
 
 
 def overrides(tmp_path, lam):
@@ -56,8 +56,8 @@ def baseline(tmp_path_factory):
     return cfg, teacher.denoiser, evaluate(g0, teacher.denoiser)[2]
 
 
-def distil(tmp_path, lam, mixture):
-    run = train(load_config([ROOT / "configs/toy_2d.yaml"], overrides(tmp_path, lam)))
+def distil(tmp_path, lam, mixture, *extra):
+    run = train(load_config([ROOT / "configs/toy_2d.yaml"], overrides(tmp_path, lam) + list(extra)))
     return evaluate(run.ema.model, mixture)
 
 
@@ -71,7 +71,7 @@ def test_exact_presets_reproduce_the_mixture(tmp_path, baseline, lam):
 def test_sid_preset_improves(tmp_path, baseline):
     _, mixture, swd_init = baseline
     weights, outside, swd = distil(tmp_path, "sid", mixture)
-    assert swd < 0.6 * swd_init, (swd, swd_init)
+    assert swd < 0.5 * swd_init, (swd, swd_init)
 
 
 def test_flipped_sign_fails_the_check(tmp_path, baseline, monkeypatch):
@@ -80,5 +80,5 @@ def test_flipped_sign_fails_the_check(tmp_path, baseline, monkeypatch):
     real = sid.trainer.generator_loss
     monkeypatch.setattr(sid.trainer, "generator_loss", lambda *a, **k: -real(*a, **k))
     _, mixture, swd_init = baseline
-    result = distil(tmp_path, "fgm", mixture)
-    assert not matches(result, swd_init), result
+    result = distil(tmp_path, "fgm", mixture, "train.total_nimg=64000")
+    assert not matches(result, swd_init) and result[2] > swd_init, (result, swd_init)

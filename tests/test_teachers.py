@@ -247,3 +247,28 @@ def test_analytic_students_are_fitted_to_the_exact_denoiser():
     x = teacher.denoiser.sample(2000).float() + 0.5 * torch.randn(2000, 2)
     err = (student(x, sigma) - teacher.denoiser(x, sigma)).pow(2).sum(1).mean()
     assert err < 0.05 * teacher.denoiser(x, sigma).pow(2).sum(1).mean()
+
+
+def test_a_repeated_toy_build_reuses_the_fit_and_draws_the_same_numbers(monkeypatch):
+    """A second run in the same process (sequential sweep, resume) reuses the student fit: same weights, and the
+    global RNG left where a fresh fit leaves it; another seed or mixture fits anew."""
+    import sid.teachers as teachers
+    from sid.config import load_config
+
+    calls = []
+    real_fit = teachers.fit_student
+    monkeypatch.setattr(teachers, "fit_student", lambda *a, **k: calls.append(1) or real_fit(*a, **k))
+    monkeypatch.setattr(teachers, "_FITS", {})
+
+    def fit(seed, *overrides):
+        cfg = load_config([], ["teacher.analytic.modes=3", "teacher.analytic.student_fit_steps=20", *overrides])
+        torch.manual_seed(seed)
+        student = build_teacher(cfg.teacher).make_student()
+        return torch.cat([p.detach().flatten() for p in student.parameters()]), torch.rand(4)
+
+    fresh = fit(0)
+    again = fit(0)
+    assert len(calls) == 1
+    torch.testing.assert_close(again, fresh, rtol=0, atol=0)
+    assert not torch.equal(fit(1)[0], fresh[0]) and len(calls) == 2
+    assert not torch.equal(fit(0, "teacher.analytic.radius=3.0")[0], fresh[0]) and len(calls) == 3

@@ -9,6 +9,8 @@ analytic teacher has no weights, so its students are fresh EDM-preconditioned ML
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 
@@ -41,9 +43,33 @@ class Teacher:
         """A trainable denoiser that starts as the teacher: a copy of a network teacher, or, for an analytic
         teacher, an MLP fitted to its exact denoiser (once; later students are copies of that fit)."""
         if self.spec["kind"] == "mlp" and self._fitted is None:
-            self._fitted = fit_student(denoiser_from_spec(self.spec), self.denoiser, self.fit_steps)
+            self._fitted = fitted_student(self.spec, self.denoiser, self.fit_steps)
         source = self._fitted if self._fitted is not None else self.denoiser
         return copy.deepcopy(source).train().requires_grad_(True)
+
+
+_FITS: dict[str, tuple[nn.Module, torch.Tensor]] = {}     # fitted_student's memo: key -> (fit, RNG state after)
+
+
+def fitted_student(spec: dict, mixture: GaussianMixture, steps: int) -> nn.Module:
+    """``fit_student`` of a fresh student, memoised per process (do not modify the result; copy it).
+
+    The fit is a function of the spec, the mixture, the step count and the global RNG state, so the key holds
+    all four; a hit leaves the RNG where the fit would have. A sequential sweep or a resumed run on a toy
+    teacher then fits once, and every run draws the same numbers as if it had fitted anew.
+    """
+    parts = [json.dumps(spec, sort_keys=True), str(steps), repr((mixture.sigma_min, mixture.sigma_max)),
+             *(t.cpu().numpy().tobytes().hex() for t in mixture.state_dict().values()),
+             torch.get_rng_state().numpy().tobytes().hex()]
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()
+    if key not in _FITS:
+        if len(_FITS) >= 8:
+            _FITS.pop(next(iter(_FITS)))
+        student = fit_student(denoiser_from_spec(spec), mixture, steps)
+        _FITS[key] = (student, torch.get_rng_state())
+    student, rng_after = _FITS[key]
+    torch.set_rng_state(rng_after)
+    return student
 
 
 def fit_student(student: nn.Module, mixture: GaussianMixture, steps: int, batch: int = 512, lr: float = 2e-3):
