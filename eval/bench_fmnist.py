@@ -20,6 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sid.errors import SidError  # noqa: E402
 
 
+def int_list(text: str) -> list[int]:
+    """'18,40' -> [18, 40], for argparse (a bad value is its one-line usage error)."""
+    try:
+        return [int(s) for s in text.split(",") if s]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
 def teacher_fids(config: Path, ref: Path, steps: list[int], num: int, weights: str, out: Path) -> dict[str, float]:
     """FID of the teacher's Heun sampler at each step count (2·steps − 1 evaluations), cached in ``out``."""
     from eval import fid
@@ -65,7 +73,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=300, help="wall-clock budget per preset, FID included")
     parser.add_argument("--every-nimg", type=int, default=128_000, help="in-loop FID interval in images")
     parser.add_argument("--num", type=int, default=10_000, help="samples per FID (10000: the proxy FID-10k)")
-    parser.add_argument("--teacher-steps", default="18,40", help="Heun steps for the teacher's FID (35, 79 NFE)")
+    parser.add_argument("--teacher-steps", default="18,40", type=int_list,
+                        help="Heun steps for the teacher's FID (35, 79 NFE)")
     parser.add_argument("--ref-source", default="fashion-mnist:test", help="images for the reference statistics")
     parser.add_argument("--weights", default="auto", help="FID feature extractor (see eval/fid.py)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run")
@@ -75,24 +84,27 @@ def main(argv=None) -> int:
         from eval import fid
         from eval.report import write_report
         from sid.sweep import plan, run_sweep
+        from sid.teachers import build_teacher
         from sid.teachers.diffusers_unet import resolve_path
 
-        out.mkdir(parents=True, exist_ok=True)
+        # Inputs first (teacher, overrides), then the work: the reference statistics take long on a CPU.
+        path = Path(resolve_path(args.teacher)).resolve()
         ref = out / "ref-test.npz"
+        overrides = ["teacher.kind=diffusers", f"teacher.diffusers.path={path}", f"loss.lam={args.presets}",
+                     f"train.max_seconds={args.seconds}", "train.total_nimg=1000000000000",
+                     f"eval.every_nimg={args.every_nimg}", f"eval.num={args.num}", f"eval.fid_ref={ref.resolve()}",
+                     f"eval.fid_weights={args.weights}", "train.progress=false", *args.overrides]
+        runs = plan([], overrides, out)
+        build_teacher(runs[0]["config"].teacher)
+
+        out.mkdir(parents=True, exist_ok=True)
         if not ref.is_file() and fid.main(["ref", "--source", args.ref_source, "--out", str(ref),
                                             "--weights", args.weights]):
             raise SidError(f"could not compute reference statistics from {args.ref_source}")
-        path = Path(resolve_path(args.teacher)).resolve()
-        teacher = ["teacher.kind=diffusers", f"teacher.diffusers.path={path}"]
         config = out / "teacher.yaml"
         config.write_text(f"teacher:\n  kind: diffusers\n  diffusers:\n    path: {path}\n")
-        steps = [int(s) for s in args.teacher_steps.split(",") if s]
-        baselines = teacher_fids(config, ref, steps, args.num, args.weights, out / "teacher_fid.jsonl")
-        overrides = [*teacher, f"loss.lam={args.presets}", f"train.max_seconds={args.seconds}",
-                     "train.total_nimg=1000000000000", f"eval.every_nimg={args.every_nimg}", f"eval.num={args.num}",
-                     f"eval.fid_ref={ref.resolve()}", f"eval.fid_weights={args.weights}", "train.progress=false",
-                     *args.overrides]
-        run_sweep(plan([], overrides, out), [], devices=1)
+        baselines = teacher_fids(config, ref, args.teacher_steps, args.num, args.weights, out / "teacher_fid.jsonl")
+        run_sweep(runs, [], devices=1)
         write_report(out, baselines=baselines)
         table = summary_table(out, baselines)
     except SidError as e:

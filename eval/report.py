@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+from sid.errors import SidError  # noqa: E402
 from sid.generator import load_generator  # noqa: E402
 from sid.images import image_grid  # noqa: E402
 
@@ -62,12 +63,12 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
     """``baselines``: named quality values drawn as horizontal lines and listed (e.g. the teacher's FID)."""
     sweep_dir = Path(sweep_dir)
     baselines = baselines or {}
+    if not sweep_dir.is_dir():
+        raise SidError(f"no sweep folder at {sweep_dir}: give the --out folder of `python sweep.py run`")
     runs = [read_run(d) for d in sorted(sweep_dir.iterdir()) if d.is_dir() and (d / "config.yaml").is_file()]
     for run in runs:
         run["diverged"] = diverged(run, rise)                    # why, or '' when it did not
     if not runs:
-        from sid.errors import SidError
-
         raise SidError(f"{sweep_dir} holds no runs (folders with config.yaml)")
     metric = next((r["metric"] for r in runs if r["metric"]), "quality")
     groups: dict[str, list[dict]] = {}

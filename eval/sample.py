@@ -26,9 +26,12 @@ from sid.teachers import build_teacher  # noqa: E402
 def parse_ints(text: str) -> list[int]:
     """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's --seeds syntax)."""
     out = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers and ranges such as 0-63 or 1,5,9, got {text!r}") from None
     return out
 
 
@@ -38,14 +41,15 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher", metavar="CONFIG", help="sample the teacher of this config instead (Heun/Euler)")
     parser.add_argument("--steps", type=int, default=18, help="teacher: noise levels (Heun: 2 * steps - 1 evaluations)")
     parser.add_argument("--solver", choices=("heun", "euler"), default="heun")
-    parser.add_argument("--seeds", default="0-63", help="one sample per seed, e.g. 0-63 or 1,5,9")
-    parser.add_argument("--classes", default=None, help="class per seed (one value for all, or one per seed)")
+    parser.add_argument("--seeds", default="0-63", type=parse_ints, help="one sample per seed, e.g. 0-63 or 1,5,9")
+    parser.add_argument("--classes", default=None, type=parse_ints,
+                        help="class per seed (one value for all, or one per seed)")
     parser.add_argument("--out", required=True, help="*.png: grid; *.npz: uint8 images (or raw samples); folder: PNGs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
-        seeds = parse_ints(args.seeds)
-        classes = parse_ints(args.classes) if args.classes else None
+        seeds, classes = args.seeds, args.classes
+        check_out(Path(args.out))
         if classes is not None and len(classes) == 1:
             classes = classes * len(seeds)
         if classes is not None and len(classes) != len(seeds):
@@ -72,6 +76,11 @@ def load_teacher(config: str, device):
     """(frozen teacher denoiser on device, sample shape) of a distillation config."""
     teacher = build_teacher(load_config([config]).teacher)
     return teacher.denoiser.to(device), teacher.shape
+
+
+def check_out(out: Path) -> None:
+    if out.suffix not in ("", ".png", ".npz") and not out.is_dir():
+        raise SidError(f"--out {out}: give a .png (a grid), an .npz, or a folder (one PNG per seed)")
 
 
 def write(x: torch.Tensor, out: Path, seeds) -> None:

@@ -171,3 +171,16 @@ def test_fmnist_benchmark_end_to_end_on_stand_ins(extractor_file, tmp_path):
     stamp = (out / "lam=fgm" / "metrics.jsonl").stat().st_mtime_ns
     assert bench_fmnist.main(args) == 0 and (out / "lam=fgm" / "metrics.jsonl").stat().st_mtime_ns == stamp
     assert len((out / "teacher_fid.jsonl").read_text().splitlines()) == 2
+
+
+def test_fmnist_benchmark_checks_its_inputs_before_the_reference_statistics(tmp_path, capsys):
+    """A wrong teacher or override stops at once, before the (long, on a CPU) reference statistics."""
+    from eval import bench_fmnist
+
+    out = tmp_path / "bench"
+    assert bench_fmnist.main(["--out", str(out), "--teacher", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not out.exists()
+    assert bench_fmnist.main(["--out", str(out), "optim.batchh=8"]) == 2
+    assert "unknown config key" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):
+        bench_fmnist.main(["--out", str(out), "--teacher-steps", "18,x"])

@@ -120,3 +120,7 @@ def test_report_baselines_are_name_value_pairs(tmp_path, capsys):
     assert sweep.parse_baselines(["teacher, Heun 35 NFE=31.25", "a=b=1"]) == {"teacher, Heun 35 NFE": 31.25, "a=b": 1.0}
     assert sweep.main(["report", str(tmp_path), "--baseline", "teacher"]) == 2
     assert "expected NAME=VALUE" in capsys.readouterr().err
+    assert sweep.main(["report", str(tmp_path / "typo")]) == 2
+    assert "no sweep folder at" in capsys.readouterr().err
+    assert sweep.main(["report", str(tmp_path)]) == 2
+    assert "holds no runs" in capsys.readouterr().err

@@ -43,6 +43,10 @@ def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path):
     assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
     assert sample.main([str(run / "generator"), "--seeds", "0-1", "--out", str(tmp_path / "pngs")]) == 0
     assert len(list((tmp_path / "pngs").glob("*.png"))) == 2
+    assert sample.main([str(run / "generator"), "--out", str(tmp_path / "s.jpg")]) == 2         # not a folder
+    assert not (tmp_path / "s.jpg").exists()
+    with pytest.raises(SystemExit):                                                        # argparse's one line
+        sample.main([str(run / "generator"), "--seeds", "0-x", "--out", str(tmp_path / "s.png")])
 
 
 def test_readme_main_command_distils_the_shipped_teacher(tmp_path, monkeypatch):
