@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     except SidError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:       # the runs checkpointed their last step: the same command resumes
+        print(f"{e or 'interrupted'}: the same `sweep.py run` command resumes the sweep", file=sys.stderr)
+        return 130
     return 0
 
 

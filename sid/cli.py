@@ -1,5 +1,5 @@
 """The command line shared by ``train.py`` and ``train_teacher.py``: presets, dotted overrides, --dry-run,
---resume, and bad input as one ``error:`` line (exit code 2)."""
+--resume, bad input as one ``error:`` line (exit code 2), and an interruption as one line (exit code 130)."""
 
 from __future__ import annotations
 
@@ -32,4 +32,8 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None) -> int
     except SidError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:       # a signal: after a checkpoint of the last step, or at once (a second one)
+        print(f"{e or 'interrupted; the checkpoints already written are kept'}: --resume continues the run",
+              file=sys.stderr)
+        return 130
     return 0

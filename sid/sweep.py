@@ -115,20 +115,35 @@ def run_sweep(runs: list[dict], config_files, devices: int = 0) -> None:
     entry = Path(__file__).resolve().parents[1] / "sweep.py"
     configs = [a for f in config_files for a in ("--config", str(f))]
     active: dict[int, tuple[subprocess.Popen, dict]] = {}
-    while todo or active:
-        for gpu, (proc, run) in list(active.items()):
-            if proc.poll() is not None:
-                del active[gpu]
-                if proc.returncode and status(run["dir"], run["config"].train.total_nimg) != "failed":
-                    write_status(run["dir"], state="failed", error=f"process exited with code {proc.returncode}; "
-                                                                   f"see {run['dir'] / 'sweep.log'}")
-        for gpu in range(devices):
-            if todo and gpu not in active:
-                run = todo.pop(0)
-                run["dir"].mkdir(parents=True, exist_ok=True)
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-                with open(run["dir"] / "sweep.log", "a") as log:
-                    proc = subprocess.Popen([sys.executable, str(entry), "one", *configs, *run["overrides"]],
-                                            env=env, stdout=log, stderr=subprocess.STDOUT)
-                active[gpu] = (proc, run)
-        time.sleep(1)
+    try:
+        while todo or active:
+            poll(active, todo, devices, entry, configs)
+            time.sleep(1)
+    except KeyboardInterrupt:            # the runs got the signal too: let them checkpoint, then stop
+        for proc, _ in active.values():
+            proc.wait()
+        raise
+
+
+INTERRUPTED = 130                         # exit code of a run stopped by a signal (checkpointed, resumable)
+
+
+def poll(active: dict, todo: list[dict], devices: int, entry: Path, configs: list[str]) -> None:
+    """Collect exited child processes (a crash marks its run failed), then start the next runs on free GPUs."""
+    for gpu, (proc, run) in list(active.items()):
+        if proc.poll() is None:
+            continue
+        del active[gpu]
+        crashed = proc.returncode not in (0, INTERRUPTED)
+        if crashed and status(run["dir"], run["config"].train.total_nimg) != "failed":
+            write_status(run["dir"], state="failed",
+                         error=f"process exited with code {proc.returncode}; see {run['dir'] / 'sweep.log'}")
+    for gpu in range(devices):
+        if todo and gpu not in active:
+            run = todo.pop(0)
+            run["dir"].mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+            with open(run["dir"] / "sweep.log", "a") as log:
+                proc = subprocess.Popen([sys.executable, str(entry), "one", *configs, *run["overrides"]],
+                                        env=env, stdout=log, stderr=subprocess.STDOUT)
+            active[gpu] = (proc, run)

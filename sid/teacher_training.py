@@ -27,7 +27,7 @@ from sid.losses import denoising_loss
 from sid.sampling import sample_teacher
 from sid.schedules import sample_lognormal_sigma
 from sid.teachers.diffusers_unet import load_diffusers_denoiser, save_edm_teacher
-from sid.trainer import crossed, sanitize_grads, step_seed, truncate_records
+from sid.trainer import GracefulStop, TrainingInterrupted, crossed, sanitize_grads, step_seed, truncate_records
 
 
 def build_denoiser(cfg):
@@ -71,45 +71,54 @@ def train_teacher(cfg, resume: str | None = None):
     bar = tqdm(total=cfg.total_nimg, initial=nimg, unit="img", unit_scale=True, disable=not (acc.is_main_process
                                                                                              and cfg.progress))
     loss_sum, steps, t0 = torch.zeros((), device=acc.device), 0, time.time() - seconds
-    while nimg < cfg.total_nimg:
-        torch.manual_seed(step_seed(cfg.seed, acc.process_index, step))
-        x0 = images[torch.randint(len(images), (per_process,))].to(acc.device).float() / 127.5 - 1
-        if cfg.xflip:
-            x0 = torch.where(torch.rand(per_process, 1, 1, 1, device=acc.device) < 0.5, x0.flip(-1), x0)
-        sigma = sample_lognormal_sigma(per_process, cfg.p_mean, cfg.p_std, device=acc.device)
-        for group in opt.param_groups:                                       # linear warm-up
-            group["lr"] = cfg.lr * min(1.0, (nimg + cfg.batch) / max(cfg.warmup_nimg, 1))
-        with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = denoising_loss(ddp, x0, sigma, sigma_data=cfg.sigma_data).mean()
-        acc.backward(loss)
-        sanitize_grads(denoiser)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        nimg, step = nimg + cfg.batch, step + 1
-        ema.update(denoiser, nimg, cfg.batch)
-        loss_sum, steps = loss_sum + loss.detach(), steps + 1
+    stopped = False
+    with GracefulStop() as stop:
+        while nimg < cfg.total_nimg:
+            torch.manual_seed(step_seed(cfg.seed, acc.process_index, step))
+            x0 = images[torch.randint(len(images), (per_process,))].to(acc.device).float() / 127.5 - 1
+            if cfg.xflip:
+                x0 = torch.where(torch.rand(per_process, 1, 1, 1, device=acc.device) < 0.5, x0.flip(-1), x0)
+            sigma = sample_lognormal_sigma(per_process, cfg.p_mean, cfg.p_std, device=acc.device)
+            for group in opt.param_groups:                                   # linear warm-up
+                group["lr"] = cfg.lr * min(1.0, (nimg + cfg.batch) / max(cfg.warmup_nimg, 1))
+            with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = denoising_loss(ddp, x0, sigma, sigma_data=cfg.sigma_data).mean()
+            acc.backward(loss)
+            sanitize_grads(denoiser)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            nimg, step = nimg + cfg.batch, step + 1
+            ema.update(denoiser, nimg, cfg.batch)
+            loss_sum, steps = loss_sum + loss.detach(), steps + 1
 
-        done = nimg >= cfg.total_nimg
-        if crossed(nimg, cfg.batch, cfg.log_every_nimg) or done:
-            mean_loss = float(acc.reduce(loss_sum, "mean")) / steps
-            if acc.is_main_process:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"nimg": nimg, "step": step, "loss": mean_loss,
-                                        "seconds": time.time() - t0}) + "\n")
-                bar.update(nimg - bar.n)
-                bar.set_postfix(loss=f"{mean_loss:.4g}")
-            loss_sum, steps = torch.zeros((), device=acc.device), 0
-        if acc.is_main_process and (crossed(nimg, cfg.batch, cfg.sample_every_nimg) or done):
-            save_teacher_samples(ema.model, run_dir / "samples" / f"samples-{nimg:012d}.png", acc.device)
-        if crossed(nimg, cfg.batch, cfg.ckpt_every_nimg) or done:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                state = {"nimg": nimg, "step": step, "seconds": time.time() - t0, "config": to_dict(cfg),
-                         "denoiser": denoiser.state_dict(), "ema": ema.model.state_dict(), "opt": opt.state_dict()}
-                save_training_state(run_dir, nimg, state, keep=cfg.keep_ckpts)
-                save_edm_teacher(ema.model, run_dir / "teacher", torch.float16 if cfg.export_fp16 else None)
-            acc.wait_for_everyone()
+            done = nimg >= cfg.total_nimg
+            at_log = crossed(nimg, cfg.batch, cfg.log_every_nimg) or done
+            stopped = stop.agreed(acc, at_log) and not done                # a signal: checkpoint, then stop
+            if at_log or stopped:
+                mean_loss = float(acc.reduce(loss_sum, "mean")) / steps
+                if acc.is_main_process:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps({"nimg": nimg, "step": step, "loss": mean_loss,
+                                            "seconds": time.time() - t0}) + "\n")
+                    bar.update(nimg - bar.n)
+                    bar.set_postfix(loss=f"{mean_loss:.4g}")
+                loss_sum, steps = torch.zeros((), device=acc.device), 0
+            if acc.is_main_process and (crossed(nimg, cfg.batch, cfg.sample_every_nimg) or done):
+                save_teacher_samples(ema.model, run_dir / "samples" / f"samples-{nimg:012d}.png", acc.device)
+            if crossed(nimg, cfg.batch, cfg.ckpt_every_nimg) or done or stopped:
+                acc.wait_for_everyone()
+                if acc.is_main_process:
+                    state = {"nimg": nimg, "step": step, "seconds": time.time() - t0, "config": to_dict(cfg),
+                             "denoiser": denoiser.state_dict(), "ema": ema.model.state_dict(),
+                             "opt": opt.state_dict()}
+                    save_training_state(run_dir, nimg, state, keep=cfg.keep_ckpts)
+                    save_edm_teacher(ema.model, run_dir / "teacher", torch.float16 if cfg.export_fp16 else None)
+                acc.wait_for_everyone()
+            if stopped:
+                break
     bar.close()
+    if stopped:
+        raise TrainingInterrupted(f"interrupted at {nimg:,} images, checkpointed in {run_dir}")
     return ema.model, nimg
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +206,8 @@ def train(cfg, resume: str | None = None) -> Run:
                                   init_kwargs={"tensorboard": {"purge_step": run.nimg + 1}} if run.nimg else {})
     start = time.time()
     try:
-        loop(cfg, run)
+        with GracefulStop() as stop:
+            interrupted = loop(cfg, run, stop)
     except Exception as e:
         if use_compile(cfg.perf.compile, accelerator.device) and type(e).__module__.startswith("torch._dynamo"):
             cause = getattr(e, "inner_exception", None) or e.__cause__ or e     # a backend's own error, if any
@@ -212,6 +216,8 @@ def train(cfg, resume: str | None = None) -> Run:
                            "set perf.compile=false to train without it") from None
         raise
     accelerator.end_training()
+    if interrupted:
+        raise TrainingInterrupted(f"interrupted at {run.nimg:,} images, checkpointed in {run_dir}")
     accelerator.print(f"stopped at {run.nimg:,} images after {time.time() - start:.0f} s; generator in "
                       f"{run_dir / 'generator'}, samples in {run_dir / 'samples'}")
     return run
@@ -295,13 +301,15 @@ def make_step(cfg, run: Run):
     return step
 
 
-def loop(cfg, run: Run) -> None:
+def loop(cfg, run: Run, stop: GracefulStop) -> bool:
+    """Train until ``train.total_nimg`` or ``train.max_seconds``; returns whether a signal stopped it (then the
+    last step is checkpointed, after its scheduled samples and evaluation but without the end-of-run ones)."""
     step = make_step(cfg, run)
     logger = MetricsLogger(cfg, run.accelerator, run.nimg, run.seconds)
     evaluate = build_evaluator(cfg, run) if cfg.eval.every_nimg else None
     streak = torch.zeros((), device=run.accelerator.device, dtype=torch.long)   # consecutive non-finite steps
     deadline = time.time() + cfg.train.max_seconds if cfg.train.max_seconds else None
-    batch, done = cfg.optim.batch, run.nimg >= cfg.train.total_nimg
+    batch, done, stopped = cfg.optim.batch, run.nimg >= cfg.train.total_nimg, False
 
     while not done:
         loss_fake, loss_g, dropped, bad = step()
@@ -310,23 +318,68 @@ def loop(cfg, run: Run) -> None:
         streak = (streak + 1) * bad
         logger.accumulate(loss_fake, loss_g, dropped, bad, streak)
         done = run.nimg >= cfg.train.total_nimg
-        if crossed(run.nimg, batch, cfg.train.log_every_nimg) or done:
+        at_log = crossed(run.nimg, batch, cfg.train.log_every_nimg) or done
+        stopped = stop.agreed(run.accelerator, at_log) and not done       # on the last step: finish normally
+        if at_log or stopped:
             logger.flush(run.nimg, run.step, ema_beta(batch, run.nimg, cfg.ema.halflife_nimg, cfg.ema.rampup))
             done = done or (deadline is not None and past(deadline, run.accelerator))
         if crossed(run.nimg, batch, cfg.train.sample_every_nimg) or done:
             save_sample_grid(cfg, run)
         if evaluate and (crossed(run.nimg, batch, cfg.eval.every_nimg) or done):
             logger.write({"nimg": run.nimg, "seconds": logger.elapsed(), **evaluate()})    # when it began
-        if crossed(run.nimg, batch, cfg.train.ckpt_every_nimg) or done:
+        if crossed(run.nimg, batch, cfg.train.ckpt_every_nimg) or done or stopped:
             logger.check_finite()
             save_checkpoint(cfg, run, logger.elapsed())
+        if stopped:
+            break
     logger.close()
+    return stopped
+
+
+def any_process(flag: bool, accelerator: Accelerator) -> bool:
+    """Whether ``flag`` holds on any process (a collective: every process calls it at the same step)."""
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "max"))
 
 
 def past(deadline: float, accelerator: Accelerator) -> bool:
     """Whether any process is past the wall-clock deadline: all processes stop at the same step."""
-    late = torch.tensor([float(time.time() > deadline)], device=accelerator.device)
-    return bool(accelerator.reduce(late, "max"))
+    return any_process(time.time() > deadline, accelerator)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM after checkpointing its last step."""
+
+
+class GracefulStop:
+    """While active, SIGINT (Ctrl-C) and SIGTERM (a cluster's notice before it kills a job) ask the loop to
+    stop at a step boundary and checkpoint that step; a second signal stops at once, as Python does (the
+    checkpoints already written stay, saves being atomic). Outside the main thread it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> GracefulStop:
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (several processes: "
+              "at the next log interval); again: stop at once", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self, accelerator: Accelerator, sync_point: bool) -> bool:
+        """Whether all processes stop after this step: checked every step in one process; with several, at
+        ``sync_point`` steps (log intervals) only, where one collective makes them agree."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        return sync_point and any_process(self.requested, accelerator)
 
 
 def crossed(nimg: int, batch: int, every: int) -> bool:

@@ -1,15 +1,15 @@
 """λ sweeps on the analytic teacher: grid expansion, a 3-λ sweep with its report, skipping and resuming."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT
-from sid.config import load_config
 from sid.sweep import expand_grid, plan, run_sweep, split_values
-from sid.trainer import train
 
 SMALL = ["teacher.analytic.modes=3", "teacher.analytic.student_width=32", "teacher.analytic.student_fit_steps=50",
          "optim.batch=128", "train.total_nimg=2560", "train.log_every_nimg=640", "train.sample_every_nimg=100000",
@@ -18,19 +18,41 @@ SMALL = ["teacher.analytic.modes=3", "teacher.analytic.student_width=32", "teach
 CONFIG = [ROOT / "configs/toy_2d.yaml"]
 
 
+def signal_in_run(monkeypatch, lam: str, nimg: int) -> None:
+    """Send this process SIGINT (Ctrl-C) when the run of ``loss.lam=lam`` reaches ``nimg`` images."""
+    import sid.trainer
+
+    real = sid.trainer.make_step
+
+    def make_step(cfg, run):
+        step = real(cfg, run)
+
+        def signalled():
+            out = step()
+            if str(cfg.loss.lam) == lam and run.nimg == nimg:
+                os.kill(os.getpid(), signal.SIGINT)
+            return out
+        return signalled
+    monkeypatch.setattr(sid.trainer, "make_step", make_step)
+
+
 def test_grid_expansion():
     assert split_values("0.5,1.0,[0.9,0.99]") == ["0.5", "1.0", "[0.9,0.99]"]
     grid = expand_grid(["loss.lam=0.5,1.0", "optim.g_betas=[0.9,0.99]", "train.seed=0,1"])
     assert len(grid) == 4 and grid[1] == {"loss.lam": "0.5", "optim.g_betas": "[0.9,0.99]", "train.seed": "1"}
 
 
-def test_sweep_runs_reports_and_skips_finished_runs(tmp_path):
+def test_sweep_runs_reports_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
+    import sweep
+
     overrides = ["loss.lam=0.5,1.0,1.2"] + SMALL
     runs = plan(CONFIG, overrides, tmp_path)
     assert [r["name"] for r in runs] == ["lam=0.5", "lam=1.0", "lam=1.2"] and {r["state"] for r in runs} == {"new"}
-    # an interrupted sweep: λ=0.5 finished, λ=1.0 stopped half-way, λ=1.2 not started
-    run_sweep(runs[:1], CONFIG)
-    train(load_config(CONFIG, runs[1]["overrides"] + ["train.total_nimg=1280"]))
+    # an interrupted sweep: Ctrl-C while λ=1.0 is at 1280 images, after λ=0.5 finished
+    signal_in_run(monkeypatch, "1.0", 1280)
+    assert sweep.main(["run", "--config", str(CONFIG[0]), "--out", str(tmp_path), *overrides]) == 130
+    assert "the same `sweep.py run` command resumes the sweep" in capsys.readouterr().err
+    monkeypatch.undo()
     lines_before = (tmp_path / "lam=0.5" / "metrics.jsonl").read_text()
     runs = plan(CONFIG, overrides, tmp_path)
     assert [r["state"] for r in runs] == ["finished", "partial", "new"]
@@ -69,18 +91,28 @@ def test_failed_runs_are_marked_not_dropped(tmp_path, monkeypatch):
 
 
 def test_a_crashed_per_device_process_is_marked_failed(tmp_path, monkeypatch):
-    """A child that dies outside SidError (say, out of GPU memory) is marked failed with its log named."""
+    """A child that dies outside SidError (say, out of GPU memory) is marked failed with its log named; one
+    stopped by a signal (exit code 130, after a checkpoint) is left to resume."""
     import sid.sweep
 
     class Crashing:
         returncode = None
+        code = 1
 
         def __init__(self, args, **kwargs):
             kwargs["stdout"].write("Traceback: CUDA out of memory\n")
 
         def poll(self):
-            self.returncode = 1
-            return 1
+            self.returncode = self.code
+            return self.code
+
+    class Interrupted(Crashing):
+        code = 130
+
+    monkeypatch.setattr(sid.sweep.subprocess, "Popen", Interrupted)
+    monkeypatch.setattr(sid.sweep.time, "sleep", lambda s: None)
+    run_sweep(plan(CONFIG, ["loss.lam=0.5,1.0"] + SMALL, tmp_path), CONFIG, devices=2)
+    assert {r["state"] for r in plan(CONFIG, ["loss.lam=0.5,1.0"] + SMALL, tmp_path)} == {"new"}
 
     monkeypatch.setattr(sid.sweep.subprocess, "Popen", Crashing)
     monkeypatch.setattr(sid.sweep.time, "sleep", lambda s: None)

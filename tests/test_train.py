@@ -1,7 +1,9 @@
 """End-to-end runs of the trainer on CPU: smoke run, exact resume, bad input, non-finite abort, sampling CLI."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -84,6 +86,61 @@ def test_resume_is_exact(tmp_path, reuse):
     exported_a = load_file(tmp_path / "whole" / "generator" / "generator.safetensors")
     exported_b = load_file(tmp_path / "split" / "generator" / "generator.safetensors")
     assert all(torch.equal(exported_a[k], exported_b[k]) for k in exported_a)
+
+
+def signal_at(monkeypatch, nimg: int, *signals):
+    """Make the trainer's step send itself ``signals`` right after it reaches ``nimg`` images."""
+    import sid.trainer
+
+    real = sid.trainer.make_step
+
+    def make_step(cfg, run):
+        step = real(cfg, run)
+
+        def signalled():
+            out = step()
+            if run.nimg == nimg:
+                for signum in signals:
+                    os.kill(os.getpid(), signum)
+            return out
+        return signalled
+    monkeypatch.setattr(sid.trainer, "make_step", make_step)
+
+
+def test_a_signal_checkpoints_the_step_and_resume_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a cluster's notice) or Ctrl-C mid-run: the run stops after that step with a checkpoint of it
+    (between the scheduled ones at 256 and 512), and resuming ends bit-identical to a run never interrupted.
+    The command line says so in one line (exit code 130). A second signal stops at once, keeping the
+    checkpoints already written."""
+    import train as train_cli
+    from sid.trainer import TrainingInterrupted
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    whole = train(load_config([], toy_overrides(tmp_path, "whole", 512)))
+    signal_at(monkeypatch, 192, signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="interrupted at 192 images"):
+        train(load_config([], toy_overrides(tmp_path, "split", 512)))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers      # restored
+    run_dir = tmp_path / "split"
+    assert (run_dir / "training-state-000000000192").is_dir()
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["nimg"] == 192
+    monkeypatch.undo()
+    resumed = train(load_config([], toy_overrides(tmp_path, "split", 512)), resume="auto")
+    a, b = whole.ema.model.state_dict(), resumed.ema.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    signal_at(monkeypatch, 64, signal.SIGINT)
+    capsys.readouterr()
+    code = train_cli.run(train_cli.__doc__, train_cli.Config, train_cli.trainer, toy_overrides(tmp_path, "cli", 512))
+    assert code == 130 and capsys.readouterr().err.strip().endswith("--resume continues the run")
+    assert (tmp_path / "cli" / "training-state-000000000064").is_dir()
+
+    monkeypatch.undo()
+    signal_at(monkeypatch, 320, signal.SIGINT, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train(load_config([], toy_overrides(tmp_path, "twice", 512)))
+    assert not isinstance(stopped.value, TrainingInterrupted)
+    assert sorted(p.name for p in (tmp_path / "twice").glob("training-state-*")) == ["training-state-000000000256"]
 
 
 def test_bf16_autocast_run(tmp_path):
