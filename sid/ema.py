@@ -25,7 +25,7 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module, cur_nimg: int, batch: int) -> None:
         beta = ema_beta(batch, cur_nimg, self.halflife_nimg, self.rampup) if self.halflife_nimg > 0 else 0.0
-        for p_ema, p in zip(self.model.parameters(), model.parameters()):
-            p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - beta)       # p_ema = β p_ema + (1 - β) p
+        averaged, current = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(averaged, current, 1 - beta)        # p_ema = β p_ema + (1 - β) p, one launch per group
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
