@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     report.add_argument("--rise", type=float, default=2.0, help="diverged if the metric ends above rise × its best")
     report.add_argument("--baseline", action="append", default=[], metavar="NAME=VALUE",
                         help="a reference value drawn as a horizontal line and listed, e.g. 'teacher, 35 NFE=31.25'")
+    report.add_argument("--trust-code", action="store_true",
+                        help="allow teacher.kind=python runs' generators to run the function building them")
     args = parser.parse_args(argv)
     try:
         from sid.sweep import plan, run_one, run_sweep, single_run
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
         if args.command == "report":
             from eval.report import write_report
 
-            print(f"wrote {write_report(args.sweep_dir, rise=args.rise, baselines=parse_baselines(args.baseline))}")
+            baselines = parse_baselines(args.baseline)
+            print(f"wrote {write_report(args.sweep_dir, args.rise, baselines=baselines, trust_code=args.trust_code)}")
         elif args.command == "one":
             run_one(single_run(args.config, args.overrides))
         else:

@@ -44,7 +44,7 @@ def cmd_ref(args) -> dict:
 def cmd_gen(args) -> dict:
     metric = make_fid(args.weights).to(DEVICE)
     load_reference(metric, args.ref)
-    generator = load_generator(args.generator, device=DEVICE)
+    generator = load_generator(args.generator, device=DEVICE, trust_code=args.trust_code)
     values = [generator_fid(metric, generator, args.num, seed=s) for s in range(args.repeats)]
     return summary(values, args, "generator", str(args.generator))
 
@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     ref.add_argument("--num", type=int, default=0, help="first N images only (0: all)")
     gen = sub.add_parser("gen", help="FID of an exported one-step generator")
     gen.add_argument("generator")
+    gen.add_argument("--trust-code", action="store_true",
+                     help="allow a teacher.kind=python generator's function to run")
     images = sub.add_parser("images", help="FID of an image source, e.g. training images: the floor at this --num")
     images.add_argument("--source", required=True, help="fashion-mnist[:train|:test], an .npz, or a folder")
     teacher = sub.add_parser("teacher", help="FID of a teacher with the Heun sampler")

@@ -59,8 +59,9 @@ def mean_std(values: list[float]) -> str:
 
 
 def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64,
-                 baselines: dict[str, float] | None = None) -> Path:
-    """``baselines``: named quality values drawn as horizontal lines and listed (e.g. the teacher's FID)."""
+                 baselines: dict[str, float] | None = None, trust_code: bool = False) -> Path:
+    """``baselines``: named quality values drawn as horizontal lines and listed (e.g. the teacher's FID);
+    ``trust_code``: as in ``load_generator``, for the sample panels of ``teacher.kind=python`` runs."""
     sweep_dir = Path(sweep_dir)
     baselines = baselines or {}
     if not sweep_dir.is_dir():
@@ -131,7 +132,7 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
     fig.savefig(sweep_dir / "losses.png")
     plt.close(fig)
 
-    save_sample_panels(groups, sweep_dir / "samples.png", num_samples)
+    save_sample_panels(groups, sweep_dir / "samples.png", num_samples, trust_code)
     lines += ["", "![quality vs images](quality.png)", "", "![losses](losses.png)", "",
               f"Samples of each grid point's first run at seeds 0–{num_samples - 1}:", "",
               "![samples](samples.png)", ""]
@@ -140,14 +141,14 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
 
 
 @torch.no_grad()
-def save_sample_panels(groups: dict[str, list[dict]], path: Path, num: int) -> None:
+def save_sample_panels(groups: dict[str, list[dict]], path: Path, num: int, trust_code: bool = False) -> None:
     """One panel per grid point: an image grid, or a scatter plot for 2-D samples."""
     exported = [(key, members[0]["dir"] / "generator") for key, members in groups.items()
                 if (members[0]["dir"] / "generator" / "generator.safetensors").is_file()]
     cols = max(len(exported), 1)
     fig, axes = plt.subplots(1, cols, figsize=(3 * cols, 3), dpi=120, squeeze=False)
     for ax, (key, folder) in zip(axes[0], exported):
-        generator = load_generator(folder)
+        generator = load_generator(folder, trust_code=trust_code)
         x = generator.sample_seeds(range(num if generator.shape != (2,) else 2000))
         if x.ndim == 2 and x.shape[1] == 2:
             ax.scatter(*x.T, s=1, alpha=0.5)

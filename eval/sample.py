@@ -45,6 +45,9 @@ def main(argv=None) -> int:
     parser.add_argument("--classes", default=None, type=parse_ints,
                         help="class per seed (one value for all, or one per seed)")
     parser.add_argument("--out", required=True, help="*.png: grid; *.npz: uint8 images (or raw samples); folder: PNGs")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="allow a generator distilled from a teacher.kind=python teacher to run the function "
+                             "that builds its architecture")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
@@ -60,7 +63,7 @@ def main(argv=None) -> int:
             denoiser, shape = load_teacher(args.teacher, args.device)
             x = sample_teacher(denoiser, shape, args.steps, args.solver, seeds, classes, args.device)
         else:
-            generator = load_generator(args.generator, device=args.device)
+            generator = load_generator(args.generator, device=args.device, trust_code=args.trust_code)
             if classes is not None and not generator.label_dim:
                 raise SidError("--classes given, but this generator is unconditional")
             x = generator.sample_seeds(seeds, classes, device=args.device).cpu()

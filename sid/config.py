@@ -45,11 +45,19 @@ class EDMPickleTeacherConfig:
 
 
 @dataclass
+class PythonTeacherConfig:
+    factory: Optional[str] = None        # package.module:function returning the denoiser (sid/teachers/python.py)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments for it (JSON-able)
+    shape: list[int] = field(default_factory=list)        # one sample's shape, e.g. [3, 32, 32]
+
+
+@dataclass
 class TeacherConfig:
-    kind: str = "analytic"               # analytic | diffusers | edm_pickle
+    kind: str = "analytic"               # analytic | diffusers | edm_pickle | python
     analytic: AnalyticTeacherConfig = field(default_factory=AnalyticTeacherConfig)
     diffusers: DiffusersTeacherConfig = field(default_factory=DiffusersTeacherConfig)
     edm_pickle: EDMPickleTeacherConfig = field(default_factory=EDMPickleTeacherConfig)
+    python: PythonTeacherConfig = field(default_factory=PythonTeacherConfig)
 
 
 @dataclass
@@ -143,7 +151,7 @@ class Config:
 
 
 CHOICES = {
-    "teacher.kind": ("analytic", "diffusers", "edm_pickle"),
+    "teacher.kind": ("analytic", "diffusers", "edm_pickle", "python"),
     "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm"),
     "loss.weighting": ("sid", "x0", "eps"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -228,6 +236,9 @@ def validate(cfg: DictConfig) -> None:
         raise SidError("teacher.kind=diffusers needs teacher.diffusers.path (a local folder or hub id)")
     if cfg.teacher.kind == "edm_pickle" and not cfg.teacher.edm_pickle.path:
         raise SidError("teacher.kind=edm_pickle needs teacher.edm_pickle.path (an EDM .pkl file or URL)")
+    if cfg.teacher.kind == "python" and not (cfg.teacher.python.factory and cfg.teacher.python.shape):
+        raise SidError("teacher.kind=python needs teacher.python.factory (package.module:function) and "
+                       "teacher.python.shape (one sample's shape, e.g. [3, 32, 32])")
 
 
 def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:

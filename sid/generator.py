@@ -78,8 +78,12 @@ def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Pat
     return out_dir
 
 
-def load_generator(path: str | Path, device=None) -> OneStepGenerator:
-    """An exported generator from its folder or its ``.safetensors`` file (the config travels in the metadata)."""
+def load_generator(path: str | Path, device=None, trust_code: bool = False) -> OneStepGenerator:
+    """An exported generator from its folder or its ``.safetensors`` file (the config travels in the metadata).
+
+    ``trust_code``: a generator distilled from a ``teacher.kind=python`` teacher names the Python function that
+    builds its architecture; it loads only when trusted, since loading runs that function.
+    """
     from sid.teachers import denoiser_from_spec
 
     path = Path(path)
@@ -95,7 +99,8 @@ def load_generator(path: str | Path, device=None) -> OneStepGenerator:
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
         raise SidError(f"{weights} is not a readable exported generator ({type(e).__name__}); export it again") \
             from None
-    generator = OneStepGenerator(denoiser_from_spec(config["denoiser"]), config["shape"], config["sigma_init"])
+    generator = OneStepGenerator(denoiser_from_spec(config["denoiser"], trust_code), config["shape"],
+                                 config["sigma_init"])
     generator.denoiser.load_state_dict(state)
     return generator.to(device).eval().requires_grad_(False)
 

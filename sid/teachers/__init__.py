@@ -23,7 +23,7 @@ from sid.networks import MLP
 from sid.precond import EDMPrecond, Preconditioned
 from sid.teachers.analytic import GaussianMixture, ring_mixture
 
-TEACHER_KINDS = ("analytic", "diffusers", "edm_pickle")
+TEACHER_KINDS = ("analytic", "diffusers", "edm_pickle", "python")
 
 
 @dataclass
@@ -93,8 +93,9 @@ def fit_student(student: nn.Module, mixture: GaussianMixture, steps: int, batch:
     return student.eval()
 
 
-def denoiser_from_spec(spec: dict) -> nn.Module:
-    """Rebuild a student architecture (random weights) from its spec."""
+def denoiser_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:
+    """Rebuild a student architecture (random weights) from its spec; ``trust_code``: a spec may name the
+    user's Python function that builds it (``teacher.kind=python``), run only when trusted."""
     if spec["kind"] == "mlp":
         net = MLP(spec["shape"], spec["width"], spec["depth"], spec["label_dim"])
         return Preconditioned(net, EDMPrecond(spec["sigma_data"]), label_dim=spec["label_dim"])
@@ -106,6 +107,10 @@ def denoiser_from_spec(spec: dict) -> nn.Module:
         from sid.teachers.edm_pickle import denoiser_from_spec as edm_from_spec
 
         return edm_from_spec(spec)
+    if spec["kind"] == "python":
+        from sid.teachers.python import denoiser_from_spec as python_from_spec
+
+        return python_from_spec(spec, trust_code)
     raise SidError(f"unknown denoiser kind {spec['kind']!r} in an exported config; it was written by another tool")
 
 
@@ -132,6 +137,12 @@ def build_teacher(cfg) -> Teacher:
 
         denoiser, shape, spec = load_edm_denoiser(cfg.edm_pickle.path, cfg.edm_pickle.trust, cfg.edm_pickle.sigma_data)
         return Teacher(denoiser.eval().requires_grad_(False), shape, spec)
+    if cfg.kind == "python":
+        from sid.teachers.python import load_python_denoiser
+
+        p = cfg.python
+        denoiser, spec = load_python_denoiser(p.factory, plain(p.kwargs), plain(p.shape))
+        return Teacher(denoiser.eval().requires_grad_(False), tuple(spec["shape"]), spec)
     raise SidError(f"teacher.kind={cfg.kind!r} is unknown; choose one of {TEACHER_KINDS}")
 
 
