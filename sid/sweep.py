@@ -18,6 +18,8 @@ from pathlib import Path
 from sid.config import load_config
 from sid.errors import SidError
 
+INTERRUPTED = 130                         # exit code of a run stopped by a signal (checkpointed, resumable)
+
 
 def split_values(text: str) -> list[str]:
     """'0.5,1.0,[0.9,0.99]' -> ['0.5', '1.0', '[0.9,0.99]']: commas inside brackets do not split."""
@@ -123,9 +125,6 @@ def run_sweep(runs: list[dict], config_files, devices: int = 0) -> None:
         for proc, _ in active.values():
             proc.wait()
         raise
-
-
-INTERRUPTED = 130                         # exit code of a run stopped by a signal (checkpointed, resumable)
 
 
 def poll(active: dict, todo: list[dict], devices: int, entry: Path, configs: list[str]) -> None:
