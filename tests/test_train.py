@@ -63,6 +63,15 @@ def test_readme_main_command_distils_the_shipped_teacher(tmp_path, monkeypatch):
     assert Image.open(tmp_path / "samples" / "compare.png").size[0] > 2 * 64
 
 
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    block = text.split("runs in the tests, `tests/test_train.py`):\n\n```python\n", 1)[1].split("```", 1)[0]
+    quick = '"train.progress=false", "teacher.analytic.student_fit_steps=100", "train.run_dir'   # CPU seconds
+    monkeypatch.chdir(ROOT)
+    exec(block.replace("runs/api", str(tmp_path / "api")).replace('"train.run_dir', quick), {})
+    assert (tmp_path / "api" / "generator" / "generator.safetensors").is_file()
+
+
 def toy_overrides(tmp_path, name, total):
     return ["teacher.analytic.student_width=32", "teacher.analytic.student_fit_steps=20", "optim.batch=64",
             f"train.total_nimg={total}", "train.log_every_nimg=128", "train.sample_every_nimg=100000",
