@@ -1,4 +1,5 @@
-"""The generator and fake-score losses against the algebra and closed forms of sid-math.md §6 (T1, T4-T6, T8)."""
+"""The generator and fake-score losses against the algebra, closed forms and dynamics of sid-math.md §6
+(T1, T4-T8)."""
 
 import math
 
@@ -16,6 +17,7 @@ from sid.losses import (
 )
 from sid.networks import MLP
 from sid.precond import EDMPrecond, Preconditioned
+from sid.schedules import karras_sigma
 from sid.teachers.analytic import GaussianMixture
 
 LAMS = [0.0, 0.5, 1.0, 1.2, 2.0]
@@ -150,6 +152,68 @@ def test_t5_sid_weight_keeps_the_fixed_point():
     """ω rescales per sample but cannot move the stationary point (μ_g, s_g) = (μ, s) (T5.5)."""
     g = expected_gradient_mc(1.2, 0.3, 0.8, 0.3, 0.8, 0.7, n=20_000, weighting="sid")
     assert g.abs().max() < 1e-12
+
+
+# T7: optimisation-level smoke test: plain gradient descent on θ = (μ_g, s_g) with our loss's gradient ---------
+
+def gaussian_denoiser(mu, s):
+    """D(x; σ) = μ + s²/(s² + σ²)(x − μ), the exact denoiser of N(μ, s²), on rows x [B, N] with σ [B]."""
+    def denoise(x, sigma, labels=None):
+        return mu + s**2 / (s**2 + sigma[:, None] ** 2) * (x - mu)
+    return denoise
+
+
+def descend(cases, steps=1000, lr=0.05, n=1024, plug_in=False):
+    """Gradient descent (lr 0.05, sid-math T7) for each case (λ, start (μ_g, s_g), σ values) towards the teacher
+    N(0, 1), with the fake frozen at the exact denoiser of the current generator. The gradient is autograd's
+    through ``generator_loss`` (x0 weighting), averaged over the case's σ values and 2n fixed samples (common
+    random numbers, antithetic and rescaled: z's mean is exactly 0 and its mean square 1); ``plug_in``: of
+    L_0 - L_1, whose expected gradient is the plug-in channel P alone (§3.3). All cases descend together, one
+    row per (case, σ)."""
+    theta = torch.tensor([start for _, start, _ in cases], dtype=torch.float64)    # [C, 2]
+    rows = [(i, lam, sigma, 1 / len(sigmas)) for i, (lam, _, sigmas) in enumerate(cases) for sigma in sigmas]
+    case, lam, sigma, weight = (torch.tensor(column, dtype=torch.float64) for column in zip(*rows))
+    z = torch.cat([rand(1, n, seed=5), -rand(1, n, seed=5)], dim=1)
+    z = z / z.pow(2).mean().sqrt()                                                  # mean 0, mean square 1
+    teacher = gaussian_denoiser(0.0, 1.0)
+    for _ in range(steps):
+        leaf = theta.clone().requires_grad_(True)
+        mu_g, s_g = leaf[case.long()].split(1, dim=1)                               # [rows, 1] each
+        fake = gaussian_denoiser(mu_g.detach(), s_g.detach())
+        x_g = mu_g + s_g * z
+        torch.manual_seed(6)
+        loss = generator_loss(teacher, fake, x_g, sigma, lam=0.0 if plug_in else lam[:, None], weighting="x0")
+        if plug_in:
+            torch.manual_seed(6)
+            loss = loss - generator_loss(teacher, fake, x_g, sigma, lam=1.0, weighting="x0")
+        (grad,) = torch.autograd.grad((loss * weight).sum() / (2 * n), leaf)
+        theta -= lr * grad
+    return theta
+
+
+def converged(theta):
+    return bool(((theta - torch.tensor([0.0, 1.0], dtype=theta.dtype)).abs() < 0.05).all())
+
+
+def test_t7_gradient_descent_converges_diverges_and_collapses_as_predicted():
+    """sid-math.md T7 at σ = 1, then on SiD's σ grid. λ ∈ [½, 1] and λ = 0 converge from either side; λ = 1.2
+    converges below its repelling root s_g = √11 ≈ 3.317 and diverges (s_g → ∞) above it; on the σ grid
+    λ = 1.2 converges from s_g = 8 and diverges from 30; the plug-in channel alone collapses the generator
+    (s_g → 0) while its mean runs away. 1000 steps, after which descent on the exact expected gradients
+    (T5.2) is at s_g = 1.0135 from 8 and 78,404 from 30 on the grid, 117 from 3.5 at σ = 1 (measured here:
+    1.0135, 79,595 and 110); λ = 1 from s_g = 30 is still at 28.3 then (its s-gradient fades as 1/s_g), so
+    that start is checked for direction only."""
+    grid = karras_sigma(torch.linspace(0, 0.8, 41, dtype=torch.float64), 0.002, 80.0, 7.0).tolist()
+    converging = [(lam, start, [1.0]) for lam in (0.5, 1.0, 1.2, 0.0) for start in ([2.0, 0.5], [2.0, 3.0])]
+    converging += [(1.2, [0.0, 3.2], [1.0]), (0.5, [0.0, 3.5], [1.0]), (1.0, [0.0, 3.5], [1.0]),
+                   (0.5, [0.0, 30.0], [1.0])]
+    final = descend(converging + [(1.2, [0.0, 3.5], [1.0]), (1.0, [0.0, 30.0], [1.0])])
+    assert all(converged(theta) for theta in final[:-2]), list(zip(converging, final))
+    assert final[-2, 1] > 10 and 1 < final[-1, 1] < 29.5, final[-2:]          # diverged; slowly converging
+    from_8, from_30 = descend([(1.2, [0.0, 8.0], grid), (1.2, [0.0, 30.0], grid)], n=128)   # 41 σ rows each
+    assert converged(from_8) and from_30[1] > 1000, (from_8, from_30)
+    (collapsed,) = descend([(0.0, [2.0, 0.5], [1.0])], n=128, plug_in=True)
+    assert collapsed[1].abs() < 0.05 and collapsed[0] > 100, collapsed
 
 
 # T6: GMM teacher, Gaussian generator: 2 E∇L_½ = ∇J ----------------------------------------------------------
