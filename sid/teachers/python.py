@@ -54,7 +54,7 @@ def check_contract(denoiser, shape: tuple[int, ...], factory: str) -> None:
         raise SidError(f"the denoiser from {factory} lacks {', '.join(missing)} (the contract in sid/precond.py; "
                        "wrapping the network in sid.precond.Preconditioned provides them)")
     device = next(denoiser.parameters(), torch.empty(0)).device
-    x = torch.randn(2, *shape, device=device)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(device)     # global RNG untouched
     labels = None
     if denoiser.label_dim:
         labels = nn.functional.one_hot(torch.arange(2, device=device) % denoiser.label_dim, denoiser.label_dim)
