@@ -3,8 +3,9 @@
 After a fixed image budget per preset, fgm (λ = ½) and lambda1 (λ = 1) must reproduce the mixture: mode
 weights within a few percent and a sliced Wasserstein distance well below the teacher-initialised
 generator's. The sid preset (λ = 1.2) must at least improve. The fgm run with the loss sign flipped must
-fail the check. Budgets (measured): fgm matches from 384k images, lambda1 from about 512k (768k leaves a
-margin), sid has cut the distance 4x by 384k.
+end farther from the mixture than it started. Budgets (measured, in-loop SWD every 32k images): fgm matches
+from 384k images, lambda1 from about 512k (768k leaves a margin); sid had cut the distance 3.7x by 131k
+(0.19 from 0.71); with the sign flipped the distance was 1.27-1.31 from 32k on, where fgm was at 0.17-0.25.
 fgm runs with the σ-only weight (``x0``), the setting in which λ = ½ is the exact gradient (sid-math.md
 §3.8); with SiD's per-sample ω it keeps a bias of about 6 points toward the heavy mode at this budget.
 """
