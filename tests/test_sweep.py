@@ -124,6 +124,35 @@ def test_a_crashed_per_device_process_is_marked_failed(tmp_path, monkeypatch):
         assert "out of memory" in (run["dir"] / "sweep.log").read_text()
 
 
+def test_an_interrupted_per_device_sweep_waits_for_its_runs(tmp_path, monkeypatch):
+    """Ctrl-C reaches the runs too: the parent waits for them to checkpoint before it stops."""
+    import sid.sweep
+
+    waited = []
+
+    class Running:
+        returncode = None
+
+        def __init__(self, args, **kwargs):
+            pass
+
+        def poll(self):
+            return None
+
+        def wait(self):
+            waited.append(self)
+            return 130
+
+    def ctrl_c(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sid.sweep.subprocess, "Popen", Running)
+    monkeypatch.setattr(sid.sweep.time, "sleep", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(plan(CONFIG, ["loss.lam=0.5,1.0"] + SMALL, tmp_path), CONFIG, devices=2)
+    assert len(waited) == 2
+
+
 @pytest.mark.slow
 def test_one_process_per_device_and_dry_run(tmp_path, capsys):
     import sweep
