@@ -123,7 +123,7 @@ class PerfConfig:
     fused_adam: bool = True              # fused Adam kernels (else PyTorch's default foreach)
     teacher_bf16: bool = True            # with bf16 precision, store the frozen teacher's weights in bf16
     compile: Optional[bool] = None       # torch.compile the teacher, fake score and generator; null: on GPUs
-    grad_checkpointing: bool = False     # recompute UNet activations in backward: less memory, more compute
+    grad_checkpointing: bool = False     # recompute activations in backward (UNets per block, else whole)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple, Protocol
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -61,6 +62,7 @@ class Preconditioned(nn.Module):
     def __init__(self, net: nn.Module, precond: nn.Module, label_dim: int = 0):
         super().__init__()
         self.net, self.precond, self.label_dim = net, precond, label_dim
+        self.checkpoint = False         # recompute the backbone's activations in backward (perf.grad_checkpointing)
 
     sigma_min = property(lambda self: self.precond.sigma_min)
     sigma_max = property(lambda self: self.precond.sigma_max)
@@ -69,5 +71,9 @@ class Preconditioned(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         c = self.precond(broadcast_sigma(sigma, x))
-        out = self.net(c.c_in * x, c.c_noise.flatten(), labels)
+        inputs = (c.c_in * x, c.c_noise.flatten(), labels)
+        if self.checkpoint and torch.is_grad_enabled():
+            out = torch.utils.checkpoint.checkpoint(self.net, *inputs, use_reentrant=False)
+        else:
+            out = self.net(*inputs)
         return c.c_skip * x + c.c_out * out.to(x.dtype)

@@ -32,6 +32,7 @@ from sid.fid import generator_fid, load_reference, make_fid
 from sid.generator import OneStepGenerator, export_generator
 from sid.images import image_grid, save_image_grid, save_panels, save_samples
 from sid.losses import fake_score_loss, generator_loss, resolve_lam
+from sid.precond import Preconditioned
 from sid.sampling import sample_teacher
 from sid.schedules import sample_lognormal_sigma, sample_sid_sigma
 from sid.teachers import Teacher, build_teacher
@@ -104,9 +105,14 @@ def diffusers_models(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 def apply_perf(perf, bf16: bool, teacher: torch.nn.Module, students: list[torch.nn.Module]) -> None:
     """The ``perf`` switches that change how networks are stored; before optimisers and EMA are built."""
-    if perf.grad_checkpointing:
-        for unet in [m for net in (teacher, *students) for m in diffusers_models(net)]:
-            unet.enable_gradient_checkpointing()
+    if perf.grad_checkpointing:                 # diffusers UNets block by block, other backbones as a whole
+        for net in (teacher, *students):
+            for unet in diffusers_models(net):
+                unet.enable_gradient_checkpointing()
+            if not diffusers_models(net):
+                for m in net.modules():
+                    if isinstance(m, Preconditioned):
+                        m.checkpoint = True
     if perf.channels_last:
         for net in (teacher, *students):
             net.to(memory_format=torch.channels_last)
@@ -122,8 +128,6 @@ def build(cfg, accelerator: Accelerator, resume: str | None) -> Run:
         set_tf32(cfg.perf.tf32)
     torch.manual_seed(cfg.train.seed)          # identical networks on every process (also a random-init teacher)
     teacher = build_teacher(cfg.teacher)
-    if cfg.perf.grad_checkpointing and not diffusers_models(teacher.denoiser):
-        raise SidError("perf.grad_checkpointing=true needs a diffusers teacher (teacher.kind=diffusers)")
     fake_score = teacher.make_student()
     generator = OneStepGenerator(teacher.make_student(), teacher.shape, cfg.generator.sigma_init)
     teacher.denoiser.to(device).eval().requires_grad_(False)
