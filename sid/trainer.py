@@ -107,12 +107,12 @@ def apply_perf(perf, bf16: bool, teacher: torch.nn.Module, students: list[torch.
     """The ``perf`` switches that change how networks are stored; before optimisers and EMA are built."""
     if perf.grad_checkpointing:                 # diffusers UNets block by block, other backbones as a whole
         for net in (teacher, *students):
-            for unet in diffusers_models(net):
+            unets = diffusers_models(net)
+            for unet in unets:
                 unet.enable_gradient_checkpointing()
-            if not diffusers_models(net):
-                for m in net.modules():
-                    if isinstance(m, Preconditioned):
-                        m.checkpoint = True
+            for m in [] if unets else net.modules():
+                if isinstance(m, Preconditioned):
+                    m.checkpoint = True
     if perf.channels_last:
         for net in (teacher, *students):
             net.to(memory_format=torch.channels_last)
