@@ -53,6 +53,7 @@ def check_contract(denoiser, shape: tuple[int, ...], factory: str) -> None:
     if missing:
         raise SidError(f"the denoiser from {factory} lacks {', '.join(missing)} (the contract in sid/precond.py; "
                        "wrapping the network in sid.precond.Preconditioned provides them)")
+    denoiser.eval()                                                                  # the check without dropout
     device = next(denoiser.parameters(), torch.empty(0)).device
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0)).to(device)     # global RNG untouched
     labels = None
@@ -79,7 +80,7 @@ def load_python_denoiser(factory: str, kwargs: dict, shape) -> tuple[nn.Module, 
     except Exception as e:                  # the user's code: its error, in one line (the chain keeps the rest)
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise SidError(f"{factory} with arguments {kwargs} failed: {type(e).__name__}: {first}") from e
-    check_contract(denoiser.eval() if isinstance(denoiser, nn.Module) else denoiser, shape, factory)
+    check_contract(denoiser, shape, factory)
     return denoiser, {"kind": "python", "factory": factory, "kwargs": kwargs, "shape": list(shape)}
 
 
