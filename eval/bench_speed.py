@@ -1,7 +1,7 @@
 """Training throughput: the real SiD iteration (sid/trainer.py: make_step) timed under a ladder of speed settings.
 
-    python eval/bench_speed.py --config configs/speed/cifar_unet.yaml --out runs/bench_speed
-    python eval/bench_speed.py --config configs/speed/cifar_unet.yaml --modes reference,fast --iters 20
+    python eval/bench_speed.py --config speed/cifar_unet --out runs/bench_speed
+    python eval/bench_speed.py --config speed/cifar_unet --modes reference,fast --iters 20
 
 Each mode adds one setting to the one before it, so each row shows what that setting gains. Model FLOPs are
 counted once per network by ``torch.utils.flop_counter`` on one real eager iteration (matmuls, convolutions and

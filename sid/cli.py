@@ -1,37 +1,71 @@
-"""The command line shared by ``train.py`` and ``train_teacher.py``: presets, dotted overrides, --dry-run,
---resume, bad input as one ``error:`` line (exit code 2), and an interruption as one line (exit code 130)."""
+"""The sid command (also `python -m sid`): one subcommand per job, each in sid/commands/.
+
+    sid train --config fmnist                         distil a teacher into a one-step generator
+    sid teacher --config teacher/fmnist               train an EDM teacher on images
+    sid sweep run --config toy_2d --out runs/sweep loss.lam=0.5,1.0,1.2
+    sid sweep report runs/sweep                       report.md and figures of a sweep
+    sid sample runs/fmnist/generator --out grid.png   sample a one-step generator (or a teacher)
+    sid fid ref|gen|teacher|images ...                FID and its reference statistics
+
+--config takes a YAML file or the name of a preset shipped in sid/configs/. `sid COMMAND --help` says more.
+Bad input is one `error:` line (exit code 2); an interruption is one line (exit code 130) after the
+checkpoint of the step under way.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable
 
-from sid.config import load_config, to_yaml
 from sid.errors import SidError
 
+COMMANDS = {name: f"sid.commands.{name}" for name in ("train", "teacher", "sweep", "sample", "fid")}
 
-def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None) -> int:
-    """Parse ``argv``, load the config of ``schema_class``, then call ``entry()(cfg, resume=...)``.
 
-    ``entry`` returns the training function lazily, so --dry-run and config errors need no heavy imports.
-    """
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", default=[], help="YAML preset(s), applied in order")
-    parser.add_argument("--resume", nargs="?", const="auto", default=None,
-                        help="a checkpoint folder, a run folder, or (no value) the latest in the run folder")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.lam=1.0 optim.batch=128")
-    args = parser.parse_args(argv)
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in COMMANDS:
+        help_asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(__doc__.strip() if help_asked or not argv else
+              f"error: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (sid --help)",
+              file=sys.stdout if help_asked else sys.stderr)
+        return 0 if help_asked else 2
+    command = importlib.import_module(COMMANDS[argv[0]])
     try:
-        cfg = load_config(args.config, args.overrides, schema_class=schema_class)
-        if args.dry_run:
-            print(to_yaml(cfg), end="")
-            return 0
-        entry()(cfg, resume=args.resume)
+        return command.main(argv[1:], prog=f"sid {argv[0]}")
     except SidError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def parser(doc: str, prog: str | None) -> argparse.ArgumentParser:
+    """A subcommand's parser: its module docstring as the description, examples kept as written."""
+    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=None) -> int:
+    """``sid train`` and ``sid teacher``: parse ``argv``, load the config of ``schema_class``, then call
+    ``entry()(cfg, resume=...)``.
+
+    ``entry`` returns the training function lazily, so --dry-run and config errors need no heavy imports.
+    """
+    p = parser(doc, prog)
+    p.add_argument("--config", action="append", default=[], help="YAML file or shipped preset name, applied in order")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="a checkpoint folder, a run folder, or (no value) the latest in the run folder")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.lam=1.0 optim.batch=128")
+    args = p.parse_args(argv)
+    from sid.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides, schema_class=schema_class)
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    try:
+        entry()(cfg, resume=args.resume)
     except KeyboardInterrupt as e:       # a signal: after a checkpoint of the last step, or at once (a second one)
         print(f"{e or 'interrupted; the checkpoints already written are kept'}: --resume continues the run",
               file=sys.stderr)

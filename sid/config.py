@@ -1,7 +1,7 @@
 """The configuration: a typed schema, YAML presets that only override, dotted CLI overrides, validation.
 
-``load_config(["configs/x.yaml"], ["loss.lam=1.0"])`` merges schema defaults < each YAML < the dotlist,
-validates every value, and returns a read-only config.
+``load_config(["fmnist"], ["loss.lam=1.0"])`` merges schema defaults < each YAML (a file, or a preset shipped
+in ``sid/configs/``) < the dotlist, validates every value, and returns a read-only config.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class EvalConfig:
     every_nimg: int = 0                  # in-loop quality of the EMA generator every this many images; 0: off.
                                          # Image teachers: proxy FID; analytic teachers: sliced Wasserstein
     num: int = 10_000                    # generated samples per evaluation (fixed seeds)
-    fid_ref: Optional[str] = None        # reference statistics (.npz with mu, sigma: `python eval/fid.py ref`)
+    fid_ref: Optional[str] = None        # reference statistics (.npz with mu, sigma: `sid fid ref`)
     fid_weights: str = "auto"            # auto | torchmetrics | path to a TorchScript feature extractor
 
 
@@ -231,7 +231,7 @@ def validate(cfg: DictConfig) -> None:
     if not 0 < cfg.loss.t_max <= 1:
         raise SidError(f"loss.t_max={cfg.loss.t_max} must be in (0, 1] (a fraction of the Karras schedule)")
     if cfg.eval.every_nimg and cfg.teacher.kind != "analytic" and not cfg.eval.fid_ref:
-        raise SidError("eval.every_nimg needs eval.fid_ref (reference statistics from `python eval/fid.py ref`)")
+        raise SidError("eval.every_nimg needs eval.fid_ref (reference statistics from `sid fid ref`)")
     if cfg.teacher.kind == "diffusers" and not (cfg.teacher.diffusers.path or cfg.teacher.diffusers.unet_config):
         raise SidError("teacher.kind=diffusers needs teacher.diffusers.path (a local folder or hub id)")
     if cfg.teacher.kind == "edm_pickle" and not cfg.teacher.edm_pickle.path:
@@ -241,18 +241,34 @@ def validate(cfg: DictConfig) -> None:
                        "teacher.python.shape (one sample's shape, e.g. [3, 32, 32])")
 
 
+PRESETS = Path(__file__).parent / "configs"
+
+
+def preset_names() -> list[str]:
+    """The shipped presets, by the names ``--config`` takes: ``fmnist``, ``teacher/fmnist``, ..."""
+    return sorted(p.relative_to(PRESETS).with_suffix("").as_posix() for p in PRESETS.rglob("*.yaml"))
+
+
+def find_config(name) -> Path:
+    """A YAML file's path, or a shipped preset's name (``fmnist`` is ``sid/configs/fmnist.yaml``)."""
+    if Path(name).is_file():
+        return Path(name)
+    preset = PRESETS / (name if str(name).endswith(".yaml") else f"{name}.yaml")
+    if preset.is_file():
+        return preset
+    raise SidError(f"config {name}: no such file, and no shipped preset of that name ({', '.join(preset_names())})")
+
+
 def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
-    """Schema defaults, then each YAML file, then (distillation configs, no GPU visible) the ``on_cpu``
-    settings, then ``key=value`` overrides; validated and read-only.
+    """Schema defaults, then each YAML file or preset (``find_config``), then (distillation configs, no GPU
+    visible) the ``on_cpu`` settings, then ``key=value`` overrides; validated and read-only.
 
     ``schema_class`` defaults to the distillation ``Config``; ``TeacherTrainingConfig`` is the other schema.
     """
     schema_class = schema_class or Config
     schema = OmegaConf.structured(schema_class)
     cfg = schema
-    for path in files:
-        if not Path(path).is_file():
-            raise SidError(f"config file {path} not found")
+    for path in map(find_config, files):
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         except OmegaConfBaseException as e:

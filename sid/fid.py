@@ -105,7 +105,7 @@ def load_reference(metric: FrechetInceptionDistance, path: str | Path) -> None:
             mu, sigma = torch.from_numpy(f["mu"]).double(), torch.from_numpy(f["sigma"]).double()
     except (OSError, KeyError, ValueError) as e:
         raise SidError(f"reference statistics {path} unreadable ({type(e).__name__}); expected an .npz with mu "
-                       "and sigma, as written by `python eval/fid.py ref`") from None
+                       "and sigma, as written by `sid fid ref`") from None
     if mu.shape != metric.real_features_sum.shape:
         raise SidError(f"reference {path} has {mu.shape[0]}-d features, the extractor gives "
                        f"{metric.real_features_sum.shape[0]}: compute it with the same Inception weights")

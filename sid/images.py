@@ -36,12 +36,10 @@ def save_image_grid(x: torch.Tensor, path: str | Path, cols: int | None = None) 
 
 def save_scatter(points: torch.Tensor, reference: torch.Tensor | None, path: str | Path, title: str = "") -> None:
     """2-D generator samples over reference (teacher) samples."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend, nothing to close
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    fig = Figure(figsize=(4, 4), dpi=100)
+    ax = fig.subplots()
     if reference is not None:
         ax.scatter(*reference.cpu().T, s=2, alpha=0.3, label="teacher", color="tab:gray")
     ax.scatter(*points.float().cpu().T, s=2, alpha=0.6, label="generator", color="tab:red")
@@ -50,24 +48,20 @@ def save_scatter(points: torch.Tensor, reference: torch.Tensor | None, path: str
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def save_panels(panels: list[tuple[np.ndarray, str]], path: str | Path) -> None:
     """Image grids (uint8 arrays from ``image_grid``) side by side, each under its title."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.4), dpi=100, squeeze=False)
+    fig = Figure(figsize=(4 * len(panels), 4.4), dpi=100)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (grid, title) in zip(axes[0], panels):
         ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def save_samples(x: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None, title: str = "") -> bool:

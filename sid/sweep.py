@@ -114,12 +114,11 @@ def run_sweep(runs: list[dict], config_files, devices: int = 0) -> None:
         for run in todo:
             run_one(run)
         return
-    entry = Path(__file__).resolve().parents[1] / "sweep.py"
     configs = [a for f in config_files for a in ("--config", str(f))]
     active: dict[int, tuple[subprocess.Popen, dict]] = {}
     try:
         while todo or active:
-            poll(active, todo, devices, entry, configs)
+            poll(active, todo, devices, configs)
             time.sleep(1)
     except KeyboardInterrupt:            # the runs got the signal too: let them checkpoint, then stop
         for proc, _ in active.values():
@@ -127,7 +126,7 @@ def run_sweep(runs: list[dict], config_files, devices: int = 0) -> None:
         raise
 
 
-def poll(active: dict, todo: list[dict], devices: int, entry: Path, configs: list[str]) -> None:
+def poll(active: dict, todo: list[dict], devices: int, configs: list[str]) -> None:
     """Collect exited child processes (a crash marks its run failed), then start the next runs on free GPUs."""
     for gpu, (proc, run) in list(active.items()):
         if proc.poll() is None:
@@ -143,6 +142,6 @@ def poll(active: dict, todo: list[dict], devices: int, entry: Path, configs: lis
             run["dir"].mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
             with open(run["dir"] / "sweep.log", "a") as log:
-                proc = subprocess.Popen([sys.executable, str(entry), "one", *configs, *run["overrides"]],
+                proc = subprocess.Popen([sys.executable, "-m", "sid", "sweep", "one", *configs, *run["overrides"]],
                                         env=env, stdout=log, stderr=subprocess.STDOUT)
             active[gpu] = (proc, run)

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,6 +9,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def sid_process(*args, cwd=ROOT, timeout=300, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m sid ARGS`` (the ``sid`` command) in a child process, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "sid", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, **kwargs)
 
 # A diffusers UNet2DModel small enough for CPU tests (built from config: no download).
 TINY_UNET = {

@@ -1,35 +1,42 @@
-"""Config schema, presets, overrides, validation and the CLI's dry run."""
-
-import subprocess
-import sys
+"""Config schema, presets, overrides, validation and the `sid` command's dry run."""
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import ROOT
-from sid.config import Config, load_config
+from conftest import ROOT, sid_process
+from sid.config import PRESETS, Config, TeacherTrainingConfig, load_config, preset_names
 from sid.errors import SidError
 
 
 def test_base_yaml_lists_every_default():
-    assert OmegaConf.to_container(OmegaConf.load(ROOT / "configs/base.yaml")) == \
+    assert OmegaConf.to_container(OmegaConf.load(PRESETS / "base.yaml")) == \
         OmegaConf.to_container(OmegaConf.structured(Config))
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_presets_load_and_only_override_known_keys(preset):
-    load_config([preset])
+@pytest.mark.parametrize("preset", preset_names())
+def test_presets_load_by_name_and_only_override_known_keys(preset):
+    schema = TeacherTrainingConfig if preset.startswith("teacher/") else Config
+    assert load_config([preset], schema_class=schema) == load_config([PRESETS / f"{preset}.yaml"], schema_class=schema)
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "configs/teacher").glob("*.yaml")), ids=lambda p: p.name)
-def test_teacher_presets_load(preset):
-    from sid.config import TeacherTrainingConfig
+def test_a_file_comes_before_a_preset_of_the_same_name(tmp_path, monkeypatch):
+    assert {"fmnist", "toy_2d", "cifar10_edm", "teacher/fmnist", "speed/cifar_unet"} <= set(preset_names())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy_2d").write_text("loss: {lam: 0.3}\n")
+    assert load_config(["toy_2d"]).loss.lam == "0.3" and load_config(["toy_2d.yaml"]).loss.lam != "0.3"
+    with pytest.raises(SidError, match=r"config toy2d: no such file, and no shipped preset .*\(base, cifar10_edm, "):
+        load_config(["toy2d"])
 
-    load_config([preset], schema_class=TeacherTrainingConfig)
+
+def test_the_command_lists_its_subcommands():
+    out = sid_process("--help")
+    assert out.returncode == 0 and all(f"sid {c}" in out.stdout for c in ("train", "teacher", "sweep", "sample", "fid"))
+    out = sid_process("distil")
+    assert out.returncode == 2 and out.stderr.startswith("error: unknown command 'distil'") and not out.stdout
 
 
 def test_overrides_apply_last_and_config_is_read_only():
-    cfg = load_config([ROOT / "configs/toy_2d.yaml"], ["loss.lam=0.75", "optim.batch=64"])
+    cfg = load_config(["toy_2d"], ["loss.lam=0.75", "optim.batch=64"])
     assert cfg.loss.lam == "0.75" and cfg.optim.batch == 64
     with pytest.raises(Exception):
         cfg.optim.batch = 1
@@ -67,17 +74,16 @@ def test_unknown_on_cpu_keys_are_rejected_on_every_machine(gpu, monkeypatch):
 
 
 def test_missing_config_file():
-    with pytest.raises(SidError, match="not found"):
+    with pytest.raises(SidError, match="config nope.yaml: no such file"):
         load_config(["nope.yaml"])
 
 
 def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return sid_process("train", *args, cwd=cwd)
 
 
 def test_dry_run_prints_the_resolved_config():
-    out = run_cli("--config", "configs/toy_2d.yaml", "loss.lam=fgm", "--dry-run")
+    out = run_cli("--config", "toy_2d", "loss.lam=fgm", "--dry-run")
     assert out.returncode == 0
     assert OmegaConf.create(out.stdout).loss.lam == "fgm"
 

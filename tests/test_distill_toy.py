@@ -13,7 +13,6 @@ fgm runs with the σ-only weight (``x0``), the setting in which λ = ½ is the e
 import pytest
 import torch
 
-from conftest import ROOT
 from sid.config import load_config
 from sid.generator import OneStepGenerator
 from sid.teachers import build_teacher
@@ -50,7 +49,7 @@ def matches(result, swd_init):
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
-    cfg = load_config([ROOT / "configs/toy_2d.yaml"], overrides(tmp_path_factory.mktemp("init"), "fgm"))
+    cfg = load_config(["toy_2d"], overrides(tmp_path_factory.mktemp("init"), "fgm"))
     teacher = build_teacher(cfg.teacher)
     torch.manual_seed(cfg.train.seed)
     g0 = OneStepGenerator(teacher.make_student(), teacher.shape, cfg.generator.sigma_init).eval()
@@ -58,7 +57,7 @@ def baseline(tmp_path_factory):
 
 
 def distil(tmp_path, lam, mixture, *extra):
-    run = train(load_config([ROOT / "configs/toy_2d.yaml"], overrides(tmp_path, lam) + list(extra)))
+    run = train(load_config(["toy_2d"], overrides(tmp_path, lam) + list(extra)))
     return evaluate(run.ema.model, mixture)
 
 

@@ -96,11 +96,10 @@ def test_fashion_mnist_reader_pads_to_32(tmp_path, monkeypatch):
 
 
 def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_overrides, capsys):
-    """eval/fid.py's subcommands and train.py's in-loop FID, called in-process (their argv entry points)."""
+    """`sid fid`'s subcommands and `sid train`'s in-loop FID, called in-process (the command's entry point)."""
     from PIL import Image
 
-    import train
-    from eval import fid as fid_cli
+    from sid.cli import main as sid
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -108,7 +107,7 @@ def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_ov
         Image.fromarray(im[0].numpy()).save(folder / f"{i:03d}.png")
 
     def run(*args):
-        code = fid_cli.main([*args, "--weights", str(extractor_file)])
+        code = sid(["fid", *args, "--weights", str(extractor_file)])
         out = capsys.readouterr()
         assert code == 0, out.err
         return out.out
@@ -124,7 +123,7 @@ def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_ov
     # a tiny distillation run with in-loop proxy FID against that reference
     overrides = tiny_unet_overrides + ["eval.every_nimg=16", f"eval.fid_ref={tmp_path / 'ref.npz'}",
                                        "eval.num=8", f"eval.fid_weights={extractor_file}"]
-    assert train.run(train.__doc__, train.Config, train.trainer, overrides) == 0, capsys.readouterr().err
+    assert sid(["train", *overrides]) == 0, capsys.readouterr().err
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     fids = [(r["nimg"], r["fid"]) for r in records if "fid" in r]
     assert [n for n, _ in fids] == [16, 32] and all(np.isfinite(v) and v > 0 for _, v in fids)

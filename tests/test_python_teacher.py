@@ -50,12 +50,12 @@ def test_the_users_network_is_distilled_exported_and_loads_when_trusted(pretrain
     torch.testing.assert_close(generator.sample_seeds(range(3), classes=[0, 1, 2]),
                                run.ema.model.sample_seeds(range(3), classes=[0, 1, 2]))
 
-    from eval import sample
-    from eval.report import write_report
+    from sid.cli import main as sid
+    from sid.report import write_report
 
     out = tmp_path / "s.npz"
-    assert sample.main([str(run_dir / "generator"), "--seeds", "0-3", "--out", str(out)]) == 2
-    assert sample.main([str(run_dir / "generator"), "--seeds", "0-3", "--out", str(out), "--trust-code"]) == 0
+    assert sid(["sample", str(run_dir / "generator"), "--seeds", "0-3", "--out", str(out)]) == 2
+    assert sid(["sample", str(run_dir / "generator"), "--seeds", "0-3", "--out", str(out), "--trust-code"]) == 0
     assert out.is_file()
     with pytest.raises(SidError, match="trust_code=True"):                  # a sweep report draws its samples
         write_report(tmp_path, num_samples=4)

@@ -3,19 +3,18 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import sid_process
+from sid.cli import main as sid
 from sid.sweep import expand_grid, plan, run_sweep, split_values
 
 SMALL = ["teacher.analytic.modes=3", "teacher.analytic.student_width=32", "teacher.analytic.student_fit_steps=50",
          "optim.batch=128", "train.total_nimg=2560", "train.log_every_nimg=640", "train.sample_every_nimg=100000",
          "train.ckpt_every_nimg=1280", "train.progress=false", "train.tensorboard=false", "eval.every_nimg=1280",
          "eval.num=500"]
-CONFIG = [ROOT / "configs/toy_2d.yaml"]
+CONFIG = ["toy_2d"]
 
 
 def signal_in_run(monkeypatch, lam: str, nimg: int) -> None:
@@ -43,15 +42,13 @@ def test_grid_expansion():
 
 
 def test_sweep_runs_reports_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
-    import sweep
-
     overrides = ["loss.lam=0.5,1.0,1.2"] + SMALL
     runs = plan(CONFIG, overrides, tmp_path)
     assert [r["name"] for r in runs] == ["lam=0.5", "lam=1.0", "lam=1.2"] and {r["state"] for r in runs} == {"new"}
     # an interrupted sweep: Ctrl-C while λ=1.0 is at 1280 images, after λ=0.5 finished
     signal_in_run(monkeypatch, "1.0", 1280)
-    assert sweep.main(["run", "--config", str(CONFIG[0]), "--out", str(tmp_path), *overrides]) == 130
-    assert "the same `sweep.py run` command resumes the sweep" in capsys.readouterr().err
+    assert sid(["sweep", "run", "--config", CONFIG[0], "--out", str(tmp_path), *overrides]) == 130
+    assert "the same `sid sweep run` command resumes the sweep" in capsys.readouterr().err
     monkeypatch.undo()
     lines_before = (tmp_path / "lam=0.5" / "metrics.jsonl").read_text()
     runs = plan(CONFIG, overrides, tmp_path)
@@ -62,9 +59,7 @@ def test_sweep_runs_reports_and_skips_finished_runs(tmp_path, monkeypatch, capsy
     assert [r["nimg"] for r in resumed if "swd" in r] == [1280, 2560]                     # resumed, not restarted
     assert all(r["state"] == "finished" for r in plan(CONFIG, overrides, tmp_path))
 
-    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), "report", str(tmp_path),
-                          "--baseline", "exact samples, 2 sets=0.035"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=300)
+    out = sid_process("sweep", "report", tmp_path, "--baseline", "exact samples, 2 sets=0.035")
     assert out.returncode == 0, out.stderr
     report = (tmp_path / "report.md").read_text()
     for name in ("lam=0.5", "lam=1.0", "lam=1.2"):
@@ -83,8 +78,7 @@ def test_failed_runs_are_marked_not_dropped(tmp_path, monkeypatch):
     runs = plan(CONFIG, ["loss.lam=0.5"] + SMALL + ["train.max_nonfinite_steps=2"], tmp_path)
     run_sweep(runs, CONFIG)
     assert plan(CONFIG, ["loss.lam=0.5"] + SMALL, tmp_path)[0]["state"] == "failed"
-    sys.path.insert(0, str(ROOT))
-    from eval.report import write_report
+    from sid.report import write_report
 
     report = write_report(tmp_path).read_text()
     assert "failed: aborting" in report
@@ -155,14 +149,10 @@ def test_an_interrupted_per_device_sweep_waits_for_its_runs(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_one_process_per_device_and_dry_run(tmp_path, capsys):
-    import sweep
-
-    args = ["run", "--config", str(CONFIG[0]), "--out", str(tmp_path), "loss.lam=0.5,1.0", *SMALL]
-    assert sweep.main(args + ["--dry-run"]) == 0
+    args = ["sweep", "run", "--config", CONFIG[0], "--out", str(tmp_path), "loss.lam=0.5,1.0", *SMALL]
+    assert sid(args + ["--dry-run"]) == 0
     assert capsys.readouterr().out.count("new") == 2 and not any(tmp_path.iterdir())
-    out = subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args, "--devices", "2"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=600,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    out = sid_process(*args, "--devices", "2", timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert all(r["state"] == "finished" for r in plan(CONFIG, ["loss.lam=0.5,1.0"] + SMALL, tmp_path))
 
@@ -176,12 +166,12 @@ def test_a_run_stopped_by_its_time_budget_counts_as_finished(tmp_path):
 
 
 def test_report_baselines_are_name_value_pairs(tmp_path, capsys):
-    import sweep
+    from sid.commands.sweep import parse_baselines
 
-    assert sweep.parse_baselines(["teacher, Heun 35 NFE=31.25", "a=b=1"]) == {"teacher, Heun 35 NFE": 31.25, "a=b": 1.0}
-    assert sweep.main(["report", str(tmp_path), "--baseline", "teacher"]) == 2
+    assert parse_baselines(["teacher, Heun 35 NFE=31.25", "a=b=1"]) == {"teacher, Heun 35 NFE": 31.25, "a=b": 1.0}
+    assert sid(["sweep", "report", str(tmp_path), "--baseline", "teacher"]) == 2
     assert "expected NAME=VALUE" in capsys.readouterr().err
-    assert sweep.main(["report", str(tmp_path / "typo")]) == 2
+    assert sid(["sweep", "report", str(tmp_path / "typo")]) == 2
     assert "no sweep folder at" in capsys.readouterr().err
-    assert sweep.main(["report", str(tmp_path)]) == 2
+    assert sid(["sweep", "report", str(tmp_path)]) == 2
     assert "holds no runs" in capsys.readouterr().err

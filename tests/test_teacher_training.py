@@ -3,15 +3,13 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_UNET
+from conftest import TINY_UNET, sid_process
 from sid.config import TeacherTrainingConfig, load_config
 from sid.errors import SidError
 from sid.teacher_training import train_teacher
@@ -78,9 +76,8 @@ def test_teacher_trains_resumes_exactly_and_exports(dataset, tmp_path, monkeypat
 
 
 def test_teacher_cli_dry_run_and_bad_source(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "train_teacher.py"), *a],  # noqa: E731
-                                    capture_output=True, text=True, cwd=ROOT, timeout=300)
-    out = run("--config", "configs/teacher/fmnist.yaml", "--dry-run", "batch=32")
+    run = lambda *a: sid_process("teacher", *a)  # noqa: E731
+    out = run("--config", "teacher/fmnist", "--dry-run", "batch=32")
     assert out.returncode == 0 and "batch: 32" in out.stdout
     out = run(f"source={tmp_path / 'none.npz'}", f"run_dir={tmp_path}")
     assert out.returncode == 2 and out.stderr.startswith("error: image source") and out.stderr.count("\n") == 1

@@ -4,8 +4,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,19 +11,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, sid_process
+from sid.cli import main as sid
 from sid.config import load_config
 from sid.errors import SidError
 from sid.trainer import train
 
 
-def cli(*args, script="train.py"):
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
-
-
 def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path):
-    out = cli(*tiny_unet_overrides)
+    out = sid_process("train", *tiny_unet_overrides)
     assert out.returncode == 0, out.stderr
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -37,24 +31,22 @@ def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path):
     assert (run / "samples" / "compare.png").is_file()                                 # the two side by side
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert (run / "config.yaml").is_file()
-    # the export loads without the training code and samples by seed (eval/sample.py's entry point)
-    from eval import sample
-
-    assert sample.main([str(run / "generator"), "--seeds", "0-5", "--out", str(tmp_path / "s.npz")]) == 0
+    # the export loads without the training code and samples by seed (`sid sample`)
+    assert sid(["sample", str(run / "generator"), "--seeds", "0-5", "--out", str(tmp_path / "s.npz")]) == 0
     images = np.load(tmp_path / "s.npz")["images"]
     assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
-    assert sample.main([str(run / "generator"), "--seeds", "0-1", "--out", str(tmp_path / "pngs")]) == 0
+    assert sid(["sample", str(run / "generator"), "--seeds", "0-1", "--out", str(tmp_path / "pngs")]) == 0
     assert len(list((tmp_path / "pngs").glob("*.png"))) == 2
-    assert sample.main([str(run / "generator"), "--out", str(tmp_path / "s.jpg")]) == 2         # not a folder
+    assert sid(["sample", str(run / "generator"), "--out", str(tmp_path / "s.jpg")]) == 2       # not a folder
     assert not (tmp_path / "s.jpg").exists()
     with pytest.raises(SystemExit):                                                        # argparse's one line
-        sample.main([str(run / "generator"), "--seeds", "0-x", "--out", str(tmp_path / "s.png")])
+        sid(["sample", str(run / "generator"), "--seeds", "0-x", "--out", str(tmp_path / "s.png")])
 
 
 def test_readme_main_command_distils_the_shipped_teacher(tmp_path, monkeypatch):
-    """configs/fmnist.yaml on a CPU: the on_cpu settings (batch 32, a time budget) and the comparison figure."""
+    """The fmnist preset on a CPU: the on_cpu settings (batch 32, a time budget) and the comparison figure."""
     monkeypatch.setattr("sid.config.gpu_visible", lambda: False)
-    cfg = load_config([ROOT / "configs/fmnist.yaml"], ["train.total_nimg=64", f"train.run_dir={tmp_path}",
+    cfg = load_config(["fmnist"], ["train.total_nimg=64", f"train.run_dir={tmp_path}",
                                                        "train.num_samples=4", "train.progress=false"])
     assert cfg.optim.batch == 32 and cfg.train.max_seconds > 0
     run = train(cfg)
@@ -121,7 +113,6 @@ def test_a_signal_checkpoints_the_step_and_resume_ends_as_an_uninterrupted_run(t
     (between the scheduled ones at 256 and 512), and resuming ends bit-identical to a run never interrupted.
     The command line says so in one line (exit code 130). A second signal stops at once, keeping the
     checkpoints already written."""
-    import train as train_cli
     from sid.trainer import TrainingInterrupted
 
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
@@ -140,7 +131,7 @@ def test_a_signal_checkpoints_the_step_and_resume_ends_as_an_uninterrupted_run(t
 
     signal_at(monkeypatch, 64, signal.SIGINT)
     capsys.readouterr()
-    code = train_cli.run(train_cli.__doc__, train_cli.Config, train_cli.trainer, toy_overrides(tmp_path, "cli", 512))
+    code = sid(["train", *toy_overrides(tmp_path, "cli", 512)])
     assert code == 130 and capsys.readouterr().err.strip().endswith("--resume continues the run")
     assert (tmp_path / "cli" / "training-state-000000000064").is_dir()
 
@@ -161,8 +152,8 @@ def test_bf16_autocast_run(tmp_path):
 
 def test_teacher_reference_samples(tmp_path):
     (tmp_path / "t.yaml").write_text("teacher:\n  analytic:\n    modes: 3\n")
-    out = cli("--teacher", str(tmp_path / "t.yaml"), "--steps", "12", "--seeds", "0-999",
-              "--out", str(tmp_path / "t.npz"), script="eval/sample.py")
+    out = sid_process("sample", "--teacher", tmp_path / "t.yaml", "--steps", "12", "--seeds", "0-999",
+                      "--out", tmp_path / "t.npz")
     assert out.returncode == 0, out.stderr
     from sid.teachers.analytic import mode_weights, ring_mixture
 
@@ -171,21 +162,19 @@ def test_teacher_reference_samples(tmp_path):
 
 
 def test_missing_teacher_path_is_one_clear_line(tmp_path):
-    out = cli("teacher.kind=diffusers", f"teacher.diffusers.path={tmp_path / 'nope'}", f"train.run_dir={tmp_path}")
+    out = sid_process("train", "teacher.kind=diffusers", f"teacher.diffusers.path={tmp_path / 'nope'}",
+                      f"train.run_dir={tmp_path}")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert out.stderr.startswith("error: teacher path") and "does not exist" in out.stderr
 
 
 def test_corrupt_checkpoint_on_resume_is_one_clear_line_and_keeps_files(tmp_path, capsys):
-    import train as train_cli
-
     overrides = toy_overrides(tmp_path, "run", 256)
     train(load_config([], overrides))
     state = tmp_path / "run" / "training-state-000000000256" / "tensors.safetensors"
     state.write_bytes(state.read_bytes()[:100])                                       # truncated
     capsys.readouterr()
-    code = train_cli.run(train_cli.__doc__, train_cli.Config, train_cli.trainer,
-                         [*overrides[:-4], "train.total_nimg=512", f"train.run_dir={tmp_path / 'run'}", "--resume"])
+    code = sid(["train", *overrides[:-4], "train.total_nimg=512", f"train.run_dir={tmp_path / 'run'}", "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "is unreadable" in err
     assert state.is_file() and (tmp_path / "run" / "generator" / "generator.safetensors").is_file()

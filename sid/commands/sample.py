@@ -1,0 +1,96 @@
+"""Sample an exported one-step generator, or a teacher (EDM Heun sampler) for reference.
+
+    sid sample runs/toy_2d/generator --seeds 0-63 --out grid.png
+    sid sample runs/x/generator --seeds 0-9999 --out samples.npz --classes 3
+    sid sample runs/x/generator --seeds 0-99 --out pngs/           # one PNG per seed
+    sid sample --teacher runs/x/config.yaml --steps 18 --seeds 0-63 --out teacher.png     # or --teacher fmnist
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sid.cli import parser
+from sid.config import load_config
+from sid.errors import SidError
+from sid.generator import load_generator
+from sid.images import save_image_grid, save_samples, to_uint8
+from sid.sampling import sample_teacher
+from sid.teachers import build_teacher
+
+
+def parse_ints(text: str) -> list[int]:
+    """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's --seeds syntax)."""
+    out = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers and ranges such as 0-63 or 1,5,9, got {text!r}") from None
+    return out
+
+
+def main(argv=None, prog=None) -> int:
+    p = parser(__doc__, prog)
+    p.add_argument("generator", nargs="?", help="exported generator folder (or its generator.safetensors)")
+    p.add_argument("--teacher", metavar="CONFIG",
+                   help="sample the teacher of this config (a file or a preset name) instead (Heun/Euler)")
+    p.add_argument("--steps", type=int, default=18, help="teacher: noise levels (Heun: 2 * steps - 1 evaluations)")
+    p.add_argument("--solver", choices=("heun", "euler"), default="heun")
+    p.add_argument("--seeds", default="0-63", type=parse_ints, help="one sample per seed, e.g. 0-63 or 1,5,9")
+    p.add_argument("--classes", default=None, type=parse_ints,
+                   help="class per seed (one value for all, or one per seed)")
+    p.add_argument("--out", required=True, help="*.png: grid; *.npz: uint8 images (or raw samples); folder: PNGs")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow a generator distilled from a teacher.kind=python teacher to run the function "
+                        "that builds its architecture")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    seeds, classes = args.seeds, args.classes
+    check_out(Path(args.out))
+    if classes is not None and len(classes) == 1:
+        classes = classes * len(seeds)
+    if classes is not None and len(classes) != len(seeds):
+        raise SidError(f"--classes gives {len(classes)} values for {len(seeds)} seeds")
+    if (args.generator is None) == (args.teacher is None):
+        raise SidError("give either an exported generator or --teacher CONFIG")
+    if args.teacher:
+        denoiser, shape = load_teacher(args.teacher, args.device)
+        x = sample_teacher(denoiser, shape, args.steps, args.solver, seeds, classes, args.device)
+    else:
+        generator = load_generator(args.generator, device=args.device, trust_code=args.trust_code)
+        if classes is not None and not generator.label_dim:
+            raise SidError("--classes given, but this generator is unconditional")
+        x = generator.sample_seeds(seeds, classes, device=args.device).cpu()
+    write(x, Path(args.out), seeds)
+    print(f"wrote {len(seeds)} samples to {args.out}")
+    return 0
+
+
+def load_teacher(config: str, device):
+    """(frozen teacher denoiser on device, sample shape) of a distillation config."""
+    teacher = build_teacher(load_config([config]).teacher)
+    return teacher.denoiser.to(device), teacher.shape
+
+
+def check_out(out: Path) -> None:
+    if out.suffix not in ("", ".png", ".npz") and not out.is_dir():
+        raise SidError(f"--out {out}: give a .png (a grid), an .npz, or a folder (one PNG per seed)")
+
+
+def write(x: torch.Tensor, out: Path, seeds) -> None:
+    images = x.ndim == 4 and x.shape[1] in (1, 3)
+    if out.suffix == ".npz":
+        np.savez(out, images=to_uint8(x), seeds=np.array(seeds)) if images else np.savez(out, samples=x.numpy())
+    elif out.suffix == ".png":
+        if not save_samples(x, out):
+            raise SidError(f"samples of shape {tuple(x.shape[1:])} cannot be drawn; write an .npz instead")
+    else:
+        if not images:
+            raise SidError("a folder of PNGs needs image samples; write an .npz instead")
+        out.mkdir(parents=True, exist_ok=True)
+        for seed, image in zip(seeds, x):
+            save_image_grid(image[None], out / f"{seed:06d}.png", cols=1)

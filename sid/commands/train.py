@@ -1,0 +1,21 @@
+"""Distil a diffusion teacher into a one-step generator.
+
+    sid train --config fmnist                                    # the shipped teacher; presets: sid/configs/
+    sid train --config toy_2d loss.lam=fgm train.run_dir=runs/toy
+    sid train --config toy_2d --resume                           # the latest state in train.run_dir
+    sid train --config my_run.yaml --dry-run                     # print the resolved config
+    accelerate launch --multi_gpu --num_processes 4 -m sid train --config my_run.yaml
+"""
+
+from sid.cli import run
+from sid.config import Config
+
+
+def trainer():
+    from sid.trainer import train
+
+    return train
+
+
+def main(argv=None, prog=None) -> int:
+    return run(__doc__, Config, trainer, argv, prog)
