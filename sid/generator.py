@@ -79,7 +79,8 @@ def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Pat
 
 
 def load_generator(path: str | Path, device=None, trust_code: bool = False) -> OneStepGenerator:
-    """An exported generator from its folder or its ``.safetensors`` file (the config travels in the metadata).
+    """An exported generator from its folder, its ``.safetensors`` file (the config travels in the metadata), or
+    the run folder that exported it.
 
     ``trust_code``: a generator distilled from a ``teacher.kind=python`` teacher names the Python function that
     builds its architecture; it loads only when trusted, since loading runs that function.
@@ -88,8 +89,11 @@ def load_generator(path: str | Path, device=None, trust_code: bool = False) -> O
 
     path = Path(path)
     weights = path / WEIGHTS if path.is_dir() else path
+    if path.is_dir() and not weights.is_file() and (path / "generator" / WEIGHTS).is_file():
+        weights = path / "generator" / WEIGHTS                               # a run folder: its export
     if not weights.is_file():
-        raise SidError(f"no exported generator at {path}: expected a folder with {WEIGHTS} or the file itself")
+        raise SidError(f"no exported generator at {path}: expected a run folder, a folder with {WEIGHTS}, "
+                       "or the file itself")
     try:
         from safetensors import safe_open
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -116,14 +117,23 @@ def run_sweep(runs: list[dict], config_files, devices: int = 0) -> None:
         return
     configs = [a for f in config_files for a in ("--config", str(f))]
     active: dict[int, tuple[subprocess.Popen, dict]] = {}
+
+    def terminate(signum, frame):        # a scheduler's SIGTERM reaches this process alone: pass it on
+        for proc, _ in active.values():
+            proc.send_signal(signal.SIGTERM)
+        raise KeyboardInterrupt("terminated")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         while todo or active:
             poll(active, todo, devices, configs)
             time.sleep(1)
-    except KeyboardInterrupt:            # the runs got the signal too: let them checkpoint, then stop
+    except KeyboardInterrupt:            # Ctrl-C reaches the runs too: let them checkpoint, then stop
         for proc, _ in active.values():
             proc.wait()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def poll(active: dict, todo: list[dict], devices: int, configs: list[str]) -> None:

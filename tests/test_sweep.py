@@ -118,11 +118,13 @@ def test_a_crashed_per_device_process_is_marked_failed(tmp_path, monkeypatch):
         assert "out of memory" in (run["dir"] / "sweep.log").read_text()
 
 
-def test_an_interrupted_per_device_sweep_waits_for_its_runs(tmp_path, monkeypatch):
-    """Ctrl-C reaches the runs too: the parent waits for them to checkpoint before it stops."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_per_device_sweep_waits_for_its_runs(signum, tmp_path, monkeypatch):
+    """Ctrl-C reaches the runs too (the terminal signals the whole process group): the parent waits for them to
+    checkpoint before it stops. A scheduler's SIGTERM reaches the parent alone: it passes it on once, then waits."""
     import sid.sweep
 
-    waited = []
+    waited, forwarded = [], []
 
     class Running:
         returncode = None
@@ -133,18 +135,21 @@ def test_an_interrupted_per_device_sweep_waits_for_its_runs(tmp_path, monkeypatc
         def poll(self):
             return None
 
+        def send_signal(self, sig):
+            forwarded.append(sig)
+
         def wait(self):
             waited.append(self)
             return 130
 
-    def ctrl_c(seconds):
-        raise KeyboardInterrupt
-
     monkeypatch.setattr(sid.sweep.subprocess, "Popen", Running)
-    monkeypatch.setattr(sid.sweep.time, "sleep", ctrl_c)
+    monkeypatch.setattr(sid.sweep.time, "sleep", lambda seconds: os.kill(os.getpid(), signum))
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(plan(CONFIG, ["loss.lam=0.5,1.0"] + SMALL, tmp_path), CONFIG, devices=2)
     assert len(waited) == 2
+    assert forwarded == ([signal.SIGTERM] * 2 if signum == signal.SIGTERM else [])
+    assert signal.getsignal(signal.SIGTERM) is handler                                 # restored
 
 
 @pytest.mark.slow

@@ -35,7 +35,7 @@ def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path):
     assert sid(["sample", str(run / "generator"), "--seeds", "0-5", "--out", str(tmp_path / "s.npz")]) == 0
     images = np.load(tmp_path / "s.npz")["images"]
     assert images.shape == (6, 8, 8, 1) and images.dtype == np.uint8
-    assert sid(["sample", str(run / "generator"), "--seeds", "0-1", "--out", str(tmp_path / "pngs")]) == 0
+    assert sid(["sample", str(run), "--seeds", "0-1", "--out", str(tmp_path / "pngs")]) == 0          # run folder
     assert len(list((tmp_path / "pngs").glob("*.png"))) == 2
     assert sid(["sample", str(run / "generator"), "--out", str(tmp_path / "s.jpg")]) == 2       # not a folder
     assert not (tmp_path / "s.jpg").exists()

@@ -2,7 +2,7 @@
 
     sid sample runs/toy_2d/generator --seeds 0-63 --out grid.png
     sid sample runs/x/generator --seeds 0-9999 --out samples.npz --classes 3
-    sid sample runs/x/generator --seeds 0-99 --out pngs/           # one PNG per seed
+    sid sample runs/x --seeds 0-99 --out pngs/                     # a run folder: its export; one PNG per seed
     sid sample --teacher runs/x/config.yaml --steps 18 --seeds 0-63 --out teacher.png     # or --teacher fmnist
 """
 
@@ -35,7 +35,7 @@ def parse_ints(text: str) -> list[int]:
 
 def main(argv=None, prog=None) -> int:
     p = parser(__doc__, prog)
-    p.add_argument("generator", nargs="?", help="exported generator folder (or its generator.safetensors)")
+    p.add_argument("generator", nargs="?", help="a run folder, its generator/ folder, or generator.safetensors")
     p.add_argument("--teacher", metavar="CONFIG",
                    help="sample the teacher of this config (a file or a preset name) instead (Heun/Euler)")
     p.add_argument("--steps", type=int, default=18, help="teacher: noise levels (Heun: 2 * steps - 1 evaluations)")
