@@ -58,9 +58,9 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=N
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.lam=1.0 optim.batch=128")
     args = p.parse_args(argv)
-    from sid.config import load_config, to_yaml
+    from sid.config import to_yaml
 
-    cfg = load_config(args.config, args.overrides, schema_class=schema_class)
+    cfg = load_for_command(args.config, args.overrides, schema_class)
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
@@ -71,3 +71,27 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=N
               file=sys.stderr)
         return 130
     return 0
+
+
+def load_for_command(files, overrides, schema_class):
+    """``load_config``; when it fails on files written for the other trainer (distillation or teacher), the
+    error says which command they are for."""
+    from sid.config import Config, TeacherTrainingConfig, load_config
+
+    try:
+        return load_config(files, overrides, schema_class=schema_class)
+    except SidError as e:
+        other, command = (TeacherTrainingConfig, "teacher") if schema_class is Config else (Config, "train")
+        if files and loads(files, other):
+            raise SidError(f"{e}; {' '.join(map(str, files))} is a config for `sid {command}`") from None
+        raise
+
+
+def loads(files, schema_class) -> bool:
+    from sid.config import load_config
+
+    try:
+        load_config(files, schema_class=schema_class)
+        return True
+    except SidError:
+        return False

@@ -79,6 +79,14 @@ def test_teacher_cli_dry_run_and_bad_source(tmp_path):
     run = lambda *a: sid_process("teacher", *a)  # noqa: E731
     out = run("--config", "teacher/fmnist", "--dry-run", "batch=32")
     assert out.returncode == 0 and "batch: 32" in out.stdout
+    out = run("--config", "fmnist", "--dry-run")                         # a distillation preset: says so
+    assert out.returncode == 2 and out.stderr.strip().endswith("fmnist is a config for `sid train`")
+    out = sid_process("train", "--config", "teacher/fmnist", "--dry-run")
+    assert out.returncode == 2 and out.stderr.strip().endswith("teacher/fmnist is a config for `sid teacher`")
+    for wrong in (["--config", "toy_2d", "lr=1"], ["lr=1"]):                 # no config that fits: no hint
+        out = sid_process("train", "--dry-run", *wrong)
+        assert out.returncode == 2 and out.stderr.startswith("error: unknown config key 'lr'")
+        assert "is a config for" not in out.stderr
     out = run(f"source={tmp_path / 'none.npz'}", f"run_dir={tmp_path}")
     assert out.returncode == 2 and out.stderr.startswith("error: image source") and out.stderr.count("\n") == 1
     with pytest.raises(SidError, match="unknown config key 'lrr'"):
