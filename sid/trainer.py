@@ -29,7 +29,7 @@ from sid.config import as_tuple, to_dict, to_yaml
 from sid.ema import EMA, ema_beta
 from sid.errors import SidError
 from sid.fid import generator_fid, load_reference, make_fid
-from sid.generator import OneStepGenerator, export_generator
+from sid.generator import OneStepGenerator, export_generator, num_params
 from sid.images import image_grid, save_image_grid, save_panels, save_samples
 from sid.losses import fake_score_loss, generator_loss, resolve_lam
 from sid.precond import Preconditioned
@@ -159,6 +159,20 @@ def build(cfg, accelerator: Accelerator, resume: str | None) -> Run:
                seconds, bf16=bf16)
 
 
+def describe(cfg, run: Run) -> str:
+    """One line on what is about to run: teacher, loss, batch, machine, budget, folder."""
+    acc, lam, params = run.accelerator, cfg.loss.lam, num_params(run.teacher.denoiser)
+    size = f"{params / 1e6:.2f}M parameters, " if params else ""
+    named = "" if str(resolve_lam(lam)) == str(lam) else f" ({lam})"
+    processes = f"{acc.num_processes} {acc.device.type} process{'es' if acc.num_processes > 1 else ''}"
+    budget = f"{cfg.train.total_nimg:,} images" + (f" or {cfg.train.max_seconds:g} s" if cfg.train.max_seconds else "")
+    return (f"distilling the {cfg.teacher.kind} teacher ({size}samples {'×'.join(map(str, run.teacher.shape))}) "
+            f"into a one-step generator: λ = {resolve_lam(lam):g}{named}, weighting {cfg.loss.weighting}, "
+            f"batch {cfg.optim.batch} on {processes}, {'bf16 autocast' if run.bf16 else 'fp32'}"
+            f"{', compiled' if use_compile(cfg.perf.compile, acc.device) else ''}; "
+            f"{f'from {run.nimg:,} ' if run.nimg else ''}to {budget}, in {cfg.train.run_dir}")
+
+
 def keep_finite(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop samples whose loss is not finite (SiD's NaN policy, §5.1); returns (losses, number dropped)."""
     finite = per_sample.isfinite()
@@ -205,6 +219,7 @@ def train(cfg, resume: str | None = None) -> Run:
         applied = " ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in _flat(to_dict(cfg.on_cpu)))
         accelerator.print(f"no GPU visible: on_cpu settings applied ({applied})")
     run = build(cfg, accelerator, resume)
+    accelerator.print(describe(cfg, run))
     if cfg.train.tensorboard:   # a resumed run hides the events past its checkpoint, as metrics.jsonl drops them
         accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)),
                                   init_kwargs={"tensorboard": {"purge_step": run.nimg + 1}} if run.nimg else {})

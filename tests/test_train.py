@@ -21,6 +21,8 @@ from sid.trainer import train
 def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path):
     out = sid_process("train", *tiny_unet_overrides)
     assert out.returncode == 0, out.stderr
+    assert "distilling the diffusers teacher (0.16M parameters, samples 1×8×8) into a one-step generator: " \
+           "λ = 1.2 (sid), weighting sid, batch 8 on 1 cpu process, fp32; to 32 images, in " in out.stdout
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["nimg"] for r in records] == [16, 32]
