@@ -1,6 +1,7 @@
 """Teacher adapters against the denoiser contract (sid-math.md T2) and on real, tiny diffusers UNets."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -185,6 +186,45 @@ def test_missing_or_broken_teacher_paths_say_what_to_do(tmp_path):
         load_diffusers_denoiser(str(tmp_path), None, None, 0.5)
     with pytest.raises(SidError, match="prediction_type"):
         load_diffusers_denoiser(None, TINY_UNET, "x0", 0.5)
+
+
+def test_a_cached_hub_model_loads_from_the_cache_first(tmp_path, monkeypatch):
+    """A hub id whose files are all in the Hugging Face cache loads from there without asking the hub (offline,
+    the hub client retries for half a minute before it falls back to the cache); otherwise the hub is asked."""
+    import socket
+
+    import huggingface_hub
+    from diffusers import EDMEulerScheduler, UNet2DModel
+
+    import sid.teachers.diffusers_unet as adapter
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--owner--tiny"
+    UNet2DModel(**TINY_UNET).save_pretrained(repo / "snapshots" / revision / "unet")
+    EDMEulerScheduler().save_pretrained(repo / "snapshots" / revision / "scheduler")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)      # a hub request fails at once
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    passes, fetch = [], adapter._fetch_hub
+
+    def recorded(repo_id, local_files_only):
+        passes.append(local_files_only)
+        return fetch(repo_id, local_files_only)
+
+    monkeypatch.setattr(adapter, "_fetch_hub", recorded)
+
+    denoiser, spec = load_diffusers_denoiser("owner/tiny", None, None, 0.5)
+    assert passes == [True] and spec["prediction_type"] == "edm"                # the cached scheduler was read
+    shutil.rmtree(repo / "snapshots" / revision / "scheduler")                     # the UNet alone: ask the hub,
+    passes.clear()
+    denoiser, spec = load_diffusers_denoiser("owner/tiny", None, None, 0.5)        # then take what the cache has
+    assert passes == [True, False] and spec["prediction_type"] == "epsilon"
+    passes.clear()
+    with pytest.raises(SidError, match="neither a local folder nor a reachable hub model"):
+        load_diffusers_denoiser("owner/other", None, None, 0.5)
+    assert passes == [True, False]
 
 
 def test_unreachable_hub_id_is_a_clear_error(monkeypatch):

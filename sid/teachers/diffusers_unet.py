@@ -172,22 +172,37 @@ def _load_local(root: Path):
 
 
 def _load_hub(repo_id: str):
-    from diffusers import DDPMScheduler, UNet2DModel
-
+    """A hub model from the local Hugging Face cache when it is all there (no network call: fast, and works
+    offline), else from the hub."""
     try:
-        try:
-            unet = UNet2DModel.from_pretrained(repo_id, subfolder="unet")
-        except (OSError, EnvironmentError):
-            unet = UNet2DModel.from_pretrained(repo_id)
-        try:
-            scheduler_config = dict(DDPMScheduler.load_config(repo_id, subfolder="scheduler"))
-        except (OSError, EnvironmentError):
-            scheduler_config = None
+        cached = _fetch_hub(repo_id, local_files_only=True)
+    except Exception:  # not (all) in the cache
+        cached = None
+    if cached is not None and cached[1] is not None:
+        return cached
+    try:
+        return _fetch_hub(repo_id, local_files_only=False)
     except Exception as e:  # hub errors come in many types; all mean the same to the user
+        if cached is not None:              # the UNet was cached, without a scheduler: use it as it is
+            return cached
         raise SidError(
             f"teacher {repo_id!r} is neither a local folder nor a reachable hub model ({type(e).__name__}); "
             "check the path, or download the model while online"
         ) from None
+
+
+def _fetch_hub(repo_id: str, local_files_only: bool):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    try:
+        unet = UNet2DModel.from_pretrained(repo_id, subfolder="unet", local_files_only=local_files_only)
+    except (OSError, EnvironmentError):
+        unet = UNet2DModel.from_pretrained(repo_id, local_files_only=local_files_only)
+    try:
+        scheduler_config = dict(DDPMScheduler.load_config(repo_id, subfolder="scheduler",
+                                                          local_files_only=local_files_only))
+    except (OSError, EnvironmentError):
+        scheduler_config = None
     return unet, scheduler_config
 
 
