@@ -6,6 +6,7 @@
     sid sweep report runs/sweep                       report.md and figures of a sweep
     sid sample runs/fmnist/generator --out grid.png   sample a one-step generator (or a teacher)
     sid fid ref|gen|teacher|images ...                FID and its reference statistics
+    sid --version
 
 --config takes a YAML file or the name of a preset shipped in sid/configs/. `sid COMMAND --help` says more.
 Bad input is one `error:` line (exit code 2); an interruption is one line (exit code 130) after the
@@ -26,6 +27,11 @@ COMMANDS = {name: f"sid.commands.{name}" for name in ("train", "teacher", "sweep
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--version"]:
+        from importlib.metadata import version
+
+        print(f"sid {version('sid')}")
+        return 0
     if not argv or argv[0] not in COMMANDS:
         help_asked = bool(argv) and argv[0] in ("-h", "--help")
         print(__doc__.strip() if help_asked or not argv else

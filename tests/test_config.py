@@ -31,6 +31,8 @@ def test_a_file_comes_before_a_preset_of_the_same_name(tmp_path, monkeypatch):
 def test_the_command_lists_its_subcommands():
     out = sid_process("--help")
     assert out.returncode == 0 and all(f"sid {c}" in out.stdout for c in ("train", "teacher", "sweep", "sample", "fid"))
+    out = sid_process("--version")
+    assert out.returncode == 0 and out.stdout.startswith("sid 0.")
     out = sid_process("distil")
     assert out.returncode == 2 and out.stderr.startswith("error: unknown command 'distil'") and not out.stdout
 
