@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     except SidError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:            # training and sweeps say how to resume; the other commands just stop
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def parser(doc: str, prog: str | None) -> argparse.ArgumentParser:

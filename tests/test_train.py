@@ -18,7 +18,7 @@ from sid.errors import SidError
 from sid.trainer import train
 
 
-def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path):
+def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path, monkeypatch):
     out = sid_process("train", *tiny_unet_overrides)
     assert out.returncode == 0, out.stderr
     assert "distilling the diffusers teacher (0.16M parameters, samples 1×8×8) into a one-step generator: " \
@@ -43,6 +43,8 @@ def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path):
     assert not (tmp_path / "s.jpg").exists()
     with pytest.raises(SystemExit):                                                        # argparse's one line
         sid(["sample", str(run / "generator"), "--seeds", "0-x", "--out", str(tmp_path / "s.png")])
+    monkeypatch.setattr("sid.commands.sample.write", lambda *a: os.kill(os.getpid(), signal.SIGINT))   # Ctrl-C
+    assert sid(["sample", str(run), "--out", str(tmp_path / "c.png")]) == 130
 
 
 def test_readme_main_command_distils_the_shipped_teacher(tmp_path, monkeypatch):
