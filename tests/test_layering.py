@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 
 BASE = {"sid.config", "sid.precond", "sid.schedules", "sid.ema", "sid.errors"}
@@ -52,7 +54,7 @@ def test_the_library_never_imports_the_command_line():
 def test_the_package_data_ships_every_preset_and_teacher():
     """pyproject's package-data globs (as setuptools expands them) cover every file of sid/configs and
     sid/assets: an installed package finds its presets and builtin teachers without a clone."""
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")                     # Python 3.11+
 
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sid"]
     shipped = {p for pattern in patterns for p in (ROOT / "sid").glob(pattern)}
