@@ -32,12 +32,15 @@ def main(argv=None) -> int:
 
         print(f"sid {version('sid')}")
         return 0
-    if not argv or argv[0] not in COMMANDS:
-        help_asked = bool(argv) and argv[0] in ("-h", "--help")
-        print(__doc__.strip() if help_asked or not argv else
-              f"error: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (sid --help)",
-              file=sys.stdout if help_asked else sys.stderr)
-        return 0 if help_asked else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        from sid.config import preset_names
+
+        print(f"{__doc__.strip()}\n\nShipped presets: {', '.join(preset_names())}.")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} (sid --help)",
+              file=sys.stderr)
+        return 2
     command = importlib.import_module(COMMANDS[argv[0]])
     try:
         return command.main(argv[1:], prog=f"sid {argv[0]}")

@@ -31,6 +31,7 @@ def test_a_file_comes_before_a_preset_of_the_same_name(tmp_path, monkeypatch):
 def test_the_command_lists_its_subcommands():
     out = sid_process("--help")
     assert out.returncode == 0 and all(f"sid {c}" in out.stdout for c in ("train", "teacher", "sweep", "sample", "fid"))
+    assert f"Shipped presets: {', '.join(preset_names())}." in out.stdout
     out = sid_process("--version")
     assert out.returncode == 0 and out.stdout.startswith("sid 0.")
     out = sid_process("distil")
