@@ -209,14 +209,19 @@ def test_a_cached_hub_model_loads_from_the_cache_first(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     passes, fetch = [], adapter._fetch_hub
 
-    def recorded(repo_id, local_files_only):
+    def recorded(repo_id, revision, local_files_only):
         passes.append(local_files_only)
-        return fetch(repo_id, local_files_only)
+        return fetch(repo_id, revision, local_files_only)
 
     monkeypatch.setattr(adapter, "_fetch_hub", recorded)
 
     denoiser, spec = load_diffusers_denoiser("owner/tiny", None, None, 0.5)
     assert passes == [True] and spec["prediction_type"] == "edm"                # the cached scheduler was read
+    passes.clear()
+    assert load_diffusers_denoiser(f"owner/tiny@{revision}", None, None, 0.5)[1] == spec and passes == [True]
+    with pytest.raises(SidError, match="'owner/tiny@v2' is neither a local folder nor a reachable hub model"):
+        load_diffusers_denoiser("owner/tiny@v2", None, None, 0.5)               # a revision the cache lacks
+    passes.clear()
     shutil.rmtree(repo / "snapshots" / revision / "scheduler")                     # the UNet alone: ask the hub,
     passes.clear()
     denoiser, spec = load_diffusers_denoiser("owner/tiny", None, None, 0.5)        # then take what the cache has

@@ -171,36 +171,37 @@ def _load_local(root: Path):
     return unet, scheduler_config
 
 
-def _load_hub(repo_id: str):
-    """A hub model from the local Hugging Face cache when it is all there (no network call: fast, and works
-    offline), else from the hub."""
+def _load_hub(path: str):
+    """A hub model, ``owner/name`` or ``owner/name@revision`` (a branch, tag or commit), from the local Hugging
+    Face cache when it is all there (no requests to the hub: fast, and works offline), else from the hub."""
+    repo_id, _, revision = path.partition("@")
     try:
-        cached = _fetch_hub(repo_id, local_files_only=True)
+        cached = _fetch_hub(repo_id, revision or None, local_files_only=True)
     except Exception:  # not (all) in the cache
         cached = None
     if cached is not None and cached[1] is not None:
         return cached
     try:
-        return _fetch_hub(repo_id, local_files_only=False)
+        return _fetch_hub(repo_id, revision or None, local_files_only=False)
     except Exception as e:  # hub errors come in many types; all mean the same to the user
         if cached is not None:              # the UNet was cached, without a scheduler: use it as it is
             return cached
         raise SidError(
-            f"teacher {repo_id!r} is neither a local folder nor a reachable hub model ({type(e).__name__}); "
-            "check the path, or download the model while online"
+            f"teacher {path!r} is neither a local folder nor a reachable hub model ({type(e).__name__}); "
+            "check the path (and revision), or download the model while online"
         ) from None
 
 
-def _fetch_hub(repo_id: str, local_files_only: bool):
+def _fetch_hub(repo_id: str, revision: str | None, local_files_only: bool):
     from diffusers import DDPMScheduler, UNet2DModel
 
+    where = {"revision": revision, "local_files_only": local_files_only}
     try:
-        unet = UNet2DModel.from_pretrained(repo_id, subfolder="unet", local_files_only=local_files_only)
+        unet = UNet2DModel.from_pretrained(repo_id, subfolder="unet", **where)
     except (OSError, EnvironmentError):
-        unet = UNet2DModel.from_pretrained(repo_id, local_files_only=local_files_only)
+        unet = UNet2DModel.from_pretrained(repo_id, **where)
     try:
-        scheduler_config = dict(DDPMScheduler.load_config(repo_id, subfolder="scheduler",
-                                                          local_files_only=local_files_only))
+        scheduler_config = dict(DDPMScheduler.load_config(repo_id, subfolder="scheduler", **where))
     except (OSError, EnvironmentError):
         scheduler_config = None
     return unet, scheduler_config
@@ -219,8 +220,9 @@ def load_diffusers_denoiser(path: str | None, unet_config: dict | None, predicti
         ), None
     elif Path(path := resolve_path(path)).exists():
         unet, scheduler_config = _load_local(Path(path))
-    elif path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise SidError(f"teacher path {path!r} does not exist; give a local diffusers folder or a hub id (owner/name)")
+    elif path.startswith((".", "/", "~")) or path.partition("@")[0].count("/") != 1:
+        raise SidError(f"teacher path {path!r} does not exist; give a local diffusers folder or a hub id "
+                       "(owner/name, or owner/name@revision)")
     else:
         unet, scheduler_config = _load_hub(path)
     if prediction_type is None:
