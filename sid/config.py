@@ -129,7 +129,8 @@ class PerfConfig:
 @dataclass
 class EvalConfig:
     every_nimg: int = 0                  # in-loop quality of the EMA generator every this many images; 0: off.
-                                         # Image teachers: proxy FID; analytic teachers: sliced Wasserstein
+                                         # Image teachers: proxy FID; analytic teachers: sliced Wasserstein.
+                                         # The best so far is exported to <run_dir>/generator-best.
     num: int = 10_000                    # generated samples per evaluation (fixed seeds)
     fid_ref: Optional[str] = None        # reference statistics (.npz with mu, sigma: `sid fid ref`)
     fid_weights: str = "auto"            # auto | torchmetrics | path to a TorchScript feature extractor

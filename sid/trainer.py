@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -499,28 +500,43 @@ def truncate_records(path: Path, nimg: int) -> None:
 def build_evaluator(cfg, run: Run):
     """In-loop quality of the EMA generator on cfg.eval.num samples at fixed seeds, by the main process:
     proxy FID against reference statistics for image teachers, the sliced Wasserstein distance to exact
-    samples for analytic teachers. Returns a function giving ``{"fid": v}`` or ``{"swd": v}``."""
+    samples for analytic teachers. Returns a function giving ``{"fid": v}`` or ``{"swd": v}``.
+
+    Each value better than every earlier one of the run (lower; read back from metrics.jsonl when resuming)
+    also exports the EMA generator to ``generator-best/``: SiD's results are the best snapshot of a run."""
     acc, teacher = run.accelerator, run.teacher.denoiser
     if hasattr(teacher, "sample"):
-        reference = teacher.sample(cfg.eval.num, torch.Generator().manual_seed(0)).float()
+        name, reference = "swd", teacher.sample(cfg.eval.num, torch.Generator().manual_seed(0)).float()
 
         def measure():
             x = run.ema.model.sample_seeds(range(cfg.eval.num), device=acc.device).cpu()
-            return {"swd": sliced_wasserstein(x, reference)}
+            return sliced_wasserstein(x, reference)
     else:
-        metric = make_fid(cfg.eval.fid_weights).to(acc.device) if acc.is_main_process else None
+        name, metric = "fid", make_fid(cfg.eval.fid_weights).to(acc.device) if acc.is_main_process else None
         if metric is not None:
             load_reference(metric, cfg.eval.fid_ref)
 
         def measure():
-            return {"fid": generator_fid(metric, run.ema.model, cfg.eval.num)}
+            return generator_fid(metric, run.ema.model, cfg.eval.num)
+
+    best = best_record(Path(cfg.train.run_dir) / "metrics.jsonl", name)
 
     def evaluate():
-        result = measure() if acc.is_main_process else {}
+        nonlocal best
+        result = {name: measure()} if acc.is_main_process else {}
+        if result and result[name] < best:                      # NaN is never better
+            best = result[name]
+            export(cfg, run, "generator-best", **result)
         acc.wait_for_everyone()
         return result
 
     return evaluate
+
+
+def best_record(path: Path, name: str) -> float:
+    """The lowest finite value of ``name`` among the records of ``path`` (JSONL); inf if none."""
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return min((r[name] for r in records if math.isfinite(r.get(name, math.inf))), default=math.inf)
 
 
 def save_sample_grid(cfg, run: Run) -> None:
@@ -562,9 +578,14 @@ def save_checkpoint(cfg, run: Run, seconds: float) -> None:
             "opt_fake": run.opt_fake.state_dict(), "opt_g": run.opt_g.state_dict(),
         }
         save_training_state(cfg.train.run_dir, run.nimg, state, keep=cfg.train.keep_ckpts)
-        export_generator(run.ema.model, run.teacher.spec, Path(cfg.train.run_dir) / "generator",
-                         extra={"nimg": run.nimg, "lam": resolve_lam(cfg.loss.lam), "config": to_dict(cfg)})
+        export(cfg, run, "generator")
     run.accelerator.wait_for_everyone()
+
+
+def export(cfg, run: Run, folder: str, **extra) -> None:
+    """The EMA generator to ``run_dir/folder``, its config naming the image count, λ and the run's config."""
+    export_generator(run.ema.model, run.teacher.spec, Path(cfg.train.run_dir) / folder,
+                     extra={"nimg": run.nimg, "lam": resolve_lam(cfg.loss.lam), **extra, "config": to_dict(cfg)})
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -215,6 +215,30 @@ def test_reuse_counts_the_extra_first_fake_step_in_the_statistics(tmp_path, monk
     assert record["dropped_samples"] == 3 and record["nonfinite_steps"] == 2          # 2 + 1 fake updates
 
 
+def test_the_best_evaluation_exports_its_generator(tmp_path, monkeypatch):
+    """generator-best/ holds the EMA generator of the run's lowest in-loop value (NaN never counts); a resumed
+    run reads the best so far back from metrics.jsonl."""
+    import sid.trainer
+    from sid.checkpoint import load_training_state
+
+    values = iter([0.5, 0.3, float("nan"), 0.4, 0.35, 0.2])                 # at 128, 256, ..., 768 images
+    monkeypatch.setattr(sid.trainer, "sliced_wasserstein", lambda a, b: next(values))
+    run_dir = tmp_path / "best"
+
+    def best(total, resume=None):
+        evaluation = ["eval.every_nimg=128", "eval.num=64", "train.keep_ckpts=9"]
+        train(load_config([], toy_overrides(tmp_path, "best", total) + evaluation), resume=resume)
+        record = json.loads((run_dir / "generator-best" / "generator.json").read_text())
+        return record["nimg"], record["swd"]
+
+    assert best(512) == (256, 0.3)
+    weights = load_file(run_dir / "generator-best" / "generator.safetensors")
+    ema = load_training_state(run_dir / "training-state-000000000256")["ema"]
+    assert weights and all(torch.equal(w, ema[f"denoiser.{k}"]) for k, w in weights.items())
+    assert best(640, resume="auto") == (256, 0.3)                               # 0.35: not better
+    assert best(768, resume="auto") == (768, 0.2)
+
+
 def test_wall_clock_budget_stops_at_a_log_interval_with_a_checkpoint(tmp_path, monkeypatch):
     import sid.trainer
 
