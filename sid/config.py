@@ -33,7 +33,7 @@ class AnalyticTeacherConfig:
 class DiffusersTeacherConfig:
     path: Optional[str] = None           # local diffusers folder (model or pipeline), hub id, or builtin:<name>
     unet_config: Optional[dict[str, Any]] = None  # instead of path: a random UNet from this config (tests)
-    prediction_type: Optional[str] = None  # epsilon | v_prediction | sample | edm; null: from the scheduler
+    prediction_type: Optional[str] = None  # epsilon | v_prediction | sample | edm | flow; null: from the scheduler
     sigma_data: float = 0.5              # data std assumed by EDM preconditioning and the fake-score weight
 
 
@@ -153,7 +153,7 @@ class Config:
 
 CHOICES = {
     "teacher.kind": ("analytic", "diffusers", "edm_pickle", "python"),
-    "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm"),
+    "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm", "flow"),
     "loss.weighting": ("sid", "x0", "eps"),
     "train.precision": ("auto", "fp32", "bf16"),
 }

@@ -46,6 +46,23 @@ class EDMPrecond(nn.Module):
         )
 
 
+class FlowPrecond(nn.Module):
+    """Rectified flow / flow matching: ``x_t = (1 - t) x0 + t ε`` with the network predicting ``v = ε - x0``
+    (SD3, FLUX). In EDM units ``σ = t / (1 - t)``, ``x_t = x / (1 + σ)`` and ``D = x_t - t v̂`` (sid-math.md §1.3,
+    the RF row); the network is fed ``t`` times its own timestep scale (diffusers' flow-matching schedulers:
+    ``num_train_timesteps``). A sampling "shift" only re-spaces a schedule and is not applied here."""
+
+    def __init__(self, timestep_scale: float = 1000.0, sigma_data: float = 0.5, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0):
+        super().__init__()
+        self.timestep_scale = timestep_scale
+        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
+
+    def forward(self, sigma: torch.Tensor) -> Coefficients:
+        t = sigma / (1 + sigma)
+        return Coefficients(c_skip=1 - t, c_out=-t, c_in=1 - t, c_noise=t * self.timestep_scale)
+
+
 def broadcast_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """A per-sample sigma ([], [B] or [B, 1, ...]) as [B, 1, ..., 1] in x's dtype."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)

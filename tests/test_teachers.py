@@ -10,7 +10,7 @@ from torch import nn
 from conftest import ROOT, TINY_UNET
 from sid.data import load_images
 from sid.errors import SidError
-from sid.precond import EDMPrecond, Preconditioned
+from sid.precond import EDMPrecond, FlowPrecond, Preconditioned
 from sid.teachers import build_teacher
 from sid.teachers.analytic import GaussianMixture
 from sid.teachers.diffusers_unet import ASSETS, VPPrecond, denoiser_from_spec, load_diffusers_denoiser
@@ -55,6 +55,16 @@ class ExactEDMNet(nn.Module):
         return (GMM(x, sigma) - c.c_skip * x) / c.c_out
 
 
+class ExactFlowNet(nn.Module):
+    """What a perfect flow-matching network outputs: v = ε - x0 at x_t = (1 - t) x0 + t ε, t = timestep / 1000."""
+
+    def forward(self, x_t, timestep, labels=None):
+        t = (timestep / 1000).view(-1, 1, 1, 1)
+        x0 = GMM(x_t / (1 - t), (t / (1 - t)).flatten())       # E[x0 | x_t]: the same x in EDM units
+        eps = (x_t - (1 - t) * x0) / t
+        return eps - x0
+
+
 SIGMAS = torch.tensor([0.03, 0.1, 0.5, 1.0, 2.5, 7.0, 14.0], dtype=torch.float64)
 
 
@@ -71,6 +81,13 @@ def test_t2_vp_adapters_recover_the_exact_denoiser(prediction_type, schedule):
 def test_t2_edm_adapter_recovers_the_exact_denoiser():
     precond = EDMPrecond(0.5)
     denoiser = Preconditioned(ExactEDMNet(precond), precond)
+    sigmas = torch.logspace(-2.5, 1.9, 9, dtype=torch.float64)
+    x = GMM.sample(9).double() + sigmas.view(-1, 1, 1, 1) * torch.randn(9, 2, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(denoiser(x, sigmas), GMM(x, sigmas), rtol=1e-9, atol=1e-9)
+
+
+def test_t2_flow_adapter_recovers_the_exact_denoiser():
+    denoiser = Preconditioned(ExactFlowNet(), FlowPrecond())
     sigmas = torch.logspace(-2.5, 1.9, 9, dtype=torch.float64)
     x = GMM.sample(9).double() + sigmas.view(-1, 1, 1, 1) * torch.randn(9, 2, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(denoiser(x, sigmas), GMM(x, sigmas), rtol=1e-9, atol=1e-9)
@@ -108,7 +125,7 @@ def test_t2_guidance_is_linear_in_every_parameterisation():
 
 # Real diffusers networks (tiny, random, built from config: no download) ---------------------------------------
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "edm"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "edm", "flow"])
 def test_diffusers_unet_meets_the_contract(prediction_type):
     denoiser, spec = load_diffusers_denoiser(None, TINY_UNET, prediction_type, 0.5)
     x = torch.randn(3, 1, 8, 8)
@@ -176,6 +193,41 @@ def test_edm_scheduler_folders_match_diffusers_own_preconditioning(tmp_path, out
         rebuilt = denoiser_from_spec(spec)                                         # exported generators keep it
         rebuilt.load_state_dict(denoiser.state_dict())
         torch.testing.assert_close(rebuilt(x, sigma.flatten()), denoiser(x, sigma.flatten()))
+
+
+def test_flow_matching_folders_follow_diffusers_flow_schedulers(tmp_path):
+    """A folder with a flow-matching scheduler loads as flow (velocity) prediction: at a step of diffusers' own
+    (shifted) schedule, D of the noised sample in EDM units is x_t - t v̂, with the network fed that timestep."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    unet = UNet2DModel(**TINY_UNET)
+    unet.save_pretrained(tmp_path / "unet")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.save_pretrained(tmp_path / "scheduler")
+    denoiser, spec = load_diffusers_denoiser(str(tmp_path), None, None, 0.5)
+    assert spec["prediction_type"] == "flow"
+    scheduler.set_timesteps(10)
+    timestep, t = scheduler.timesteps[3], scheduler.sigmas[3]
+    x0, noise = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    x_t = scheduler.scale_noise(x0, timestep.expand(2), noise)                     # diffusers' forward process
+    with torch.no_grad():
+        expected = x_t - t * unet(x_t, timestep).sample
+        torch.testing.assert_close(denoiser(x_t / (1 - t), t / (1 - t)), expected, rtol=1e-5, atol=1e-5)
+        rebuilt = denoiser_from_spec(spec)                                         # exported generators keep it
+        rebuilt.load_state_dict(denoiser.state_dict())
+        torch.testing.assert_close(rebuilt(x_t, 2.0), denoiser(x_t, 2.0))
+
+
+def test_a_flow_matching_teacher_distils_end_to_end(tiny_unet_overrides, tmp_path):
+    from sid.config import load_config
+    from sid.generator import load_generator
+    from sid.trainer import train
+
+    overrides = [o.replace("prediction_type=edm", "prediction_type=flow") for o in tiny_unet_overrides]
+    run = train(load_config([], overrides + ["train.tensorboard=false"]))
+    assert isinstance(run.teacher.denoiser.precond, FlowPrecond) and run.nimg == 32
+    generator = load_generator(tmp_path / "run" / "generator")
+    torch.testing.assert_close(generator.sample_seeds(range(4)), run.ema.model.sample_seeds(range(4)))
 
 
 def test_missing_or_broken_teacher_paths_say_what_to_do(tmp_path):

@@ -1,4 +1,5 @@
-"""diffusers UNets as EDM denoisers: VP ε / v / x0 prediction on a discrete schedule, or EDM-preconditioned.
+"""diffusers UNets as EDM denoisers: VP ε / v / x0 prediction on a discrete schedule, EDM-preconditioned, or
+flow matching (velocity prediction).
 
 The only module that knows about timestep indices and prediction types (sid-math.md §1.2-§1.3).
 """
@@ -13,10 +14,11 @@ import torch
 from torch import nn
 
 from sid.errors import SidError
-from sid.precond import Coefficients, EDMPrecond, Preconditioned
+from sid.precond import Coefficients, EDMPrecond, FlowPrecond, Preconditioned
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm", "flow")
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"       # teachers shipped inside the package
 BUILTIN = "builtin:"                                               # teacher.diffusers.path=builtin:<name>
 
@@ -117,6 +119,8 @@ def denoiser_from_unet(unet: nn.Module, prediction_type: str, scheduler_config: 
             raise SidError(f"EDM scheduler with prediction_type={output!r}: only epsilon and v_prediction are defined")
         rule = EDMVPrecond if output == "v_prediction" else EDMPrecond
         precond = rule(cfg.get("sigma_data", sigma_data), cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0))
+    elif prediction_type == "flow":
+        precond = FlowPrecond((scheduler_config or {}).get("num_train_timesteps", 1000), sigma_data)
     else:
         from diffusers import DDPMScheduler
 
@@ -227,8 +231,9 @@ def load_diffusers_denoiser(path: str | None, unet_config: dict | None, predicti
         unet, scheduler_config = _load_hub(path)
     if prediction_type is None:
         sched = scheduler_config or {}
-        edm = sched.get("_class_name") in EDM_SCHEDULERS
-        prediction_type = "edm" if edm else sched.get("prediction_type", "epsilon")
+        kind = sched.get("_class_name")
+        prediction_type = "edm" if kind in EDM_SCHEDULERS else "flow" if kind in FLOW_SCHEDULERS else \
+            sched.get("prediction_type", "epsilon")
     denoiser = denoiser_from_unet(unet, prediction_type, scheduler_config, sigma_data)
     return denoiser, spec_of(denoiser, prediction_type, scheduler_config)
 
