@@ -252,10 +252,11 @@ def preset_names() -> list[str]:
 
 def find_config(name) -> Path:
     """A YAML file's path, or a shipped preset's name (``fmnist`` is ``sid/configs/fmnist.yaml``)."""
-    if Path(name).is_file():
-        return Path(name)
-    preset = PRESETS / (name if str(name).endswith(".yaml") else f"{name}.yaml")
-    if preset.is_file():
+    path = Path(name)
+    if path.is_file():
+        return path
+    preset = PRESETS / (str(path) if path.suffix == ".yaml" else f"{path}.yaml")
+    if not path.is_absolute() and ".." not in path.parts and preset.is_file():     # a name, not a path
         return preset
     raise SidError(f"config {name}: no such file, and no shipped preset of that name ({', '.join(preset_names())})")
 

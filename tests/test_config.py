@@ -26,6 +26,8 @@ def test_a_file_comes_before_a_preset_of_the_same_name(tmp_path, monkeypatch):
     assert load_config(["toy_2d"]).loss.lam == "0.3" and load_config(["toy_2d.yaml"]).loss.lam != "0.3"
     with pytest.raises(SidError, match=r"config toy2d: no such file, and no shipped preset .*\(base, cifar10_edm, "):
         load_config(["toy2d"])
+    with pytest.raises(SidError, match="no such file"):                 # a path is not a name
+        load_config([PRESETS / "toy_2d"])
 
 
 def test_the_command_lists_its_subcommands():
