@@ -59,14 +59,19 @@ def save_training_state(run_dir: str | Path, nimg: int, state: dict, keep: int =
     final = run_dir / f"{PREFIX}{nimg:012d}"
     tmp = run_dir / f".tmp-{PREFIX}{nimg:012d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _split(state, tensors, "state")
-    save_file(tensors, tmp / "tensors.safetensors")
-    (tmp / "state.json").write_text(json.dumps(skeleton))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(tensors, tmp / "tensors.safetensors")
+        (tmp / "state.json").write_text(json.dumps(skeleton))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as e:                    # a full disk, a lost mount: the states already saved stay as they are
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SidError(f"could not write {final} ({e.strerror or e}); the training states already in {run_dir} "
+                       "are kept: free space (or fix the folder) and resume") from None
     for old in list_training_states(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -66,15 +66,21 @@ class OneStepGenerator(nn.Module):
 def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Path, extra: dict | None = None) -> Path:
     """Write ``generator.safetensors`` (weights, config in its metadata) and ``generator.json`` (the same config)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = {"format": "sid-generator/1", "denoiser": spec, "shape": list(generator.shape),
               "sigma_init": generator.sigma_init, "label_dim": generator.label_dim, **(extra or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in generator.denoiser.state_dict().items()}
-    tmp = out_dir / (WEIGHTS + ".tmp")
-    save_file(state, tmp, metadata={"sid_config": json.dumps(config)})
-    (out_dir / (CONFIG + ".tmp")).write_text(json.dumps(config, indent=2))
-    tmp.replace(out_dir / WEIGHTS)
-    (out_dir / (CONFIG + ".tmp")).replace(out_dir / CONFIG)
+    tmp_weights, tmp_config = out_dir / (WEIGHTS + ".tmp"), out_dir / (CONFIG + ".tmp")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(state, tmp_weights, metadata={"sid_config": json.dumps(config)})
+        tmp_config.write_text(json.dumps(config, indent=2))
+        tmp_weights.replace(out_dir / WEIGHTS)
+        tmp_config.replace(out_dir / CONFIG)
+    except OSError as e:                    # a full disk: the export already there stays
+        tmp_weights.unlink(missing_ok=True)
+        tmp_config.unlink(missing_ok=True)
+        raise SidError(f"could not export the generator to {out_dir} ({e.strerror or e}); free space and resume") \
+            from None
     return out_dir
 
 

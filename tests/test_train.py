@@ -184,6 +184,34 @@ def test_corrupt_checkpoint_on_resume_is_one_clear_line_and_keeps_files(tmp_path
     assert state.is_file() and (tmp_path / "run" / "generator" / "generator.safetensors").is_file()
 
 
+@pytest.mark.parametrize("target", ["sid.checkpoint.save_file", "sid.generator.save_file"])
+def test_a_full_disk_is_one_clear_line_and_keeps_the_saved_states(tmp_path, monkeypatch, capsys, target):
+    """The second checkpoint (512 images) cannot be written: one error line, the state and export of 256 stay,
+    no temporary files are left, and the run resumes from 256 once there is space."""
+    import importlib
+
+    module, name = target.rsplit(".", 1)
+    real, calls = getattr(importlib.import_module(module), name), []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, full_disk)
+    capsys.readouterr()
+    assert sid(["train", *toy_overrides(tmp_path, "full", 512)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(No space left on device)" in err and "free space" in err
+    run_dir = tmp_path / "full"
+    assert (run_dir / "training-state-000000000256" / "tensors.safetensors").is_file()
+    assert json.loads((run_dir / "generator" / "generator.json").read_text())["nimg"] == 256
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]
+    monkeypatch.undo()
+    assert train(load_config([], toy_overrides(tmp_path, "full", 512)), resume="auto").nimg == 512
+
+
 def poison_one_sample(monkeypatch, loss_name: str) -> None:
     """Make the trainer's ``loss_name`` return one NaN sample per batch."""
     import sid.trainer
