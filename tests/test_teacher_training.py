@@ -75,6 +75,30 @@ def test_teacher_trains_resumes_exactly_and_exports(dataset, tmp_path, monkeypat
     assert (tmp_path / "whole" / "samples" / "samples-000000000064.png").is_file()
 
 
+def test_a_failed_teacher_export_keeps_the_last_one(tmp_path, monkeypatch):
+    from diffusers import EDMEulerScheduler
+
+    from sid.teachers.diffusers_unet import save_edm_teacher
+
+    weights = tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors"
+    first, _ = load_diffusers_denoiser(None, TINY_UNET, "edm", 0.5)
+    save_edm_teacher(first, tmp_path / "teacher")
+    saved = weights.read_bytes()
+    second, _ = load_diffusers_denoiser(None, {**TINY_UNET, "norm_eps": 1e-3}, "edm", 0.5)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(EDMEulerScheduler, "save_pretrained", full_disk)
+    with pytest.raises(SidError, match=r"could not export the teacher to .* \(No space left on device\)"):
+        save_edm_teacher(second, tmp_path / "teacher")
+    assert weights.read_bytes() == saved and [p.name for p in tmp_path.iterdir()] == ["teacher"]
+    monkeypatch.undo()
+    save_edm_teacher(second, tmp_path / "teacher")                                   # replaced when it works
+    assert [p.name for p in tmp_path.iterdir()] == ["teacher"]
+    assert json.loads((tmp_path / "teacher" / "unet" / "config.json").read_text())["norm_eps"] == 1e-3
+
+
 def test_teacher_cli_dry_run_and_bad_source(tmp_path):
     run = lambda *a: sid_process("teacher", *a)  # noqa: E731
     out = run("--config", "teacher/fmnist", "--dry-run", "batch=32")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -245,9 +247,23 @@ def save_edm_teacher(denoiser: Preconditioned, out_dir: str | Path, dtype: torch
     from diffusers import EDMEulerScheduler
 
     out_dir = Path(out_dir)
+    tmp, old = out_dir.with_name(f".tmp-{out_dir.name}"), out_dir.with_name(f".old-{out_dir.name}")
     unet = denoiser.net.unet if dtype is None else copy.deepcopy(denoiser.net.unet).to(dtype)
-    unet.save_pretrained(out_dir / "unet", safe_serialization=True)
     precond = denoiser.precond
-    EDMEulerScheduler(sigma_min=precond.sigma_min, sigma_max=precond.sigma_max,
-                      sigma_data=precond.sigma_data).save_pretrained(out_dir / "scheduler")
+    try:                                    # written beside, then swapped in: a failed save keeps the last export
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        EDMEulerScheduler(sigma_min=precond.sigma_min, sigma_max=precond.sigma_max,
+                          sigma_data=precond.sigma_data).save_pretrained(tmp / "scheduler")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except OSError as e:
+        if old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SidError(f"could not export the teacher to {out_dir} ({e.strerror or e}); free space and resume") \
+            from None
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir
