@@ -230,6 +230,21 @@ def test_a_flow_matching_teacher_distils_end_to_end(tiny_unet_overrides, tmp_pat
     torch.testing.assert_close(generator.sample_seeds(range(4)), run.ema.model.sample_seeds(range(4)))
 
 
+def test_a_teacher_with_non_finite_weights_is_refused(tmp_path):
+    from diffusers import UNet2DModel
+
+    from sid.config import load_config
+
+    unet = UNet2DModel(**TINY_UNET)
+    with torch.no_grad():
+        unet.conv_in.weight[0, 0, 0, 0] = float("nan")
+    unet.save_pretrained(tmp_path / "unet")
+    cfg = load_config([], ["teacher.kind=diffusers", f"teacher.diffusers.path={tmp_path}",
+                           "teacher.diffusers.prediction_type=edm"])
+    with pytest.raises(SidError, match=r"weights hold NaN or inf \(1 of \d+ tensors, e.g. net.unet.conv_in.weight\)"):
+        build_teacher(cfg.teacher)
+
+
 def test_missing_or_broken_teacher_paths_say_what_to_do(tmp_path):
     with pytest.raises(SidError, match="does not exist"):
         load_diffusers_denoiser(str(tmp_path / "nope"), None, None, 0.5)

@@ -115,7 +115,17 @@ def denoiser_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:
 
 
 def build_teacher(cfg) -> Teacher:
-    """The teacher named by the ``teacher`` section of the config."""
+    """The teacher named by the ``teacher`` section of the config; a network teacher's weights must be finite."""
+    teacher = _build_teacher(cfg)
+    state = teacher.denoiser.state_dict()
+    bad = [name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise SidError(f"the teacher's weights hold NaN or inf ({len(bad)} of {len(state)} tensors, e.g. {bad[0]}): "
+                       "its file is damaged or comes from a diverged run; give another checkpoint")
+    return teacher
+
+
+def _build_teacher(cfg) -> Teacher:
     if cfg.kind == "analytic":
         a = cfg.analytic
         mixture = ring_mixture(a.modes, a.radius, a.mode_std, tuple(a.shape), a.seed, plain(a.weights) or None)
