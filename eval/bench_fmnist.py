@@ -47,7 +47,7 @@ def teacher_fids(config: Path, ref: Path, steps: list[int], num: int, weights: s
 
 def summary_table(out: Path, baselines: dict[str, float]) -> str:
     """preset | λ | images | seconds | images/s | final and best FID, then the teacher rows."""
-    from sid.report import read_run
+    from sid.report import best_point, read_run
 
     lines = ["| run | λ | images | seconds | images/s | final FID | best FID |", "|---|---|---|---|---|---|---|"]
     for folder in sorted(p for p in out.iterdir() if (p / "metrics.jsonl").is_file()):
@@ -57,8 +57,9 @@ def summary_table(out: Path, baselines: dict[str, float]) -> str:
         if not fids:
             continue
         rate = sum(r["img_per_s"] for r in steps) / max(len(steps), 1)
+        best = best_point(run["quality"])
         lines.append(f"| {run['name']} | {run['config'].loss.lam} | {fids[-1]['nimg']} | {fids[-1]['seconds']:.0f} | "
-                     f"{rate:.0f} | {fids[-1]['fid']:.2f} | {min(r['fid'] for r in fids):.2f} |")
+                     f"{rate:.0f} | {fids[-1]['fid']:.2f} | {best[1] if best else float('nan'):.2f} |")
     lines += [f"| {name} | | | | | {value:.2f} | |" for name, value in baselines.items()]
     return "\n".join(lines) + "\n"
 

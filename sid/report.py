@@ -30,15 +30,22 @@ def read_run(run_dir: Path) -> dict:
             "quality": quality, "losses": losses, "records": records}
 
 
+def best_point(quality: list[tuple[int, float]]) -> tuple[int, float] | None:
+    """(images, value) of the lowest finite quality value, None when there is none."""
+    return min(((n, v) for n, v in quality if math.isfinite(v)), key=lambda p: p[1], default=None)
+
+
 def diverged(run: dict, rise: float) -> str:
     """Why a run counts as diverged ('' when it did not)."""
     if run["status"].get("state") == "failed":
         return "failed: " + run["status"].get("error", "")[:80]
     if any(not (math.isfinite(g) and math.isfinite(f)) for _, g, f in run["losses"]):
         return "non-finite losses"
-    values = [v for _, v in run["quality"]]
-    if values and (not all(math.isfinite(v) for v in values) or values[-1] > rise * min(values)):
-        return f"quality rose to {values[-1]:.3g} from a best of {min(values):.3g}"
+    values, best = [v for _, v in run["quality"]], best_point(run["quality"])
+    if values and not all(math.isfinite(v) for v in values):
+        return "non-finite quality at " + ", ".join(str(n) for n, v in run["quality"] if not math.isfinite(v))
+    if values and values[-1] > rise * best[1]:
+        return f"quality rose to {values[-1]:.3g} from a best of {best[1]:.3g}"
     return ""
 
 
@@ -76,17 +83,18 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
     lines = [f"# Sweep report: {sweep_dir.name}", "",
              f"Quality metric: `{metric}` (lower is better), EMA generator, fixed seeds. A run counts as diverged "
              f"when it failed, had non-finite losses, or its {metric} ended above {rise}× its best.", "",
-             f"| run | λ | seeds | images | final {metric} | best {metric} | diverged |",
-             "|---|---|---|---|---|---|---|"]
+             f"| run | λ | seeds | images | final {metric} | best {metric} | best at (images) | diverged |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, members in groups.items():
         finals = [r["quality"][-1][1] for r in members if r["quality"]]
-        bests = [min(v for _, v in r["quality"]) for r in members if r["quality"]]
+        bests = [p for r in members if (p := best_point(r["quality"]))]
         nimg = max((r["quality"][-1][0] if r["quality"] else 0) for r in members)
         lam = members[0]["config"].loss.lam if members[0]["config"] is not None else "?"
         marks = "; ".join(f"{r['name']}: {why}" for r in members if (why := r["diverged"])) or "no"
-        lines.append(f"| {key} | {lam} | {len(members)} | {nimg} | {mean_std(finals)} | {mean_std(bests)} | {marks} |")
+        lines.append(f"| {key} | {lam} | {len(members)} | {nimg} | {mean_std(finals)} | "
+                     f"{mean_std([v for _, v in bests])} | {', '.join(str(n) for n, _ in bests) or '–'} | {marks} |")
     for name, value in baselines.items():
-        lines.append(f"| {name} | | | | {value:.4g} | | |")
+        lines.append(f"| {name} | | | | {value:.4g} | | | |")
 
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.subplots()

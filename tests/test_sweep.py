@@ -64,10 +64,23 @@ def test_sweep_runs_reports_and_skips_finished_runs(tmp_path, monkeypatch, capsy
     report = (tmp_path / "report.md").read_text()
     for name in ("lam=0.5", "lam=1.0", "lam=1.2"):
         assert f"| {name} |" in report
-    assert "| exact samples, 2 sets | | | | 0.035 |" in report
+    assert "| exact samples, 2 sets | | | | 0.035 | | | |" in report
     assert "final swd" in report
     for figure in ("quality.png", "losses.png", "samples.png"):
         assert (tmp_path / figure).stat().st_size > 1000 and f"({figure})" in report
+
+
+def test_the_report_takes_the_best_finite_value_and_says_where(tmp_path):
+    from sid.report import write_report
+
+    for seed, values in ((0, ["NaN", 0.3, 0.4]), (1, [0.5, 0.2, 0.25])):
+        run = tmp_path / f"lam=0.5_seed={seed}"
+        run.mkdir()
+        (run / "config.yaml").write_text("loss: {lam: 0.5}\n")
+        (run / "metrics.jsonl").write_text("".join(f'{{"nimg": {n}, "fid": {v}}}\n' for n, v in zip((1, 2, 3), values)))
+    report = write_report(tmp_path).read_text()
+    row = "| lam=0.5 | 0.5 | 2 | 3 | 0.325 ± 0.11 | 0.25 ± 0.071 | 2, 2 | lam=0.5_seed=0: non-finite quality at 1 |"
+    assert row in report                                  # the best of seed 0 is 0.3 at 2 images, not its NaN
 
 
 def test_failed_runs_are_marked_not_dropped(tmp_path, monkeypatch):
