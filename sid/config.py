@@ -178,7 +178,7 @@ def _friendly(e: OmegaConfBaseException, schema: DictConfig, source: str) -> Sid
 
 @dataclass
 class TeacherTrainingConfig:
-    """Training an EDM-preconditioned diffusers UNet2DModel on images (sid/teacher_training.py)."""
+    """Training a diffusers UNet2DModel on images (sid/teacher_training.py), EDM-style or by flow matching."""
 
     source: str = "fashion-mnist:train"  # fashion-mnist[:train|:test] | .npz of uint8 images | image folder
     xflip: bool = True                   # random horizontal flips
@@ -187,8 +187,9 @@ class TeacherTrainingConfig:
         "sample_size": 32, "in_channels": 1, "out_channels": 1, "layers_per_block": 2, "norm_num_groups": 8,
         "block_out_channels": [56, 112, 112], "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "dropout": 0.1})
+    objective: str = "edm"               # edm (EDM preconditioning and loss) | flow (rectified flow, velocity)
     sigma_data: float = 0.5
-    p_mean: float = -1.2                 # ln σ ~ N(p_mean, p_std²), EDM weight
+    p_mean: float = -1.2                 # ln σ ~ N(p_mean, p_std²); for flow, ln σ = logit t (SD3: 0 and 1)
     p_std: float = 1.2
     batch: int = 256
     lr: float = 1e-3
@@ -210,6 +211,8 @@ class TeacherTrainingConfig:
 def validate_teacher_training(cfg: DictConfig) -> None:
     if cfg.precision not in ("fp32", "bf16"):
         raise SidError(f"precision={cfg.precision!r} is invalid; choose one of ('fp32', 'bf16')")
+    if cfg.objective not in ("edm", "flow"):
+        raise SidError(f"objective={cfg.objective!r} is invalid; choose one of ('edm', 'flow')")
     for key in ("batch", "lr", "total_nimg", "log_every_nimg", "sample_every_nimg", "ckpt_every_nimg", "sigma_data"):
         if not cfg[key] > 0:
             raise SidError(f"{key}={cfg[key]!r} must be positive")

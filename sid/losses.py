@@ -49,13 +49,24 @@ def denoising_loss(
     The fake score's loss on (detached) generator samples x0 = x_g (sid-math.md §2.3 step 4), and the loss
     that trains a teacher on data. ``sigma`` is [B].
     """
-    s = sigma.reshape(-1, *[1] * (x0.ndim - 1))
-    x_t = x0 + s * torch.randn_like(x0)
-    err = denoiser(x_t, sigma, labels) - x0
-    return edm_loss_weight(sigma, sigma_data) * _sum_per_sample(err**2)
+    return edm_loss_weight(sigma, sigma_data) * _squared_error(denoiser, x0, sigma, labels)
 
 
 fake_score_loss = denoising_loss  # f_ψ fits the generator's samples with the teacher's own training loss
+
+
+def flow_matching_loss(denoiser: Callable, x0: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
+    """Rectified-flow matching ‖v̂ - v‖², v = ε - x0 at x_t = (1 - t) x0 + t ε (Liu et al. 2022; SD3), in EDM units:
+    σ = t / (1 - t) and D = x_t - t v̂ (sid-math.md §1.3), so v̂ - v = (x0 - D) / t and the weight is 1/t².
+    ln σ = logit t: a log-normal σ is SD3's logit-normal t."""
+    t = sigma / (1 + sigma)
+    return _squared_error(denoiser, x0, sigma, labels) / t**2
+
+
+def _squared_error(denoiser: Callable, x0: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
+    """Σ_j (D(x0 + σn; σ) - x0)_j² per sample, n ~ N(0, I)."""
+    s = sigma.reshape(-1, *[1] * (x0.ndim - 1))
+    return _sum_per_sample((denoiser(x0 + s * torch.randn_like(x0), sigma, labels) - x0) ** 2)
 
 
 def identity_loss(f_teacher: torch.Tensor, f_fake: torch.Tensor, x_g: torch.Tensor, lam: float) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""Train a small EDM teacher on images: a diffusers UNet2DModel with EDM preconditioning and the EDM loss.
+"""Train a small teacher on images: a diffusers UNet2DModel with EDM preconditioning and the EDM loss, or (``objective:
+flow``) a rectified-flow network predicting velocity with the flow-matching loss.
 
 For users without a teacher, and for the shipped demo teacher. Reuses the distillation pieces: the same
 denoising loss as the fake score, the EMA, the training-state format, per-step reseeding (exact resume)
 and Accelerate for devices and processes. The result is a diffusers folder that ``teacher.diffusers.path``
-loads as an ``edm`` teacher.
+loads as an ``edm`` (or ``flow``) teacher.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ from sid.ema import EMA
 from sid.errors import SidError
 from sid.generator import num_params
 from sid.images import save_image_grid
-from sid.losses import denoising_loss
+from sid.losses import denoising_loss, flow_matching_loss
 from sid.sampling import sample_teacher
 from sid.schedules import sample_lognormal_sigma
-from sid.teachers.diffusers_unet import load_diffusers_denoiser, save_edm_teacher
+from sid.teachers.diffusers_unet import load_diffusers_denoiser, save_teacher
 from sid.trainer import GracefulStop, TrainingInterrupted, crossed, sanitize_grads, step_seed, truncate_records
 
 
 def build_denoiser(cfg):
-    """A randomly initialised UNet2DModel from ``cfg.unet``, EDM-preconditioned."""
+    """A randomly initialised UNet2DModel from ``cfg.unet``, EDM-preconditioned or (``objective: flow``) a
+    velocity predictor under the rectified-flow rule."""
     try:
-        return load_diffusers_denoiser(None, plain(cfg.unet), "edm", cfg.sigma_data)[0]
+        return load_diffusers_denoiser(None, plain(cfg.unet), cfg.objective, cfg.sigma_data)[0]
     except (TypeError, ValueError) as e:
         raise SidError(f"unet config rejected by diffusers: {str(e).splitlines()[0][:200]}") from None
 
@@ -82,7 +84,10 @@ def train_teacher(cfg, resume: str | None = None):
             for group in opt.param_groups:                                   # linear warm-up
                 group["lr"] = cfg.lr * min(1.0, (nimg + cfg.batch) / max(cfg.warmup_nimg, 1))
             with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = denoising_loss(ddp, x0, sigma, sigma_data=cfg.sigma_data).mean()
+                if cfg.objective == "flow":
+                    loss = flow_matching_loss(ddp, x0, sigma).mean()
+                else:
+                    loss = denoising_loss(ddp, x0, sigma, sigma_data=cfg.sigma_data).mean()
             acc.backward(loss)
             sanitize_grads(denoiser)
             opt.step()
@@ -112,7 +117,7 @@ def train_teacher(cfg, resume: str | None = None):
                              "denoiser": denoiser.state_dict(), "ema": ema.model.state_dict(),
                              "opt": opt.state_dict()}
                     save_training_state(run_dir, nimg, state, keep=cfg.keep_ckpts)
-                    save_edm_teacher(ema.model, run_dir / "teacher", torch.float16 if cfg.export_fp16 else None)
+                    save_teacher(ema.model, run_dir / "teacher", torch.float16 if cfg.export_fp16 else None)
                 acc.wait_for_everyone()
             if stopped:
                 break

@@ -152,10 +152,10 @@ def test_fmnist_benchmark_end_to_end_on_stand_ins(extractor_file, tmp_path):
     skips everything already done."""
     from conftest import TINY_UNET
     from eval import bench_fmnist
-    from sid.teachers.diffusers_unet import load_diffusers_denoiser, save_edm_teacher
+    from sid.teachers.diffusers_unet import load_diffusers_denoiser, save_teacher
 
     torch.manual_seed(0)
-    teacher = save_edm_teacher(load_diffusers_denoiser(None, TINY_UNET, "edm", 0.5)[0], tmp_path / "teacher")
+    teacher = save_teacher(load_diffusers_denoiser(None, TINY_UNET, "edm", 0.5)[0], tmp_path / "teacher")
     np.savez(tmp_path / "ref.npz", images=images(5, n=40)[:, :, :8, :8].numpy())
     out = tmp_path / "bench"
     args = ["--teacher", str(teacher), "--out", str(out), "--presets", "fgm,lambda1", "--every-nimg", "16",

@@ -10,13 +10,14 @@ from sid.losses import (
     LAMBDA_PRESETS,
     edm_loss_weight,
     fake_score_loss,
+    flow_matching_loss,
     generator_loss,
     identity_loss,
     resolve_lam,
     sid_weight,
 )
 from sid.networks import MLP
-from sid.precond import EDMPrecond, Preconditioned
+from sid.precond import EDMPrecond, FlowPrecond, Preconditioned
 from sid.schedules import karras_sigma
 from sid.teachers.analytic import GaussianMixture
 
@@ -289,3 +290,18 @@ def test_fake_score_loss_is_the_weighted_denoising_error():
     x_t = sigma[:, None] * n
     expected = edm_loss_weight(sigma, 0.5) * (gmm(x_t, sigma) - x_g).pow(2).sum(1)
     torch.testing.assert_close(loss, expected)
+
+
+def test_flow_matching_loss_is_the_velocity_error_of_rectified_flow():
+    """Written in flow terms (x_t = (1 - t) x0 + t ε, v = ε - x0, the network fed 1000 t) for a random network,
+    ‖F - v‖² equals the loss computed through the EDM-units denoiser."""
+    net = MLP((2,), width=16, depth=2)
+    x0, sigma = rand(6, 2, seed=4).float(), torch.tensor([0.01, 0.3, 1.0, 2.5, 9.0, 70.0])
+    torch.manual_seed(0)
+    loss = flow_matching_loss(Preconditioned(net, FlowPrecond()), x0, sigma)
+    torch.manual_seed(0)
+    eps = torch.randn_like(x0)                                   # the noise the loss draws
+    t = (sigma / (1 + sigma))[:, None]
+    x_t = (1 - t) * x0 + t * eps
+    expected = (net(x_t, 1000 * t.flatten()) - (eps - x0)).pow(2).sum(1)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)

@@ -75,14 +75,32 @@ def test_teacher_trains_resumes_exactly_and_exports(dataset, tmp_path, monkeypat
     assert (tmp_path / "whole" / "samples" / "samples-000000000064.png").is_file()
 
 
+def test_a_flow_matching_teacher_trains_and_exports_as_flow(dataset, tmp_path):
+    from sid.precond import FlowPrecond
+
+    cfg = load_config([], overrides(dataset, tmp_path / "flow", 64) + ["objective=flow", "p_mean=0", "p_std=1"],
+                      schema_class=TeacherTrainingConfig)
+    trained, nimg = train_teacher(cfg)
+    assert nimg == 64 and isinstance(trained.precond, FlowPrecond)
+    records = [json.loads(line) for line in (tmp_path / "flow" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    loaded, spec = load_diffusers_denoiser(str(tmp_path / "flow" / "teacher"), None, None, 0.5)
+    assert spec["prediction_type"] == "flow"                                     # from its scheduler config
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(loaded(x, torch.tensor([0.3, 5.0])), trained(x, torch.tensor([0.3, 5.0])),
+                               rtol=1e-2, atol=2e-3)                                 # stored in fp16
+    with pytest.raises(SidError, match="objective='ddpm' is invalid"):
+        load_config([], ["objective=ddpm"], schema_class=TeacherTrainingConfig)
+
+
 def test_a_failed_teacher_export_keeps_the_last_one(tmp_path, monkeypatch):
     from diffusers import EDMEulerScheduler
 
-    from sid.teachers.diffusers_unet import save_edm_teacher
+    from sid.teachers.diffusers_unet import save_teacher
 
     weights = tmp_path / "teacher" / "unet" / "diffusion_pytorch_model.safetensors"
     first, _ = load_diffusers_denoiser(None, TINY_UNET, "edm", 0.5)
-    save_edm_teacher(first, tmp_path / "teacher")
+    save_teacher(first, tmp_path / "teacher")
     saved = weights.read_bytes()
     second, _ = load_diffusers_denoiser(None, {**TINY_UNET, "norm_eps": 1e-3}, "edm", 0.5)
 
@@ -91,10 +109,10 @@ def test_a_failed_teacher_export_keeps_the_last_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(EDMEulerScheduler, "save_pretrained", full_disk)
     with pytest.raises(SidError, match=r"could not export the teacher to .* \(No space left on device\)"):
-        save_edm_teacher(second, tmp_path / "teacher")
+        save_teacher(second, tmp_path / "teacher")
     assert weights.read_bytes() == saved and [p.name for p in tmp_path.iterdir()] == ["teacher"]
     monkeypatch.undo()
-    save_edm_teacher(second, tmp_path / "teacher")                                   # replaced when it works
+    save_teacher(second, tmp_path / "teacher")                                   # replaced when it works
     assert [p.name for p in tmp_path.iterdir()] == ["teacher"]
     assert json.loads((tmp_path / "teacher" / "unet" / "config.json").read_text())["norm_eps"] == 1e-3
 

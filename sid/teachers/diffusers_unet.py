@@ -240,11 +240,12 @@ def load_diffusers_denoiser(path: str | None, unet_config: dict | None, predicti
     return denoiser, spec_of(denoiser, prediction_type, scheduler_config)
 
 
-def save_edm_teacher(denoiser: Preconditioned, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write an EDM-preconditioned UNet as a diffusers folder (``unet/`` + an ``EDMEulerScheduler`` config in
-    ``scheduler/``), which ``teacher.diffusers.path`` loads back with ``prediction_type=edm``. ``dtype``: store
-    the weights in it (float16 halves the file); they load back as float32."""
-    from diffusers import EDMEulerScheduler
+def save_teacher(denoiser: Preconditioned, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write an EDM-preconditioned or flow-matching UNet as a diffusers folder: ``unet/`` and, in ``scheduler/``,
+    an ``EDMEulerScheduler`` or ``FlowMatchEulerDiscreteScheduler`` config, from which ``teacher.diffusers.path``
+    loads it back as ``prediction_type=edm`` or ``flow``. ``dtype``: store the weights in it (float16 halves the
+    file); they load back as float32."""
+    from diffusers import EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
     out_dir = Path(out_dir)
     tmp, old = out_dir.with_name(f".tmp-{out_dir.name}"), out_dir.with_name(f".old-{out_dir.name}")
@@ -254,8 +255,12 @@ def save_edm_teacher(denoiser: Preconditioned, out_dir: str | Path, dtype: torch
         for leftover in (tmp, old):
             shutil.rmtree(leftover, ignore_errors=True)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        EDMEulerScheduler(sigma_min=precond.sigma_min, sigma_max=precond.sigma_max,
-                          sigma_data=precond.sigma_data).save_pretrained(tmp / "scheduler")
+        if isinstance(precond, FlowPrecond):
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(precond.timestep_scale))
+        else:
+            scheduler = EDMEulerScheduler(sigma_min=precond.sigma_min, sigma_max=precond.sigma_max,
+                                          sigma_data=precond.sigma_data)
+        scheduler.save_pretrained(tmp / "scheduler")
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
