@@ -32,7 +32,7 @@ from sid.errors import SidError
 from sid.fid import generator_fid, load_reference, make_fid
 from sid.generator import OneStepGenerator, export_generator, num_params
 from sid.images import image_grid, save_image_grid, save_panels, save_samples
-from sid.losses import fake_score_loss, generator_loss, resolve_lam
+from sid.losses import LAMBDA_PRESETS, fake_score_loss, generator_loss, resolve_lam
 from sid.precond import Preconditioned
 from sid.sampling import sample_teacher
 from sid.schedules import sample_lognormal_sigma, sample_sid_sigma
@@ -164,7 +164,7 @@ def describe(cfg, run: Run) -> str:
     """One line on what is about to run: teacher, loss, batch, machine, budget, folder."""
     acc, lam, params = run.accelerator, cfg.loss.lam, num_params(run.teacher.denoiser)
     size = f"{params / 1e6:.2f}M parameters, " if params else ""
-    named = "" if str(resolve_lam(lam)) == str(lam) else f" ({lam})"
+    named = f" ({lam})" if str(lam) in LAMBDA_PRESETS else ""
     processes = f"{acc.num_processes} {acc.device.type} process{'es' if acc.num_processes > 1 else ''}"
     budget = f"{cfg.train.total_nimg:,} images" + (f" or {cfg.train.max_seconds:g} s" if cfg.train.max_seconds else "")
     return (f"distilling the {cfg.teacher.kind} teacher ({size}samples {'×'.join(map(str, run.teacher.shape))}) "
