@@ -165,6 +165,20 @@ def test_teacher_reference_samples(tmp_path):
     assert (weights[:3] - 1 / 3).abs().max() < 0.05 and weights[3] < 0.02          # Heun samples the mixture
 
 
+def test_a_diffusers_teacher_samples_without_a_config(tmp_path):
+    """--teacher takes a diffusers folder or builtin:<name> directly, as the config naming it would."""
+    from sid.teachers.diffusers_unet import ASSETS
+
+    for teacher in ("builtin:fmnist", ASSETS / "fmnist", "fmnist"):                  # the last: the preset
+        assert sid(["sample", "--teacher", str(teacher), "--steps", "2", "--seeds", "0-1",
+                    "--out", str(tmp_path / "t.npz")]) == 0
+        images = np.load(tmp_path / "t.npz")["images"]
+        assert images.shape == (2, 32, 32, 1)
+        if teacher == "builtin:fmnist":
+            first = images
+        assert np.array_equal(images, first)                                         # the same teacher
+
+
 def test_missing_teacher_path_is_one_clear_line(tmp_path):
     out = sid_process("train", "teacher.kind=diffusers", f"teacher.diffusers.path={tmp_path / 'nope'}",
                       f"train.run_dir={tmp_path}")

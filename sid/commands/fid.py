@@ -97,7 +97,8 @@ def main(argv=None, prog=None) -> int:
     images = sub.add_parser("images", help="FID of an image source, e.g. training images: the floor at this --num")
     images.add_argument("--source", required=True, help="fashion-mnist[:train|:test], an .npz, or a folder")
     teacher = sub.add_parser("teacher", help="FID of a teacher with the Heun sampler")
-    teacher.add_argument("--config", required=True, help="a distillation config (file or preset) naming the teacher")
+    teacher.add_argument("--config", required=True, help="a distillation config (file or preset) naming the teacher, "
+                         "a diffusers teacher folder, or builtin:<name>")
     teacher.add_argument("--steps", type=int, default=18, help="noise levels; 2 * steps - 1 network evaluations")
     teacher.add_argument("--batch", type=int, default=250)
     for command in (gen, images, teacher):

@@ -3,7 +3,8 @@
     sid sample runs/toy_2d/generator --seeds 0-63 --out grid.png
     sid sample runs/x/generator --seeds 0-9999 --out samples.npz --classes 3
     sid sample runs/x --seeds 0-99 --out pngs/                     # a run folder: its export; one PNG per seed
-    sid sample --teacher runs/x/config.yaml --steps 18 --seeds 0-63 --out teacher.png     # or --teacher fmnist
+    sid sample --teacher runs/x/config.yaml --steps 18 --seeds 0-63 --out teacher.png
+    sid sample --teacher builtin:fmnist --out teacher.png          # or a preset, or a diffusers folder
 """
 
 import argparse
@@ -37,7 +38,8 @@ def main(argv=None, prog=None) -> int:
     p = parser(__doc__, prog)
     p.add_argument("generator", nargs="?", help="a run folder, its generator/ folder, or generator.safetensors")
     p.add_argument("--teacher", metavar="CONFIG",
-                   help="sample the teacher of this config (a file or a preset name) instead (Heun/Euler)")
+                   help="sample a teacher instead (Heun/Euler): a config's (a file or a preset name), a diffusers "
+                        "folder, or builtin:<name>")
     p.add_argument("--steps", type=int, default=18, help="teacher: noise levels (Heun: 2 * steps - 1 evaluations)")
     p.add_argument("--solver", choices=("heun", "euler"), default="heun")
     p.add_argument("--seeds", default="0-63", type=parse_ints, help="one sample per seed, e.g. 0-63 or 1,5,9")
@@ -70,10 +72,15 @@ def main(argv=None, prog=None) -> int:
     return 0
 
 
-def load_teacher(config: str, device):
-    """(frozen teacher denoiser on device, sample shape) of a distillation config."""
-    teacher = build_teacher(load_config([config]).teacher)
-    return teacher.denoiser.to(device), teacher.shape
+def load_teacher(teacher: str, device):
+    """(frozen teacher denoiser on device, sample shape) of a distillation config (a file or a preset), or of a
+    diffusers teacher given directly: a folder or ``builtin:<name>``."""
+    if teacher.startswith("builtin:") or Path(teacher).is_dir():
+        cfg = load_config([], ["teacher.kind=diffusers", f"teacher.diffusers.path={teacher}"])
+    else:
+        cfg = load_config([teacher])
+    built = build_teacher(cfg.teacher)
+    return built.denoiser.to(device), built.shape
 
 
 def check_out(out: Path) -> None:
