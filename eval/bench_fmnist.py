@@ -28,16 +28,17 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
-def teacher_fids(config: Path, ref: Path, steps: list[int], num: int, weights: str, out: Path) -> dict[str, float]:
-    """FID of the teacher's Heun sampler at each step count (2·steps − 1 evaluations), cached in ``out``."""
+def teacher_fids(teacher: Path, ref: Path, steps: list[int], num: int, weights: str, out: Path) -> dict[str, float]:
+    """FID of the teacher's Heun sampler (its diffusers folder) at each step count (2·steps − 1 evaluations),
+    cached in ``out``."""
     from sid.commands import fid
 
     done = {r["what"]: r for r in map(json.loads, out.read_text().splitlines())} if out.is_file() else {}
     values = {}
     for n in steps:
-        what = f"{config} heun nfe={2 * n - 1}"
+        what = f"{teacher} heun nfe={2 * n - 1}"
         if what not in done:
-            args = ["teacher", "--config", str(config), "--ref", str(ref), "--steps", str(n), "--num", str(num),
+            args = ["teacher", "--config", str(teacher), "--ref", str(ref), "--steps", str(n), "--num", str(num),
                     "--weights", weights, "--json", str(out)]
             fid.main(args)
             done = {r["what"]: r for r in map(json.loads, out.read_text().splitlines())}
@@ -100,9 +101,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if not ref.is_file():
             fid.main(["ref", "--source", args.ref_source, "--out", str(ref), "--weights", args.weights])
-        config = out / "teacher.yaml"
-        config.write_text(f"teacher:\n  kind: diffusers\n  diffusers:\n    path: {path}\n")
-        baselines = teacher_fids(config, ref, args.teacher_steps, args.num, args.weights, out / "teacher_fid.jsonl")
+        baselines = teacher_fids(path, ref, args.teacher_steps, args.num, args.weights, out / "teacher_fid.jsonl")
         run_sweep(runs, [], devices=1)
         write_report(out, baselines=baselines)
         table = summary_table(out, baselines)

@@ -20,6 +20,7 @@ from sid.generator import load_generator
 from sid.images import save_image_grid, save_samples, to_uint8
 from sid.sampling import sample_teacher
 from sid.teachers import build_teacher
+from sid.teachers.diffusers_unet import BUILTIN
 
 
 def parse_ints(text: str) -> list[int]:
@@ -75,7 +76,7 @@ def main(argv=None, prog=None) -> int:
 def load_teacher(teacher: str, device):
     """(frozen teacher denoiser on device, sample shape) of a distillation config (a file or a preset), or of a
     diffusers teacher given directly: a folder or ``builtin:<name>``."""
-    if teacher.startswith("builtin:") or Path(teacher).is_dir():
+    if teacher.startswith(BUILTIN) or Path(teacher).is_dir():
         cfg = load_config([], ["teacher.kind=diffusers", f"teacher.diffusers.path={teacher}"])
     else:
         cfg = load_config([teacher])
