@@ -28,7 +28,15 @@ from sid.losses import denoising_loss, flow_matching_loss
 from sid.sampling import sample_teacher
 from sid.schedules import sample_lognormal_sigma
 from sid.teachers.diffusers_unet import load_diffusers_denoiser, save_teacher
-from sid.trainer import GracefulStop, TrainingInterrupted, crossed, sanitize_grads, step_seed, truncate_records
+from sid.trainer import (
+    GracefulStop,
+    TrainingInterrupted,
+    crossed,
+    out_of_memory_advice,
+    sanitize_grads,
+    step_seed,
+    truncate_records,
+)
 
 
 def build_denoiser(cfg):
@@ -74,7 +82,8 @@ def train_teacher(cfg, resume: str | None = None):
                                                                                              and cfg.progress))
     loss_sum, steps, t0 = torch.zeros((), device=acc.device), 0, time.time() - seconds
     stopped = False
-    with GracefulStop() as stop:
+    advice = f"at batch={per_process} per process: set a smaller batch"
+    with GracefulStop() as stop, out_of_memory_advice(advice, run_dir):
         while nimg < cfg.total_nimg:
             torch.manual_seed(step_seed(cfg.seed, acc.process_index, step))
             x0 = images[torch.randint(len(images), (per_process,))].to(acc.device).float() / 127.5 - 1

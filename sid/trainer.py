@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -225,8 +226,11 @@ def train(cfg, resume: str | None = None) -> Run:
         accelerator.init_trackers("tensorboard", config=_flat(to_dict(cfg)),
                                   init_kwargs={"tensorboard": {"purge_step": run.nimg + 1}} if run.nimg else {})
     start = time.time()
+    batch_gpu, _ = micro_batches(cfg, accelerator.num_processes)
+    advice = (f"at optim.batch_gpu={batch_gpu} per process: set a smaller optim.batch_gpu (optim.batch stays, by "
+              "gradient accumulation) or perf.grad_checkpointing=true")
     try:
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, out_of_memory_advice(advice, run_dir):
             interrupted = loop(cfg, run, stop)
     except Exception as e:
         if use_compile(cfg.perf.compile, accelerator.device) and type(e).__module__.startswith("torch._dynamo"):
@@ -400,6 +404,19 @@ class GracefulStop:
         if accelerator.num_processes == 1:
             return self.requested
         return sync_point and any_process(self.requested, accelerator)
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(advice: str, run_dir: Path):
+    """A CUDA out-of-memory error becomes one line saying what to lower (``advice``); the checkpoints already
+    written stay, so the run resumes with the smaller setting."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        asked = re.search(r"Tried to allocate ([\d.]+ \w+)", str(e))
+        size = f" (tried to allocate {asked[1]})" if asked else ""
+        raise SidError(f"out of GPU memory{size} {advice}; the checkpoints already in {run_dir} are kept "
+                       "(--resume)") from None
 
 
 def crossed(nimg: int, batch: int, every: int) -> bool:

@@ -117,6 +117,25 @@ def test_a_failed_teacher_export_keeps_the_last_one(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "teacher" / "unet" / "config.json").read_text())["norm_eps"] == 1e-3
 
 
+def test_teacher_out_of_gpu_memory_is_one_line_and_keeps_the_checkpoints(dataset, tmp_path, monkeypatch):
+    import sid.teacher_training
+
+    real, calls = sid.teacher_training.denoising_loss, []
+
+    def out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:                                                   # after the checkpoint at 32
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sid.teacher_training, "denoising_loss", out_of_memory)
+    cfg = load_config([], overrides(dataset, tmp_path / "oom", 64), schema_class=TeacherTrainingConfig)
+    with pytest.raises(SidError, match=r"^out of GPU memory \(tried to allocate 512.00 MiB\) at batch=16 per "
+                                       r"process: set a smaller batch; the checkpoints already in .* are kept"):
+        train_teacher(cfg)
+    assert [p.name for p in (tmp_path / "oom").glob("training-state-*")] == ["training-state-000000000032"]
+
+
 def test_teacher_cli_dry_run_and_bad_source(tmp_path):
     run = lambda *a: sid_process("teacher", *a)  # noqa: E731
     out = run("--config", "teacher/fmnist", "--dry-run", "batch=32")

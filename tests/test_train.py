@@ -226,6 +226,35 @@ def test_a_full_disk_is_one_clear_line_and_keeps_the_saved_states(tmp_path, monk
     assert train(load_config([], toy_overrides(tmp_path, "full", 512)), resume="auto").nimg == 512
 
 
+OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+                 "1.06 GiB is free.\nIf reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF")
+
+
+def test_out_of_gpu_memory_is_one_line_naming_the_batch_and_keeps_the_checkpoints(tmp_path, monkeypatch, capsys):
+    """Out of memory in the fifth iteration (after the checkpoint at 256 images): one error line naming the
+    allocation and the per-process batch to lower; the checkpoint stays and the run resumes from it."""
+    from sid import trainer
+
+    real, calls = trainer.generator_loss, []
+
+    def out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            raise torch.cuda.OutOfMemoryError(OUT_OF_MEMORY)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "generator_loss", out_of_memory)
+    capsys.readouterr()
+    assert sid(["train", *toy_overrides(tmp_path, "oom", 512), "optim.batch_gpu=32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of GPU memory (tried to allocate 2.00 GiB) at "
+                                                   "optim.batch_gpu=32 per process: set a smaller optim.batch_gpu")
+    assert len(calls) == 10 and [p.name for p in (tmp_path / "oom").glob("training-state-*")] == [
+        "training-state-000000000256"]                                   # 2 accumulation rounds per step
+    monkeypatch.undo()
+    assert train(load_config([], toy_overrides(tmp_path, "oom", 512)), resume="auto").nimg == 512
+
+
 def poison_one_sample(monkeypatch, loss_name: str) -> None:
     """Make the trainer's ``loss_name`` return one NaN sample per batch."""
     import sid.trainer
@@ -360,7 +389,7 @@ def test_reused_generator_batch_saves_one_generator_forward(tmp_path, monkeypatc
     monkeypatch.setattr(sid.trainer, "fake_score_loss",
                         lambda net, x, *a, **k: fitted.append(x) or real(net, x, *a, **k))
     step = make_step(cfg, run)
-    step()                                                  # 2 accumulation rounds per step
+    step()                                                 # 2 accumulation rounds per step
     outputs.clear(), fitted.clear()
     step()
     assert len(outputs) == (2 if reuse else 4) and len(fitted) == 2
