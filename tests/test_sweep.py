@@ -70,6 +70,22 @@ def test_sweep_runs_reports_and_skips_finished_runs(tmp_path, monkeypatch, capsy
         assert (tmp_path / figure).stat().st_size > 1000 and f"({figure})" in report
 
 
+def test_a_larger_image_budget_continues_the_finished_runs(tmp_path):
+    """Re-running a finished sweep with a larger train.total_nimg resumes each run from its last state."""
+    short = ["loss.lam=0.5"] + SMALL + ["train.total_nimg=1280"]
+    run_sweep(plan(CONFIG, short, tmp_path), CONFIG)
+    metrics = tmp_path / "run" / "metrics.jsonl"                                    # one grid point: "run"
+    first = metrics.read_text()
+    assert [r["state"] for r in plan(CONFIG, short, tmp_path)] == ["finished"]
+    longer = plan(CONFIG, ["loss.lam=0.5"] + SMALL, tmp_path)                          # 2560 images
+    assert [r["state"] for r in longer] == ["partial"]
+    run_sweep(longer, CONFIG)
+    text = metrics.read_text()
+    assert text.startswith(first)                                                      # continued, not redone
+    assert [json.loads(x)["nimg"] for x in text.splitlines() if "swd" in x] == [1280, 2560]
+    assert [r["state"] for r in plan(CONFIG, ["loss.lam=0.5"] + SMALL, tmp_path)] == ["finished"]
+
+
 def test_the_report_takes_the_best_finite_value_and_says_where(tmp_path):
     from sid.report import write_report
 
