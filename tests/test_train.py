@@ -389,7 +389,7 @@ def test_reused_generator_batch_saves_one_generator_forward(tmp_path, monkeypatc
     monkeypatch.setattr(sid.trainer, "fake_score_loss",
                         lambda net, x, *a, **k: fitted.append(x) or real(net, x, *a, **k))
     step = make_step(cfg, run)
-    step()                                                 # 2 accumulation rounds per step
+    step()                                                  # 2 accumulation rounds per step
     outputs.clear(), fitted.clear()
     step()
     assert len(outputs) == (2 if reuse else 4) and len(fitted) == 2
