@@ -8,7 +8,7 @@
     sid fid ref|gen|teacher|images ...                FID and its reference statistics
     sid --version
 
---config takes a YAML file or the name of a preset shipped in sid/configs/. `sid COMMAND --help` says more.
+--config takes a YAML file or the name of a preset shipped in configs/. `sid COMMAND --help` says more.
 Bad input is one `error:` line (exit code 2); an interruption is one line (exit code 130) after the
 checkpoint of the step under way.
 """

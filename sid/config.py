@@ -1,11 +1,12 @@
 """The configuration: a typed schema, YAML presets that only override, dotted CLI overrides, validation.
 
 ``load_config(["fmnist"], ["loss.lam=1.0"])`` merges schema defaults < each YAML (a file, or a preset shipped
-in ``sid/configs/``) < the dotlist, validates every value, and returns a read-only config.
+in ``configs/``, installed as ``sid.configs``) < the dotlist, validates every value, and returns a read-only config.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -245,7 +246,16 @@ def validate(cfg: DictConfig) -> None:
                        "teacher.python.shape (one sample's shape, e.g. [3, 32, 32])")
 
 
-PRESETS = Path(__file__).parent / "configs"
+def presets_folder() -> Path:
+    """The shipped presets: the package ``sid.configs`` when installed (from a wheel; an editable install maps it
+    to the clone's ``configs/``), else the ``configs/`` beside ``sid/`` in a clone used without installing."""
+    try:
+        return Path(str(importlib.resources.files("sid.configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+PRESETS = presets_folder()
 
 
 def preset_names() -> list[str]:
@@ -254,7 +264,7 @@ def preset_names() -> list[str]:
 
 
 def find_config(name) -> Path:
-    """A YAML file's path, or a shipped preset's name (``fmnist`` is ``sid/configs/fmnist.yaml``)."""
+    """A YAML file's path, or a shipped preset's name (``fmnist`` is ``configs/fmnist.yaml``)."""
     path = Path(name)
     if path.is_file():
         return path

@@ -1,6 +1,6 @@
 """Distil a diffusion teacher into a one-step generator.
 
-    sid train --config fmnist                                    # the shipped teacher; presets: sid/configs/
+    sid train --config fmnist                                    # the shipped teacher; presets: configs/
     sid train --config toy_2d loss.lam=fgm train.run_dir=runs/toy
     sid train --config toy_2d --resume                           # the latest state in train.run_dir
     sid train --config my_run.yaml --dry-run                     # print the resolved config
