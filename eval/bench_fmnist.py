@@ -2,7 +2,7 @@
 with proxy FID-10k against the test set as training goes, next to the teacher's own FID (Heun, 35 and 79
 network evaluations).
 
-    python eval/bench_fmnist.py --out runs/bench_fmnist --seconds 300        # the shipped teacher (builtin:fmnist)
+    python -m eval.bench_fmnist --out runs/bench_fmnist --seconds 300        # the shipped teacher (builtin:fmnist)
 
 Writes, in --out: ``ref-test.npz`` (reference statistics, computed once), ``teacher_fid.jsonl``, one run
 folder per preset (a sweep folder: re-running resumes it), ``report.md`` with figures (FID vs images, teacher
@@ -15,9 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-from sid.errors import SidError  # noqa: E402
+from sid.errors import SidError
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def int_list(text: str) -> list[int]:
@@ -28,20 +30,33 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
-def teacher_fids(teacher: Path, ref: Path, steps: list[int], num: int, weights: str, out: Path) -> dict[str, float]:
-    """FID of the teacher's Heun sampler (its diffusers folder) at each step count (2·steps − 1 evaluations),
-    cached in ``out``."""
-    from sid.commands import fid
+def reference(source: str, out: Path, weights: str) -> None:
+    """Reference statistics of an image source (``sid fid ref``), computed once."""
+    from sid.data import load_images
+    from sid.metrics import add_images, make_fid, save_reference
+
+    if not out.is_file():
+        metric = make_fid(weights).to(DEVICE)
+        add_images(metric, load_images(source), real=True)
+        save_reference(metric, out)
+
+
+def teacher_fids(teacher, name: str, ref: Path, steps: list[int], num: int, weights: str, out: Path) -> dict:
+    """FID of the teacher's Heun sampler at each step count (2·steps − 1 evaluations), each value kept in ``out``
+    (JSON lines) so that a re-run computes only the missing ones."""
+    from sid.metrics import load_reference, make_fid, teacher_fid
 
     done = {r["what"]: r for r in map(json.loads, out.read_text().splitlines())} if out.is_file() else {}
+    metric = make_fid(weights).to(DEVICE)
+    load_reference(metric, ref)
+    teacher.denoiser.to(DEVICE)
     values = {}
     for n in steps:
-        what = f"{teacher} heun nfe={2 * n - 1}"
+        what = f"{name} heun nfe={2 * n - 1}"
         if what not in done:
-            args = ["teacher", "--config", str(teacher), "--ref", str(ref), "--steps", str(n), "--num", str(num),
-                    "--weights", weights, "--json", str(out)]
-            fid.main(args)
-            done = {r["what"]: r for r in map(json.loads, out.read_text().splitlines())}
+            done[what] = {"what": what, "num": num, "mean": teacher_fid(metric, teacher, n, num, device=DEVICE)}
+            with open(out, "a") as f:
+                f.write(json.dumps(done[what]) + "\n")
         values[f"teacher, Heun {2 * n - 1} NFE"] = done[what]["mean"]
     return values
 
@@ -82,26 +97,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
-        from sid.commands import fid
         from sid.report import write_report
         from sid.sweep import plan, run_sweep
         from sid.teachers import build_teacher
-        from sid.teachers.diffusers_unet import resolve_path
 
         # Inputs first (teacher, overrides), then the work: the reference statistics take long on a CPU.
-        path = Path(resolve_path(args.teacher)).resolve()
+        path = args.teacher if args.teacher.startswith("builtin:") else str(Path(args.teacher).resolve())
         ref = out / "ref-test.npz"
         overrides = ["teacher.kind=diffusers", f"teacher.diffusers.path={path}", f"loss.lam={args.presets}",
                      f"train.max_seconds={args.seconds}", "train.total_nimg=1000000000000",
                      f"eval.every_nimg={args.every_nimg}", f"eval.num={args.num}", f"eval.fid_ref={ref.resolve()}",
                      f"eval.fid_weights={args.weights}", "train.progress=false", *args.overrides]
         runs = plan([], overrides, out)
-        build_teacher(runs[0]["config"].teacher)
+        teacher = build_teacher(runs[0]["config"].teacher)
 
         out.mkdir(parents=True, exist_ok=True)
-        if not ref.is_file():
-            fid.main(["ref", "--source", args.ref_source, "--out", str(ref), "--weights", args.weights])
-        baselines = teacher_fids(path, ref, args.teacher_steps, args.num, args.weights, out / "teacher_fid.jsonl")
+        reference(args.ref_source, ref, args.weights)
+        baselines = teacher_fids(teacher, path, ref, args.teacher_steps, args.num, args.weights,
+                                 out / "teacher_fid.jsonl")
         run_sweep(runs, [], devices=1)
         write_report(out, baselines=baselines)
         table = summary_table(out, baselines)

@@ -1,7 +1,7 @@
-"""Training throughput: the real SiD iteration (sid/trainer.py: make_step) timed under a ladder of speed settings.
+"""Training throughput: the real SiD iteration (sid/trainer.py: iteration) timed under a ladder of speed settings.
 
-    python eval/bench_speed.py --config speed/cifar_unet --out runs/bench_speed
-    python eval/bench_speed.py --config speed/cifar_unet --modes reference,fast --iters 20
+    python -m eval.bench_speed --config speed/cifar_unet --out runs/bench_speed
+    python -m eval.bench_speed --config speed/cifar_unet --modes reference,fast --iters 20
 
 Each mode adds one setting to the one before it, so each row shows what that setting gains. Model FLOPs are
 counted once per network by ``torch.utils.flop_counter`` on one real eager iteration (matmuls, convolutions and
@@ -16,14 +16,13 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sid.config import load_config  # noqa: E402
-from sid.errors import SidError  # noqa: E402
+from sid.config import load_config
+from sid.errors import SidError
 
 # The reference code's settings: fp32 without TF32, eager, PyTorch's default Adam, the batch in 4 passes
 # (its 256 as 4 × 64).
@@ -99,15 +98,14 @@ def build_run(cfg):
 
 def network_flops(config_files: list[str], overrides: list[str]) -> dict:
     """FLOPs per image of one training iteration and of one teacher forward, counted eagerly in fp32."""
-    from sid.trainer import make_step
+    from sid.trainer import iteration
 
     eager = ["perf.compile=false", "perf.grad_checkpointing=false", "train.precision=fp32"]
     cfg = load_config(config_files, overrides + eager)
     run = build_run(cfg)
-    step = make_step(cfg, run)
     if cfg.loss.reuse_generator_batch:
-        step()                                  # its first iteration has one more fake-score step than the rest
-    per_iteration = count_flops(step) / cfg.optim.batch
+        iteration(run)                          # its first iteration has one more fake-score step than the rest
+    per_iteration = count_flops(lambda: iteration(run)) / cfg.optim.batch
     z, labels = run.generator.random_inputs(1, run.accelerator.device)
     with torch.no_grad():
         forward = count_flops(lambda: run.teacher.denoiser(z, torch.ones(1, device=z.device), labels))
@@ -117,11 +115,11 @@ def network_flops(config_files: list[str], overrides: list[str]) -> dict:
 
 def time_mode(cfg, warmup: int, iters: int) -> dict:
     """Images/s of ``iters`` iterations after ``warmup`` (which absorbs compilation), and peak memory."""
-    from sid.trainer import make_step
+    from sid.trainer import iteration
 
     run = build_run(cfg)
     device = run.accelerator.device
-    step = make_step(cfg, run)
+    step = partial(iteration, run)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()

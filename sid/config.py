@@ -7,7 +7,7 @@ in ``configs/``, installed as ``sid.configs``) < the dotlist, validates every va
 from __future__ import annotations
 
 import importlib.resources
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,7 +42,7 @@ class DiffusersTeacherConfig:
 class EDMPickleTeacherConfig:
     path: Optional[str] = None           # an NVIDIA EDM pickle (edm-*.pkl, network-snapshot-*.pkl): a file or URL
     trust: bool = False                  # unpickling runs the code stored in the file: true only for trusted files
-    sigma_data: float = 0.5              # fake-score loss weight for VP/VE networks (EDMPrecond brings its own)
+    sigma_data: float = 0.5              # fake-score loss weight for VP/VE networks (EDM's EDMPrecond brings its own)
 
 
 @dataclass
@@ -54,7 +54,7 @@ class PythonTeacherConfig:
 
 @dataclass
 class TeacherConfig:
-    kind: str = "analytic"               # analytic | diffusers | edm_pickle | python
+    kind: str = "analytic"               # one of the sections below, each an adapter sid/teachers/<kind>.py
     analytic: AnalyticTeacherConfig = field(default_factory=AnalyticTeacherConfig)
     diffusers: DiffusersTeacherConfig = field(default_factory=DiffusersTeacherConfig)
     edm_pickle: EDMPickleTeacherConfig = field(default_factory=EDMPickleTeacherConfig)
@@ -152,8 +152,30 @@ class Config:
     on_cpu: dict[str, Any] = field(default_factory=dict)
 
 
+# The teacher kinds: one section of TeacherConfig each (and one adapter module, sid/teachers/<kind>.py).
+TEACHER_KINDS = tuple(f.name for f in fields(TeacherConfig) if f.name != "kind")
+
+# λ of the generator loss L_λ = w <f_φ - f_ψ, (f_φ - x_g) - λ (f_φ - f_ψ)> by name (docs/losses.md); λ is SiD's α.
+LAMBDA_PRESETS = {
+    "sid": 1.2,       # SiD's default: ½Q - 0.2P
+    "lambda1": 1.0,   # the fake-score channel alone, ½Q (SiD-LSG, SiDA, FGM in practice)
+    "fgm": 0.5,       # the exact gradient ½∇D; ½(|f_φ - x_g|² - |f_ψ - x_g|²)
+    "l2": 0.0,        # SiD's L2 alone, ½Q + P
+}
+
+
+def resolve_lam(lam: str | float) -> float:
+    """``loss.lam`` as it is written (a preset name or a number) -> λ."""
+    if str(lam) in LAMBDA_PRESETS:
+        return LAMBDA_PRESETS[str(lam)]
+    try:
+        return float(lam)
+    except ValueError:
+        raise SidError(f"loss.lam={lam!r} is neither a number nor a preset; presets: {LAMBDA_PRESETS}") from None
+
+
 CHOICES = {
-    "teacher.kind": ("analytic", "diffusers", "edm_pickle", "python"),
+    "teacher.kind": TEACHER_KINDS,
     "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm", "flow"),
     "loss.weighting": ("sid", "x0", "eps"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -168,9 +190,11 @@ def _valid_keys(node, prefix: str) -> str:
     return f"valid keys under {prefix or 'the top level'}: {', '.join(keys)}"
 
 
-def _friendly(e: OmegaConfBaseException, schema: DictConfig, source: str) -> SidError:
+def _friendly(e: OmegaConfBaseException, schema: DictConfig, source: str, moved: dict) -> SidError:
     key = getattr(e, "full_key", "") or ""
     parent = key.rsplit(".", 1)[0] if "." in key else ""
+    if isinstance(e, ConfigKeyError) and key in moved:
+        return SidError(f"config key {key!r} in {source} is now {moved[key]!r}: write {moved[key]}=...")
     if isinstance(e, ConfigKeyError):
         node = OmegaConf.select(schema, parent) if parent else schema
         return SidError(f"unknown config key {key!r} in {source}; {_valid_keys(node, parent)}")
@@ -178,29 +202,32 @@ def _friendly(e: OmegaConfBaseException, schema: DictConfig, source: str) -> Sid
 
 
 @dataclass
-class TeacherTrainingConfig:
-    """Training a diffusers UNet2DModel on images (sid/teacher_training.py), EDM-style or by flow matching."""
-
+class TeacherDataConfig:
     source: str = "fashion-mnist:train"  # fashion-mnist[:train|:test] | .npz of uint8 images | image folder
     xflip: bool = True                   # random horizontal flips
-    # diffusers UNet2DModel arguments; the default (4.96M parameters, 9.9 MB in fp16) fits a 10 MB asset
-    unet: dict[str, Any] = field(default_factory=lambda: {
-        "sample_size": 32, "in_channels": 1, "out_channels": 1, "layers_per_block": 2, "norm_num_groups": 8,
-        "block_out_channels": [56, 112, 112], "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "dropout": 0.1})
+
+
+@dataclass
+class TeacherLossConfig:
     objective: str = "edm"               # edm (EDM preconditioning and loss) | flow (rectified flow, velocity)
     sigma_data: float = 0.5
     p_mean: float = -1.2                 # ln σ ~ N(p_mean, p_std²); for flow, ln σ = logit t (SD3: 0 and 1)
     p_std: float = 1.2
-    batch: int = 256
-    lr: float = 1e-3
+
+
+@dataclass
+class TeacherOptimConfig:
+    batch: int = 256                     # images per iteration, all processes together
+    lr: float = 1e-3                     # Adam learning rate, betas (0.9, 0.999)
     warmup_nimg: int = 200_000           # linear learning-rate warm-up
-    ema_halflife_nimg: float = 500_000
-    ema_rampup: float = 0.05
+
+
+@dataclass
+class TeacherRunConfig:
+    run_dir: str = "runs/teacher"        # training-state-*/, teacher/ (diffusers folder), samples/, metrics.jsonl
     total_nimg: int = 20_000_000
     seed: int = 0
-    precision: str = "bf16"              # bf16 (on GPUs; fp32 on CPUs) | fp32
-    run_dir: str = "runs/teacher"        # training-state-*/, teacher/ (diffusers folder), samples/, metrics.jsonl
+    precision: str = "auto"              # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16
     log_every_nimg: int = 51_200
     sample_every_nimg: int = 1_024_000
     ckpt_every_nimg: int = 2_048_000
@@ -209,26 +236,54 @@ class TeacherTrainingConfig:
     progress: bool = True
 
 
+@dataclass
+class TeacherTrainingConfig:
+    """Training a diffusers UNet2DModel on images (sid/teacher_training.py), EDM-style or by flow matching, in the
+    vocabulary of the distillation config: the same sections where the ideas are the same."""
+
+    data: TeacherDataConfig = field(default_factory=TeacherDataConfig)
+    # diffusers UNet2DModel arguments; the default (4.96M parameters, 9.9 MB in fp16) fits a 10 MB asset
+    unet: dict[str, Any] = field(default_factory=lambda: {
+        "sample_size": 32, "in_channels": 1, "out_channels": 1, "layers_per_block": 2, "norm_num_groups": 8,
+        "block_out_channels": [56, 112, 112], "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "dropout": 0.1})
+    loss: TeacherLossConfig = field(default_factory=TeacherLossConfig)
+    optim: TeacherOptimConfig = field(default_factory=TeacherOptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TeacherRunConfig = field(default_factory=TeacherRunConfig)
+    on_cpu: dict[str, Any] = field(default_factory=dict)  # as in Config: applied only when no GPU is visible
+
+
+# Keys of the teacher config before it shared the distillation config's sections: each names its new place.
+MOVED = {TeacherTrainingConfig: {
+    "source": "data.source", "xflip": "data.xflip", "objective": "loss.objective", "sigma_data": "loss.sigma_data",
+    "p_mean": "loss.p_mean", "p_std": "loss.p_std", "batch": "optim.batch", "lr": "optim.lr",
+    "warmup_nimg": "optim.warmup_nimg", "ema_halflife_nimg": "ema.halflife_nimg", "ema_rampup": "ema.rampup",
+    **{key: f"train.{key}" for key in ("total_nimg", "seed", "precision", "run_dir", "log_every_nimg",
+                                       "sample_every_nimg", "ckpt_every_nimg", "keep_ckpts", "export_fp16",
+                                       "progress")}}}
+TEACHER_CHOICES = {"loss.objective": ("edm", "flow"), "train.precision": ("auto", "fp32", "bf16")}
+TEACHER_POSITIVE = ("optim.batch", "optim.lr", "train.total_nimg", "train.log_every_nimg", "train.sample_every_nimg",
+                    "train.ckpt_every_nimg", "train.keep_ckpts", "loss.sigma_data", "loss.p_std")
+
+
+def check_choices(cfg: DictConfig, choices: dict, positive=()) -> None:
+    """Each key's value among its choices, and each of ``positive`` > 0: else one line naming the key."""
+    for key, allowed in choices.items():
+        if OmegaConf.select(cfg, key) not in allowed:
+            raise SidError(f"{key}={OmegaConf.select(cfg, key)!r} is invalid; choose one of {allowed}")
+    for key in positive:
+        if not OmegaConf.select(cfg, key) > 0:
+            raise SidError(f"{key}={OmegaConf.select(cfg, key)!r} must be positive")
+
+
 def validate_teacher_training(cfg: DictConfig) -> None:
-    if cfg.precision not in ("fp32", "bf16"):
-        raise SidError(f"precision={cfg.precision!r} is invalid; choose one of ('fp32', 'bf16')")
-    if cfg.objective not in ("edm", "flow"):
-        raise SidError(f"objective={cfg.objective!r} is invalid; choose one of ('edm', 'flow')")
-    for key in ("batch", "lr", "total_nimg", "log_every_nimg", "sample_every_nimg", "ckpt_every_nimg", "sigma_data"):
-        if not cfg[key] > 0:
-            raise SidError(f"{key}={cfg[key]!r} must be positive")
+    check_choices(cfg, TEACHER_CHOICES, TEACHER_POSITIVE)
 
 
 def validate(cfg: DictConfig) -> None:
     """Reject values the schema's types cannot: choices, ranges, and the λ spelling."""
-    from sid.losses import resolve_lam  # losses imports only errors: no cycle
-
-    for key, choices in CHOICES.items():
-        if OmegaConf.select(cfg, key) not in choices:
-            raise SidError(f"{key}={OmegaConf.select(cfg, key)!r} is invalid; choose one of {choices}")
-    for key in POSITIVE:
-        if not OmegaConf.select(cfg, key) > 0:
-            raise SidError(f"{key}={OmegaConf.select(cfg, key)!r} must be positive")
+    check_choices(cfg, CHOICES, POSITIVE)
     resolve_lam(cfg.loss.lam)
     for key in ("train.max_seconds", "optim.eps", "eval.every_nimg"):
         if OmegaConf.select(cfg, key) < 0:
@@ -275,35 +330,33 @@ def find_config(name) -> Path:
 
 
 def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
-    """Schema defaults, then each YAML file or preset (``find_config``), then (distillation configs, no GPU
-    visible) the ``on_cpu`` settings, then ``key=value`` overrides; validated and read-only.
+    """Schema defaults, then each YAML file or preset (``find_config``), then (no GPU visible) the ``on_cpu``
+    settings, then ``key=value`` overrides; validated and read-only.
 
     ``schema_class`` defaults to the distillation ``Config``; ``TeacherTrainingConfig`` is the other schema.
     """
     schema_class = schema_class or Config
     schema = OmegaConf.structured(schema_class)
+    moved = MOVED.get(schema_class, {})
     cfg = schema
     for path in map(find_config, files):
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         except OmegaConfBaseException as e:
-            raise _friendly(e, schema, str(path)) from None
+            raise _friendly(e, schema, str(path), moved) from None
     try:
         command_line = OmegaConf.from_dotlist(list(overrides))
         cfg = OmegaConf.merge(cfg, command_line)
     except OmegaConfBaseException as e:
-        raise _friendly(e, schema, "the command line") from None
-    if schema_class is Config and cfg.on_cpu:
+        raise _friendly(e, schema, "the command line", moved) from None
+    if cfg.on_cpu:
         try:
             on_cpu = OmegaConf.merge(cfg, cfg.on_cpu, command_line)      # checked on every machine
         except OmegaConfBaseException as e:
-            raise _friendly(e, schema, "on_cpu") from None
+            raise _friendly(e, schema, "on_cpu", moved) from None
         if not gpu_visible():
             cfg = on_cpu
-    if schema_class is Config:
-        validate(cfg)
-    else:
-        validate_teacher_training(cfg)
+    (validate if schema_class is Config else validate_teacher_training)(cfg)
     OmegaConf.set_readonly(cfg, True)  # after merging: read-only nodes do not merge (omegaconf#1102)
     return cfg
 

@@ -1,4 +1,5 @@
-"""Exponential moving average of the generator by half-life in images, with ramp-up (sid-math.md §2.4 step 9)."""
+"""Exponential moving average of the generator by half-life in images, with ramp-up (EDM, Karras et al. 2022;
+SiD's training loop)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The one-step generator G_θ(z, labels) = D_θ(σ_init z; σ_init, labels) (sid-math.md §2.1), and its export."""
+"""The one-step generator G_θ(z, labels) = D_θ(σ_init z; σ_init, labels) (SiD, Zhou et al. 2024: σ_init = 2.5), and its
+export."""
 
 from __future__ import annotations
 
@@ -111,7 +112,11 @@ def load_generator(path: str | Path, device=None, trust_code: bool = False) -> O
             from None
     generator = OneStepGenerator(denoiser_from_spec(config["denoiser"], trust_code), config["shape"],
                                  config["sigma_init"])
-    generator.denoiser.load_state_dict(state)
+    try:
+        generator.denoiser.load_state_dict(state)
+    except RuntimeError as e:
+        raise SidError(f"the weights in {weights} do not fit the architecture its config names "
+                       f"({str(e).splitlines()[0][:160]}); export it again") from None
     return generator.to(device).eval().requires_grad_(False)
 
 

@@ -1,35 +1,22 @@
-"""The two losses of identity-based distillation, as pure per-sample functions (sid-math.md §2.3-§3.7).
+"""The two losses of identity-based distillation (docs/losses.md): pure per-sample functions, and the object that
+binds their constants once from the config.
 
-Every function returns one value per sample ([B]); reduction, loss scaling, NaN policy and optimisers
-belong to the trainer.
+Every function returns one value per sample ([B]); NaN policy, accumulation and optimisers belong to the
+trainer. λ's names (``sid``, ``fgm``, ...) are parsed where the config is read (``sid.config.resolve_lam``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from sid.config import CHOICES, resolve_lam
 from sid.errors import SidError
+from sid.schedules import sample_lognormal_sigma, sample_sid_sigma
 
-# λ of L_λ = <f_φ - f_ψ, (f_φ - x_g) - λ (f_φ - f_ψ)> (sid-math.md §3.7); λ is SiD's α.
-LAMBDA_PRESETS = {
-    "sid": 1.2,       # SiD default: ½Q - 0.2P
-    "lambda1": 1.0,   # fake-score channel only, ½Q (SiD-LSG, SiDA, FGM in practice)
-    "fgm": 0.5,       # exact gradient ½∇D; equals ½(|f_φ - x_g|² - |f_ψ - x_g|²)
-    "l2": 0.0,        # SiD's L2 alone, ½Q + P
-}
-WEIGHTINGS = ("sid", "x0", "eps")
-
-
-def resolve_lam(lam: str | float) -> float:
-    """A preset name or a number -> λ."""
-    if str(lam) in LAMBDA_PRESETS:
-        return LAMBDA_PRESETS[str(lam)]
-    try:
-        return float(lam)
-    except ValueError:
-        raise SidError(f"loss.lam={lam!r} is neither a number nor a preset; presets: {LAMBDA_PRESETS}") from None
+WEIGHTINGS = CHOICES["loss.weighting"]
 
 
 def _sum_per_sample(x: torch.Tensor) -> torch.Tensor:
@@ -37,7 +24,7 @@ def _sum_per_sample(x: torch.Tensor) -> torch.Tensor:
 
 
 def edm_loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
-    """λ_EDM(σ) = (σ² + σ_d²) / (σ σ_d)² (Karras et al. 2022, Eq. 8; sid-math.md §1.4)."""
+    """λ_EDM(σ) = (σ² + σ_d²) / (σ σ_d)² (Karras et al. 2022, Eq. 8 and Table 1)."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
@@ -46,7 +33,7 @@ def denoising_loss(
 ) -> torch.Tensor:
     """EDM denoising score matching: λ_EDM(σ) Σ_j (D(x0 + σn) - x0)_j² (Karras et al. 2022, Eq. 2 and 8).
 
-    The fake score's loss on (detached) generator samples x0 = x_g (sid-math.md §2.3 step 4), and the loss
+    The fake score's loss on (detached) generator samples x0 = x_g (SiD, Zhou et al. 2024), and the loss
     that trains a teacher on data. ``sigma`` is [B].
     """
     return edm_loss_weight(sigma, sigma_data) * _squared_error(denoiser, x0, sigma, labels)
@@ -57,7 +44,7 @@ fake_score_loss = denoising_loss  # f_ψ fits the generator's samples with the t
 
 def flow_matching_loss(denoiser: Callable, x0: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
     """Rectified-flow matching ‖v̂ - v‖², v = ε - x0 at x_t = (1 - t) x0 + t ε (Liu et al. 2022; SD3), in EDM units:
-    σ = t / (1 - t) and D = x_t - t v̂ (sid-math.md §1.3), so v̂ - v = (x0 - D) / t and the weight is 1/t².
+    σ = t / (1 - t) and D = x_t - t v̂ (``FlowRule``), so v̂ - v = (x0 - D) / t and the weight is 1/t².
     ln σ = logit t: a log-normal σ is SD3's logit-normal t."""
     t = sigma / (1 + sigma)
     return _squared_error(denoiser, x0, sigma, labels) / t**2
@@ -70,18 +57,18 @@ def _squared_error(denoiser: Callable, x0: torch.Tensor, sigma: torch.Tensor, la
 
 
 def identity_loss(f_teacher: torch.Tensor, f_fake: torch.Tensor, x_g: torch.Tensor, lam: float) -> torch.Tensor:
-    """L^x0_λ = Σ_j (f_φ - f_ψ)_j [(f_φ - x_g)_j - λ (f_φ - f_ψ)_j] (sid-math.md §2.5, §3.7)."""
+    """L^x0_λ = Σ_j (f_φ - f_ψ)_j [(f_φ - x_g)_j - λ (f_φ - f_ψ)_j] (SiD, Eq. 22; docs/losses.md)."""
     delta = f_teacher - f_fake
     return _sum_per_sample(delta * ((f_teacher - x_g) - lam * delta))
 
 
 def sid_weight(x_g: torch.Tensor, f_teacher: torch.Tensor) -> torch.Tensor:
-    """SiD's per-sample ω = 1 / max(mean_j |x_g - f_φ|_j, 1e-5), stop-gradient (§2.4 step 5)."""
+    """SiD's per-sample ω = 1 / max(mean_j |x_g - f_φ|_j, 1e-5), stop-gradient (SiD, training/sid_loss.py)."""
     return 1 / (x_g - f_teacher).detach().abs().flatten(1).mean(1).clamp_min(1e-5)
 
 
 def loss_weight(weighting: str, sigma: torch.Tensor, x_g: torch.Tensor, f_teacher: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight of the generator loss: ``sid`` (ω above), ``x0`` (1), ``eps`` (1/σ², the ε-form of §2.5)."""
+    """Per-sample weight of the generator loss: ``sid`` (ω above), ``x0`` (1), ``eps`` (1/σ², the loss's ε-form)."""
     if weighting == "sid":
         return sid_weight(x_g, f_teacher)
     if weighting == "x0":
@@ -101,7 +88,7 @@ def generator_loss(
     lam: float,
     weighting: str = "sid",
 ) -> torch.Tensor:
-    """w · L^x0_λ at x_t = x_g + σn (§2.4): gradients reach θ through x_g and, via x_t, through both f_φ and f_ψ.
+    """w · L^x0_λ at x_t = x_g + σn: gradients reach θ through x_g and, via x_t, through both f_φ and f_ψ.
 
     Neither prediction is detached: the caller freezes the parameters of both networks, not their inputs.
     """
@@ -110,3 +97,44 @@ def generator_loss(
     f_teacher = teacher(x_t, sigma, labels)
     f_fake = fake_score(x_t, sigma, labels)
     return loss_weight(weighting, sigma, x_g, f_teacher) * identity_loss(f_teacher, f_fake, x_g, lam)
+
+
+@dataclass(frozen=True)
+class DistillationLoss:
+    """Both losses of one run with every constant bound: the σ samplers, λ, the weighting and the reduction.
+
+    Each method draws its σ and returns per-sample losses already in SiD's reduction: times the loss's scale
+    (``ls``, ``lsg``) over the per-process batch, so that summed over a process's micro-batches they give the
+    official ``loss.sum() * scale / batch_per_process``.
+    """
+
+    lam: float                          # λ (SiD's α)
+    weighting: str                      # sid | x0 | eps
+    t_max: float                        # generator loss: σ = karras(u), u ~ U[0, t_max)
+    sigma_min: float
+    sigma_max: float
+    rho: float
+    p_mean: float                       # fake-score loss: ln σ ~ N(p_mean, p_std²)
+    p_std: float
+    sigma_data: float                   # the fake score's λ_EDM(σ) weight
+    g_scale: float                      # lsg / per-process batch
+    fake_scale: float                   # ls / per-process batch
+
+    @classmethod
+    def from_config(cls, loss, teacher, per_process: int) -> DistillationLoss:
+        """From the ``loss`` section; the generator loss's σ range defaults to the teacher denoiser's."""
+        return cls(lam=resolve_lam(loss.lam), weighting=loss.weighting, t_max=loss.t_max,
+                   sigma_min=loss.sigma_min or teacher.sigma_min, sigma_max=loss.sigma_max or teacher.sigma_max,
+                   rho=loss.rho, p_mean=loss.p_mean, p_std=loss.p_std, sigma_data=teacher.sigma_data,
+                   g_scale=loss.g_scale / per_process, fake_scale=loss.fake_scale / per_process)
+
+    def fake_score(self, fake_score: Callable, x_g: torch.Tensor, labels=None) -> torch.Tensor:
+        """The fake score's denoising loss on the (detached) generator samples, ln σ log-normal."""
+        sigma = sample_lognormal_sigma(len(x_g), self.p_mean, self.p_std, device=x_g.device)
+        return fake_score_loss(fake_score, x_g.detach(), sigma, labels, sigma_data=self.sigma_data) * self.fake_scale
+
+    def generator(self, teacher: Callable, fake_score: Callable, x_g: torch.Tensor, labels=None) -> torch.Tensor:
+        """The generator loss w · L_λ at SiD's Karras σ below t_max."""
+        sigma = sample_sid_sigma(len(x_g), self.t_max, self.sigma_min, self.sigma_max, self.rho, device=x_g.device)
+        return generator_loss(teacher, fake_score, x_g, sigma, labels, lam=self.lam,
+                              weighting=self.weighting) * self.g_scale

@@ -1,4 +1,10 @@
-"""The denoiser contract ``D(x, sigma, labels) -> x0_hat`` and EDM preconditioning (sid-math.md §1.3)."""
+"""The denoiser contract ``D(x, sigma, labels) -> x0_hat`` and the coefficient rules that make a raw network one.
+
+Every rule writes a parameterisation as ``D(x; σ) = c_skip x + c_out F(c_in x, c_noise)`` in EDM units
+(``x = x0 + σ n``; Karras et al. 2022, Eq. 7 and Table 1). The continuous rules live here, since any network
+may use them (``Preconditioned(net, EDMRule(0.5))``); rules tied to a model library's own schedule, such as
+diffusers' discrete ones, live with their adapter in ``sid/teachers/``.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ class Denoiser(Protocol):
 
 
 class Coefficients(NamedTuple):
-    """``D(x; sigma) = c_skip * x + c_out * F(c_in * x, c_noise)`` (sid-math.md §1.3)."""
+    """``D(x; sigma) = c_skip * x + c_out * F(c_in * x, c_noise)``."""
 
     c_skip: torch.Tensor                # each [B, 1, ..., 1]
     c_out: torch.Tensor
@@ -29,34 +35,53 @@ class Coefficients(NamedTuple):
     c_noise: torch.Tensor               # what the raw network is fed as its time input
 
 
-class EDMPrecond(nn.Module):
-    """EDM preconditioning (Karras et al. 2022, Table 1): the rule for networks trained the EDM way."""
+class Rule(nn.Module):
+    """A coefficient rule: σ -> ``Coefficients``, with the σ range its network was trained on and σ_data."""
 
     def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
         super().__init__()
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
 
+
+class EDMRule(Rule):
+    """EDM preconditioning (Karras et al. 2022, Table 1): networks trained the EDM way."""
+
     def forward(self, sigma: torch.Tensor) -> Coefficients:
         total = sigma**2 + self.sigma_data**2
-        return Coefficients(
-            c_skip=self.sigma_data**2 / total,
-            c_out=sigma * self.sigma_data / total.sqrt(),
-            c_in=1 / total.sqrt(),
-            c_noise=sigma.log() / 4,
-        )
+        return Coefficients(c_skip=self.sigma_data**2 / total, c_out=sigma * self.sigma_data / total.sqrt(),
+                            c_in=1 / total.sqrt(), c_noise=sigma.log() / 4)
 
 
-class FlowPrecond(nn.Module):
+class ContinuousVPRule(Rule):
+    """Continuous-time VP (Song et al. 2021; EDM's VPPrecond): c_skip = 1, c_out = -σ, c_in = 1/sqrt(σ² + 1),
+    c_noise = (M - 1) t(σ) with t(σ) = (sqrt(β_min² + 2 β_d ln(1 + σ²)) - β_min) / β_d (Karras et al. 2022,
+    Table 1)."""
+
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, M: int = 1000, **settings):
+        super().__init__(**settings)
+        self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
+
+    def forward(self, sigma: torch.Tensor) -> Coefficients:
+        t = ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
+        return Coefficients(torch.ones_like(sigma), -sigma, (1 + sigma**2).rsqrt(), (self.M - 1) * t)
+
+
+class VERule(Rule):
+    """VE (Song et al. 2021; EDM's VEPrecond): c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ / 2)."""
+
+    def forward(self, sigma: torch.Tensor) -> Coefficients:
+        return Coefficients(torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log())
+
+
+class FlowRule(Rule):
     """Rectified flow / flow matching: ``x_t = (1 - t) x0 + t ε`` with the network predicting ``v = ε - x0``
-    (SD3, FLUX). In EDM units ``σ = t / (1 - t)``, ``x_t = x / (1 + σ)`` and ``D = x_t - t v̂`` (sid-math.md §1.3,
-    the RF row); the network is fed ``t`` times its own timestep scale (diffusers' flow-matching schedulers:
-    ``num_train_timesteps``). A sampling "shift" only re-spaces a schedule and is not applied here."""
+    (SD3, FLUX). In EDM units ``σ = t / (1 - t)``, ``x_t = x / (1 + σ)`` and ``D = x_t - t v̂``; the network is
+    fed ``t`` times its own timestep scale (diffusers' flow-matching schedulers: ``num_train_timesteps``). A
+    sampling "shift" only re-spaces a schedule and is not applied here."""
 
-    def __init__(self, timestep_scale: float = 1000.0, sigma_data: float = 0.5, sigma_min: float = 0.002,
-                 sigma_max: float = 80.0):
-        super().__init__()
+    def __init__(self, timestep_scale: float = 1000.0, **settings):
+        super().__init__(**settings)
         self.timestep_scale = timestep_scale
-        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
 
     def forward(self, sigma: torch.Tensor) -> Coefficients:
         t = sigma / (1 + sigma)
@@ -70,27 +95,35 @@ def broadcast_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tenso
 
 
 class Preconditioned(nn.Module):
-    """A raw network ``F(x_in, c_noise, labels)`` made a denoiser by a coefficient rule (``precond``).
+    """A raw network ``F(x_in, c_noise, labels)`` made a denoiser by a coefficient ``rule``.
 
     Owns the precision boundary: x, sigma and the output are float32 (float64 stays float64), the
     coefficients are computed in that precision, and only the backbone runs under the caller's autocast.
     """
 
-    def __init__(self, net: nn.Module, precond: nn.Module, label_dim: int = 0):
+    def __init__(self, net: nn.Module, rule: Rule, label_dim: int = 0):
         super().__init__()
-        self.net, self.precond, self.label_dim = net, precond, label_dim
-        self.checkpoint = False         # recompute the backbone's activations in backward (perf.grad_checkpointing)
+        self.net, self.rule, self.label_dim = net, rule, label_dim
+        self.grad_checkpointing = False  # recompute the backbone's activations in backward (perf.grad_checkpointing)
+        self.register_load_state_dict_pre_hook(_renamed_rule)
 
-    sigma_min = property(lambda self: self.precond.sigma_min)
-    sigma_max = property(lambda self: self.precond.sigma_max)
-    sigma_data = property(lambda self: self.precond.sigma_data)
+    sigma_min = property(lambda self: self.rule.sigma_min)
+    sigma_max = property(lambda self: self.rule.sigma_max)
+    sigma_data = property(lambda self: self.rule.sigma_data)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-        c = self.precond(broadcast_sigma(sigma, x))
+        c = self.rule(broadcast_sigma(sigma, x))
         inputs = (c.c_in * x, c.c_noise.flatten(), labels)
-        if self.checkpoint and torch.is_grad_enabled():
+        if self.grad_checkpointing and torch.is_grad_enabled():
             out = torch.utils.checkpoint.checkpoint(self.net, *inputs, use_reentrant=False)
         else:
             out = self.net(*inputs)
         return c.c_skip * x + c.c_out * out.to(x.dtype)
+
+
+def _renamed_rule(module, state_dict, prefix, *args) -> None:
+    """States saved before the rule was called ``rule`` keep its buffers under ``precond.``: read them as its."""
+    old = prefix + "precond."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "rule." + key[len(old):]] = state_dict.pop(key)

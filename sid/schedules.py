@@ -1,4 +1,4 @@
-"""Noise-level distributions and grids, all in EDM sigma units (sid-math.md §1.4, §2.4)."""
+"""Noise-level distributions and grids, all in EDM sigma units (Karras et al. 2022; SiD)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def sample_lognormal_sigma(n: int, p_mean: float, p_std: float, *, device=None) 
 
 
 def karras_sigma(u: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
-    """sigma(u) = (sigma_min^(1/rho) + u (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, u in [0, 1] (§2.4 step 2)."""
+    """sigma(u) = (sigma_min^(1/rho) + u (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, u in [0, 1] (Karras Eq. 5)."""
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (lo + u * (hi - lo)) ** rho
 

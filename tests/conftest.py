@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+from edm_pickles import edm_side  # noqa: E402, F401  (a fixture: EDM's modules while a test writes pickles)
+
 
 def sid_process(*args, cwd=ROOT, timeout=300, **kwargs) -> subprocess.CompletedProcess:
     """``python -m sid ARGS`` (the ``sid`` command) in a child process, its output captured as text."""

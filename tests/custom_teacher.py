@@ -1,11 +1,11 @@
 """A user's own network, as `teacher.python.factory=tests.custom_teacher:build` names it in
-tests/test_python_teacher.py: a small convolutional network made a denoiser by EDM preconditioning, its
+tests/test_teachers_python.py: a small convolutional network made a denoiser by EDM preconditioning, its
 pretrained weights read from a safetensors file."""
 
 from safetensors.torch import load_file
 from torch import nn
 
-from sid.precond import EDMPrecond, Preconditioned
+from sid.precond import EDMRule, Preconditioned
 
 
 class ConvNet(nn.Module):
@@ -25,7 +25,7 @@ class ConvNet(nn.Module):
 
 
 def build(channels: int = 1, width: int = 8, label_dim: int = 0, weights: str | None = None) -> nn.Module:
-    denoiser = Preconditioned(ConvNet(channels, width, label_dim), EDMPrecond(0.5), label_dim=label_dim)
+    denoiser = Preconditioned(ConvNet(channels, width, label_dim), EDMRule(0.5), label_dim=label_dim)
     if weights:
         denoiser.load_state_dict(load_file(weights))
     return denoiser

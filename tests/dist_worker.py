@@ -18,21 +18,17 @@ from sid.trainer import TrainingInterrupted, train  # noqa: E402
 
 out = Path(sys.argv[1])
 signal_at = int(os.environ.get("SIGNAL_RANK1_AT", 0))
-real_make_step = sid.trainer.make_step
+real_iteration = sid.trainer.iteration
 
 
-def make_step(cfg, run):
-    step = real_make_step(cfg, run)
-
-    def signalled():
-        result = step()
-        if run.accelerator.process_index == 1 and run.nimg == signal_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-    return signalled
+def signalled(run):
+    result = real_iteration(run)
+    if run.accelerator.process_index == 1 and run.nimg == signal_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return result
 
 
-sid.trainer.make_step = make_step
+sid.trainer.iteration = signalled
 try:
     run = train(load_config([], sys.argv[2:]), resume="auto" if os.environ.get("RESUME") else None)
 except TrainingInterrupted as e:

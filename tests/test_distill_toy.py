@@ -6,8 +6,8 @@ generator's. The sid preset (λ = 1.2) must at least improve. The fgm run with t
 end farther from the mixture than it started. Budgets (measured, in-loop SWD every 32k images): fgm matches
 from 384k images, lambda1 from about 512k (768k leaves a margin); sid had cut the distance 3.7x by 131k
 (0.19 from 0.71); with the sign flipped the distance was 1.27-1.31 from 32k on, where fgm was at 0.17-0.25.
-fgm runs with the σ-only weight (``x0``), the setting in which λ = ½ is the exact gradient (sid-math.md
-§3.8); with SiD's per-sample ω it keeps a bias of about 6 points toward the heavy mode at this budget.
+fgm runs with the σ-only weight (``x0``), the setting in which λ = ½ is the exact gradient (docs/losses.md);
+with SiD's per-sample ω it keeps a bias of about 6 points toward the heavy mode at this budget.
 """
 
 import pytest
@@ -15,8 +15,8 @@ import torch
 
 from sid.config import load_config
 from sid.generator import OneStepGenerator
+from sid.metrics import mode_weights, sliced_wasserstein
 from sid.teachers import build_teacher
-from sid.teachers.analytic import mode_weights, sliced_wasserstein
 from sid.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -75,10 +75,10 @@ def test_sid_preset_improves(tmp_path, baseline):
 
 
 def test_flipped_sign_fails_the_check(tmp_path, baseline, monkeypatch):
-    import sid.trainer
+    import sid.losses
 
-    real = sid.trainer.generator_loss
-    monkeypatch.setattr(sid.trainer, "generator_loss", lambda *a, **k: -real(*a, **k))
+    real = sid.losses.generator_loss
+    monkeypatch.setattr(sid.losses, "generator_loss", lambda *a, **k: -real(*a, **k))
     _, mixture, swd_init = baseline
     result = distil(tmp_path, "fgm", mixture, "train.total_nimg=64000")
     assert not matches(result, swd_init) and result[2] > swd_init, (result, swd_init)

@@ -4,11 +4,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow                     # end-to-end runs
 
 
 def test_two_processes_keep_identical_generators(tmp_path):

@@ -19,6 +19,7 @@ def test_the_top_level_is_the_one_the_project_names():
     assert not (ROOT / "sid" / "configs").exists()                     # one copy of the presets
 
 
+@pytest.mark.slow
 def test_train_py_is_sid_train_from_anywhere(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,  # noqa: E731
                                        capture_output=True, text=True, timeout=120)

@@ -1,23 +1,24 @@
-"""The generator and fake-score losses against the algebra, closed forms and dynamics of sid-math.md §6
-(T1, T4-T8)."""
+"""The generator and fake-score losses (sid/losses.py) against the algebra, closed forms and dynamics that
+docs/losses.md states: pointwise identities, zero at the optimum, 1-D Gaussian closed forms, a mixture teacher,
+gradient-descent dynamics, and the invariants of the generator step."""
 
 import math
 
 import pytest
 import torch
 
+from sid.config import LAMBDA_PRESETS, resolve_lam
 from sid.losses import (
-    LAMBDA_PRESETS,
+    DistillationLoss,
     edm_loss_weight,
     fake_score_loss,
     flow_matching_loss,
     generator_loss,
     identity_loss,
-    resolve_lam,
     sid_weight,
 )
 from sid.networks import MLP
-from sid.precond import EDMPrecond, FlowPrecond, Preconditioned
+from sid.precond import EDMRule, FlowRule, Preconditioned
 from sid.schedules import karras_sigma
 from sid.teachers.analytic import GaussianMixture
 
@@ -28,7 +29,7 @@ def rand(*shape, seed=0):
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
-# T1: pointwise algebra ---------------------------------------------------------------------------------------
+# Algebra, per sample ---------------------------------------------------------------------------------------
 
 def test_presets_and_free_lambda():
     assert LAMBDA_PRESETS == {"sid": 1.2, "lambda1": 1.0, "fgm": 0.5, "l2": 0.0}
@@ -36,21 +37,21 @@ def test_presets_and_free_lambda():
 
 
 @pytest.mark.parametrize("lam", LAMS)
-def test_t1_equivalent_form(lam):
+def test_equivalent_form(lam):
     f_phi, f_psi, x_g = rand(4, 3, 5, 5, seed=1), rand(4, 3, 5, 5, seed=2), rand(4, 3, 5, 5, seed=3)
     delta = (f_phi - f_psi).flatten(1)
     other = (delta * (f_psi - x_g).flatten(1)).sum(1) + (1 - lam) * delta.pow(2).sum(1)   # SiD Eq. (23)
     torch.testing.assert_close(identity_loss(f_phi, f_psi, x_g, lam), other, rtol=1e-12, atol=1e-12)
 
 
-def test_t1_fgm_is_half_difference_of_denoising_losses():
+def test_fgm_is_half_difference_of_denoising_losses():
     f_phi, f_psi, x_g = rand(6, 10, seed=1), rand(6, 10, seed=2), rand(6, 10, seed=3)
     half_diff = 0.5 * ((f_phi - x_g).pow(2).sum(1) - (f_psi - x_g).pow(2).sum(1))
     torch.testing.assert_close(identity_loss(f_phi, f_psi, x_g, LAMBDA_PRESETS["fgm"]), half_diff)
 
 
 @pytest.mark.parametrize("lam", LAMS)
-def test_t1_eps_form_is_x0_form_over_sigma_squared(lam):
+def test_eps_form_is_x0_form_over_sigma_squared(lam):
     """The blog's ε-form <ε_φ - ε_ψ, ε_φ - ε> - λ|ε_φ - ε_ψ|² equals σ⁻² L^x0_λ (EDM) and SNR·L^x0_λ (VP)."""
     f_phi, f_psi, x_g, n = (rand(5, 7, seed=s) for s in range(4))
     sigma = torch.tensor([0.1, 0.5, 1.0, 3.0, 20.0], dtype=torch.float64)[:, None]
@@ -67,15 +68,15 @@ def test_t1_eps_form_is_x0_form_over_sigma_squared(lam):
     torch.testing.assert_close(eps_form, (a / b)[:, 0] ** 2 * identity_loss(f_phi, f_psi, x_g, lam))
 
 
-def test_t1_mixed_forms_flip_the_sign():
-    """Pitfall §2.5: an ε-form first factor with an x0-form second factor has the opposite sign."""
+def test_mixed_forms_flip_the_sign():
+    """The classic sign error: an ε-form first factor with an x0-form second factor has the opposite sign."""
     f_phi, f_psi, x_g = rand(200, 3, seed=1), rand(200, 3, seed=2), rand(200, 3, seed=3)
     mixed = (-(f_phi - f_psi) * (f_phi - x_g)).sum(1)          # (ε_φ - ε_ψ)σ = -(f_φ - f_ψ)
     assert torch.allclose(mixed, -identity_loss(f_phi, f_psi, x_g, 0.0))
 
 
 def test_official_weight_and_reduction():
-    """ω = 1/max(mean|x_g - f_φ|, 1e-5), stop-gradient (§2.4 step 5)."""
+    """ω = 1/max(mean|x_g - f_φ|, 1e-5), stop-gradient (SiD's training/sid_loss.py)."""
     x_g = rand(3, 4, seed=1).requires_grad_()
     f_phi = rand(3, 4, seed=2)
     w = sid_weight(x_g, f_phi)
@@ -85,11 +86,11 @@ def test_official_weight_and_reduction():
     torch.testing.assert_close(sid_weight(same, same), torch.full((3,), 1e5, dtype=torch.float64))  # clamped
 
 
-# T4: zero loss and zero gradient at the optimum, per sample -------------------------------------------------
+# Zero loss and zero gradient at the optimum, per sample -------------------------------------------------
 
 @pytest.mark.parametrize("lam", LAMS)
 @pytest.mark.parametrize("weighting", ["sid", "x0", "eps"])
-def test_t4_zero_at_optimum(lam, weighting):
+def test_zero_at_optimum(lam, weighting):
     """Generator = an exact reparameterised sampler of the teacher's GMM, fake = teacher: L = 0 and ∇L = 0."""
     gmm = GaussianMixture([0.3, 0.7], [[-2.0, 0.5], [1.5, -1.0]], [0.5, 0.8])
     theta = torch.tensor([[-2.0, 0.5, 0.5], [1.5, -1.0, 0.8]], dtype=torch.float64, requires_grad=True)
@@ -102,7 +103,7 @@ def test_t4_zero_at_optimum(lam, weighting):
     assert grad.abs().max() < 1e-12                                # only the rounding of opposite paths remains
 
 
-# T5: 1-D Gaussian closed forms (Monte Carlo with common random numbers) -------------------------------------
+# 1-D Gaussian closed forms (Monte Carlo with common random numbers) -------------------------------------
 
 def expected_gradient_mc(lam, mu, s, mu_g, s_g, sigma, n=400_000, weighting="x0"):
     """E ∂L_λ/∂(μ_g, s_g) with the fake frozen at the exact denoiser of the current generator."""
@@ -116,7 +117,7 @@ def expected_gradient_mc(lam, mu, s, mu_g, s_g, sigma, n=400_000, weighting="x0"
 
 
 def closed_form(lam, mu, s, mu_g, s_g, sigma):
-    """sid-math.md T5.2."""
+    """The expected gradient for a Gaussian teacher N(μ, s²) and generator N(μ_g, s_g²), fake score exact."""
     a, b = s**2 / (s**2 + sigma**2), s_g**2 / (s_g**2 + sigma**2)
     g_mu = (1 - a) * (mu - mu_g) * ((1 - 2 * lam) * (a - b) - (1 - a))
     g_s = -2 * s_g * (a - b) * ((1 - a) + lam * (a - b))
@@ -125,19 +126,19 @@ def closed_form(lam, mu, s, mu_g, s_g, sigma):
 
 @pytest.mark.parametrize("lam", [0.5, 1.0, 1.2])
 @pytest.mark.parametrize("mu_g,s_g,sigma", [(1.0, 0.5, 0.7), (-0.5, 2.0, 0.7), (0.8, 1.5, 2.0)])
-def test_t5_expected_gradient_matches_closed_form(lam, mu_g, s_g, sigma):
+def test_expected_gradient_matches_closed_form(lam, mu_g, s_g, sigma):
     mc = expected_gradient_mc(lam, 0.3, 0.8, mu_g, s_g, sigma)
     exact = closed_form(lam, 0.3, 0.8, mu_g, s_g, sigma)
     assert torch.allclose(mc, exact, rtol=0.03, atol=3e-3), (mc, exact)
 
 
 def objective(mu, s, mu_g, s_g, sigma):
-    """T5.1: J = E (D_φ - D_ψ*)² under x_t ~ N(μ_g, s_g² + σ²)."""
+    """J = E (D_φ - D_ψ*)² under x_t ~ N(μ_g, s_g² + σ²), in closed form."""
     return sigma**4 * ((mu - mu_g) ** 2 * (s_g**2 + sigma**2) + (s**2 - s_g**2) ** 2) / (
         (s**2 + sigma**2) ** 2 * (s_g**2 + sigma**2))
 
 
-def test_t5_special_values():
+def test_special_values():
     """λ = ½ is exactly ½∇J (FGM); at s_g = s the μ-gradient is the same for every λ; (μ, s) is stationary."""
     mu, s, mu_g, s_g, sigma = 0.3, 0.8, -0.4, 1.7, 0.9
     theta = torch.tensor([mu_g, s_g], dtype=torch.float64, requires_grad=True)
@@ -149,13 +150,13 @@ def test_t5_special_values():
         assert closed_form(lam, mu, s, mu, s, sigma).abs().max() == 0
 
 
-def test_t5_sid_weight_keeps_the_fixed_point():
-    """ω rescales per sample but cannot move the stationary point (μ_g, s_g) = (μ, s) (T5.5)."""
+def test_sid_weight_keeps_the_fixed_point():
+    """ω rescales per sample but cannot move the stationary point (μ_g, s_g) = (μ, s)."""
     g = expected_gradient_mc(1.2, 0.3, 0.8, 0.3, 0.8, 0.7, n=20_000, weighting="sid")
     assert g.abs().max() < 1e-12
 
 
-# T7: optimisation-level smoke test: plain gradient descent on θ = (μ_g, s_g) with our loss's gradient ---------
+# Dynamics: plain gradient descent on θ = (μ_g, s_g) with our loss's gradient ---------
 
 def gaussian_denoiser(mu, s):
     """D(x; σ) = μ + s²/(s² + σ²)(x − μ), the exact denoiser of N(μ, s²), on rows x [B, N] with σ [B]."""
@@ -165,11 +166,11 @@ def gaussian_denoiser(mu, s):
 
 
 def descend(cases, steps=1000, lr=0.05, n=1024, plug_in=False):
-    """Gradient descent (lr 0.05, sid-math T7) for each case (λ, start (μ_g, s_g), σ values) towards the teacher
+    """Gradient descent (lr 0.05) for each case (λ, start (μ_g, s_g), σ values) towards the teacher
     N(0, 1), with the fake frozen at the exact denoiser of the current generator. The gradient is autograd's
     through ``generator_loss`` (x0 weighting), averaged over the case's σ values and 2n fixed samples (common
     random numbers, antithetic and rescaled: z's mean is exactly 0 and its mean square 1); ``plug_in``: of
-    L_0 - L_1, whose expected gradient is the plug-in channel P alone (§3.3). All cases descend together, one
+    L_0 - L_1, whose expected gradient is the path channel P alone (docs/losses.md). All cases descend together, one
     row per (case, σ)."""
     theta = torch.tensor([start for _, start, _ in cases], dtype=torch.float64)    # [C, 2]
     rows = [(i, lam, sigma, 1 / len(sigmas)) for i, (lam, _, sigmas) in enumerate(cases) for sigma in sigmas]
@@ -196,14 +197,14 @@ def converged(theta):
     return bool(((theta - torch.tensor([0.0, 1.0], dtype=theta.dtype)).abs() < 0.05).all())
 
 
-def test_t7_gradient_descent_converges_diverges_and_collapses_as_predicted():
-    """sid-math.md T7 at σ = 1, then on SiD's σ grid. λ ∈ [½, 1] and λ = 0 converge from either side; λ = 1.2
-    converges below its repelling root s_g = √11 ≈ 3.317 and diverges (s_g → ∞) above it; on the σ grid
-    λ = 1.2 converges from s_g = 8 and diverges from 30; the plug-in channel alone collapses the generator
-    (s_g → 0) while its mean runs away. 1000 steps, after which descent on the exact expected gradients
-    (T5.2) is at s_g = 1.0135 from 8 and 78,404 from 30 on the grid, 117 from 3.5 at σ = 1 (measured here:
-    1.0135, 79,595 and 110); λ = 1 from s_g = 30 is still at 28.3 then (its s-gradient fades as 1/s_g), so
-    that start is checked for direction only."""
+def test_gradient_descent_converges_diverges_and_collapses_as_predicted():
+    """Gradient descent on a Gaussian toy at σ = 1, then on SiD's σ grid. λ ∈ [½, 1] and λ = 0 converge from
+    either side; λ = 1.2 converges below its repelling root s_g = √11 ≈ 3.317 and diverges (s_g → ∞) above it;
+    on the σ grid λ = 1.2 converges from s_g = 8 and diverges from 30; the plug-in channel alone collapses the
+    generator (s_g → 0) while its mean runs away. 1000 steps, after which descent on the exact expected
+    gradients (``closed_form``) is at s_g = 1.0135 from 8 and 78,404 from 30 on the grid, 117 from 3.5 at σ = 1
+    (measured here: 1.0135, 79,595 and 110); λ = 1 from s_g = 30 is still at 28.3 then (its s-gradient fades as
+    1/s_g), so that start is checked for direction only."""
     grid = karras_sigma(torch.linspace(0, 0.8, 41, dtype=torch.float64), 0.002, 80.0, 7.0).tolist()
     converging = [(lam, start, [1.0]) for lam in (0.5, 1.0, 1.2, 0.0) for start in ([2.0, 0.5], [2.0, 3.0])]
     converging += [(1.2, [0.0, 3.2], [1.0]), (0.5, [0.0, 3.5], [1.0]), (1.0, [0.0, 3.5], [1.0]),
@@ -217,9 +218,9 @@ def test_t7_gradient_descent_converges_diverges_and_collapses_as_predicted():
     assert collapsed[1].abs() < 0.05 and collapsed[0] > 100, collapsed
 
 
-# T6: GMM teacher, Gaussian generator: 2 E∇L_½ = ∇J ----------------------------------------------------------
+# A mixture teacher, Gaussian generator: 2 E∇L_½ = ∇J ----------------------------------------------------------
 
-def test_t6_fgm_gradient_is_half_the_true_gradient_on_a_mixture():
+def test_fgm_gradient_is_half_the_true_gradient_on_a_mixture():
     """J(θ) = E_{x_t ~ p_θ,σ} |D_φ - D_ψ*(θ)|² by quadrature, its θ-gradient by finite differences."""
     teacher = GaussianMixture([0.3, 0.7], [[-2.0], [1.5]], [0.5, 0.8])
     mu_g, s_g, sigma = 0.5, 2.0, 0.7
@@ -245,14 +246,14 @@ def test_t6_fgm_gradient_is_half_the_true_gradient_on_a_mixture():
     assert torch.allclose(2 * grad_l, grad_j, rtol=0.02, atol=0.01 * grad_j.norm()), (2 * grad_l, grad_j)
 
 
-# T8: implementation invariants ------------------------------------------------------------------------------
+# Invariants of the generator step ------------------------------------------------------------------------------
 
 def mlp_denoiser(seed):
     torch.manual_seed(seed)
-    return Preconditioned(MLP((3,), width=16, depth=2), EDMPrecond(0.5))
+    return Preconditioned(MLP((3,), width=16, depth=2), EDMRule(0.5))
 
 
-def test_t8_no_gradient_reaches_teacher_or_fake_parameters_and_both_take_part():
+def test_no_gradient_reaches_teacher_or_fake_parameters_and_both_take_part():
     """Parameters of f_φ and f_ψ get no gradient; cutting the input-gradient of either changes G's update."""
     teacher = mlp_denoiser(0).requires_grad_(False)
     fake = mlp_denoiser(1).requires_grad_(False)
@@ -298,10 +299,39 @@ def test_flow_matching_loss_is_the_velocity_error_of_rectified_flow():
     net = MLP((2,), width=16, depth=2)
     x0, sigma = rand(6, 2, seed=4).float(), torch.tensor([0.01, 0.3, 1.0, 2.5, 9.0, 70.0])
     torch.manual_seed(0)
-    loss = flow_matching_loss(Preconditioned(net, FlowPrecond()), x0, sigma)
+    loss = flow_matching_loss(Preconditioned(net, FlowRule()), x0, sigma)
     torch.manual_seed(0)
     eps = torch.randn_like(x0)                                   # the noise the loss draws
     t = (sigma / (1 + sigma))[:, None]
     x_t = (1 - t) * x0 + t * eps
     expected = (net(x_t, 1000 * t.flatten()) - (eps - x0)).pow(2).sum(1)
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+# The loss object: constants bound once from the config ----------------------------------------------------------
+
+def test_the_loss_object_binds_the_config_and_computes_the_pure_losses():
+    """λ parsed from its name, the generator's σ range from the teacher unless set, the scales over the
+    per-process batch (SiD's reduction); each method draws its σ and calls the pure loss with them."""
+    from sid.config import load_config
+
+    gmm = GaussianMixture([0.3, 0.7], [[-2.0, 0.5], [1.5, -1.0]], [0.5, 0.8], sigma_min=0.01, sigma_max=40.0)
+    cfg = load_config([], ["loss.lam=fgm", "loss.weighting=eps", "loss.t_max=0.6", "loss.g_scale=50"])
+    loss = DistillationLoss.from_config(cfg.loss, gmm, per_process=8)
+    assert (loss.lam, loss.weighting, loss.sigma_min, loss.sigma_max) == (0.5, "eps", 0.01, 40.0)
+    assert loss.g_scale == 50 / 8 and loss.fake_scale == 1 / 8 and loss.sigma_data == gmm.sigma_data
+    pinned = DistillationLoss.from_config(load_config([], ["loss.sigma_min=0.1", "loss.sigma_max=5"]).loss, gmm, 8)
+    assert (pinned.sigma_min, pinned.sigma_max, pinned.lam) == (0.1, 5.0, 1.2)
+
+    fake = GaussianMixture([1.0], [[0.0, 0.0]], [1.5])
+    x_g = rand(8, 2, seed=7)
+    torch.manual_seed(3)
+    got = loss.generator(gmm, fake, x_g)
+    torch.manual_seed(3)
+    sigma = karras_sigma(torch.rand(8) * 0.6, 0.01, 40.0, 7.0)                      # the draw the method makes
+    torch.testing.assert_close(got, generator_loss(gmm, fake, x_g, sigma, lam=0.5, weighting="eps") * 50 / 8)
+    torch.manual_seed(4)
+    got = loss.fake_score(fake, x_g)
+    torch.manual_seed(4)
+    sigma = (torch.randn(8) * 1.2 - 1.2).exp()
+    torch.testing.assert_close(got, fake_score_loss(fake, x_g, sigma, sigma_data=gmm.sigma_data) / 8)

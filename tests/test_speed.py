@@ -11,7 +11,7 @@ from conftest import TINY_UNET
 from eval import bench_speed
 from sid.config import load_config
 from sid.errors import SidError
-from sid.trainer import build, make_step, save_sample_grid, train, use_compile
+from sid.trainer import build, iteration, save_sample_grid, train, use_compile
 
 TINY = ["teacher.kind=diffusers", f"teacher.diffusers.unet_config={json.dumps(TINY_UNET).replace(' ', '')}",
         "teacher.diffusers.prediction_type=edm", "optim.batch=16", "train.progress=false", "train.tensorboard=false"]
@@ -50,7 +50,7 @@ def one_step(overrides, tmp_path, device="cpu"):
             grads[_name] = torch.cat([p.grad.flatten().float() for p in _net.parameters()])
             return _step(*args, **kwargs)
         opt.step = record
-    loss_fake, loss_g, dropped, bad = make_step(cfg, run)()
+    loss_fake, loss_g, dropped, bad = iteration(run)
     assert not bad and int(dropped) == 0
     return float(loss_fake), float(loss_g), grads
 
@@ -112,6 +112,7 @@ def test_grad_checkpointing_of_other_backbones_changes_nothing_but_memory(tmp_pa
     assert_agree(reference, checkpointed, 1e-6, 0.999999)
 
 
+@pytest.mark.slow
 def test_bench_writes_its_table(tmp_path):
     args = ["--modes", "reference,no_accumulation,fused_adam", "--warmup", "1", "--iters", "2",
             "--out", str(tmp_path / "out"), *TINY]
@@ -124,6 +125,7 @@ def test_bench_writes_its_table(tmp_path):
     assert bench_speed.main(["--modes", "warp_drive", *TINY]) == 2
 
 
+@pytest.mark.slow
 def test_compiled_networks_agree_with_eager(tmp_path, monkeypatch):
     """perf.compile: TorchDynamo captures each network whole (no graph breaks, which would cost speed on a GPU)
     and one iteration changes nothing but rounding. The inductor backend is swapped for aot_eager to keep this
@@ -144,11 +146,12 @@ def test_compiled_networks_agree_with_eager(tmp_path, monkeypatch):
     cfg = load_config([], TINY + EXACT + ["perf.compile=true", "train.num_samples=4",
                                           f"train.run_dir={tmp_path / 'c'}"])
     (tmp_path / "c").mkdir()
-    save_sample_grid(cfg, build(cfg, Accelerator(cpu=True), resume=None))
+    save_sample_grid(build(cfg, Accelerator(cpu=True), resume=None))
     assert (tmp_path / "c" / "samples" / "teacher.png").is_file()
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.slow
 def test_compile_defaults_to_gpus_and_a_failing_compile_names_the_switch(tmp_path, monkeypatch):
     assert load_config([], []).perf.compile is None
     assert use_compile(None, torch.device("cuda")) and not use_compile(None, torch.device("cpu"))

@@ -21,18 +21,14 @@ def signal_in_run(monkeypatch, lam: str, nimg: int) -> None:
     """Send this process SIGINT (Ctrl-C) when the run of ``loss.lam=lam`` reaches ``nimg`` images."""
     import sid.trainer
 
-    real = sid.trainer.make_step
+    real = sid.trainer.iteration
 
-    def make_step(cfg, run):
-        step = real(cfg, run)
-
-        def signalled():
-            out = step()
-            if str(cfg.loss.lam) == lam and run.nimg == nimg:
-                os.kill(os.getpid(), signal.SIGINT)
-            return out
-        return signalled
-    monkeypatch.setattr(sid.trainer, "make_step", make_step)
+    def signalled(run):
+        out = real(run)
+        if str(run.cfg.loss.lam) == lam and run.nimg == nimg:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+    monkeypatch.setattr(sid.trainer, "iteration", signalled)
 
 
 def test_grid_expansion():
@@ -41,6 +37,7 @@ def test_grid_expansion():
     assert len(grid) == 4 and grid[1] == {"loss.lam": "0.5", "optim.g_betas": "[0.9,0.99]", "train.seed": "1"}
 
 
+@pytest.mark.slow
 def test_sweep_runs_reports_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
     overrides = ["loss.lam=0.5,1.0,1.2"] + SMALL
     runs = plan(CONFIG, overrides, tmp_path)
@@ -70,6 +67,7 @@ def test_sweep_runs_reports_and_skips_finished_runs(tmp_path, monkeypatch, capsy
         assert (tmp_path / figure).stat().st_size > 1000 and f"({figure})" in report
 
 
+@pytest.mark.slow
 def test_a_larger_image_budget_continues_the_finished_runs(tmp_path):
     """Re-running a finished sweep with a larger train.total_nimg resumes each run from its last state."""
     short = ["loss.lam=0.5"] + SMALL + ["train.total_nimg=1280"]
@@ -86,6 +84,7 @@ def test_a_larger_image_budget_continues_the_finished_runs(tmp_path):
     assert [r["state"] for r in plan(CONFIG, ["loss.lam=0.5"] + SMALL, tmp_path)] == ["finished"]
 
 
+@pytest.mark.slow
 def test_the_report_takes_the_best_finite_value_and_says_where(tmp_path):
     from sid.report import write_report
 
@@ -99,11 +98,12 @@ def test_the_report_takes_the_best_finite_value_and_says_where(tmp_path):
     assert row in report                                  # the best of seed 0 is 0.3 at 2 images, not its NaN
 
 
+@pytest.mark.slow
 def test_failed_runs_are_marked_not_dropped(tmp_path, monkeypatch):
-    import sid.trainer
+    import sid.losses
 
-    real = sid.trainer.generator_loss
-    monkeypatch.setattr(sid.trainer, "generator_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = sid.losses.generator_loss
+    monkeypatch.setattr(sid.losses, "generator_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     runs = plan(CONFIG, ["loss.lam=0.5"] + SMALL + ["train.max_nonfinite_steps=2"], tmp_path)
     run_sweep(runs, CONFIG)
     assert plan(CONFIG, ["loss.lam=0.5"] + SMALL, tmp_path)[0]["state"] == "failed"
@@ -113,6 +113,7 @@ def test_failed_runs_are_marked_not_dropped(tmp_path, monkeypatch):
     assert "failed: aborting" in report
 
 
+@pytest.mark.slow
 def test_a_crashed_per_device_process_is_marked_failed(tmp_path, monkeypatch):
     """A child that dies outside SidError (say, out of GPU memory) is marked failed with its log named; one
     stopped by a signal (exit code 130, after a checkpoint) is left to resume."""

@@ -18,9 +18,8 @@ from sid.cli import parser
 from sid.commands.sample import load_teacher
 from sid.data import load_images
 from sid.errors import SidError
-from sid.fid import add_images, generator_fid, load_reference, make_fid, save_reference, to_uint8_nchw
 from sid.generator import load_generator
-from sid.sampling import sample_teacher
+from sid.metrics import add_images, generator_fid, load_reference, make_fid, save_reference, teacher_fid
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -59,19 +58,12 @@ def cmd_images(args) -> dict:
     return summary(values, args, "images", args.source)
 
 
-@torch.no_grad()
 def cmd_teacher(args) -> dict:
     metric = make_fid(args.weights).to(DEVICE)
     load_reference(metric, args.ref)
-    denoiser, shape = load_teacher(args.config, DEVICE)
-    values = []
-    for s in range(args.repeats):
-        metric.reset()
-        for start in range(0, args.num, args.batch):
-            seeds = range(s * args.num + start, s * args.num + min(start + args.batch, args.num))
-            x = sample_teacher(denoiser, shape, args.steps, "heun", seeds, device=DEVICE, batch=args.batch)
-            metric.update(to_uint8_nchw(x).to(metric.device), real=False)
-        values.append(float(metric.compute()))
+    teacher = load_teacher(args.config, DEVICE)
+    values = [teacher_fid(metric, teacher, args.steps, args.num, seed=s, batch=args.batch, device=DEVICE)
+              for s in range(args.repeats)]
     return summary(values, args, "teacher", f"{args.config} heun nfe={2 * args.steps - 1}")
 
 

@@ -19,8 +19,7 @@ from sid.errors import SidError
 from sid.generator import load_generator
 from sid.images import save_image_grid, save_samples, to_uint8
 from sid.sampling import sample_teacher
-from sid.teachers import build_teacher
-from sid.teachers.diffusers_unet import BUILTIN
+from sid.teachers import Teacher, build_teacher, teacher_from_path
 
 
 def parse_ints(text: str) -> list[int]:
@@ -61,8 +60,8 @@ def main(argv=None, prog=None) -> int:
     if (args.generator is None) == (args.teacher is None):
         raise SidError("give either an exported generator or --teacher CONFIG")
     if args.teacher:
-        denoiser, shape = load_teacher(args.teacher, args.device)
-        x = sample_teacher(denoiser, shape, args.steps, args.solver, seeds, classes, args.device)
+        teacher = load_teacher(args.teacher, args.device)
+        x = sample_teacher(teacher.denoiser, teacher.shape, args.steps, args.solver, seeds, classes, args.device)
     else:
         generator = load_generator(args.generator, device=args.device, trust_code=args.trust_code)
         if classes is not None and not generator.label_dim:
@@ -73,15 +72,14 @@ def main(argv=None, prog=None) -> int:
     return 0
 
 
-def load_teacher(teacher: str, device):
-    """(frozen teacher denoiser on device, sample shape) of a distillation config (a file or a preset), or of a
-    diffusers teacher given directly: a folder or ``builtin:<name>``."""
-    if teacher.startswith(BUILTIN) or Path(teacher).is_dir():
-        cfg = load_config([], ["teacher.kind=diffusers", f"teacher.diffusers.path={teacher}"])
-    else:
-        cfg = load_config([teacher])
+def load_teacher(teacher: str, device) -> Teacher:
+    """The teacher (its denoiser on ``device``) of a distillation config (a file or a preset), or one given by its
+    path alone: a diffusers folder or ``builtin:<name>``."""
+    overrides = teacher_from_path(teacher)
+    cfg = load_config([], overrides) if overrides else load_config([teacher])
     built = build_teacher(cfg.teacher)
-    return built.denoiser.to(device), built.shape
+    built.denoiser.to(device)
+    return built
 
 
 def check_out(out: Path) -> None:

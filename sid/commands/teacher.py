@@ -1,7 +1,7 @@
 """Train an EDM teacher (diffusers UNet2DModel) on images, e.g. Fashion-MNIST from Debian's package.
 
-    sid teacher --config teacher/fmnist total_nimg=20000000 run_dir=runs/teacher
-    sid teacher --config teacher/fmnist --resume                 # the latest state in run_dir
+    sid teacher --config teacher/fmnist train.total_nimg=20000000 train.run_dir=runs/teacher
+    sid teacher --config teacher/fmnist --resume                 # the latest state in train.run_dir
     sid train teacher.kind=diffusers teacher.diffusers.path=runs/teacher/teacher     # then distil it
 """
 

@@ -4,7 +4,7 @@
     sid train --config toy_2d loss.lam=fgm train.run_dir=runs/toy
     sid train --config toy_2d --resume                           # the latest state in train.run_dir
     sid train --config my_run.yaml --dry-run                     # print the resolved config
-    accelerate launch --multi_gpu --num_processes 4 -m sid train --config my_run.yaml
+    accelerate launch --multi_gpu --num_processes 4 train.py --config my_run.yaml      # train.py: a clone's
 """
 
 from sid.cli import run

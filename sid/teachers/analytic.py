@@ -1,11 +1,23 @@
-"""Exact denoisers of Gaussian mixtures: teachers with a known answer, for tests and toy runs (sid-math.md T2)."""
+"""``teacher.kind=analytic``: exact denoisers of Gaussian mixtures, teachers with a known answer for tests and toys.
+
+An analytic teacher has no weights to copy, so its students (fake score and generator) are EDM-preconditioned
+MLPs, first regressed onto the exact denoiser: the analogue of SiD's initialisation from the teacher.
+"""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import math
 
 import torch
 from torch import nn
+
+from sid.config import plain
+from sid.networks import MLP
+from sid.precond import EDMRule, Preconditioned
+from sid.teachers.base import Teacher
 
 
 class GaussianMixture(nn.Module):
@@ -72,20 +84,80 @@ def ring_mixture(modes: int = 8, radius: float = 2.0, std: float = 0.2, shape=(2
     return GaussianMixture(weights, means, torch.full((modes,), std))
 
 
-def mode_weights(mixture: GaussianMixture, samples: torch.Tensor, max_dist: float = 3.0) -> torch.Tensor:
-    """Fraction of samples nearest to each mode, counting only those within max_dist component stds of it;
-    the remainder (samples between or far from all modes) is the last entry. [K + 1]"""
-    d = torch.cdist(samples.double().flatten(1), mixture.means.flatten(1))          # [N, K]
-    dist, k = d.min(dim=1)
-    k = torch.where(dist <= max_dist * mixture.stds[k] * math.sqrt(math.prod(mixture.shape)), k, len(mixture.stds))
-    return torch.bincount(k, minlength=len(mixture.stds) + 1).double() / len(samples)
+class AnalyticTeacher(Teacher):
+    """A Gaussian mixture as a teacher: exact samples, and students fitted to its exact denoiser."""
+
+    exact_samples = True
+
+    def __init__(self, mixture: GaussianMixture, spec: dict, fit_steps: int):
+        super().__init__(mixture, mixture.shape, spec)
+        self.fit_steps, self._fitted = fit_steps, None
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.denoiser.sample(n, generator).float()
+
+    def make_student(self) -> nn.Module:
+        """A copy of the MLP fitted to the exact denoiser: fitted for the first student, copied for the next."""
+        if self._fitted is None:
+            self._fitted = fitted_student(self.spec, self.denoiser, self.fit_steps)
+        return copy.deepcopy(self._fitted).train().requires_grad_(True)
 
 
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
-    """Sliced 1-Wasserstein distance between two equal-size sample sets (random directions, fixed seed)."""
-    a, b = a.double().flatten(1), b.double().flatten(1)
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(a.shape[1], projections, dtype=torch.float64, generator=g)
-    dirs /= dirs.norm(dim=0, keepdim=True)
-    pa, pb = (a @ dirs).sort(dim=0).values, (b @ dirs).sort(dim=0).values
-    return float((pa - pb).abs().mean())
+def build(section, trust_code: bool = False) -> AnalyticTeacher:
+    """The mixture of ``teacher.analytic``; its students' spec names an MLP of the configured size."""
+    mixture = ring_mixture(section.modes, section.radius, section.mode_std, tuple(section.shape), section.seed,
+                           plain(section.weights) or None)
+    spec = {"kind": "analytic", "shape": list(mixture.shape), "width": section.student_width,
+            "depth": section.student_depth, "label_dim": 0, "sigma_data": mixture.sigma_data}
+    return AnalyticTeacher(mixture.eval(), spec, section.student_fit_steps)
+
+
+def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
+    """An analytic run's student architecture: an EDM-preconditioned MLP (random weights)."""
+    net = MLP(spec["shape"], spec["width"], spec["depth"], spec["label_dim"])
+    return Preconditioned(net, EDMRule(spec["sigma_data"]), label_dim=spec["label_dim"])
+
+
+_FITS: dict[str, tuple[nn.Module, torch.Tensor]] = {}     # fitted_student's memo: key -> (fit, RNG state after)
+
+
+def fitted_student(spec: dict, mixture: GaussianMixture, steps: int) -> nn.Module:
+    """``fit_student`` of a fresh student, memoised per process (do not modify the result; copy it).
+
+    The fit is a function of the spec, the mixture, the step count and the global RNG state, so the key holds
+    all four; a hit leaves the RNG where the fit would have. A sequential sweep or a resumed run on a toy
+    teacher then fits once, and every run draws the same numbers as if it had fitted anew.
+    """
+    parts = [json.dumps(spec, sort_keys=True), str(steps), repr((mixture.sigma_min, mixture.sigma_max)),
+             *(t.cpu().numpy().tobytes().hex() for t in mixture.state_dict().values()),
+             torch.get_rng_state().numpy().tobytes().hex()]
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()
+    if key not in _FITS:
+        if len(_FITS) >= 8:
+            _FITS.pop(next(iter(_FITS)))
+        student = fit_student(denoiser_from_spec(spec), mixture, steps)
+        _FITS[key] = (student, torch.get_rng_state())
+    student, rng_after = _FITS[key]
+    torch.set_rng_state(rng_after)
+    return student
+
+
+def fit_student(student: nn.Module, mixture: GaussianMixture, steps: int, batch: int = 512, lr: float = 2e-3):
+    """Regress an MLP denoiser onto the exact one: E λ_EDM(σ) |D_student(x) - D_exact(x)|², ln σ uniform
+    on [ln σ_min, ln σ_max].
+
+    The exact target has no sampling noise, so a few hundred steps suffice. Uses the global RNG.
+    """
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    lo, hi = math.log(mixture.sigma_min), math.log(mixture.sigma_max)
+    for _ in range(steps):
+        sigma = torch.empty(batch).uniform_(lo, hi).exp()
+        noise = torch.randn(batch, *mixture.shape)
+        x = mixture.sample(batch).float() + sigma.view(-1, *[1] * len(mixture.shape)) * noise
+        weight = (sigma**2 + student.sigma_data**2) / (sigma * student.sigma_data) ** 2
+        err = (student(x, sigma) - mixture(x, sigma)).flatten(1).pow(2).sum(1)
+        loss = (weight * err).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return student.eval()

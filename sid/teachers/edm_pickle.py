@@ -1,13 +1,15 @@
-"""NVIDIA EDM network pickles (``edm-*.pkl``, ``network-snapshot-*.pkl``) as EDM denoisers.
+"""``teacher.kind=edm_pickle``: NVIDIA EDM network pickles (``edm-*.pkl``, ``network-snapshot-*.pkl``) as EDM
+denoisers.
 
 EDM pickles carry the source code of their networks (EDM's ``torch_utils.persistence``), and unpickling
-executes it: a pickle is loaded only with ``teacher.edm_pickle.trust=true``. EDM's repository is not needed;
-the few names a pickle refers to outside its own code (``torch_utils.persistence``, ``dnnlib.EasyDict``)
-are provided here while it loads.
+executes it: a pickle is loaded only when trusted (``trust_code``, or ``teacher.edm_pickle.trust=true``).
+EDM's repository is not needed; the few names a pickle refers to outside its own code
+(``torch_utils.persistence``, ``dnnlib.EasyDict``) are provided here while it loads.
 
 Of the unpickled ``ema`` network only the backbone (``.model``: SongUNet, DhariwalUNet) is kept. Its
-preconditioning object (EDMPrecond, VPPrecond or VEPrecond) is replaced by the same coefficients in
-``Preconditioned``, so the precision policy is sid's: coefficients in fp32, the backbone under autocast.
+preconditioning object (EDM's EDMPrecond, VPPrecond or VEPrecond) is replaced by the same coefficients
+(``EDMRule``, ``ContinuousVPRule``, ``VERule``) in ``Preconditioned``, so the precision policy is sid's:
+coefficients in fp32, the backbone under autocast.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 from torch import nn
 
 from sid.errors import SidError
-from sid.precond import Coefficients, EDMPrecond, Preconditioned
+from sid.precond import ContinuousVPRule, EDMRule, Preconditioned, VERule
+from sid.teachers.base import Teacher
 
 EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0      # EDM's sampling range, which clips every pickle's own range
 
@@ -162,31 +165,6 @@ def read_pickle(path: Path) -> nn.Module:
     return net
 
 
-class VPRule(nn.Module):
-    """EDM's continuous VP preconditioning (VPPrecond; sid-math.md §1.2): c_skip = 1, c_out = -σ,
-    c_in = 1/sqrt(σ² + 1), c_noise = (M - 1) t(σ) with t(σ) = (sqrt(β_min² + 2 β_d ln(1 + σ²)) - β_min) / β_d."""
-
-    def __init__(self, beta_d: float, beta_min: float, M: int, sigma_data: float, sigma_min: float, sigma_max: float):
-        super().__init__()
-        self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
-        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
-
-    def forward(self, sigma: torch.Tensor) -> Coefficients:
-        t = ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
-        return Coefficients(torch.ones_like(sigma), -sigma, (1 + sigma**2).rsqrt(), (self.M - 1) * t)
-
-
-class VERule(nn.Module):
-    """EDM's VE preconditioning (VEPrecond): c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ/2)."""
-
-    def __init__(self, sigma_data: float, sigma_min: float, sigma_max: float):
-        super().__init__()
-        self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
-
-    def forward(self, sigma: torch.Tensor) -> Coefficients:
-        return Coefficients(torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log())
-
-
 class EDMBackbone(nn.Module):
     """``F(x_in, c_noise, labels)`` over an EDM network (``model`` of a pickled preconditioner).
 
@@ -213,15 +191,21 @@ def coefficient_rule(net: nn.Module, sigma_data: float) -> nn.Module:
     lo = max(EDM_SIGMA_MIN, float(getattr(net, "sigma_min", 0.0)))
     hi = min(EDM_SIGMA_MAX, float(getattr(net, "sigma_max", math.inf)))
     if kind == "EDMPrecond":
-        return EDMPrecond(float(net.sigma_data), lo, hi)
+        return EDMRule(float(net.sigma_data), lo, hi)
     if kind == "VPPrecond":
-        return VPRule(float(net.beta_d), float(net.beta_min), int(net.M), sigma_data, lo, hi)
+        return ContinuousVPRule(float(net.beta_d), float(net.beta_min), int(net.M), sigma_data=sigma_data,
+                                sigma_min=lo, sigma_max=hi)
     if kind == "VEPrecond":
         return VERule(sigma_data, lo, hi)
     raise SidError(f"EDM network class {kind!r} is not supported; supported: EDMPrecond, VPPrecond, VEPrecond")
 
 
-def load_edm_denoiser(path: str | Path, trust: bool, sigma_data: float = 0.5):
+def build(section, trust_code: bool = False) -> Teacher:
+    """The network of ``teacher.edm_pickle``'s pickle as a teacher."""
+    return Teacher(*load_denoiser(section.path, trust_code or section.trust, section.sigma_data))
+
+
+def load_denoiser(path: str | Path, trust: bool, sigma_data: float = 0.5):
     """(denoiser, sample shape, spec) of an EDM pickle's network; ``sigma_data`` for VP and VE networks, whose
     preconditioning has none (the fake-score loss weight uses it)."""
     if not trust:
@@ -241,7 +225,7 @@ def denoiser_from_pickle(path: Path, sigma_data: float) -> tuple[Preconditioned,
     return denoiser, (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
 
 
-def denoiser_from_spec(spec: dict) -> Preconditioned:
+def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
     """An exported generator's architecture, from the pickle its run was trusted with (same SHA-256)."""
     path = Path(spec["path"])
     if not path.is_file() or sha256(path) != spec["sha256"]:

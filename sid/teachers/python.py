@@ -1,10 +1,10 @@
-"""Teachers built by the user's own code: ``teacher.python.factory=package.module:function``.
+"""``teacher.kind=python``: teachers built by the user's own code, ``teacher.python.factory=package.module:function``.
 
 For networks that are neither diffusers models nor EDM pickles. The function, called with
 ``teacher.python.kwargs``, returns the pretrained network as a denoiser under the contract of
 ``sid/precond.py``: an ``nn.Module`` ``D(x, sigma, labels=None) -> x0_hat`` in EDM units, with ``sigma_min``,
 ``sigma_max``, ``sigma_data`` and ``label_dim``. A raw network ``F(c_in x, c_noise, labels)`` becomes one as
-``Preconditioned(net, EDMPrecond(sigma_data))``. Its students are copies of it, as for every network teacher.
+``Preconditioned(net, EDMRule(sigma_data))``. Its students are copies of it, as for every network teacher.
 
 An exported generator names the function and its arguments, which rebuild its architecture when it loads;
 since that runs code named in a file, loading it asks for ``trust_code=True``.
@@ -20,7 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from sid.config import plain
 from sid.errors import SidError
+from sid.teachers.base import Teacher
 
 CONTRACT = ("sigma_min", "sigma_max", "sigma_data", "label_dim")
 
@@ -69,7 +71,13 @@ def check_contract(denoiser, shape: tuple[int, ...], factory: str) -> None:
         raise SidError(f"the denoiser from {factory} returns non-finite values for finite inputs")
 
 
-def load_python_denoiser(factory: str, kwargs: dict, shape) -> tuple[nn.Module, dict]:
+def build(section, trust_code: bool = False) -> Teacher:
+    """The network that ``teacher.python.factory`` returns for ``teacher.python.kwargs``, as a teacher."""
+    denoiser, spec = load_denoiser(section.factory, plain(section.kwargs), plain(section.shape))
+    return Teacher(denoiser, spec["shape"], spec)
+
+
+def load_denoiser(factory: str, kwargs: dict, shape) -> tuple[nn.Module, dict]:
     """(denoiser, spec) from the user's function; the spec rebuilds it for exported generators."""
     shape = tuple(shape)
     if not shape:
@@ -90,4 +98,4 @@ def denoiser_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:
         raise SidError(f"this generator's architecture is built by the Python function {spec['factory']} (arguments "
                        f"{spec['kwargs']}), and loading it runs that function: load it with trust_code=True "
                        "(--trust-code on the command line) if you trust this file")
-    return load_python_denoiser(spec["factory"], spec["kwargs"], spec["shape"])[0]
+    return load_denoiser(spec["factory"], spec["kwargs"], spec["shape"])[0]

@@ -1,6 +1,6 @@
-"""FID through torchmetrics with a tiny stand-in feature extractor (the real Inception when installed)."""
+"""Quality metrics (sid/metrics.py): FID through torchmetrics with a tiny stand-in feature extractor (the real
+Inception when installed), the `sid fid` command, the Fashion-MNIST benchmark on stand-ins, sliced Wasserstein."""
 
-import gzip
 import json
 
 import numpy as np
@@ -8,9 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from sid.data import fashion_mnist, load_images
 from sid.errors import SidError
-from sid.fid import InceptionTorchScript, add_images, find_inception, load_reference, make_fid, save_reference
+from sid.metrics import (
+    InceptionTorchScript,
+    add_images,
+    find_inception,
+    load_reference,
+    make_fid,
+    save_reference,
+    sliced_wasserstein,
+)
 
 
 class TinyFeatures(nn.Module):
@@ -77,24 +84,7 @@ def test_bad_reference_files(extractor_file, tmp_path):
         load_reference(metric, tmp_path / "junk.npz")
 
 
-def write_idx(path, array):
-    header = (0x0803).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def test_fashion_mnist_reader_pads_to_32(tmp_path, monkeypatch):
-    raw = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
-    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", raw)
-    monkeypatch.setenv("SID_FASHION_MNIST", str(tmp_path))
-    x = load_images("fashion-mnist:test")
-    assert x.shape == (5, 1, 32, 32) and x.dtype == torch.uint8
-    assert torch.equal(x[:, 0, 2:30, 2:30], torch.from_numpy(raw.astype(np.uint8)))
-    assert x[:, :, :2].sum() == 0
-    with pytest.raises(SidError, match="apt-get install dataset-fashion-mnist"):
-        fashion_mnist("train")
-
-
+@pytest.mark.slow
 def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_overrides, capsys):
     """`sid fid`'s subcommands and `sid train`'s in-loop FID, called in-process (the command's entry point)."""
     from PIL import Image
@@ -146,16 +136,17 @@ def test_real_inception_features():
     assert feats.shape == (4, 2048) and feats.isfinite().all()
 
 
+@pytest.mark.slow
 def test_fmnist_benchmark_end_to_end_on_stand_ins(extractor_file, tmp_path):
     """eval/bench_fmnist.py with a random tiny EDM teacher, random reference images and the stand-in extractor:
     reference statistics, teacher FIDs, one run per preset with in-loop FID, report and table; a re-run
     skips everything already done."""
     from conftest import TINY_UNET
     from eval import bench_fmnist
-    from sid.teachers.diffusers_unet import load_diffusers_denoiser, save_teacher
+    from sid.teachers.diffusers import denoiser_from_config, save_teacher
 
     torch.manual_seed(0)
-    teacher = save_teacher(load_diffusers_denoiser(None, TINY_UNET, "edm", 0.5)[0], tmp_path / "teacher")
+    teacher = save_teacher(denoiser_from_config(TINY_UNET, "edm", 0.5), tmp_path / "teacher")
     np.savez(tmp_path / "ref.npz", images=images(5, n=40)[:, :, :8, :8].numpy())
     out = tmp_path / "bench"
     args = ["--teacher", str(teacher), "--out", str(out), "--presets", "fgm,lambda1", "--every-nimg", "16",
@@ -172,6 +163,7 @@ def test_fmnist_benchmark_end_to_end_on_stand_ins(extractor_file, tmp_path):
     assert len((out / "teacher_fid.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_fmnist_benchmark_checks_its_inputs_before_the_reference_statistics(tmp_path, capsys):
     """A wrong teacher or override stops at once, before the (long, on a CPU) reference statistics."""
     from eval import bench_fmnist
@@ -183,3 +175,10 @@ def test_fmnist_benchmark_checks_its_inputs_before_the_reference_statistics(tmp_
     assert "unknown config key" in capsys.readouterr().err and not out.exists()
     with pytest.raises(SystemExit):
         bench_fmnist.main(["--out", str(out), "--teacher-steps", "18,x"])
+
+
+def test_sliced_wasserstein_is_zero_on_equal_sets_and_grows_with_a_shift():
+    a = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    assert sliced_wasserstein(a, a) == 0
+    near, far = sliced_wasserstein(a, a + 0.1), sliced_wasserstein(a, a + 1.0)
+    assert 0 < near < far and abs(far / near - 10) < 0.5                     # a shift moves every projection

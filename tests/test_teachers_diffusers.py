@@ -1,4 +1,5 @@
-"""Teacher adapters against the denoiser contract (sid-math.md T2) and on real, tiny diffusers UNets."""
+"""teacher.kind=diffusers: the coefficient rules against exact denoisers, and the adapter on real, tiny diffusers
+UNets (built from config: no download) against diffusers' own schedulers."""
 
 import json
 import shutil
@@ -10,10 +11,10 @@ from torch import nn
 from conftest import ROOT, TINY_UNET
 from sid.data import load_images
 from sid.errors import SidError
-from sid.precond import EDMPrecond, FlowPrecond, Preconditioned
+from sid.precond import FlowRule, Preconditioned
 from sid.teachers import build_teacher
 from sid.teachers.analytic import GaussianMixture
-from sid.teachers.diffusers_unet import ASSETS, VPPrecond, denoiser_from_spec, load_diffusers_denoiser
+from sid.teachers.diffusers import ASSETS, DiscreteVPRule, denoiser_from_spec, load_denoiser
 
 GMM = GaussianMixture([0.2, 0.5, 0.3], torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0)),
                       [0.3, 0.5, 0.8])
@@ -30,39 +31,17 @@ def alphas_cumprod(schedule="linear"):
 class ExactVPNet(nn.Module):
     """What a perfect diffusers VP network outputs, built from the exact denoiser by inverting §1.3."""
 
-    def __init__(self, precond: VPPrecond):
+    def __init__(self, precond: DiscreteVPRule):
         super().__init__()
-        self.precond = precond
+        self.rule = precond
 
     def forward(self, x_vp, t, labels=None):
-        sigma = self.precond.t_to_sigma(t).view(-1, 1, 1, 1)
+        sigma = self.rule.t_to_sigma(t).view(-1, 1, 1, 1)
         alpha, beta = (1 + sigma**2).rsqrt(), sigma * (1 + sigma**2).rsqrt()
         x = x_vp / alpha                                        # EDM-space input
         x0 = GMM(x, sigma.flatten())
         eps = (x - x0) / sigma
-        return {"epsilon": eps, "v_prediction": alpha * eps - beta * x0, "sample": x0}[self.precond.prediction_type]
-
-
-class ExactEDMNet(nn.Module):
-    def __init__(self, precond: EDMPrecond):
-        super().__init__()
-        self.precond = precond
-
-    def forward(self, x_in, c_noise, labels=None):
-        sigma = (4 * c_noise).exp()
-        c = self.precond(sigma.view(-1, 1, 1, 1))
-        x = x_in / c.c_in
-        return (GMM(x, sigma) - c.c_skip * x) / c.c_out
-
-
-class ExactFlowNet(nn.Module):
-    """What a perfect flow-matching network outputs: v = ε - x0 at x_t = (1 - t) x0 + t ε, t = timestep / 1000."""
-
-    def forward(self, x_t, timestep, labels=None):
-        t = (timestep / 1000).view(-1, 1, 1, 1)
-        x0 = GMM(x_t / (1 - t), (t / (1 - t)).flatten())       # E[x0 | x_t]: the same x in EDM units
-        eps = (x_t - (1 - t) * x0) / t
-        return eps - x0
+        return {"epsilon": eps, "v_prediction": alpha * eps - beta * x0, "sample": x0}[self.rule.prediction_type]
 
 
 SIGMAS = torch.tensor([0.03, 0.1, 0.5, 1.0, 2.5, 7.0, 14.0], dtype=torch.float64)
@@ -70,31 +49,16 @@ SIGMAS = torch.tensor([0.03, 0.1, 0.5, 1.0, 2.5, 7.0, 14.0], dtype=torch.float64
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear"])
-def test_t2_vp_adapters_recover_the_exact_denoiser(prediction_type, schedule):
-    precond = VPPrecond(alphas_cumprod(schedule), prediction_type)
+def test_vp_adapters_recover_the_exact_denoiser(prediction_type, schedule):
+    precond = DiscreteVPRule(alphas_cumprod(schedule), prediction_type)
     denoiser = Preconditioned(ExactVPNet(precond), precond)
     x0 = GMM.sample(len(SIGMAS), torch.Generator().manual_seed(1))
     x = x0 + SIGMAS.view(-1, 1, 1, 1) * torch.randn(x0.shape, dtype=torch.float64)
     torch.testing.assert_close(denoiser(x, SIGMAS), GMM(x, SIGMAS), rtol=1e-9, atol=1e-9)
 
 
-def test_t2_edm_adapter_recovers_the_exact_denoiser():
-    precond = EDMPrecond(0.5)
-    denoiser = Preconditioned(ExactEDMNet(precond), precond)
-    sigmas = torch.logspace(-2.5, 1.9, 9, dtype=torch.float64)
-    x = GMM.sample(9).double() + sigmas.view(-1, 1, 1, 1) * torch.randn(9, 2, 4, 4, dtype=torch.float64)
-    torch.testing.assert_close(denoiser(x, sigmas), GMM(x, sigmas), rtol=1e-9, atol=1e-9)
-
-
-def test_t2_flow_adapter_recovers_the_exact_denoiser():
-    denoiser = Preconditioned(ExactFlowNet(), FlowPrecond())
-    sigmas = torch.logspace(-2.5, 1.9, 9, dtype=torch.float64)
-    x = GMM.sample(9).double() + sigmas.view(-1, 1, 1, 1) * torch.randn(9, 2, 4, 4, dtype=torch.float64)
-    torch.testing.assert_close(denoiser(x, sigmas), GMM(x, sigmas), rtol=1e-9, atol=1e-9)
-
-
-def test_t2_sigma_timestep_round_trips():
-    precond = VPPrecond(alphas_cumprod("scaled_linear"), "epsilon")
+def test_sigma_timestep_round_trips():
+    precond = DiscreteVPRule(alphas_cumprod("scaled_linear"), "epsilon")
     assert abs(float(precond.t_to_sigma(torch.tensor(625.0))) - 2.5017) < 1e-4   # SiD-LSG's init_timestep
     assert abs(float(precond.t_to_sigma(torch.tensor(20.0))) - 0.138) < 1e-3
     t = torch.linspace(0, 999, 1234, dtype=torch.float64)
@@ -106,15 +70,9 @@ def test_t2_sigma_timestep_round_trips():
     assert (sigma_k.diff() > 0).all()
 
 
-def test_t2_edm_coefficients_at_sigma_init():
-    c = EDMPrecond(0.5)(torch.tensor(2.5, dtype=torch.float64))
-    assert abs(c.c_skip - 1 / 26) < 1e-6 and abs(c.c_out - 0.490290) < 1e-6
-    assert abs(c.c_in - 0.392232) < 1e-6 and abs(c.c_noise - 0.229073) < 1e-6
-
-
-def test_t2_guidance_is_linear_in_every_parameterisation():
+def test_guidance_is_linear_in_every_parameterisation():
     """CFG on ε, converted to x0, equals CFG on x0 (D is affine in the network output at fixed x, σ)."""
-    precond = VPPrecond(alphas_cumprod(), "epsilon")
+    precond = DiscreteVPRule(alphas_cumprod(), "epsilon")
     sigma = torch.full((4,), 1.3, dtype=torch.float64)
     x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
     e_u, e_c = torch.randn_like(x), torch.randn_like(x)
@@ -127,7 +85,7 @@ def test_t2_guidance_is_linear_in_every_parameterisation():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "edm", "flow"])
 def test_diffusers_unet_meets_the_contract(prediction_type):
-    denoiser, spec = load_diffusers_denoiser(None, TINY_UNET, prediction_type, 0.5)
+    denoiser, spec = load_denoiser(None, TINY_UNET, prediction_type, 0.5)
     x = torch.randn(3, 1, 8, 8)
     out = denoiser(x, torch.tensor([0.01, 1.0, 50.0]))
     assert out.shape == x.shape and out.dtype == torch.float32 and out.isfinite().all()
@@ -140,7 +98,7 @@ def test_class_conditional_unets_take_one_hot_labels():
     from diffusers import UNet2DConditionModel
 
     cond = {**TINY_UNET, "num_class_embeds": 10}
-    denoiser, _ = load_diffusers_denoiser(None, cond, "edm", 0.5)
+    denoiser, _ = load_denoiser(None, cond, "edm", 0.5)
     assert denoiser.label_dim == 10
     x, labels = torch.randn(2, 1, 8, 8), nn.functional.one_hot(torch.tensor([1, 7]), 10).float()
     a, b = denoiser(x, 1.0, labels), denoiser(x, 1.0, labels.flip(0))
@@ -151,7 +109,7 @@ def test_class_conditional_unets_take_one_hot_labels():
         norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
         mid_block_type=None, cross_attention_dim=8, num_class_embeds=10,
     )
-    from sid.teachers.diffusers_unet import denoiser_from_unet
+    from sid.teachers.diffusers import denoiser_from_unet
 
     denoiser = denoiser_from_unet(unet, "epsilon", None, 0.5)
     assert denoiser(x, torch.tensor([0.5, 3.0]), labels).shape == x.shape
@@ -164,12 +122,12 @@ def test_local_folder_round_trip_reads_the_scheduler(tmp_path):
     unet.save_pretrained(tmp_path / "unet")
     DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").save_pretrained(
         tmp_path / "scheduler")
-    denoiser, spec = load_diffusers_denoiser(str(tmp_path), None, None, 0.5)
+    denoiser, spec = load_denoiser(str(tmp_path), None, None, 0.5)
     assert spec["prediction_type"] == "v_prediction"
     ac = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod.double()
     assert abs(denoiser.sigma_max - float(((1 - ac[-1]) / ac[-1]).sqrt())) < 1e-6
     x = torch.randn(2, 1, 8, 8)
-    direct = denoiser.net.unet(x / (1 + 4.0) ** 0.5, denoiser.precond.sigma_to_t(torch.full((2,), 2.0)))[0]
+    direct = denoiser.net.unet(x / (1 + 4.0) ** 0.5, denoiser.rule.sigma_to_t(torch.full((2,), 2.0)))[0]
     expected = x / 5.0 - 2.0 * direct / 5.0**0.5                                    # §1.3 VP-v row
     torch.testing.assert_close(denoiser(x, 2.0), expected, rtol=1e-5, atol=1e-5)
 
@@ -183,7 +141,7 @@ def test_edm_scheduler_folders_match_diffusers_own_preconditioning(tmp_path, out
     unet.save_pretrained(tmp_path / "unet")
     scheduler = EDMEulerScheduler(sigma_data=1.0, prediction_type=output)
     scheduler.save_pretrained(tmp_path / "scheduler")
-    denoiser, spec = load_diffusers_denoiser(str(tmp_path), None, None, 0.5)
+    denoiser, spec = load_denoiser(str(tmp_path), None, None, 0.5)
     assert spec["prediction_type"] == "edm" and denoiser.sigma_data == 1.0
     x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 4.0]).view(-1, 1, 1, 1)
     with torch.no_grad():
@@ -204,7 +162,7 @@ def test_flow_matching_folders_follow_diffusers_flow_schedulers(tmp_path):
     unet.save_pretrained(tmp_path / "unet")
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.save_pretrained(tmp_path / "scheduler")
-    denoiser, spec = load_diffusers_denoiser(str(tmp_path), None, None, 0.5)
+    denoiser, spec = load_denoiser(str(tmp_path), None, None, 0.5)
     assert spec["prediction_type"] == "flow"
     scheduler.set_timesteps(10)
     timestep, t = scheduler.timesteps[3], scheduler.sigmas[3]
@@ -218,6 +176,7 @@ def test_flow_matching_folders_follow_diffusers_flow_schedulers(tmp_path):
         torch.testing.assert_close(rebuilt(x_t, 2.0), denoiser(x_t, 2.0))
 
 
+@pytest.mark.slow
 def test_a_flow_matching_teacher_distils_end_to_end(tiny_unet_overrides, tmp_path):
     from sid.config import load_config
     from sid.generator import load_generator
@@ -225,7 +184,7 @@ def test_a_flow_matching_teacher_distils_end_to_end(tiny_unet_overrides, tmp_pat
 
     overrides = [o.replace("prediction_type=edm", "prediction_type=flow") for o in tiny_unet_overrides]
     run = train(load_config([], overrides + ["train.tensorboard=false"]))
-    assert isinstance(run.teacher.denoiser.precond, FlowPrecond) and run.nimg == 32
+    assert isinstance(run.teacher.denoiser.rule, FlowRule) and run.nimg == 32
     generator = load_generator(tmp_path / "run" / "generator")
     torch.testing.assert_close(generator.sample_seeds(range(4)), run.ema.model.sample_seeds(range(4)))
 
@@ -247,12 +206,12 @@ def test_a_teacher_with_non_finite_weights_is_refused(tmp_path):
 
 def test_missing_or_broken_teacher_paths_say_what_to_do(tmp_path):
     with pytest.raises(SidError, match="does not exist"):
-        load_diffusers_denoiser(str(tmp_path / "nope"), None, None, 0.5)
+        load_denoiser(str(tmp_path / "nope"), None, None, 0.5)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(SidError, match="not valid JSON"):
-        load_diffusers_denoiser(str(tmp_path), None, None, 0.5)
+        load_denoiser(str(tmp_path), None, None, 0.5)
     with pytest.raises(SidError, match="prediction_type"):
-        load_diffusers_denoiser(None, TINY_UNET, "x0", 0.5)
+        load_denoiser(None, TINY_UNET, "x0", 0.5)
 
 
 def test_a_cached_hub_model_loads_from_the_cache_first(tmp_path, monkeypatch):
@@ -263,7 +222,7 @@ def test_a_cached_hub_model_loads_from_the_cache_first(tmp_path, monkeypatch):
     import huggingface_hub
     from diffusers import EDMEulerScheduler, UNet2DModel
 
-    import sid.teachers.diffusers_unet as adapter
+    import sid.teachers.diffusers as adapter
 
     revision = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "models--owner--tiny"
@@ -282,20 +241,20 @@ def test_a_cached_hub_model_loads_from_the_cache_first(tmp_path, monkeypatch):
 
     monkeypatch.setattr(adapter, "_fetch_hub", recorded)
 
-    denoiser, spec = load_diffusers_denoiser("owner/tiny", None, None, 0.5)
+    denoiser, spec = load_denoiser("owner/tiny", None, None, 0.5)
     assert passes == [True] and spec["prediction_type"] == "edm"                # the cached scheduler was read
     passes.clear()
-    assert load_diffusers_denoiser(f"owner/tiny@{revision}", None, None, 0.5)[1] == spec and passes == [True]
+    assert load_denoiser(f"owner/tiny@{revision}", None, None, 0.5)[1] == spec and passes == [True]
     with pytest.raises(SidError, match="'owner/tiny@v2' is neither a local folder nor a reachable hub model"):
-        load_diffusers_denoiser("owner/tiny@v2", None, None, 0.5)               # a revision the cache lacks
+        load_denoiser("owner/tiny@v2", None, None, 0.5)               # a revision the cache lacks
     passes.clear()
     shutil.rmtree(repo / "snapshots" / revision / "scheduler")                     # the UNet alone: ask the hub,
     passes.clear()
-    denoiser, spec = load_diffusers_denoiser("owner/tiny", None, None, 0.5)        # then take what the cache has
+    denoiser, spec = load_denoiser("owner/tiny", None, None, 0.5)        # then take what the cache has
     assert passes == [True, False] and spec["prediction_type"] == "epsilon"
     passes.clear()
     with pytest.raises(SidError, match="neither a local folder nor a reachable hub model"):
-        load_diffusers_denoiser("owner/other", None, None, 0.5)
+        load_denoiser("owner/other", None, None, 0.5)
     assert passes == [True, False]
 
 
@@ -307,7 +266,7 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(UNet2DModel, "from_pretrained", offline)
     with pytest.raises(SidError, match="neither a local folder nor a reachable hub model"):
-        load_diffusers_denoiser("nobody/no-such-model", None, None, 0.5)
+        load_denoiser("nobody/no-such-model", None, None, 0.5)
 
 
 # Denoising error allowed, as a fraction of min(σ², the mean image's error): an untrained network of the same
@@ -317,14 +276,14 @@ MAX_DENOISING_ERROR = {0.1: 0.5, 0.5: 0.25, 2.0: 0.5, 10.0: 1.0}
 
 def test_unknown_builtin_teacher_lists_the_shipped_ones():
     with pytest.raises(SidError, match="no built-in teacher 'nope'; the package ships: fmnist"):
-        load_diffusers_denoiser("builtin:nope", None, None, 0.5)
+        load_denoiser("builtin:nope", None, None, 0.5)
 
 
 def test_shipped_fmnist_teacher_fits_its_budget_and_denoises_real_images():
     """The demo teacher: at most 10 MB, an EDM denoiser of 1×32×32 images, and on 64 Fashion-MNIST test images
     (tests/data) it removes most of the noise at every level a sampler visits."""
     assert sum(f.stat().st_size for f in (ASSETS / "fmnist").rglob("*") if f.is_file()) <= 10 * 2**20
-    denoiser, spec = load_diffusers_denoiser("builtin:fmnist", None, None, 0.5)
+    denoiser, spec = load_denoiser("builtin:fmnist", None, None, 0.5)
     assert spec["prediction_type"] == "edm" and spec["unet_config"]["sample_size"] == 32
     x0 = load_images(str(ROOT / "tests/data/fmnist-test-64.npz")).float() / 127.5 - 1
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
@@ -346,41 +305,3 @@ def test_students_start_as_the_teacher():
     assert all(p.requires_grad for p in student.parameters())
     assert not any(p.requires_grad for p in teacher.denoiser.parameters())
     assert teacher.shape == (1, 8, 8)
-
-
-def test_analytic_students_are_fitted_to_the_exact_denoiser():
-    from sid.config import load_config
-
-    cfg = load_config([], ["teacher.analytic.modes=3", "teacher.analytic.student_fit_steps=300"])
-    teacher = build_teacher(cfg.teacher)
-    torch.manual_seed(0)
-    student = teacher.make_student()
-    sigma = torch.full((2000,), 0.5)
-    x = teacher.denoiser.sample(2000).float() + 0.5 * torch.randn(2000, 2)
-    err = (student(x, sigma) - teacher.denoiser(x, sigma)).pow(2).sum(1).mean()
-    assert err < 0.05 * teacher.denoiser(x, sigma).pow(2).sum(1).mean()
-
-
-def test_a_repeated_toy_build_reuses_the_fit_and_draws_the_same_numbers(monkeypatch):
-    """A second run in the same process (sequential sweep, resume) reuses the student fit: same weights, and the
-    global RNG left where a fresh fit leaves it; another seed or mixture fits anew."""
-    import sid.teachers as teachers
-    from sid.config import load_config
-
-    calls = []
-    real_fit = teachers.fit_student
-    monkeypatch.setattr(teachers, "fit_student", lambda *a, **k: calls.append(1) or real_fit(*a, **k))
-    monkeypatch.setattr(teachers, "_FITS", {})
-
-    def fit(seed, *overrides):
-        cfg = load_config([], ["teacher.analytic.modes=3", "teacher.analytic.student_fit_steps=20", *overrides])
-        torch.manual_seed(seed)
-        student = build_teacher(cfg.teacher).make_student()
-        return torch.cat([p.detach().flatten() for p in student.parameters()]), torch.rand(4)
-
-    fresh = fit(0)
-    again = fit(0)
-    assert len(calls) == 1
-    torch.testing.assert_close(again, fresh, rtol=0, atol=0)
-    assert not torch.equal(fit(1)[0], fresh[0]) and len(calls) == 2
-    assert not torch.equal(fit(0, "teacher.analytic.radius=3.0")[0], fresh[0]) and len(calls) == 3

@@ -1,7 +1,9 @@
-"""diffusers UNets as EDM denoisers: VP ε / v / x0 prediction on a discrete schedule, EDM-preconditioned, or
-flow matching (velocity prediction).
+"""``teacher.kind=diffusers``: diffusers UNets as EDM denoisers: VP ε / v / x0 prediction on a discrete
+schedule, EDM-preconditioned, or flow matching (velocity prediction).
 
-The only module that knows about timestep indices and prediction types (sid-math.md §1.2-§1.3).
+The only module that knows about timestep indices, prediction types and diffusers configs. A folder's loading
+reads weights only (safetensors, or torch files read weights-only, as diffusers does): it runs no code from the
+folder, so ``trust_code`` is not needed here.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sid.config import CHOICES, plain
 from sid.errors import SidError
-from sid.precond import Coefficients, EDMPrecond, FlowPrecond, Preconditioned
+from sid.precond import Coefficients, EDMRule, FlowRule, Preconditioned
+from sid.teachers.base import Teacher
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "edm", "flow")
+PREDICTION_TYPES = tuple(c for c in CHOICES["teacher.diffusers.prediction_type"] if c)     # the schema's list
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 ASSETS = Path(__file__).resolve().parent.parent / "assets"       # teachers shipped inside the package
@@ -27,6 +31,11 @@ BUILTIN = "builtin:"                                               # teacher.dif
 
 def builtin_teachers() -> list[str]:
     return sorted(p.name for p in ASSETS.iterdir() if (p / "unet" / "config.json").is_file()) if ASSETS.is_dir() else []
+
+
+def names_a_teacher(path: str) -> bool:
+    """Whether ``path`` alone names a teacher of this adapter, with no config: ``builtin:<name>`` or a folder."""
+    return path.startswith(BUILTIN) or Path(path).is_dir()
 
 
 def resolve_path(path: str) -> str:
@@ -39,8 +48,10 @@ def resolve_path(path: str) -> str:
     return str(ASSETS / name)
 
 
-class VPPrecond(nn.Module):
-    """A VP network on a discrete schedule seen in EDM units: σ_k = sqrt((1 - ā_k) / ā_k), x_t = x / sqrt(1 + σ²).
+class DiscreteVPRule(nn.Module):
+    """A VP network on diffusers' discrete schedule in EDM units: σ_k = sqrt((1 - ā_k) / ā_k) for ā =
+    ``alphas_cumprod``, x_t = x / sqrt(1 + σ²), and the network's ε, v or x0 turned into x0 (Karras et al. 2022,
+    Table 1's VP column on a discrete grid; v-prediction: Salimans & Ho 2022).
 
     Continuous σ maps to a fractional timestep by linear interpolation of k in ln σ.
     """
@@ -101,7 +112,7 @@ def _unet_class(name: str):
     return getattr(diffusers, name)
 
 
-class EDMVPrecond(EDMPrecond):
+class EDMVPredictionRule(EDMRule):
     """diffusers' EDM schedulers with ``prediction_type="v_prediction"``: the network outputs -F, so c_out
     changes sign (D = c_skip x - c_out F); everything else is EDM's rule."""
 
@@ -119,17 +130,17 @@ def denoiser_from_unet(unet: nn.Module, prediction_type: str, scheduler_config: 
         output = cfg.get("prediction_type", "epsilon") if cfg.get("_class_name") in EDM_SCHEDULERS else "epsilon"
         if output not in ("epsilon", "v_prediction"):
             raise SidError(f"EDM scheduler with prediction_type={output!r}: only epsilon and v_prediction are defined")
-        rule = EDMVPrecond if output == "v_prediction" else EDMPrecond
-        precond = rule(cfg.get("sigma_data", sigma_data), cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0))
+        rule_class = EDMVPredictionRule if output == "v_prediction" else EDMRule
+        rule = rule_class(cfg.get("sigma_data", sigma_data), cfg.get("sigma_min", 0.002), cfg.get("sigma_max", 80.0))
     elif prediction_type == "flow":
-        precond = FlowPrecond((scheduler_config or {}).get("num_train_timesteps", 1000), sigma_data)
+        rule = FlowRule((scheduler_config or {}).get("num_train_timesteps", 1000), sigma_data=sigma_data)
     else:
         from diffusers import DDPMScheduler
 
         alphas_cumprod = DDPMScheduler.from_config(scheduler_config or {}).alphas_cumprod
-        precond = VPPrecond(alphas_cumprod, prediction_type, sigma_data)
+        rule = DiscreteVPRule(alphas_cumprod, prediction_type, sigma_data)
     label_dim = unet.config.num_class_embeds or 0
-    return Preconditioned(UNetBackbone(unet), precond, label_dim=label_dim)
+    return Preconditioned(UNetBackbone(unet), rule, label_dim=label_dim)
 
 
 def spec_of(denoiser: Preconditioned, prediction_type: str, scheduler_config: dict | None) -> dict:
@@ -145,9 +156,38 @@ def spec_of(denoiser: Preconditioned, prediction_type: str, scheduler_config: di
     }
 
 
-def denoiser_from_spec(spec: dict) -> Preconditioned:
+def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
+    """An exported generator's architecture (random weights): the UNet class and config its spec names."""
     unet = _unet_class(spec["class_name"]).from_config(spec["unet_config"])
     return denoiser_from_unet(unet, spec["prediction_type"], spec["scheduler_config"], spec["sigma_data"])
+
+
+def sample_shape(denoiser: Preconditioned) -> tuple[int, ...]:
+    """One sample's shape for a UNet denoiser of this adapter: (channels, height, width)."""
+    config = denoiser.net.unet.config
+    size = config.sample_size
+    return (config.in_channels, *((size, size) if isinstance(size, int) else size))
+
+
+class DiffusersTeacher(Teacher):
+    """A diffusers UNet teacher: one sample's shape is the UNet's, and activation checkpointing is the UNet's own,
+    block by block (``enable_gradient_checkpointing``)."""
+
+    def __init__(self, denoiser: Preconditioned, spec: dict):
+        super().__init__(denoiser, sample_shape(denoiser), spec)
+
+    def checkpoint_activations(self, net: nn.Module) -> None:
+        from diffusers import ModelMixin
+
+        for module in net.modules():
+            if isinstance(module, ModelMixin):
+                module.enable_gradient_checkpointing()
+
+
+def build(section, trust_code: bool = False) -> DiffusersTeacher:
+    """The teacher of ``teacher.diffusers``: a local folder, a hub id, ``builtin:<name>``, or a random UNet."""
+    unet_config = plain(section.unet_config) if section.unet_config else None
+    return DiffusersTeacher(*load_denoiser(section.path, unet_config, section.prediction_type, section.sigma_data))
 
 
 def _read_json(path: Path) -> dict | None:
@@ -213,7 +253,7 @@ def _fetch_hub(repo_id: str, revision: str | None, local_files_only: bool):
     return unet, scheduler_config
 
 
-def load_diffusers_denoiser(path: str | None, unet_config: dict | None, prediction_type: str | None, sigma_data: float):
+def load_denoiser(path: str | None, unet_config: dict | None, prediction_type: str | None, sigma_data: float):
     """A teacher denoiser from a local diffusers folder, a hub id, or (tests, smoke runs) a random UNet config.
 
     Returns ``(denoiser, spec)``.
@@ -240,6 +280,15 @@ def load_diffusers_denoiser(path: str | None, unet_config: dict | None, predicti
     return denoiser, spec_of(denoiser, prediction_type, scheduler_config)
 
 
+def denoiser_from_config(unet_config: dict, prediction_type: str, sigma_data: float) -> Preconditioned:
+    """A randomly initialised UNet2DModel (or ``_class_name``) from its config under the rule of
+    ``prediction_type``: what ``sid teacher`` trains."""
+    try:
+        return load_denoiser(None, unet_config, prediction_type, sigma_data)[0]
+    except (TypeError, ValueError) as e:
+        raise SidError(f"unet config rejected by diffusers: {str(e).splitlines()[0][:200]}") from None
+
+
 def save_teacher(denoiser: Preconditioned, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write an EDM-preconditioned or flow-matching UNet as a diffusers folder: ``unet/`` and, in ``scheduler/``,
     an ``EDMEulerScheduler`` or ``FlowMatchEulerDiscreteScheduler`` config, from which ``teacher.diffusers.path``
@@ -250,16 +299,16 @@ def save_teacher(denoiser: Preconditioned, out_dir: str | Path, dtype: torch.dty
     out_dir = Path(out_dir)
     tmp, old = out_dir.with_name(f".tmp-{out_dir.name}"), out_dir.with_name(f".old-{out_dir.name}")
     unet = denoiser.net.unet if dtype is None else copy.deepcopy(denoiser.net.unet).to(dtype)
-    precond = denoiser.precond
+    rule = denoiser.rule
     try:                                    # written beside, then swapped in: a failed save keeps the last export
         for leftover in (tmp, old):
             shutil.rmtree(leftover, ignore_errors=True)
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        if isinstance(precond, FlowPrecond):
-            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(precond.timestep_scale))
+        if isinstance(rule, FlowRule):
+            scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(rule.timestep_scale))
         else:
-            scheduler = EDMEulerScheduler(sigma_min=precond.sigma_min, sigma_max=precond.sigma_max,
-                                          sigma_data=precond.sigma_data)
+            scheduler = EDMEulerScheduler(sigma_min=rule.sigma_min, sigma_max=rule.sigma_max,
+                                          sigma_data=rule.sigma_data)
         scheduler.save_pretrained(tmp / "scheduler")
         if out_dir.exists():
             os.replace(out_dir, old)

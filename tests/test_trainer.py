@@ -1,4 +1,5 @@
-"""End-to-end runs of the trainer on CPU: smoke run, exact resume, bad input, non-finite abort, sampling CLI."""
+"""End-to-end runs of the trainer (sid/trainer.py) on CPU: smoke run, exact resume, signals, bad input, non-finite
+abort, the sampling command on its exports."""
 
 import json
 import os
@@ -16,6 +17,8 @@ from sid.cli import main as sid
 from sid.config import load_config
 from sid.errors import SidError
 from sid.trainer import train
+
+pytestmark = pytest.mark.slow                     # end-to-end runs
 
 
 def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path, monkeypatch):
@@ -61,7 +64,7 @@ def test_readme_main_command_distils_the_shipped_teacher(tmp_path, monkeypatch):
 
 def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     text = (ROOT / "README.md").read_text()
-    block = text.split("runs in the tests, `tests/test_train.py`):\n\n```python\n", 1)[1].split("```", 1)[0]
+    block = text.split("runs in the tests, `tests/test_trainer.py`):\n\n```python\n", 1)[1].split("```", 1)[0]
     quick = '"train.progress=false", "teacher.analytic.student_fit_steps=100", "train.run_dir'   # CPU seconds
     monkeypatch.chdir(ROOT)
     exec(block.replace("runs/api", str(tmp_path / "api")).replace('"train.run_dir', quick), {})
@@ -94,22 +97,18 @@ def test_resume_is_exact(tmp_path, reuse):
 
 
 def signal_at(monkeypatch, nimg: int, *signals):
-    """Make the trainer's step send itself ``signals`` right after it reaches ``nimg`` images."""
+    """Make the trainer's iteration send itself ``signals`` right after it reaches ``nimg`` images."""
     import sid.trainer
 
-    real = sid.trainer.make_step
+    real = sid.trainer.iteration
 
-    def make_step(cfg, run):
-        step = real(cfg, run)
-
-        def signalled():
-            out = step()
-            if run.nimg == nimg:
-                for signum in signals:
-                    os.kill(os.getpid(), signum)
-            return out
-        return signalled
-    monkeypatch.setattr(sid.trainer, "make_step", make_step)
+    def signalled(run):
+        out = real(run)
+        if run.nimg == nimg:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+        return out
+    monkeypatch.setattr(sid.trainer, "iteration", signalled)
 
 
 def test_a_signal_checkpoints_the_step_and_resume_ends_as_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
@@ -159,7 +158,8 @@ def test_teacher_reference_samples(tmp_path):
     out = sid_process("sample", "--teacher", tmp_path / "t.yaml", "--steps", "12", "--seeds", "0-999",
                       "--out", tmp_path / "t.npz")
     assert out.returncode == 0, out.stderr
-    from sid.teachers.analytic import mode_weights, ring_mixture
+    from sid.metrics import mode_weights
+    from sid.teachers.analytic import ring_mixture
 
     weights = mode_weights(ring_mixture(modes=3), torch.from_numpy(np.load(tmp_path / "t.npz")["samples"]))
     assert (weights[:3] - 1 / 3).abs().max() < 0.05 and weights[3] < 0.02          # Heun samples the mixture
@@ -167,7 +167,7 @@ def test_teacher_reference_samples(tmp_path):
 
 def test_a_diffusers_teacher_samples_without_a_config(tmp_path):
     """--teacher takes a diffusers folder or builtin:<name> directly, as the config naming it would."""
-    from sid.teachers.diffusers_unet import ASSETS
+    from sid.teachers.diffusers import ASSETS
 
     for teacher in ("builtin:fmnist", ASSETS / "fmnist", "fmnist"):                  # the last: the preset
         assert sid(["sample", "--teacher", str(teacher), "--steps", "2", "--seeds", "0-1",
@@ -233,9 +233,9 @@ OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a to
 def test_out_of_gpu_memory_is_one_line_naming_the_batch_and_keeps_the_checkpoints(tmp_path, monkeypatch, capsys):
     """Out of memory in the fifth iteration (after the checkpoint at 256 images): one error line naming the
     allocation and the per-process batch to lower; the checkpoint stays and the run resumes from it."""
-    from sid import trainer
+    from sid import losses
 
-    real, calls = trainer.generator_loss, []
+    real, calls = losses.generator_loss, []
 
     def out_of_memory(*args, **kwargs):
         calls.append(1)
@@ -243,7 +243,7 @@ def test_out_of_gpu_memory_is_one_line_naming_the_batch_and_keeps_the_checkpoint
             raise torch.cuda.OutOfMemoryError(OUT_OF_MEMORY)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "generator_loss", out_of_memory)
+    monkeypatch.setattr(losses, "generator_loss", out_of_memory)
     capsys.readouterr()
     assert sid(["train", *toy_overrides(tmp_path, "oom", 512), "optim.batch_gpu=32"]) == 2
     err = capsys.readouterr().err
@@ -256,16 +256,16 @@ def test_out_of_gpu_memory_is_one_line_naming_the_batch_and_keeps_the_checkpoint
 
 
 def poison_one_sample(monkeypatch, loss_name: str) -> None:
-    """Make the trainer's ``loss_name`` return one NaN sample per batch."""
-    import sid.trainer
+    """Make the loss function ``loss_name`` (sid/losses.py) return one NaN sample per batch."""
+    import sid.losses
 
-    real = getattr(sid.trainer, loss_name)
+    real = getattr(sid.losses, loss_name)
 
     def poisoned(*args, **kwargs):
         loss = real(*args, **kwargs)
         return torch.cat([loss[:1] * float("nan"), loss[1:]])
 
-    monkeypatch.setattr(sid.trainer, loss_name, poisoned)
+    monkeypatch.setattr(sid.losses, loss_name, poisoned)
 
 
 def test_non_finite_steps_are_counted_then_abort(tmp_path, monkeypatch):
@@ -359,39 +359,26 @@ def test_resume_with_other_networks_is_one_clear_error(tmp_path):
         train(load_config([], wider), resume="auto")
 
 
-def test_progress_bar_of_a_time_budgeted_run_has_no_image_total(tmp_path):
-    from accelerate import Accelerator
-
-    from sid.trainer import MetricsLogger
-
-    for budget, total in ((0, 1024), (240, None)):
-        cfg = load_config([], [f"train.run_dir={tmp_path}", "train.total_nimg=1024", f"train.max_seconds={budget}"])
-        logger = MetricsLogger(cfg, Accelerator(cpu=True), 0)
-        assert logger.bar.total == total
-        logger.close()
-
-
 @pytest.mark.parametrize("reuse", [False, True])
 def test_reused_generator_batch_saves_one_generator_forward(tmp_path, monkeypatch, reuse):
     """loss.reuse_generator_batch: after the first iteration the generator runs once per iteration (twice
     without it), and the fake score fits exactly the samples of the generator step before it."""
     from accelerate import Accelerator
 
-    import sid.trainer
-    from sid.trainer import build, make_step
+    import sid.losses
+    from sid.trainer import build, iteration
 
     cfg = load_config([], toy_overrides(tmp_path, "r", 1024) + ["optim.batch=32", "optim.batch_gpu=16",
                                                                f"loss.reuse_generator_batch={reuse}"])
     run = build(cfg, Accelerator(cpu=True), resume=None)
     outputs, fitted = [], []
     run.generator.register_forward_hook(lambda module, args, out: outputs.append(out.detach().clone()))
-    real = sid.trainer.fake_score_loss
-    monkeypatch.setattr(sid.trainer, "fake_score_loss",
+    real = sid.losses.fake_score_loss
+    monkeypatch.setattr(sid.losses, "fake_score_loss",
                         lambda net, x, *a, **k: fitted.append(x) or real(net, x, *a, **k))
-    step = make_step(cfg, run)
-    step()                                                  # 2 accumulation rounds per step
+    iteration(run)                                          # 2 accumulation rounds per step
     outputs.clear(), fitted.clear()
-    step()
+    iteration(run)
     assert len(outputs) == (2 if reuse else 4) and len(fitted) == 2
     if reuse:
         assert all(torch.equal(x, g) for x, g in zip(fitted, outputs))

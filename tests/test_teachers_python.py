@@ -31,6 +31,7 @@ def pretrained(tmp_path):
     return weights
 
 
+@pytest.mark.slow
 def test_the_users_network_is_distilled_exported_and_loads_when_trusted(pretrained, tmp_path):
     kwargs = {"label_dim": 3, "weights": str(pretrained)}
     teacher = build_teacher(load_config([], python_teacher(**kwargs)).teacher)

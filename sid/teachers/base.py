@@ -1,0 +1,53 @@
+"""What the trainer may know of a teacher: the ``Teacher`` bundle, the one face every adapter returns."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from sid.errors import SidError
+from sid.precond import Preconditioned
+
+
+class Teacher:
+    """A pretrained model under the denoiser contract, and what its family can do.
+
+    Holds the frozen denoiser f_φ (eval mode, no parameter gradients), one sample's shape, and a ``spec``: a
+    JSON-able description of the students' architecture, from which exported generators are rebuilt without
+    the training code (``sid.teachers.denoiser_from_spec``). The trainer asks this object, never the network:
+    adapters subclass it where their family differs (exact samples, student initialisation, activation
+    checkpointing).
+    """
+
+    exact_samples = False               # whether ``sample`` draws exact samples of the teacher's distribution
+
+    def __init__(self, denoiser: nn.Module, shape, spec: dict):
+        self.denoiser = denoiser.eval().requires_grad_(False)
+        self.shape, self.spec = tuple(int(s) for s in shape), spec
+
+    @property
+    def label_dim(self) -> int:
+        return self.denoiser.label_dim
+
+    def make_student(self) -> nn.Module:
+        """A trainable denoiser that starts as the teacher (the fake score and the generator): a copy of it."""
+        return copy.deepcopy(self.denoiser).train().requires_grad_(True)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` exact samples of the teacher's distribution, where ``exact_samples`` says it has them."""
+        raise SidError(f"a {self.spec['kind']} teacher has no exact samples; sample it with `sid sample --teacher`")
+
+    def checkpoint_activations(self, net: nn.Module) -> None:
+        """``perf.grad_checkpointing`` for a network of this family (the teacher or a student): each backbone is
+        recomputed whole in backward. Adapters whose networks checkpoint block by block override it."""
+        for module in net.modules():
+            if isinstance(module, Preconditioned):
+                module.grad_checkpointing = True
+
+    def store_frozen(self, dtype: torch.dtype) -> None:
+        """Keep the frozen teacher's backbone weights in ``dtype`` (``perf.teacher_bf16``); its coefficient rule,
+        and so the denoiser's inputs and outputs, stay float32 (``sid/precond.py``)."""
+        if isinstance(self.denoiser, Preconditioned):
+            self.denoiser.net.to(dtype)

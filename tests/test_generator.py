@@ -1,0 +1,90 @@
+"""The one-step generator (sid/generator.py): G(z) = D(σ_init z; σ_init), samples that depend on their seed alone,
+and the export that loads without the training code (exports written before the last renames included)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT
+from sid.errors import SidError
+from sid.generator import CONFIG, WEIGHTS, OneStepGenerator, export_generator, load_generator
+from sid.networks import MLP
+from sid.precond import EDMRule, Preconditioned
+
+SPEC = {"kind": "analytic", "shape": [3], "width": 16, "depth": 2, "label_dim": 4, "sigma_data": 0.5}
+
+
+def generator(sigma_init=2.5):
+    torch.manual_seed(0)
+    return OneStepGenerator(Preconditioned(MLP((3,), 16, 2, label_dim=4), EDMRule(0.5), label_dim=4), (3,),
+                            sigma_init).eval()
+
+
+def test_the_generator_is_the_denoiser_at_sigma_init():
+    g = generator()
+    z, labels = g.random_inputs(5, generator=torch.Generator().manual_seed(1))
+    assert labels.shape == (5, 4) and torch.equal(labels.sum(1), torch.ones(5))        # one-hot classes
+    with torch.no_grad():
+        torch.testing.assert_close(g(z, labels), g.denoiser(2.5 * z, torch.full((5,), 2.5), labels))
+
+
+def test_a_sample_depends_on_its_seed_alone():
+    g = generator()
+    whole = g.sample_seeds(range(10), batch=3)
+    torch.testing.assert_close(g.sample_seeds([7, 2]), whole[[7, 2]])
+    fixed = g.sample_seeds([1, 2], classes=[3, 3])
+    z, _ = g.inputs_for_seeds([1, 2])
+    torch.testing.assert_close(fixed, g(z, torch.eye(4)[[3, 3]]))
+
+
+def test_an_export_reloads_the_same_generator(tmp_path):
+    g = generator(sigma_init=1.7)
+    export_generator(g, SPEC, tmp_path / "gen", extra={"nimg": 64})
+    config = json.loads((tmp_path / "gen" / CONFIG).read_text())
+    assert config["sigma_init"] == 1.7 and config["nimg"] == 64 and config["denoiser"] == SPEC
+    for where in (tmp_path / "gen", tmp_path / "gen" / WEIGHTS, tmp_path):             # folder, file, run folder
+        if where == tmp_path:
+            (tmp_path / "gen").rename(tmp_path / "generator")
+            where = tmp_path
+        loaded = load_generator(where)
+        torch.testing.assert_close(loaded.sample_seeds(range(4)), g.sample_seeds(range(4)))
+    with pytest.raises(SidError, match="no exported generator"):
+        load_generator(tmp_path / "nothing")
+
+
+def test_an_export_written_before_the_renames_still_loads(tmp_path):
+    """Exports from before the spec was named by its teacher kind (``mlp``) and the rule was called ``rule``
+    (its buffers under ``precond.``) load as they are."""
+    g = generator()
+    export_generator(g, SPEC, tmp_path)
+    config = json.loads((tmp_path / CONFIG).read_text())
+    config["denoiser"]["kind"] = "mlp"
+    state = {k.replace("rule.", "precond."): v for k, v in load_file(tmp_path / WEIGHTS).items()}
+    state["precond.table"] = torch.zeros(1)                      # a rule buffer, as the discrete VP rule has
+    save_file(state, tmp_path / WEIGHTS, metadata={"sid_config": json.dumps(config)})
+    with pytest.raises(SidError, match="do not fit the architecture"):   # read as this rule's, which has none
+        load_generator(tmp_path)
+    del state["precond.table"]
+    save_file(state, tmp_path / WEIGHTS, metadata={"sid_config": json.dumps(config)})
+    torch.testing.assert_close(load_generator(tmp_path).sample_seeds(range(3)), g.sample_seeds(range(3)))
+
+
+def test_an_export_of_an_unknown_kind_is_one_clear_error(tmp_path):
+    export_generator(generator(), {**SPEC, "kind": "os.system"}, tmp_path)
+    with pytest.raises(SidError, match="unknown denoiser kind 'os.system'.*another tool"):
+        load_generator(tmp_path)
+
+
+def test_the_public_api_is_importable_from_sid_and_costs_nothing_until_used():
+    import sid
+
+    assert {"load_config", "train", "load_generator", "build_teacher", "Teacher"} <= set(sid.__all__)
+    assert sid.load_generator is load_generator
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        sid.nope
+    code = "import sys, sid; assert 'torch' not in sys.modules and 'accelerate' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

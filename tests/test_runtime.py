@@ -1,0 +1,95 @@
+"""The run infrastructure both trainers share (sid/runtime.py): the metrics file, interval arithmetic, per-step
+seeds, the NaN policy, signals."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from sid.errors import SidError
+from sid.runtime import (
+    GracefulStop,
+    MetricsLogger,
+    NonFiniteGuard,
+    best_record,
+    crossed,
+    keep_finite,
+    sanitize_grads,
+    step_seed,
+    truncate_records,
+)
+
+
+def test_progress_bar_of_a_time_budgeted_run_has_no_image_total(tmp_path):
+    for budget, total in ((0, 1024), (240, None)):
+        logger = MetricsLogger(Accelerator(cpu=True), tmp_path, {"loss": "mean"}, total_nimg=1024,
+                               time_budget=budget)
+        assert logger.bar.total == total
+        logger.close()
+
+
+def test_an_interval_reports_means_sums_and_step_counts(tmp_path):
+    logger = MetricsLogger(Accelerator(cpu=True), tmp_path, {"loss": "mean", "dropped": "sum", "bad": "steps"},
+                           total_nimg=100, progress=False)
+    for loss, dropped, bad in ((1.0, 2, True), (3.0, 0, False), (5.0, 1, True)):
+        logger.add(loss=torch.tensor(loss), dropped=torch.tensor(dropped), bad=torch.tensor(bad))
+    record = logger.flush(48, 3, ema_beta=0.5)
+    assert (record["loss"], record["dropped"], record["bad"], record["ema_beta"]) == (3.0, 3, 2, 0.5)
+    logger.add(loss=torch.tensor(7.0), dropped=torch.tensor(0), bad=torch.tensor(False))
+    assert logger.flush(64, 4)["loss"] == 7.0                                       # a new interval
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nimg"] for r in lines] == [48, 64] and all(r["seconds"] >= 0 and "img_per_s" in r for r in lines)
+    logger.close()
+
+
+def test_records_past_a_restart_and_torn_lines_are_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"nimg": 16, "fid": 3.0}\n{"nimg": 32, "fid": 2.0}\n{"nimg": 48, "fid": 1.0}\n{"nimg": 6')
+    truncate_records(path, 32)
+    assert [json.loads(line)["nimg"] for line in path.read_text().splitlines()] == [16, 32]
+    assert best_record(path, "fid") == 2.0 and best_record(path, "swd") == float("inf")
+
+
+def test_intervals_and_seeds():
+    assert crossed(256, 64, 256) and not crossed(320, 64, 256) and crossed(300, 64, 256)
+    seeds = {step_seed(s, r, k) for s in range(3) for r in range(3) for k in range(50)}
+    assert len(seeds) == 450 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_non_finite_samples_are_dropped_and_gradients_sanitised():
+    losses, dropped = keep_finite(torch.tensor([1.0, float("nan"), float("inf"), 2.0]))
+    assert losses.tolist() == [1.0, 0.0, 0.0, 2.0] and int(dropped) == 2
+    net = torch.nn.Linear(2, 1)
+    net.weight.grad = torch.tensor([[float("nan"), float("inf")]])
+    net.bias.grad = torch.tensor([-float("inf")])
+    assert sanitize_grads(net)
+    assert net.weight.grad.tolist() == [[0.0, 1e5]] and net.bias.grad.tolist() == [-1e5]
+    net.weight.grad.zero_()
+    net.bias.grad.zero_()
+    assert not sanitize_grads(net)
+
+
+def test_a_streak_of_non_finite_steps_aborts_with_one_line(tmp_path):
+    acc = Accelerator(cpu=True)
+    guard = NonFiniteGuard(3, acc.device, tmp_path)
+    for bad in (True, True, False, True, True):
+        guard.update(torch.tensor(bad))
+    guard.check(acc)                                                             # the longest streak is 2
+    guard.update(torch.tensor(True))
+    with pytest.raises(SidError, match=r"aborting: 3 consecutive steps .*train.max_nonfinite_steps=3.*kept"):
+        guard.check(acc)
+
+
+def test_a_signal_asks_to_stop_and_a_second_stops_at_once():
+    acc = Accelerator(cpu=True)
+    previous = signal.getsignal(signal.SIGTERM)
+    with GracefulStop() as stop:
+        assert not stop.agreed(acc, sync_point=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.agreed(acc, sync_point=False)                               # one process: at once
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is previous
