@@ -43,6 +43,7 @@ class EDMPickleTeacherConfig:
     path: Optional[str] = None           # an NVIDIA EDM pickle (edm-*.pkl, network-snapshot-*.pkl): a file or URL
     trust: bool = False                  # unpickling runs the code stored in the file: true only for trusted files
     sigma_data: float = 0.5              # fake-score loss weight for VP/VE networks (EDM's EDMPrecond brings its own)
+    dropout: Optional[float] = None      # the dropout rate of the students' blocks; null: the pickled network's
 
 
 @dataclass
@@ -78,6 +79,8 @@ class LossConfig:
     p_std: float = 1.2
     g_scale: float = 100.0               # generator loss multiplier (SiD's lsg)
     fake_scale: float = 1.0              # fake-score loss multiplier (SiD's ls)
+    augment: float = 0.0                 # fake-score step: EDM's geometric augmentation, this probability per
+                                         # transform (SiD CIFAR-10: 0.12); networks with augment labels only
     reuse_generator_batch: bool = False  # fake step fits the last generator step's x_g: one G forward fewer
 
 
@@ -288,6 +291,11 @@ def validate(cfg: DictConfig) -> None:
     for key in ("train.max_seconds", "optim.eps", "eval.every_nimg"):
         if OmegaConf.select(cfg, key) < 0:
             raise SidError(f"{key}={OmegaConf.select(cfg, key)!r} must not be negative")
+    dropout = cfg.teacher.edm_pickle.dropout
+    if dropout is not None and not 0 <= dropout < 1:
+        raise SidError(f"teacher.edm_pickle.dropout={dropout} must be in [0, 1), or null for the pickled rate")
+    if not 0 <= cfg.loss.augment <= 1:
+        raise SidError(f"loss.augment={cfg.loss.augment} must be in [0, 1] (a probability per transform; 0: off)")
     if not 0 < cfg.loss.t_max <= 1:
         raise SidError(f"loss.t_max={cfg.loss.t_max} must be in (0, 1] (a fraction of the Karras schedule)")
     if cfg.eval.every_nimg and cfg.teacher.kind != "analytic" and not cfg.eval.fid_ref:

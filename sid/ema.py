@@ -10,13 +10,19 @@ from torch import nn
 
 
 def ema_beta(batch: int, cur_nimg: int, halflife_nimg: float, rampup: float | None) -> float:
-    """β = 0.5^(batch / halflife), halflife = min(halflife_nimg, rampup * cur_nimg) (SiD / EDM)."""
+    """β = 0.5^(batch / halflife), halflife = min(halflife_nimg, rampup * cur_nimg) (SiD / EDM), where
+    ``cur_nimg`` counts the images seen before this step's were added."""
     halflife = halflife_nimg if rampup is None else min(halflife_nimg, cur_nimg * rampup)
     return 0.5 ** (batch / max(halflife, 1e-8))
 
 
 class EMA(nn.Module):
-    """Holds the averaged copy; ``update`` runs after each generator step, with cur_nimg counted after it."""
+    """Holds the averaged copy; ``update`` runs after each optimiser step.
+
+    The ramp-up counts images as EDM's and SiD's training loops do: the EMA update of a step comes before that
+    step's images are added to the count, so ``cur_nimg`` is the count *before* the step (0 for the first step,
+    whose update therefore copies the weights: β = 0).
+    """
 
     def __init__(self, model: nn.Module, halflife_nimg: float, rampup: float | None = 0.05):
         super().__init__()

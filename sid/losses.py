@@ -8,10 +8,12 @@ trainer. λ's names (``sid``, ``fgm``, ...) are parsed where the config is read 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 
+from sid.augment import LABEL_DIM, GeometricAugment
 from sid.config import CHOICES, resolve_lam
 from sid.errors import SidError
 from sid.schedules import sample_lognormal_sigma, sample_sid_sigma
@@ -119,19 +121,33 @@ class DistillationLoss:
     sigma_data: float                   # the fake score's λ_EDM(σ) weight
     g_scale: float                      # lsg / per-process batch
     fake_scale: float                   # ls / per-process batch
+    augment: GeometricAugment | None = None   # the fake-score step's augmentation (SiD's --augment)
 
     @classmethod
     def from_config(cls, loss, teacher, per_process: int) -> DistillationLoss:
-        """From the ``loss`` section; the generator loss's σ range defaults to the teacher denoiser's."""
+        """From the ``loss`` section and the ``Teacher``: the generator loss's σ range defaults to the teacher
+        denoiser's; augmentation needs a network told the draw by its augment labels."""
+        if loss.augment and teacher.augment_dim != LABEL_DIM:
+            raise SidError(f"loss.augment={loss.augment:g} needs a teacher whose network takes {LABEL_DIM} augment "
+                           f"labels (EDM's CIFAR-10 networks); this one takes {teacher.augment_dim}, so the fake "
+                           "score could not tell augmented samples from generated ones: set loss.augment=0")
+        d = teacher.denoiser
         return cls(lam=resolve_lam(loss.lam), weighting=loss.weighting, t_max=loss.t_max,
-                   sigma_min=loss.sigma_min or teacher.sigma_min, sigma_max=loss.sigma_max or teacher.sigma_max,
-                   rho=loss.rho, p_mean=loss.p_mean, p_std=loss.p_std, sigma_data=teacher.sigma_data,
-                   g_scale=loss.g_scale / per_process, fake_scale=loss.fake_scale / per_process)
+                   sigma_min=loss.sigma_min or d.sigma_min, sigma_max=loss.sigma_max or d.sigma_max,
+                   rho=loss.rho, p_mean=loss.p_mean, p_std=loss.p_std, sigma_data=d.sigma_data,
+                   g_scale=loss.g_scale / per_process, fake_scale=loss.fake_scale / per_process,
+                   augment=GeometricAugment(loss.augment) if loss.augment else None)
 
     def fake_score(self, fake_score: Callable, x_g: torch.Tensor, labels=None) -> torch.Tensor:
-        """The fake score's denoising loss on the (detached) generator samples, ln σ log-normal."""
+        """The fake score's denoising loss on the (detached) generator samples, ln σ log-normal; with
+        augmentation, on the augmented samples, the network given the augment labels (SiD, training/sid_loss.py:
+        σ drawn, then the augmentation, then the noise)."""
         sigma = sample_lognormal_sigma(len(x_g), self.p_mean, self.p_std, device=x_g.device)
-        return fake_score_loss(fake_score, x_g.detach(), sigma, labels, sigma_data=self.sigma_data) * self.fake_scale
+        x0, net = x_g.detach(), fake_score
+        if self.augment is not None:
+            x0, augment_labels = self.augment(x0)
+            net = partial(fake_score, augment_labels=augment_labels)
+        return fake_score_loss(net, x0, sigma, labels, sigma_data=self.sigma_data) * self.fake_scale
 
     def generator(self, teacher: Callable, fake_score: Callable, x_g: torch.Tensor, labels=None) -> torch.Tensor:
         """The generator loss w · L_λ at SiD's Karras σ below t_max."""

@@ -111,14 +111,18 @@ class Preconditioned(nn.Module):
     sigma_max = property(lambda self: self.rule.sigma_max)
     sigma_data = property(lambda self: self.rule.sigma_data)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``augment_labels``: for backbones conditioned on how their input was augmented (EDM's CIFAR-10
+        networks; the fake-score step with ``loss.augment``), passed on only when given."""
         x = x.to(torch.promote_types(x.dtype, torch.float32))
         c = self.rule(broadcast_sigma(sigma, x))
         inputs = (c.c_in * x, c.c_noise.flatten(), labels)
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
         if self.grad_checkpointing and torch.is_grad_enabled():
-            out = torch.utils.checkpoint.checkpoint(self.net, *inputs, use_reentrant=False)
+            out = torch.utils.checkpoint.checkpoint(self.net, *inputs, use_reentrant=False, **extra)
         else:
-            out = self.net(*inputs)
+            out = self.net(*inputs, **extra)
         return c.c_skip * x + c.c_out * out.to(x.dtype)
 
 

@@ -91,8 +91,8 @@ def train_teacher(cfg, resume: str | None = None):
             sanitize_grads(denoiser)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            ema.update(denoiser, nimg, batch)                                # before this step's images count
             nimg, step = nimg + batch, step + 1
-            ema.update(denoiser, nimg, batch)
             logger.add(loss=loss.detach())
 
             done = nimg >= cfg.train.total_nimg

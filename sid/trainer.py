@@ -132,7 +132,7 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
     teacher.denoiser.to(device).eval().requires_grad_(False)
     apply_perf(cfg.perf, bf16, teacher, [fake_score, generator])
     batch_gpu, rounds = micro_batches(cfg, accelerator.num_processes)
-    loss = DistillationLoss.from_config(cfg.loss, teacher.denoiser, per_process=batch_gpu * rounds)
+    loss = DistillationLoss.from_config(cfg.loss, teacher, per_process=batch_gpu * rounds)
 
     def adam(module, lr, betas):
         return torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(betas), eps=cfg.optim.eps,
@@ -218,10 +218,10 @@ def iteration(run: Run) -> Stats:
         fake_updates.append(update(run, run.fake_score, run.fake_ddp, run.opt_fake,
                                    partial(fake_score_micro_loss, run, g.samples)))
 
-    # Update EMA, with the image count after this iteration.
+    # Update EMA, its ramp-up counting the images before this iteration's (as SiD's and EDM's loops).
+    run.ema.update(run.generator, run.nimg, run.cfg.optim.batch)
     run.nimg += run.cfg.optim.batch
     run.step += 1
-    run.ema.update(run.generator, run.nimg, run.cfg.optim.batch)
 
     dropped = sum((u.dropped for u in fake_updates), g.dropped)
     bad = g.bad | (dropped > 0)
@@ -333,7 +333,8 @@ def loop(run: Run, stop: GracefulStop) -> bool:
         stopped = stop.agreed(acc, at_log) and not done                  # on the last step: finish normally
         if at_log or stopped:
             guard.check(acc)
-            logger.flush(run.nimg, run.step, ema_beta=ema_beta(batch, run.nimg, cfg.ema.halflife_nimg, cfg.ema.rampup))
+            beta = ema_beta(batch, run.nimg - batch, cfg.ema.halflife_nimg, cfg.ema.rampup)   # the last update's
+            logger.flush(run.nimg, run.step, ema_beta=beta)
             done = done or (deadline is not None and past(deadline, acc))
         if crossed(run.nimg, batch, cfg.train.sample_every_nimg) or done:
             save_sample_grid(run)

@@ -20,13 +20,27 @@ from torch_utils import persistence
 
 
 @persistence.persistent_class
+class UNetBlock(torch.nn.Module):
+    def __init__(self, channels, dropout=0):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.dropout = dropout
+
+    def forward(self, x):
+        h = torch.nn.functional.dropout(torch.nn.functional.silu(x), p=self.dropout, training=self.training)
+        return x + self.conv(h)
+
+
+@persistence.persistent_class
 class TinyUNet(torch.nn.Module):
-    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, channels=8):
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0, channels=8,
+                 dropout=0.1):
         super().__init__()
         self.emb = torch.nn.Linear(2, channels)
         self.map_label = torch.nn.Linear(label_dim, channels) if label_dim else None
         self.map_augment = torch.nn.Linear(augment_dim, channels, bias=False) if augment_dim else None
         self.conv0 = torch.nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.block = UNetBlock(channels, dropout)
         self.conv1 = torch.nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
@@ -35,7 +49,7 @@ class TinyUNet(torch.nn.Module):
             emb = emb + self.map_label(class_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
-        return self.conv1(torch.nn.functional.silu(self.conv0(x) + emb[:, :, None, None]))
+        return self.conv1(self.block(torch.nn.functional.silu(self.conv0(x) + emb[:, :, None, None])))
 
 
 class _Precond(torch.nn.Module):

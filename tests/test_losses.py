@@ -314,13 +314,15 @@ def test_the_loss_object_binds_the_config_and_computes_the_pure_losses():
     """λ parsed from its name, the generator's σ range from the teacher unless set, the scales over the
     per-process batch (SiD's reduction); each method draws its σ and calls the pure loss with them."""
     from sid.config import load_config
+    from sid.teachers import Teacher
 
     gmm = GaussianMixture([0.3, 0.7], [[-2.0, 0.5], [1.5, -1.0]], [0.5, 0.8], sigma_min=0.01, sigma_max=40.0)
     cfg = load_config([], ["loss.lam=fgm", "loss.weighting=eps", "loss.t_max=0.6", "loss.g_scale=50"])
-    loss = DistillationLoss.from_config(cfg.loss, gmm, per_process=8)
+    teacher = Teacher(gmm, (2,), {"kind": "analytic"})
+    loss = DistillationLoss.from_config(cfg.loss, teacher, per_process=8)
     assert (loss.lam, loss.weighting, loss.sigma_min, loss.sigma_max) == (0.5, "eps", 0.01, 40.0)
     assert loss.g_scale == 50 / 8 and loss.fake_scale == 1 / 8 and loss.sigma_data == gmm.sigma_data
-    pinned = DistillationLoss.from_config(load_config([], ["loss.sigma_min=0.1", "loss.sigma_max=5"]).loss, gmm, 8)
+    pinned = DistillationLoss.from_config(load_config([], ["loss.sigma_min=0.1", "loss.sigma_max=5"]).loss, teacher, 8)
     assert (pinned.sigma_min, pinned.sigma_max, pinned.lam) == (0.1, 5.0, 1.2)
 
     fake = GaussianMixture([1.0], [[0.0, 0.0]], [1.5])

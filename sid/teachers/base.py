@@ -23,9 +23,10 @@ class Teacher:
 
     exact_samples = False               # whether ``sample`` draws exact samples of the teacher's distribution
 
-    def __init__(self, denoiser: nn.Module, shape, spec: dict):
+    def __init__(self, denoiser: nn.Module, shape, spec: dict, augment_dim: int = 0):
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.shape, self.spec = tuple(int(s) for s in shape), spec
+        self.augment_dim = augment_dim  # augmentation labels its network takes (``loss.augment``); 0: none
 
     @property
     def label_dim(self) -> int:

@@ -166,11 +166,11 @@ def read_pickle(path: Path) -> nn.Module:
 
 
 class EDMBackbone(nn.Module):
-    """``F(x_in, c_noise, labels)`` over an EDM network (``model`` of a pickled preconditioner).
+    """``F(x_in, c_noise, labels, augment_labels=None)`` over an EDM network (``model`` of a pickled preconditioner).
 
-    Networks trained with augmentation (EDM's CIFAR-10 DDPM++: 9 augment labels) are fed zero augment labels,
-    "no augmentation", as SiD does, rather than none: then every parameter takes part in the forward, which
-    DistributedDataParallel requires of the students.
+    Networks trained with augmentation (EDM's CIFAR-10 DDPM++: 9 augment labels) take the labels of the fake-score
+    step's augmentation (``loss.augment``) and otherwise zeros, "no augmentation", as SiD does, rather than none:
+    then every parameter takes part in the forward, which DistributedDataParallel requires of the students.
     """
 
     def __init__(self, model: nn.Module):
@@ -179,10 +179,13 @@ class EDMBackbone(nn.Module):
         augment = getattr(model, "map_augment", None)
         self.augment_dim = augment.in_features if augment is not None else 0
 
-    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         if not self.augment_dim:
             return self.model(x_in, c_noise, labels)
-        return self.model(x_in, c_noise, labels, augment_labels=x_in.new_zeros(x_in.shape[0], self.augment_dim))
+        if augment_labels is None:
+            augment_labels = x_in.new_zeros(x_in.shape[0], self.augment_dim)
+        return self.model(x_in, c_noise, labels, augment_labels=augment_labels.to(x_in.dtype))
 
 
 def coefficient_rule(net: nn.Module, sigma_data: float) -> nn.Module:
@@ -201,28 +204,45 @@ def coefficient_rule(net: nn.Module, sigma_data: float) -> nn.Module:
 
 
 def build(section, trust_code: bool = False) -> Teacher:
-    """The network of ``teacher.edm_pickle``'s pickle as a teacher."""
-    return Teacher(*load_denoiser(section.path, trust_code or section.trust, section.sigma_data))
+    """The network of ``teacher.edm_pickle``'s pickle as a teacher; it takes augmentation labels if its
+    backbone was trained with them (EDM's CIFAR-10 networks: 9)."""
+    denoiser, shape, spec = load_denoiser(section.path, trust_code or section.trust, section.sigma_data,
+                                          section.dropout)
+    return Teacher(denoiser, shape, spec, augment_dim=denoiser.net.augment_dim)
 
 
-def load_denoiser(path: str | Path, trust: bool, sigma_data: float = 0.5):
+def load_denoiser(path: str | Path, trust: bool, sigma_data: float = 0.5, dropout: float | None = None):
     """(denoiser, sample shape, spec) of an EDM pickle's network; ``sigma_data`` for VP and VE networks, whose
-    preconditioning has none (the fake-score loss weight uses it)."""
+    preconditioning has none (the fake-score loss weight uses it); ``dropout``: the rate of its blocks."""
     if not trust:
         raise SidError(f"loading {path} runs the code stored in the pickle; if you trust its source, set "
                        "teacher.edm_pickle.trust=true")
     path = local_file(path).resolve()
-    denoiser, shape = denoiser_from_pickle(path, sigma_data)
-    spec = {"kind": "edm_pickle", "path": str(path), "sha256": sha256(path), "sigma_data": sigma_data}
+    denoiser, shape = denoiser_from_pickle(path, sigma_data, dropout)
+    spec = {"kind": "edm_pickle", "path": str(path), "sha256": sha256(path), "sigma_data": sigma_data,
+            "dropout": dropout}
     return denoiser, shape, spec
 
 
-def denoiser_from_pickle(path: Path, sigma_data: float) -> tuple[Preconditioned, tuple[int, int, int]]:
-    """The pickled network as a ``Preconditioned`` denoiser, and its sample shape."""
+def denoiser_from_pickle(path: Path, sigma_data: float, dropout: float | None = None):
+    """The pickled network as a ``Preconditioned`` denoiser, and its sample shape (C, H, W)."""
     net = read_pickle(path)
     rule = coefficient_rule(net, sigma_data)
+    if dropout is not None:
+        set_dropout(net.model, dropout, path)
     denoiser = Preconditioned(EDMBackbone(net.model), rule, label_dim=int(net.label_dim)).float()
     return denoiser, (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+
+
+def set_dropout(model: nn.Module, rate: float, path: Path) -> None:
+    """The dropout rate of every EDM ``UNetBlock`` (it keeps the rate as a number and applies it in forward), as
+    SiD's training script sets it for the networks it builds (``--dropout``, 0.13 for CIFAR-10)."""
+    blocks = [m for m in model.modules() if type(m).__name__ == "UNetBlock" and isinstance(m.dropout, float)]
+    if not blocks:
+        raise SidError(f"the network in {path} has no UNetBlock with a dropout rate; leave "
+                       "teacher.edm_pickle.dropout unset")
+    for block in blocks:
+        block.dropout = float(rate)
 
 
 def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
@@ -231,4 +251,4 @@ def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
     if not path.is_file() or sha256(path) != spec["sha256"]:
         raise SidError(f"this generator's architecture comes from the EDM pickle {path}, which is missing or "
                        f"changed (SHA-256 {spec['sha256'][:12]}...); put that file back to load it")
-    return denoiser_from_pickle(path, spec["sigma_data"])[0]
+    return denoiser_from_pickle(path, spec["sigma_data"], spec.get("dropout"))[0]
