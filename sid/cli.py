@@ -57,9 +57,9 @@ def parser(doc: str, prog: str | None) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=None) -> int:
+def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=None, trust: bool = False) -> int:
     """``sid train`` and ``sid teacher``: parse ``argv``, load the config of ``schema_class``, then call
-    ``entry()(cfg, resume=...)``.
+    ``entry()(cfg, resume=...)`` (and ``trust_code=...`` where ``trust``: the command offers --trust-code).
 
     ``entry`` returns the training function lazily, so --dry-run and config errors need no heavy imports.
     """
@@ -68,16 +68,23 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=N
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="a checkpoint folder, a run folder, or (no value) the latest in the run folder")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    if trust:
+        p.add_argument("--trust-code", action="store_true",
+                       help="let the teacher run foreign code: unpickle an EDM pickle, import a teacher.python.factory")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.lam=1.0 optim.batch=128")
     args = p.parse_args(argv)
+    if args.resume is not None and "=" in args.resume:       # `--resume key=value`: an override, not a path
+        args.overrides.insert(0, args.resume)
+        args.resume = "auto"
     from sid.config import to_yaml
 
     cfg = load_for_command(args.config, args.overrides, schema_class)
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    extra = {"trust_code": args.trust_code} if trust else {}
     try:
-        entry()(cfg, resume=args.resume)
+        entry()(cfg, resume=args.resume, **extra)
     except KeyboardInterrupt as e:       # a signal: after a checkpoint of the last step, or at once (a second one)
         print(f"{e or 'interrupted; the checkpoints already written are kept'}: --resume continues the run",
               file=sys.stderr)

@@ -41,7 +41,6 @@ class DiffusersTeacherConfig:
 @dataclass
 class EDMPickleTeacherConfig:
     path: Optional[str] = None           # an NVIDIA EDM pickle (edm-*.pkl, network-snapshot-*.pkl): a file or URL
-    trust: bool = False                  # unpickling runs the code stored in the file: true only for trusted files
     sigma_data: float = 0.5              # fake-score loss weight for VP/VE networks (EDM's EDMPrecond brings its own)
     dropout: Optional[float] = None      # the dropout rate of the students' blocks; null: the pickled network's
 
@@ -193,11 +192,13 @@ def _valid_keys(node, prefix: str) -> str:
     return f"valid keys under {prefix or 'the top level'}: {', '.join(keys)}"
 
 
-def _friendly(e: OmegaConfBaseException, schema: DictConfig, source: str, moved: dict) -> SidError:
+def _friendly(e: OmegaConfBaseException, schema: DictConfig, source: str, moved: dict, removed: dict) -> SidError:
     key = getattr(e, "full_key", "") or ""
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     if isinstance(e, ConfigKeyError) and key in moved:
         return SidError(f"config key {key!r} in {source} is now {moved[key]!r}: write {moved[key]}=...")
+    if isinstance(e, ConfigKeyError) and key in removed:
+        return SidError(f"config key {key!r} in {source} is gone: {removed[key]}")
     if isinstance(e, ConfigKeyError):
         node = OmegaConf.select(schema, parent) if parent else schema
         return SidError(f"unknown config key {key!r} in {source}; {_valid_keys(node, parent)}")
@@ -257,6 +258,10 @@ class TeacherTrainingConfig:
     on_cpu: dict[str, Any] = field(default_factory=dict)  # as in Config: applied only when no GPU is visible
 
 
+# Keys that are gone, each with what to do instead (one line when a file or the command line names one).
+REMOVED = {Config: {
+    "teacher.edm_pickle.trust": "permission to run a file's code comes from the command line, never from a file: "
+                                "pass --trust-code (trust_code=True in Python)"}}
 # Keys of the teacher config before it shared the distillation config's sections: each names its new place.
 MOVED = {TeacherTrainingConfig: {
     "source": "data.source", "xflip": "data.xflip", "objective": "loss.objective", "sigma_data": "loss.sigma_data",
@@ -345,23 +350,23 @@ def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
     """
     schema_class = schema_class or Config
     schema = OmegaConf.structured(schema_class)
-    moved = MOVED.get(schema_class, {})
+    moved, removed = MOVED.get(schema_class, {}), REMOVED.get(schema_class, {})
     cfg = schema
     for path in map(find_config, files):
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
         except OmegaConfBaseException as e:
-            raise _friendly(e, schema, str(path), moved) from None
+            raise _friendly(e, schema, str(path), moved, removed) from None
     try:
         command_line = OmegaConf.from_dotlist(list(overrides))
         cfg = OmegaConf.merge(cfg, command_line)
     except OmegaConfBaseException as e:
-        raise _friendly(e, schema, "the command line", moved) from None
+        raise _friendly(e, schema, "the command line", moved, removed) from None
     if cfg.on_cpu:
         try:
             on_cpu = OmegaConf.merge(cfg, cfg.on_cpu, command_line)      # checked on every machine
         except OmegaConfBaseException as e:
-            raise _friendly(e, schema, "on_cpu", moved) from None
+            raise _friendly(e, schema, "on_cpu", moved, removed) from None
         if not gpu_visible():
             cfg = on_cpu
     (validate if schema_class is Config else validate_teacher_training)(cfg)

@@ -93,14 +93,14 @@ def single_run(config_files, overrides) -> dict:
     return {"config": cfg, "dir": Path(cfg.train.run_dir)}
 
 
-def run_one(run: dict) -> None:
+def run_one(run: dict, trust_code: bool = False) -> None:
     """Train (or resume) one grid point in this process; a run that aborts is marked failed, not fatal."""
     import torch
 
     from sid.trainer import train
 
     try:
-        result = train(run["config"], resume="auto")
+        result = train(run["config"], resume="auto", trust_code=trust_code)
         timed_out = result.nimg < run["config"].train.total_nimg                  # stopped by train.max_seconds
         extra = {"stopped_by": "max_seconds"} if timed_out else {}
         write_status(run["dir"], state="finished", nimg=result.nimg, **extra)
@@ -108,14 +108,15 @@ def run_one(run: dict) -> None:
         write_status(run["dir"], state="failed", error=str(e).splitlines()[0])
 
 
-def run_sweep(runs: list[dict], config_files, devices: int = 0) -> None:
-    """Unfinished runs, one after another here, or with ``devices`` > 1 one process per GPU at a time."""
+def run_sweep(runs: list[dict], config_files, devices: int = 0, trust_code: bool = False) -> None:
+    """Unfinished runs, one after another here, or with ``devices`` > 1 one process per GPU at a time
+    (``trust_code`` passed on to each as --trust-code)."""
     todo = [r for r in runs if r["state"] in ("new", "partial")]
     if devices <= 1:
         for run in todo:
-            run_one(run)
+            run_one(run, trust_code)
         return
-    configs = [a for f in config_files for a in ("--config", str(f))]
+    configs = [a for f in config_files for a in ("--config", str(f))] + (["--trust-code"] if trust_code else [])
     active: dict[int, tuple[subprocess.Popen, dict]] = {}
 
     def terminate(signum, frame):        # a scheduler's SIGTERM reaches this process alone: pass it on

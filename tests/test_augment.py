@@ -87,9 +87,9 @@ def test_augmentation_reaches_the_fake_score_only_and_needs_augment_labels(edm_s
     from sid.trainer import build, iteration
 
     write_snapshot(tmp_path / "aug.pkl", edm_side.VPPrecond(8, 1, augment_dim=9))
-    overrides = ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={tmp_path / 'aug.pkl'}",
-                 "teacher.edm_pickle.trust=true", "loss.augment=0.5", "optim.batch=8", f"train.run_dir={tmp_path}"]
-    run = build(load_config([], overrides), Accelerator(cpu=True), resume=None)
+    overrides = ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={tmp_path / 'aug.pkl'}", "loss.augment=0.5",
+                 "optim.batch=8", f"train.run_dir={tmp_path}"]
+    run = build(load_config([], overrides), Accelerator(cpu=True), resume=None, trust_code=True)
     seen = {"fake": [], "teacher": []}
     for name, net in (("fake", run.fake_score), ("teacher", run.teacher.denoiser)):
         net.net.register_forward_hook(lambda m, args, kwargs, out, name=name: seen[name].append(
@@ -110,11 +110,10 @@ def test_the_dropout_of_an_edm_network_is_set_as_the_official_run_sets_it(edm_si
     from sid.teachers import build_teacher
 
     write_snapshot(tmp_path / "net.pkl", edm_side.EDMPrecond(8, 1))
-    base = ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={tmp_path / 'net.pkl'}",
-            "teacher.edm_pickle.trust=true"]
-    as_pickled = build_teacher(load_config([], base).teacher)
+    base = ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={tmp_path / 'net.pkl'}"]
+    as_pickled = build_teacher(load_config([], base).teacher, trust_code=True)
     assert as_pickled.denoiser.net.model.block.dropout == 0.1
-    teacher = build_teacher(load_config([], base + ["teacher.edm_pickle.dropout=0.13"]).teacher)
+    teacher = build_teacher(load_config([], base + ["teacher.edm_pickle.dropout=0.13"]).teacher, trust_code=True)
     assert teacher.make_student().net.model.block.dropout == 0.13 and teacher.spec["dropout"] == 0.13
     with pytest.raises(SidError, match=r"teacher.edm_pickle.dropout=1.0 must be in \[0, 1\)"):
         load_config([], base + ["teacher.edm_pickle.dropout=1.0"])

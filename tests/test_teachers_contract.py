@@ -31,7 +31,7 @@ def edm_pickle(kind, label_dim=0):
 
         networks, path = request.getfixturevalue("edm_side"), request.getfixturevalue("tmp_path") / "net.pkl"
         write_snapshot(path, getattr(networks, kind)(8, 1, label_dim=label_dim))
-        return ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={path}", "teacher.edm_pickle.trust=true"]
+        return ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={path}"]
     return overrides
 
 
@@ -66,7 +66,7 @@ CASES = {
 @pytest.fixture(params=list(CASES))
 def teacher(request):
     torch.manual_seed(0)
-    return build_teacher(load_config([], CASES[request.param](request)).teacher)
+    return build_teacher(load_config([], CASES[request.param](request)).teacher, trust_code=True)
 
 
 def inputs(teacher, n=4):

@@ -22,7 +22,7 @@ def test_denoiser_equals_the_pickled_network(edm_side, tmp_path, monkeypatch, ki
     write_snapshot(tmp_path / "net.pkl", net)
     without_edm(monkeypatch)                                                          # a machine without EDM's code
 
-    with pytest.raises(SidError, match="runs the code stored in the pickle.*trust=true"):
+    with pytest.raises(SidError, match="runs the code stored in the pickle.*--trust-code"):
         load_denoiser(tmp_path / "net.pkl", trust=False)
     denoiser, shape, spec = load_denoiser(tmp_path / "net.pkl", trust=True)
     assert "torch_utils" not in sys.modules and "dnnlib" not in sys.modules          # nothing left behind
@@ -63,20 +63,22 @@ def test_every_parameter_of_an_augmented_network_takes_part(edm_side, tmp_path):
 def test_distil_an_edm_pickle_and_reload_its_generator(edm_side, tmp_path):
     write_snapshot(tmp_path / "net.pkl", edm_side.EDMPrecond(8, 1))
     overrides = ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={tmp_path / 'net.pkl'}",
-                 "teacher.edm_pickle.trust=true", "optim.batch=4", "train.total_nimg=8", "train.log_every_nimg=4",
+                 "optim.batch=4", "train.total_nimg=8", "train.log_every_nimg=4",
                  f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "train.tensorboard=false",
                  "train.num_samples=4"]
     from sid.trainer import train
 
-    run = train(load_config([], overrides))
+    run = train(load_config([], overrides), trust_code=True)
     assert run.nimg == 8 and (tmp_path / "run" / "samples" / "compare.png").is_file()
-    generator = load_generator(tmp_path / "run" / "generator")
+    with pytest.raises(SidError, match="rebuilt by unpickling .*trust_code=True"):     # never on the file's say
+        load_generator(tmp_path / "run" / "generator")
+    generator = load_generator(tmp_path / "run" / "generator", trust_code=True)
     torch.testing.assert_close(generator.sample_seeds(range(3)), run.ema.model.sample_seeds(range(3)))
 
     with open(tmp_path / "net.pkl", "ab") as f:
         f.write(b"\0")                                                              # not the trusted file any more
     with pytest.raises(SidError, match="missing or changed"):
-        load_generator(tmp_path / "run" / "generator")
+        load_generator(tmp_path / "run" / "generator", trust_code=True)
 
 
 def test_a_url_is_downloaded_once_into_the_hub_folder(edm_side, tmp_path, monkeypatch):
@@ -93,9 +95,9 @@ def test_a_url_is_downloaded_once_into_the_hub_folder(edm_side, tmp_path, monkey
 
 
 def test_bad_edm_pickles_are_one_clear_error(edm_side, tmp_path):
-    def teacher(path, trust="true"):
-        return build_teacher(load_config([], ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={path}",
-                                              f"teacher.edm_pickle.trust={trust}"]).teacher)
+    def teacher(path):
+        return build_teacher(load_config([], ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={path}"]).teacher,
+                             trust_code=True)
 
     with pytest.raises(SidError, match="not found"):
         teacher(tmp_path / "none.pkl")

@@ -34,7 +34,7 @@ def pretrained(tmp_path):
 @pytest.mark.slow
 def test_the_users_network_is_distilled_exported_and_loads_when_trusted(pretrained, tmp_path):
     kwargs = {"label_dim": 3, "weights": str(pretrained)}
-    teacher = build_teacher(load_config([], python_teacher(**kwargs)).teacher)
+    teacher = build_teacher(load_config([], python_teacher(**kwargs)).teacher, trust_code=True)
     x, sigma, labels = torch.randn(4, 1, 8, 8), torch.full((4,), 0.7), torch.eye(3)[[0, 1, 2, 0]]
     torch.testing.assert_close(teacher.denoiser(x, sigma, labels), build(**kwargs)(x, sigma, labels))
     assert teacher.shape == (1, 8, 8) and teacher.label_dim == 3
@@ -43,7 +43,7 @@ def test_the_users_network_is_distilled_exported_and_loads_when_trusted(pretrain
     run = train(load_config([], python_teacher(**kwargs) + [
         "optim.batch=8", "train.total_nimg=32", "train.log_every_nimg=16", "train.ckpt_every_nimg=32",
         "train.sample_every_nimg=32", "train.num_samples=4", f"train.run_dir={run_dir}", "train.progress=false",
-        "train.tensorboard=false"]))
+        "train.tensorboard=false"]), trust_code=True)
     assert (run_dir / "samples" / "compare.png").is_file()
     with pytest.raises(SidError, match=r"tests.custom_teacher:build .*trust_code=True"):
         load_generator(run_dir / "generator")
@@ -73,13 +73,13 @@ def test_the_users_network_is_distilled_exported_and_loads_when_trusted(pretrain
 ])
 def test_a_wrong_factory_is_one_clear_error(factory, message):
     with pytest.raises(SidError, match=message):
-        build_teacher(load_config([], python_teacher(factory)).teacher)
+        build_teacher(load_config([], python_teacher(factory)).teacher, trust_code=True)
 
 
 def test_an_error_in_the_users_function_is_one_line(tmp_path):
     cfg = load_config([], python_teacher(weights=str(tmp_path / "missing.safetensors")))
     with pytest.raises(SidError, match=r"tests.custom_teacher:build with arguments .* failed: FileNotFoundError"):
-        build_teacher(cfg.teacher)
+        build_teacher(cfg.teacher, trust_code=True)
 
 
 def test_the_config_asks_for_factory_and_shape():

@@ -61,7 +61,7 @@ def cmd_images(args) -> dict:
 def cmd_teacher(args) -> dict:
     metric = make_fid(args.weights).to(DEVICE)
     load_reference(metric, args.ref)
-    teacher = load_teacher(args.config, DEVICE)
+    teacher = load_teacher(args.config, DEVICE, args.trust_code)
     values = [teacher_fid(metric, teacher, args.steps, args.num, seed=s, batch=args.batch, device=DEVICE)
               for s in range(args.repeats)]
     return summary(values, args, "teacher", f"{args.config} heun nfe={2 * args.steps - 1}")
@@ -84,8 +84,7 @@ def main(argv=None, prog=None) -> int:
     ref.add_argument("--num", type=int, default=0, help="first N images only (0: all)")
     gen = sub.add_parser("gen", help="FID of an exported one-step generator")
     gen.add_argument("generator")
-    gen.add_argument("--trust-code", action="store_true",
-                     help="allow a teacher.kind=python generator's function to run")
+
     images = sub.add_parser("images", help="FID of an image source, e.g. training images: the floor at this --num")
     images.add_argument("--source", required=True, help="fashion-mnist[:train|:test], an .npz, or a folder")
     teacher = sub.add_parser("teacher", help="FID of a teacher with the Heun sampler")
@@ -93,6 +92,9 @@ def main(argv=None, prog=None) -> int:
                          "a diffusers teacher folder, or builtin:<name>")
     teacher.add_argument("--steps", type=int, default=18, help="noise levels; 2 * steps - 1 network evaluations")
     teacher.add_argument("--batch", type=int, default=250)
+    for command in (gen, teacher):
+        command.add_argument("--trust-code", action="store_true",
+                             help="allow the function or pickle that builds the teacher (or the generator's) to run")
     for command in (gen, images, teacher):
         command.add_argument("--ref", required=True, help="reference .npz (ours or EDM's)")
         command.add_argument("--num", type=int, default=10_000)

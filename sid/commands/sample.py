@@ -47,8 +47,8 @@ def main(argv=None, prog=None) -> int:
                    help="class per seed (one value for all, or one per seed)")
     p.add_argument("--out", required=True, help="*.png: grid; *.npz: uint8 images (or raw samples); folder: PNGs")
     p.add_argument("--trust-code", action="store_true",
-                   help="allow a generator distilled from a teacher.kind=python teacher to run the function "
-                        "that builds its architecture")
+                   help="allow foreign code to run: the function or pickle that builds a teacher, or a generator "
+                        "distilled from one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     seeds, classes = args.seeds, args.classes
@@ -60,7 +60,7 @@ def main(argv=None, prog=None) -> int:
     if (args.generator is None) == (args.teacher is None):
         raise SidError("give either an exported generator or --teacher CONFIG")
     if args.teacher:
-        teacher = load_teacher(args.teacher, args.device)
+        teacher = load_teacher(args.teacher, args.device, args.trust_code)
         x = sample_teacher(teacher.denoiser, teacher.shape, args.steps, args.solver, seeds, classes, args.device)
     else:
         generator = load_generator(args.generator, device=args.device, trust_code=args.trust_code)
@@ -72,12 +72,12 @@ def main(argv=None, prog=None) -> int:
     return 0
 
 
-def load_teacher(teacher: str, device) -> Teacher:
+def load_teacher(teacher: str, device, trust_code: bool = False) -> Teacher:
     """The teacher (its denoiser on ``device``) of a distillation config (a file or a preset), or one given by its
-    path alone: a diffusers folder or ``builtin:<name>``."""
+    path alone: a diffusers folder or ``builtin:<name>``. ``trust_code``: from the command line only."""
     overrides = teacher_from_path(teacher)
     cfg = load_config([], overrides) if overrides else load_config([teacher])
-    built = build_teacher(cfg.teacher)
+    built = build_teacher(cfg.teacher, trust_code=trust_code)
     built.denoiser.to(device)
     return built
 

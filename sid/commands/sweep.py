@@ -41,6 +41,8 @@ def main(argv=None, prog=None) -> int:
     one = sub.add_parser("one", help=argparse.SUPPRESS)       # one grid point in its own process (per GPU)
     for command in (run, one):
         command.add_argument("--config", action="append", default=[], help="YAML file or shipped preset name")
+        command.add_argument("--trust-code", action="store_true",
+                             help="let the teacher run foreign code (an EDM pickle, a teacher.python.factory)")
         command.add_argument("overrides", nargs="*", help="dotted overrides; comma-separated values form the grid")
     report = sub.add_parser("report", help="write report.md and figures for a sweep folder")
     report.add_argument("sweep_dir")
@@ -59,7 +61,7 @@ def main(argv=None, prog=None) -> int:
             baselines = parse_baselines(args.baseline)
             print(f"wrote {write_report(args.sweep_dir, args.rise, baselines=baselines, trust_code=args.trust_code)}")
         elif args.command == "one":
-            run_one(single_run(args.config, args.overrides))
+            run_one(single_run(args.config, args.overrides), args.trust_code)
         else:
             runs = plan(args.config, args.overrides, args.out)
             for r in runs:
@@ -68,7 +70,7 @@ def main(argv=None, prog=None) -> int:
                 import torch
 
                 devices = args.devices if args.devices is not None else torch.cuda.device_count()
-                run_sweep(runs, args.config, devices)
+                run_sweep(runs, args.config, devices, args.trust_code)
     except KeyboardInterrupt as e:       # the runs checkpointed their last step: the same command resumes
         print(f"{e or 'interrupted'}: the same `sid sweep run` command resumes the sweep", file=sys.stderr)
         return 130

@@ -2,7 +2,8 @@
 denoisers.
 
 EDM pickles carry the source code of their networks (EDM's ``torch_utils.persistence``), and unpickling
-executes it: a pickle is loaded only when trusted (``trust_code``, or ``teacher.edm_pickle.trust=true``).
+executes it: a pickle is loaded only with ``trust_code`` (``--trust-code`` on the command line), never on a
+file's say: an exported generator that names a pickle needs it too, since its SHA-256 comes from the same file.
 EDM's repository is not needed; the few names a pickle refers to outside its own code
 (``torch_utils.persistence``, ``dnnlib.EasyDict``) are provided here while it loads.
 
@@ -206,8 +207,7 @@ def coefficient_rule(net: nn.Module, sigma_data: float) -> nn.Module:
 def build(section, trust_code: bool = False) -> Teacher:
     """The network of ``teacher.edm_pickle``'s pickle as a teacher; it takes augmentation labels if its
     backbone was trained with them (EDM's CIFAR-10 networks: 9)."""
-    denoiser, shape, spec = load_denoiser(section.path, trust_code or section.trust, section.sigma_data,
-                                          section.dropout)
+    denoiser, shape, spec = load_denoiser(section.path, trust_code, section.sigma_data, section.dropout)
     return Teacher(denoiser, shape, spec, augment_dim=denoiser.net.augment_dim)
 
 
@@ -215,8 +215,8 @@ def load_denoiser(path: str | Path, trust: bool, sigma_data: float = 0.5, dropou
     """(denoiser, sample shape, spec) of an EDM pickle's network; ``sigma_data`` for VP and VE networks, whose
     preconditioning has none (the fake-score loss weight uses it); ``dropout``: the rate of its blocks."""
     if not trust:
-        raise SidError(f"loading {path} runs the code stored in the pickle; if you trust its source, set "
-                       "teacher.edm_pickle.trust=true")
+        raise SidError(f"loading {path} runs the code stored in the pickle: if you trust its source, pass "
+                       "--trust-code (trust_code=True in Python)")
     path = local_file(path).resolve()
     denoiser, shape = denoiser_from_pickle(path, sigma_data, dropout)
     spec = {"kind": "edm_pickle", "path": str(path), "sha256": sha256(path), "sigma_data": sigma_data,
@@ -246,7 +246,11 @@ def set_dropout(model: nn.Module, rate: float, path: Path) -> None:
 
 
 def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
-    """An exported generator's architecture, from the pickle its run was trusted with (same SHA-256)."""
+    """An exported generator's architecture, from the pickle its run was trusted with (same SHA-256); unpickling
+    it runs its code, so only with ``trust_code``."""
+    if not trust_code:
+        raise SidError(f"this generator's architecture is rebuilt by unpickling {spec.get('path')}, which runs the "
+                       "code stored in it: load it with trust_code=True (--trust-code) if you trust that file")
     path = Path(spec["path"])
     if not path.is_file() or sha256(path) != spec["sha256"]:
         raise SidError(f"this generator's architecture comes from the EDM pickle {path}, which is missing or "

@@ -72,7 +72,11 @@ def check_contract(denoiser, shape: tuple[int, ...], factory: str) -> None:
 
 
 def build(section, trust_code: bool = False) -> Teacher:
-    """The network that ``teacher.python.factory`` returns for ``teacher.python.kwargs``, as a teacher."""
+    """The network that ``teacher.python.factory`` returns for ``teacher.python.kwargs``, as a teacher; importing
+    and calling it runs code a config file names, so only with ``trust_code``."""
+    if not trust_code:
+        raise SidError(f"teacher.python.factory={section.factory} runs Python code that a config names: if you "
+                       "trust it, pass --trust-code (trust_code=True in Python)")
     denoiser, spec = load_denoiser(section.factory, plain(section.kwargs), plain(section.shape))
     return Teacher(denoiser, spec["shape"], spec)
 
