@@ -7,6 +7,7 @@ in ``configs/``, installed as ``sid.configs``) < the dotlist, validates every va
 from __future__ import annotations
 
 import importlib.resources
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -182,9 +183,76 @@ CHOICES = {
     "loss.weighting": ("sid", "x0", "eps"),
     "train.precision": ("auto", "fp32", "bf16"),
 }
-POSITIVE = ("optim.batch", "optim.g_lr", "optim.fake_lr", "generator.sigma_init", "train.total_nimg",
-            "train.log_every_nimg", "train.sample_every_nimg", "train.ckpt_every_nimg", "train.keep_ckpts",
-            "loss.rho", "loss.p_std", "train.max_nonfinite_steps", "teacher.analytic.modes")
+# Every number of the distillation config and its valid range: (key, test, the range as the error line says it).
+def _positive(v): return v > 0                                                       # noqa: E704
+def _count(v): return isinstance(v, int) and v >= 1                                  # noqa: E704
+
+
+RANGES = [
+    ("optim.batch", _count, "a positive integer"),
+    ("optim.g_lr", _positive, "> 0"), ("optim.fake_lr", _positive, "> 0"), ("optim.eps", _positive, "> 0"),
+    ("generator.sigma_init", _positive, "> 0"),
+    ("loss.rho", _positive, "> 0"), ("loss.p_std", _positive, "> 0"),
+    ("loss.g_scale", _positive, "> 0"), ("loss.fake_scale", _positive, "> 0"),
+    ("loss.t_max", lambda v: 0 < v <= 1, "in (0, 1] (a fraction of the Karras schedule)"),
+    ("loss.augment", lambda v: 0 <= v <= 1, "in [0, 1] (a probability per transform; 0: off)"),
+    ("loss.sigma_min", lambda v: v is None or v > 0, "> 0, or null for the teacher's"),
+    ("loss.sigma_max", lambda v: v is None or v > 0, "> 0, or null for the teacher's"),
+    ("ema.halflife_nimg", lambda v: v >= 0, ">= 0 (0: no EMA)"), ("ema.rampup", lambda v: v >= 0, ">= 0"),
+    ("train.total_nimg", _count, "a positive integer"), ("train.log_every_nimg", _count, "a positive integer"),
+    ("train.sample_every_nimg", _count, "a positive integer"), ("train.ckpt_every_nimg", _count, "a positive integer"),
+    ("train.keep_ckpts", _count, "a positive integer"), ("train.num_samples", _count, "a positive integer"),
+    ("train.max_nonfinite_steps", _count, "a positive integer"),
+    ("train.max_seconds", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("train.seed", lambda v: 0 <= v < 2**63, "in [0, 2^63)"),
+    ("eval.every_nimg", lambda v: v >= 0, ">= 0 (0: off)"), ("eval.num", lambda v: 2 <= v <= 10**7, "in [2, 10^7]"),
+    ("teacher.analytic.modes", _count, "a positive integer"), ("teacher.analytic.mode_std", _positive, "> 0"),
+    ("teacher.analytic.student_width", lambda v: 1 <= v <= 65536, "in [1, 65536]"),
+    ("teacher.analytic.student_depth", lambda v: 1 <= v <= 64, "in [1, 64]"),
+    ("teacher.analytic.student_fit_steps", lambda v: v >= 0, ">= 0"),
+    ("teacher.analytic.shape", lambda v: len(v) >= 1 and all(1 <= s <= 4096 for s in v), "sizes in [1, 4096]"),
+    ("teacher.python.shape", lambda v: all(1 <= s <= 4096 for s in v), "sizes in [1, 4096]"),
+    ("teacher.analytic.weights", lambda v: all(w >= 0 for w in v) and (not v or sum(v) > 0), "non-negative, not all 0"),
+    ("teacher.diffusers.sigma_data", _positive, "> 0"), ("teacher.edm_pickle.sigma_data", _positive, "> 0"),
+    ("teacher.edm_pickle.dropout", lambda v: v is None or 0 <= v < 1, "in [0, 1), or null for the pickled rate"),
+]
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Every number finite, and each of ``RANGES`` in its range: else one line with the key and the range."""
+    for key, value in _numbers(OmegaConf.to_container(cfg, resolve=True)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SidError(f"{key}={value} must be a finite number")
+    for key, test, valid in RANGES:
+        value = OmegaConf.select(cfg, key)
+        value = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+        if not test(value):
+            raise SidError(f"{key}={value!r} is out of range: it must be {valid}")
+    for name in ("g_betas", "fake_betas"):
+        betas = list(cfg.optim[name])
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise SidError(f"optim.{name}={betas} must be two numbers in [0, 1)")
+    lo, hi = cfg.loss.sigma_min, cfg.loss.sigma_max
+    if lo is not None and hi is not None and not lo < hi:
+        raise SidError(f"loss.sigma_min={lo} must be below loss.sigma_max={hi}")
+    batch, batch_gpu = cfg.optim.batch, cfg.optim.batch_gpu
+    if batch_gpu is not None and not (1 <= batch_gpu <= batch and batch % batch_gpu == 0):
+        raise SidError(f"optim.batch_gpu={batch_gpu} must be a positive divisor of optim.batch={batch}, or null")
+    weights = list(cfg.teacher.analytic.weights)
+    if weights and len(weights) != cfg.teacher.analytic.modes:
+        raise SidError(f"teacher.analytic.weights has {len(weights)} values for teacher.analytic.modes="
+                       f"{cfg.teacher.analytic.modes}: give one per mode, or none")
+
+
+def _numbers(node, prefix: str = ""):
+    """(dotted key, number) for every number in a nested container."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for k, v in items:
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, (dict, list)):
+            yield from _numbers(v, key)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield key, v
 
 
 def _valid_keys(node, prefix: str) -> str:
@@ -287,22 +355,23 @@ def check_choices(cfg: DictConfig, choices: dict, positive=()) -> None:
 
 def validate_teacher_training(cfg: DictConfig) -> None:
     check_choices(cfg, TEACHER_CHOICES, TEACHER_POSITIVE)
+    for key, value in _numbers(OmegaConf.to_container(cfg, resolve=True)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SidError(f"{key}={value} must be a finite number")
+    for key, test, valid in (("optim.warmup_nimg", lambda v: v >= 0, ">= 0"), ("ema.halflife_nimg", lambda v: v >= 0,
+                             ">= 0 (0: no EMA)"), ("ema.rampup", lambda v: v >= 0, ">= 0"),
+                             ("train.seed", lambda v: 0 <= v < 2**63, "in [0, 2^63)")):
+        if not test(OmegaConf.select(cfg, key)):
+            raise SidError(f"{key}={OmegaConf.select(cfg, key)!r} is out of range: it must be {valid}")
 
 
 def validate(cfg: DictConfig) -> None:
     """Reject values the schema's types cannot: choices, ranges, and the λ spelling."""
-    check_choices(cfg, CHOICES, POSITIVE)
-    resolve_lam(cfg.loss.lam)
-    for key in ("train.max_seconds", "optim.eps", "eval.every_nimg"):
-        if OmegaConf.select(cfg, key) < 0:
-            raise SidError(f"{key}={OmegaConf.select(cfg, key)!r} must not be negative")
-    dropout = cfg.teacher.edm_pickle.dropout
-    if dropout is not None and not 0 <= dropout < 1:
-        raise SidError(f"teacher.edm_pickle.dropout={dropout} must be in [0, 1), or null for the pickled rate")
-    if not 0 <= cfg.loss.augment <= 1:
-        raise SidError(f"loss.augment={cfg.loss.augment} must be in [0, 1] (a probability per transform; 0: off)")
-    if not 0 < cfg.loss.t_max <= 1:
-        raise SidError(f"loss.t_max={cfg.loss.t_max} must be in (0, 1] (a fraction of the Karras schedule)")
+    check_choices(cfg, CHOICES)
+    lam = resolve_lam(cfg.loss.lam)
+    if not math.isfinite(lam):
+        raise SidError(f"loss.lam={cfg.loss.lam} must be a finite number")
+    check_ranges(cfg)
     if cfg.eval.every_nimg and cfg.teacher.kind != "analytic" and not cfg.eval.fid_ref:
         raise SidError("eval.every_nimg needs eval.fid_ref (reference statistics from `sid fid ref`)")
     if cfg.teacher.kind == "diffusers" and not (cfg.teacher.diffusers.path or cfg.teacher.diffusers.unet_config):
@@ -334,12 +403,63 @@ def preset_names() -> list[str]:
 def find_config(name) -> Path:
     """A YAML file's path, or a shipped preset's name (``fmnist`` is ``configs/fmnist.yaml``)."""
     path = Path(name)
-    if path.is_file():
+    if _is_file(path):
         return path
     preset = PRESETS / (str(path) if path.suffix == ".yaml" else f"{path}.yaml")
-    if not path.is_absolute() and ".." not in path.parts and preset.is_file():     # a name, not a path
+    if not path.is_absolute() and ".." not in path.parts and _is_file(preset):     # a name, not a path
         return preset
-    raise SidError(f"config {name}: no such file, and no shipped preset of that name ({', '.join(preset_names())})")
+    shown = str(name) if len(str(name)) <= 200 else str(name)[:200] + "..."
+    raise SidError(f"config {shown}: no such file, and no shipped preset of that name ({', '.join(preset_names())})")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:                      # a name too long for the file system, say
+        return False
+
+
+MAX_YAML_BYTES, MAX_YAML_VALUES = 1 << 20, 100_000
+
+
+def read_yaml(path: Path) -> DictConfig:
+    """A config file as a mapping; anything else (a YAML error, tabs, duplicate keys, tags, a binary file, aliases
+    that expand beyond reason, a list at the top) is one line naming the file."""
+    import io
+
+    import yaml
+
+    try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ValueError(f"it is larger than {MAX_YAML_BYTES >> 20} MB; a config is a few lines")
+        text = path.read_bytes().decode("utf-8")
+        if _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader)) > MAX_YAML_VALUES:
+            raise ValueError(f"its aliases expand to more than {MAX_YAML_VALUES:,} values")
+        node = OmegaConf.load(io.StringIO(text))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        if isinstance(e, yaml.MarkedYAMLError) and e.problem:       # what is wrong, and where
+            mark = e.problem_mark
+            reason = f"{e.problem}" + (f", line {mark.line + 1} column {mark.column + 1}" if mark else "")
+        raise SidError(f"config {path} is not a readable YAML file ({type(e).__name__}: {reason})") from None
+    if not isinstance(node, DictConfig):
+        raise SidError(f"config {path} holds a {type(node).__name__.replace('Config', '').lower() or 'value'}, not "
+                       "a mapping of settings (key: value)")
+    return node
+
+
+def _expanded_size(node, limit: int = MAX_YAML_VALUES) -> int:
+    """How many nodes a YAML node graph holds with every alias expanded, counting no further than ``limit``."""
+    count, stack = 0, [node]
+    while stack and count <= limit:
+        current = stack.pop()
+        count += 1
+        if current is None:
+            continue
+        value = current.value
+        if isinstance(value, list):
+            stack.extend(v for pair in value for v in (pair if isinstance(pair, tuple) else (pair,)))
+    return count
 
 
 def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
@@ -354,7 +474,7 @@ def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
     cfg = schema
     for path in map(find_config, files):
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            cfg = OmegaConf.merge(cfg, read_yaml(path))
         except OmegaConfBaseException as e:
             raise _friendly(e, schema, str(path), moved, removed) from None
     try:
@@ -369,6 +489,12 @@ def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
             raise _friendly(e, schema, "on_cpu", moved, removed) from None
         if not gpu_visible():
             cfg = on_cpu
+    try:                                 # every ${...} now, not at the first save an interval later
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or "?"
+        raise SidError(f"config key {key!r} cannot be resolved ({str(e).splitlines()[0][:160]}): give it a value") \
+            from None
     (validate if schema_class is Config else validate_teacher_training)(cfg)
     OmegaConf.set_readonly(cfg, True)  # after merging: read-only nodes do not merge (omegaconf#1102)
     return cfg

@@ -65,7 +65,10 @@ class OneStepGenerator(nn.Module):
 
 
 def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write ``generator.safetensors`` (weights, config in its metadata) and ``generator.json`` (the same config)."""
+    """Write ``generator.safetensors`` (weights, config and a checksum of the weights in its metadata) and
+    ``generator.json`` (the same config), each beside its final name and flushed to disk before it is renamed."""
+    from sid.checkpoint import fsync, tensors_checksum, write_error
+
     out_dir = Path(out_dir)
     config = {"format": "sid-generator/1", "denoiser": spec, "shape": list(generator.shape),
               "sigma_init": generator.sigma_init, "label_dim": generator.label_dim, **(extra or {})}
@@ -73,14 +76,18 @@ def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Pat
     tmp_weights, tmp_config = out_dir / (WEIGHTS + ".tmp"), out_dir / (CONFIG + ".tmp")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(state, tmp_weights, metadata={"sid_config": json.dumps(config)})
+        save_file(state, tmp_weights, metadata={"sid_config": json.dumps(config),
+                                                "sid_tensors_sha256": tensors_checksum(state)})
         tmp_config.write_text(json.dumps(config, indent=2))
+        for path in (tmp_weights, tmp_config):
+            fsync(path)
         tmp_weights.replace(out_dir / WEIGHTS)
         tmp_config.replace(out_dir / CONFIG)
-    except OSError as e:                    # a full disk: the export already there stays
+        fsync(out_dir)
+    except (OSError, SafetensorError) as e:  # a full disk: the export already there stays
         tmp_weights.unlink(missing_ok=True)
         tmp_config.unlink(missing_ok=True)
-        raise SidError(f"could not export the generator to {out_dir} ({e.strerror or e}); free space and resume") \
+        raise SidError(f"could not export the generator to {out_dir} ({write_error(e)}); free space and resume") \
             from None
     return out_dir
 
@@ -101,15 +108,21 @@ def load_generator(path: str | Path, device=None, trust_code: bool = False) -> O
     if not weights.is_file():
         raise SidError(f"no exported generator at {path}: expected a run folder, a folder with {WEIGHTS}, "
                        "or the file itself")
+    from sid.checkpoint import tensors_checksum
+
     try:
         from safetensors import safe_open
 
         with safe_open(str(weights), "pt") as f:
-            config = json.loads((f.metadata() or {})["sid_config"])
+            metadata = f.metadata() or {}
+        config = check_config(json.loads(metadata["sid_config"]))
         state = load_file(weights)
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
-        raise SidError(f"{weights} is not a readable exported generator ({type(e).__name__}); export it again") \
-            from None
+        if "sid_tensors_sha256" in metadata and tensors_checksum(state) != metadata["sid_tensors_sha256"]:
+            raise ValueError("its weights do not match their checksum: the file was changed or damaged")
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError, TypeError) as e:
+        raise SidError(f"{weights} is not a readable exported generator ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:160] if str(e) else 'no sid_config'}); export it again") from None
+    check_size(config["denoiser"], state, weights)
     generator = OneStepGenerator(denoiser_from_spec(config["denoiser"], trust_code), config["shape"],
                                  config["sigma_init"])
     try:
@@ -118,6 +131,40 @@ def load_generator(path: str | Path, device=None, trust_code: bool = False) -> O
         raise SidError(f"the weights in {weights} do not fit the architecture its config names "
                        f"({str(e).splitlines()[0][:160]}); export it again") from None
     return generator.to(device).eval().requires_grad_(False)
+
+
+def check_config(config) -> dict:
+    """An export's config as a generator needs it: a spec, a shape of positive sizes, a positive σ_init."""
+    if not isinstance(config, dict) or not isinstance(config.get("denoiser"), dict):
+        raise ValueError("its config names no denoiser")
+    shape, sigma_init = config.get("shape"), config.get("sigma_init")
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 2**20 for s in shape)):
+        raise ValueError(f"shape={shape!r} is not a sample shape")
+    if not isinstance(sigma_init, (int, float)) or isinstance(sigma_init, bool) or not 0 < sigma_init < math.inf:
+        raise ValueError(f"sigma_init={sigma_init!r} is not a noise level")
+    return config
+
+
+def check_size(spec: dict, state: dict, weights: Path) -> None:
+    """Before anything is allocated: the architecture a spec describes (built on the meta device, where it costs
+    nothing) holds as many values as the weights file does; a file cannot ask for a network larger than itself."""
+    from sid.teachers import denoiser_from_spec
+
+    if spec.get("kind") not in ("analytic", "mlp", "diffusers"):       # sizes come from a trusted pickle or function
+        return
+    try:
+        with torch.device("meta"):
+            values = sum(t.numel() for t in denoiser_from_spec(spec).state_dict().values())
+    except SidError:
+        raise
+    except Exception as e:                                             # a spec diffusers or the MLP cannot build
+        raise SidError(f"{weights}: its config names an architecture that cannot be built ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:160] if str(e) else ''}); export it again") from None
+    held = sum(t.numel() for t in state.values())
+    if values != held:
+        raise SidError(f"{weights}: its config names a network of {values:,} values, its weights hold {held:,}; "
+                       "export it again")
 
 
 def num_params(module: nn.Module) -> int:

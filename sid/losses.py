@@ -132,6 +132,10 @@ class DistillationLoss:
                            f"labels (EDM's CIFAR-10 networks); this one takes {teacher.augment_dim}, so the fake "
                            "score could not tell augmented samples from generated ones: set loss.augment=0")
         d = teacher.denoiser
+        lo, hi = loss.sigma_min or d.sigma_min, loss.sigma_max or d.sigma_max
+        if not 0 < lo < hi:
+            raise SidError(f"the generator loss's σ range [{lo:g}, {hi:g}] is empty (loss.sigma_min, loss.sigma_max; "
+                           f"null: the teacher's [{d.sigma_min:g}, {d.sigma_max:g}])")
         return cls(lam=resolve_lam(loss.lam), weighting=loss.weighting, t_max=loss.t_max,
                    sigma_min=loss.sigma_min or d.sigma_min, sigma_max=loss.sigma_max or d.sigma_max,
                    rho=loss.rho, p_mean=loss.p_mean, p_std=loss.p_std, sigma_data=d.sigma_data,

@@ -132,6 +132,15 @@ class NonFiniteGuard:
         self.streak = (self.streak + 1) * bad
         self.worst = torch.maximum(self.worst, self.streak)
 
+    def state_dict(self) -> dict:
+        return {"streak": self.streak.clone(), "worst": self.worst.clone()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """A resumed run's streak goes on where it stopped (``None``: states from before it was kept)."""
+        if state:
+            self.streak = state["streak"].to(self.streak).reshape(())
+            self.worst = state["worst"].to(self.worst).reshape(())
+
     def check(self, accelerator) -> None:
         worst = int(accelerator.gather(self.worst[None]).max())
         if worst >= self.limit:
@@ -171,6 +180,17 @@ class MetricsLogger:
         step = [torch.as_tensor(values[k], device=self.sums.device).float() for k in self.reductions]
         self.sums += torch.stack([*step, torch.ones((), device=self.sums.device)])
 
+    def state_dict(self) -> dict:
+        """The unfinished interval's sums, over all processes (a collective), so that a resumed run writes the
+        record an uninterrupted one would."""
+        return {"keys": list(self.reductions), "sums": self.acc.reduce(self.sums.clone(), "sum").cpu()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore the interval's sums on the main process (the others start from zero: the next flush sums
+        them); ``None`` or other keys (a state from before, or of another run) leave the sums at zero."""
+        if state and state.get("keys") == list(self.reductions) and self.acc.is_main_process:
+            self.sums = state["sums"].to(self.sums).reshape(self.sums.shape)
+
     def flush(self, nimg: int, step: int, **extra) -> dict:
         """Write the interval's record (with ``extra`` fields) and start the next interval."""
         sums = self.acc.reduce(self.sums.clone(), "sum").tolist()
@@ -192,8 +212,12 @@ class MetricsLogger:
     def write(self, record: dict) -> None:
         """One record (losses, or FID) to metrics.jsonl and the tracker, from the main process."""
         if self.acc.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:                 # a full disk: say so; the checkpoints already written stay
+                raise SidError(f"could not append to {self.path} ({e.strerror or e}); the checkpoints already in "
+                               f"{self.path.parent} are kept: free space and resume") from None
             if self.tracker:
                 self.acc.log({k: v for k, v in record.items() if k not in ("nimg", "step")}, step=record["nimg"])
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from sid.checkpoint import MARKER
 from sid.config import load_config
 from sid.errors import SidError
 
@@ -82,8 +83,14 @@ def status(run_dir: Path, total_nimg: int) -> str:
     return "partial" if any(run_dir.glob("training-state-*")) else "new"
 
 
-def write_status(run_dir: Path, **fields) -> None:
+def claim(run_dir: Path) -> None:
+    """Create a run's folder as sid's own (the trainer writes into folders only that sid made, or that are empty)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).touch()
+
+
+def write_status(run_dir: Path, **fields) -> None:
+    claim(run_dir)
     (run_dir / "status.json").write_text(json.dumps(fields))
 
 
@@ -150,7 +157,7 @@ def poll(active: dict, todo: list[dict], devices: int, configs: list[str]) -> No
     for gpu in range(devices):
         if todo and gpu not in active:
             run = todo.pop(0)
-            run["dir"].mkdir(parents=True, exist_ok=True)
+            claim(run["dir"])
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
             with open(run["dir"] / "sweep.log", "a") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "sid", "sweep", "one", *configs, *run["overrides"]],

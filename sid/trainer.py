@@ -10,6 +10,7 @@ the losses and the optimisers stay in fp32.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +23,16 @@ from accelerate import Accelerator
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sid.checkpoint import check_fresh_start, load_training_state, resolve_resume, restore, save_training_state
+from sid.checkpoint import (
+    all_finite,
+    check_fresh_start,
+    claimed,
+    load_training_state,
+    resolve_resume,
+    restore,
+    save_training_state,
+    write_config,
+)
 from sid.config import LAMBDA_PRESETS, as_tuple, to_dict, to_yaml
 from sid.ema import EMA, ema_beta
 from sid.errors import SidError
@@ -71,6 +81,8 @@ class Run:
     step: int = 0                        # iterations done
     seconds: float = 0.0                 # wall-clock seconds of the sessions before this one (resumed runs)
     bf16: bool = False
+    resumed: dict | None = None          # the restored state's logger and NaN-guard sums (resumed runs)
+    changed: list[str] | None = None     # optimiser settings the config changed on resume
 
     def autocast(self):
         """The one mixed-precision policy: network forwards in bf16 under autocast, everything else fp32.
@@ -142,13 +154,17 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
     opt_g = adam(generator, cfg.optim.g_lr, cfg.optim.g_betas)
     ema = EMA(generator, cfg.ema.halflife_nimg, cfg.ema.rampup)
     nimg = step = 0
-    seconds = 0.0
+    seconds, resumed, changed = 0.0, None, []
     path = resolve_resume(resume, cfg.train.run_dir) if resume else None
     if path is not None:
         state = load_training_state(path)
         restore(path, state, fake_score=fake_score, generator=generator, ema=ema.model, opt_fake=opt_fake,
                 opt_g=opt_g)
         nimg, step, seconds = state["nimg"], state["step"], state.get("seconds", 0.0)
+        resumed = {k: state[k] for k in ("metrics", "nonfinite") if k in state}
+        # The config's optimiser settings hold, not the checkpoint's (a lower learning rate on resume takes effect).
+        changed = (apply_hyperparameters(opt_fake, "optim.fake", cfg.optim.fake_lr, cfg.optim.fake_betas, cfg.optim.eps)
+                   + apply_hyperparameters(opt_g, "optim.g", cfg.optim.g_lr, cfg.optim.g_betas, cfg.optim.eps))
         accelerator.print(f"resumed from {path} at {nimg} images")
     ema.to(device)
     if use_compile(cfg.perf.compile, device):   # in place: state_dict keys and the EMA copy stay uncompiled
@@ -157,7 +173,19 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
             net.compile()
     fake_ddp, generator_ddp, opt_fake, opt_g = accelerator.prepare(fake_score, generator, opt_fake, opt_g)
     return Run(cfg, accelerator, teacher, loss, fake_score, generator, fake_ddp, generator_ddp, opt_fake, opt_g, ema,
-               batch_gpu, rounds, nimg, step, seconds, bf16=bf16)
+               batch_gpu, rounds, nimg, step, seconds, bf16=bf16, resumed=resumed, changed=changed)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, name: str, lr: float, betas, eps: float) -> list[str]:
+    """Set a restored optimiser's learning rate, betas and eps to the config's; returns what changed."""
+    changed = []
+    for group in optimizer.param_groups:
+        for key, value in (("lr", float(lr)), ("betas", tuple(float(b) for b in betas)), ("eps", float(eps))):
+            if group[key] != value:
+                label = f"{name}_{key}" if key != "eps" else "optim.eps"
+                changed.append(f"{label} {group[key]} -> {value}")
+                group[key] = value
+    return sorted(set(changed))
 
 
 def describe(run: Run) -> str:
@@ -171,7 +199,8 @@ def describe(run: Run) -> str:
             f"into a one-step generator: λ = {run.loss.lam:g}{named}, weighting {cfg.loss.weighting}, "
             f"batch {cfg.optim.batch} on {processes}, {'bf16 autocast' if run.bf16 else 'fp32'}"
             f"{', compiled' if use_compile(cfg.perf.compile, acc.device) else ''}; "
-            f"{f'from {run.nimg:,} ' if run.nimg else ''}to {budget}, in {cfg.train.run_dir}")
+            f"{f'from {run.nimg:,} ' if run.nimg else ''}to {budget}, in {cfg.train.run_dir}"
+            f"{'; from the config, not the checkpoint: ' + ', '.join(run.changed) if run.changed else ''}")
 
 
 # One iteration ---------------------------------------------------------------------------------------------------
@@ -224,7 +253,7 @@ def iteration(run: Run) -> Stats:
     run.step += 1
 
     dropped = sum((u.dropped for u in fake_updates), g.dropped)
-    bad = g.bad | (dropped > 0)
+    bad = g.bad                          # non-finite gradients; a dropped sample alone is not a non-finite step
     for u in fake_updates:
         bad = bad | u.bad
     return Stats(fake_updates[-1].loss, g.loss, dropped, bad)
@@ -276,13 +305,19 @@ def train(cfg, resume: str | None = None, trust_code: bool = False) -> Run:
     run_dir = Path(cfg.train.run_dir)
     check_fresh_start(run_dir, resume)
     accelerator = Accelerator(log_with="tensorboard" if cfg.train.tensorboard else None, project_dir=str(run_dir))
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    with claimed(run_dir, accelerator.is_main_process):
+        return run_training(cfg, accelerator, resume, trust_code)
+
+
+def run_training(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool) -> Run:
+    """``train`` in a claimed run folder: build (and restore), record the config, loop, report."""
+    run_dir = Path(cfg.train.run_dir)
     if cfg.on_cpu and accelerator.device.type == "cpu":
         applied = " ".join(f"{k}={OmegaConf.select(cfg, k)}" for k in flat(to_dict(cfg.on_cpu)))
         accelerator.print(f"no GPU visible: on_cpu settings applied ({applied})")
     run = build(cfg, accelerator, resume, trust_code)
+    if accelerator.is_main_process:              # only once build and restore succeeded
+        write_config(run_dir, to_yaml(cfg), run.nimg)
     accelerator.print(describe(run))
     if cfg.train.tensorboard:   # a resumed run hides the events past its checkpoint, as metrics.jsonl drops them
         accelerator.init_trackers("tensorboard", config=flat(to_dict(cfg)),
@@ -310,13 +345,17 @@ def train(cfg, resume: str | None = None, trust_code: bool = False) -> Run:
 
 def loop(run: Run, stop: GracefulStop) -> bool:
     """Train until ``train.total_nimg`` or ``train.max_seconds``; returns whether a signal stopped it (then the
-    last step is checkpointed, after its scheduled samples and evaluation but without the end-of-run ones)."""
+    last step is checkpointed, with the metrics of its unfinished log interval, before its scheduled samples and
+    evaluation)."""
     cfg, acc = run.cfg, run.accelerator
     logger = MetricsLogger(acc, cfg.train.run_dir, {"loss_fake": "mean", "loss_g": "mean", "dropped_samples": "sum",
                                                     "nonfinite_steps": "steps"},
                            run.nimg, run.seconds, total_nimg=cfg.train.total_nimg, time_budget=cfg.train.max_seconds,
                            tracker=cfg.train.tensorboard, progress=cfg.train.progress)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, acc.device, cfg.train.run_dir)
+    if run.resumed:                               # an unfinished interval's sums: its record is the uninterrupted one
+        logger.load_state_dict(run.resumed.get("metrics"))
+        guard.load_state_dict(run.resumed.get("nonfinite"))
     evaluate = build_evaluator(run) if cfg.eval.every_nimg else None
     deadline = time.time() + cfg.train.max_seconds if cfg.train.max_seconds else None
     batch, done, stopped = cfg.optim.batch, run.nimg >= cfg.train.total_nimg, False
@@ -331,18 +370,19 @@ def loop(run: Run, stop: GracefulStop) -> bool:
         done = run.nimg >= cfg.train.total_nimg
         at_log = crossed(run.nimg, batch, cfg.train.log_every_nimg) or done
         stopped = stop.agreed(acc, at_log) and not done                  # on the last step: finish normally
-        if at_log or stopped:
+        if at_log:
             guard.check(acc)
             beta = ema_beta(batch, run.nimg - batch, cfg.ema.halflife_nimg, cfg.ema.rampup)   # the last update's
             logger.flush(run.nimg, run.step, ema_beta=beta)
             done = done or (deadline is not None and past(deadline, acc))
-        if crossed(run.nimg, batch, cfg.train.sample_every_nimg) or done:
-            save_sample_grid(run)
-        if evaluate and (crossed(run.nimg, batch, cfg.eval.every_nimg) or done):
-            logger.write({"nimg": run.nimg, "seconds": logger.elapsed(), **evaluate()})    # when it began
+        # Checkpoint first: pictures and evaluation that fail cannot lose the interval.
         if crossed(run.nimg, batch, cfg.train.ckpt_every_nimg) or done or stopped:
             guard.check(acc)
-            save_checkpoint(run, logger.elapsed())
+            save_checkpoint(run, logger, guard)
+        if crossed(run.nimg, batch, cfg.train.sample_every_nimg) or done:
+            draw_samples(run)
+        if evaluate and (crossed(run.nimg, batch, cfg.eval.every_nimg) or done):
+            logger.write({"nimg": run.nimg, "seconds": logger.elapsed(), **evaluate()})    # when it began
         if stopped:
             break
     logger.close()
@@ -387,20 +427,35 @@ def build_evaluator(run: Run):
     return evaluate
 
 
+def draw_samples(run: Run) -> None:
+    """``save_sample_grid``, where a failure (a teacher whose samples cannot be drawn) is one warning line: the
+    checkpoint is already written, and training goes on."""
+    try:
+        save_sample_grid(run)
+    except Exception as e:                                # pictures are never worth the run
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"warning: no sample grid at {run.nimg:,} images ({type(e).__name__}: {first}); training goes on",
+              file=sys.stderr, flush=True)
+
+
 def save_sample_grid(run: Run) -> None:
     """EMA-generator samples at fixed seeds 0..N-1 next to the teacher's: for images, ``samples-N.png`` (the
     generator's grid) and ``compare.png`` (it beside ``teacher.png``, the teacher's Heun samples at the same
-    seeds, 35 evaluations, drawn once); for teachers with exact samples a scatter over them."""
+    seeds, 35 evaluations, drawn once); for 2-D points a scatter over the teacher's (exact, or Heun) samples."""
     if not run.accelerator.is_main_process:
         return
-    cfg, generator, device = run.cfg, run.ema.model, run.accelerator.device
+    cfg, generator, teacher, device = run.cfg, run.ema.model, run.teacher, run.accelerator.device
     folder = Path(cfg.train.run_dir) / "samples"
     folder.mkdir(exist_ok=True)
-    n = cfg.train.num_samples if generator.shape != (2,) else 2000
-    x = generator.sample_seeds(range(n), device=device)
+    points = generator.shape == (2,)
+    x = generator.sample_seeds(range(2000 if points else cfg.train.num_samples), device=device)
     path = folder / f"samples-{run.nimg:012d}.png"
-    if run.teacher.exact_samples:                               # exact teacher samples under the scatter
-        reference = run.teacher.sample(2000, torch.Generator().manual_seed(0))
+    if points:                                                  # a scatter over the teacher's samples
+        if teacher.exact_samples:
+            reference = teacher.sample(2000, torch.Generator().manual_seed(0))
+        else:
+            with run.autocast(), torch.compiler.set_stance("force_eager"):
+                reference = sample_teacher(teacher.denoiser, teacher.shape, 18, "heun", range(2000), device=device)
         save_samples(x, path, reference, title=f"{run.nimg} images, lam={cfg.loss.lam}")
         return
     if not save_samples(x, path):                               # neither images nor 2-D points: nothing to draw
@@ -408,26 +463,34 @@ def save_sample_grid(run: Run) -> None:
     teacher_png = folder / "teacher.png"
     if not teacher_png.is_file():
         with run.autocast(), torch.compiler.set_stance("force_eager"):  # drawn once: not worth a compile
-            reference = sample_teacher(run.teacher.denoiser, run.teacher.shape, 18, "heun", range(n), device=device)
+            reference = sample_teacher(teacher.denoiser, teacher.shape, 18, "heun", range(len(x)), device=device)
         save_image_grid(reference, teacher_png)
     save_panels([(image_grid(x), f"one-step generator, {run.nimg:,} images, λ={run.loss.lam:g}"),
                  (np.asarray(Image.open(teacher_png)), "teacher, Heun, 35 evaluations")], folder / "compare.png")
 
 
-def save_checkpoint(run: Run, seconds: float) -> None:
-    """Training state (resumable) and the exported EMA generator (the deliverable); main process only.
-    ``seconds``: the run's wall-clock time so far, which a resumed run continues from."""
-    run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process:
-        state = {
-            "nimg": run.nimg, "step": run.step, "seconds": seconds, "config": to_dict(run.cfg),
-            "fake_score": run.fake_score.state_dict(), "generator": run.generator.state_dict(),
-            "ema": run.ema.model.state_dict(),
-            "opt_fake": run.opt_fake.state_dict(), "opt_g": run.opt_g.state_dict(),
-        }
-        save_training_state(run.cfg.train.run_dir, run.nimg, state, keep=run.cfg.train.keep_ckpts)
-        export(run, "generator")
-    run.accelerator.wait_for_everyone()
+def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> None:
+    """Training state (resumable: with the unfinished log interval's sums and the NaN guard's streak) and the
+    exported EMA generator (the deliverable), by the main process. Weights that are not finite are not saved
+    (one line): the states already written stay the last good ones."""
+    acc = run.accelerator
+    metrics, nonfinite = logger.state_dict(), guard.state_dict()      # collectives: on every process
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if not all_finite(run.generator, run.fake_score, run.ema.model):
+            print(f"warning: no training state at {run.nimg:,} images: the weights hold NaN or inf; the states "
+                  f"already in {run.cfg.train.run_dir} stay the last finite ones", file=sys.stderr, flush=True)
+        else:
+            state = {
+                "nimg": run.nimg, "step": run.step, "seconds": logger.elapsed(), "config": to_dict(run.cfg),
+                "fake_score": run.fake_score.state_dict(), "generator": run.generator.state_dict(),
+                "ema": run.ema.model.state_dict(),
+                "opt_fake": run.opt_fake.state_dict(), "opt_g": run.opt_g.state_dict(),
+                "metrics": metrics, "nonfinite": nonfinite,
+            }
+            save_training_state(run.cfg.train.run_dir, run.nimg, state, keep=run.cfg.train.keep_ckpts)
+            export(run, "generator")
+    acc.wait_for_everyone()
 
 
 def export(run: Run, folder: str, **extra) -> None:

@@ -102,7 +102,7 @@ def test_augmentation_reaches_the_fake_score_only_and_needs_augment_labels(edm_s
         build(load_config([], ["loss.augment=0.5", "teacher.analytic.student_fit_steps=1",
                                f"train.run_dir={tmp_path / 'b'}"]), Accelerator(cpu=True), resume=None)
     out = sid_process("train", "loss.augment=1.5", "--dry-run")
-    assert out.returncode == 2 and "loss.augment=1.5 must be in [0, 1]" in out.stderr
+    assert out.returncode == 2 and "loss.augment=1.5 is out of range: it must be in [0, 1]" in out.stderr
 
 
 def test_the_dropout_of_an_edm_network_is_set_as_the_official_run_sets_it(edm_side, tmp_path):
@@ -115,5 +115,5 @@ def test_the_dropout_of_an_edm_network_is_set_as_the_official_run_sets_it(edm_si
     assert as_pickled.denoiser.net.model.block.dropout == 0.1
     teacher = build_teacher(load_config([], base + ["teacher.edm_pickle.dropout=0.13"]).teacher, trust_code=True)
     assert teacher.make_student().net.model.block.dropout == 0.13 and teacher.spec["dropout"] == 0.13
-    with pytest.raises(SidError, match=r"teacher.edm_pickle.dropout=1.0 must be in \[0, 1\)"):
+    with pytest.raises(SidError, match=r"teacher.edm_pickle.dropout=1.0 is out of range: it must be in \[0, 1\)"):
         load_config([], base + ["teacher.edm_pickle.dropout=1.0"])

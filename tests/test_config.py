@@ -53,8 +53,31 @@ def test_overrides_apply_last_and_config_is_read_only():
     ("loss.lam=big", "neither a number nor a preset"),
     ("loss.weighting=snr", r"loss.weighting='snr' is invalid; choose one of \('sid', 'x0', 'eps'\)"),
     ("optim.batch=abc", "bad value for config key 'optim.batch'"),
-    ("optim.g_lr=-1", "optim.g_lr=-1.0 must be positive"),
+    ("optim.g_lr=-1", r"optim.g_lr=-1.0 is out of range: it must be > 0"),
     ("teacher.kind=diffusers", "needs teacher.diffusers.path"),
+    # every value finite and in range, the key and the range in the line
+    ("optim.fake_lr=nan", "optim.fake_lr=nan must be a finite number"),
+    ("optim.g_lr=inf", "optim.g_lr=inf must be a finite number"),
+    ("optim.g_betas=[0.9,1.0]", r"optim.g_betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"),
+    ("optim.fake_betas=[0.5]", "optim.fake_betas=.* must be two numbers"),
+    ("optim.eps=0", "optim.eps=0.0 is out of range: it must be > 0"),
+    ("loss.lam=inf", "loss.lam=inf must be a finite number"),
+    ("loss.g_scale=0", "loss.g_scale=0.0 is out of range"),
+    ("loss.sigma_min=0", "loss.sigma_min=0.0 is out of range: it must be > 0, or null"),
+    ("loss.sigma_max=-1", "loss.sigma_max=-1.0 is out of range: it must be > 0, or null"),
+    ("generator.sigma_init=0", "generator.sigma_init=0.0 is out of range: it must be > 0"),
+    ("ema.halflife_nimg=-1", "ema.halflife_nimg=-1.0 is out of range: it must be >= 0"),
+    ("optim.batch_gpu=48", "optim.batch_gpu=48 must be a positive divisor of optim.batch=256"),
+    ("optim.batch=0", "optim.batch=0 is out of range: it must be a positive integer"),
+    ("train.num_samples=0", "train.num_samples=0 is out of range"),
+    ("eval.num=1", r"eval.num=1 is out of range: it must be in \[2, 10\^7\]"),
+    ("train.seed=-1", r"train.seed=-1 is out of range: it must be in \[0, 2\^63\)"),
+    ("train.seed=9223372036854775808", "train.seed"),
+    ("teacher.analytic.shape=[0,4]", r"teacher.analytic.shape=\[0, 4\] is out of range"),
+    ("teacher.analytic.student_width=10000000", "teacher.analytic.student_width=10000000 is out of range"),
+    ("teacher.analytic.weights=[1,2]", "teacher.analytic.weights has 2 values for teacher.analytic.modes=8"),
+    ("train.run_dir=${nope}", "config key 'train.run_dir' cannot be resolved"),
+    ("teacher.edm_pickle.trust=true", "is gone: .*--trust-code"),
 ])
 def test_bad_values_name_the_key_and_the_choices(override, message):
     with pytest.raises(SidError, match=message):
@@ -76,6 +99,31 @@ def test_unknown_on_cpu_keys_are_rejected_on_every_machine(gpu, monkeypatch):
     monkeypatch.setattr("sid.config.gpu_visible", lambda: gpu)
     with pytest.raises(SidError, match="unknown config key 'optim.bach' in on_cpu"):
         load_config([], ["on_cpu.optim.bach=3"])
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a: [1\n", "ParserError"),
+    ("loss:\n\tlam: 1\n", "found character '\\\\t' that cannot start any token, line 2"),
+    ("loss: {lam: 1}\nloss: {lam: 2}\n", "found duplicate key loss"),
+    ("loss: !!python/object:os.system {}\n", "could not determine a constructor"),
+    ("- 1\n- 2\n", "holds a list, not a mapping"),
+    ("7\n", "Invalid loaded object type: int"),
+    ("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 10)), "aliases expand"),
+    (b"\x7fELF\x02\x01\x01\x00\xd0\x00", "UnicodeDecodeError"),
+])
+def test_every_damaged_yaml_is_one_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(SidError, match=f"config .*bad.yaml .*{message}"):
+        load_config([path])
+    out = sid_process("train", "--config", path, "--dry-run")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: config ")
+
+
+def test_a_config_name_too_long_for_the_file_system_is_one_line():
+    with pytest.raises(SidError, match=r"config x{200}\.\.\.: no such file"):
+        load_config(["x" * 5000])
 
 
 def test_missing_config_file():
