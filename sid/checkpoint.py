@@ -264,8 +264,13 @@ def claimed(run_dir: str | Path, main_process: bool = True):
     if owner and owner.get("pid") != os.getpid() and alive(owner):
         raise SidError(f"{run_dir} is in use by process {owner.get('pid')} on {owner.get('host')} (since "
                        f"{owner.get('since')}): wait for it, or delete {lock} if no such process runs")
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    try:
+        lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    except OSError as e:
+        lock.unlink(missing_ok=True)
+        raise SidError(f"cannot write to the run folder {run_dir} ({write_error(e)}); free space (or fix the "
+                       "folder) and start again") from None
     try:
         yield
     finally:

@@ -16,8 +16,12 @@ checkpoint of the step under way.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Callable
 
 from sid.errors import SidError
@@ -42,6 +46,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     command = importlib.import_module(COMMANDS[argv[0]])
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():    # a scheduler's SIGTERM: as Ctrl-C, one line
+        signal.signal(signal.SIGTERM, terminated)
     try:
         return command.main(argv[1:], prog=f"sid {argv[0]}")
     except SidError as e:
@@ -50,11 +57,50 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:            # training and sweeps say how to resume; the other commands just stop
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def terminated(signum, frame):
+    raise KeyboardInterrupt("terminated")
+
+
+def output_path(path, flag: str = "--out", folder: bool = False) -> Path:
+    """An output path checked before the work starts: its folder created and written to once (a probe), so that
+    a long job never ends in a traceback for want of a folder. ``folder``: the path is itself a folder."""
+    path = Path(path)
+    where = path if folder else path.parent
+    probe = where / ".sid-write-probe"
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SidError(f"{flag} {path}: cannot write there ({e.strerror or e}); give a writable path") from None
+    return path
+
+
+@contextlib.contextmanager
+def writing(path, flag: str = "--out"):
+    """A write of an output file: a failure (a full disk) is one line."""
+    try:
+        yield
+    except OSError as e:
+        raise SidError(f"could not write {flag} {path} ({e.strerror or e}); free space and run the command again") \
+            from None
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as sid's one ``error:`` line (exit code 2) instead of the usage text."""
+
+    def error(self, message: str):
+        raise SidError(f"{self.prog}: {message} (--help lists the options)")
 
 
 def parser(doc: str, prog: str | None) -> argparse.ArgumentParser:
     """A subcommand's parser: its module docstring as the description, examples kept as written."""
-    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=None, trust: bool = False) -> int:

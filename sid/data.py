@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,12 @@ def load_images(source: str) -> torch.Tensor:
     if not path.exists():
         raise SidError(f"image source {source!r} not found: give fashion-mnist[:train|:test], an .npz or a folder")
     if path.suffix == ".npz":
-        with np.load(path) as f:
-            array = f["images"] if "images" in f else f[f.files[0]]
+        try:
+            with np.load(path) as f:                            # allow_pickle=False: object arrays refused
+                array = f["images"] if "images" in f else f[f.files[0]]
+        except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
+            raise SidError(f"{path} is not an .npz of images ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                           "expected uint8 images [N, H, W, C] or [N, C, H, W] under 'images'") from None
         if array.dtype != np.uint8 or array.ndim != 4:
             raise SidError(f"{path}: expected uint8 images [N, H, W, C] or [N, C, H, W], got {array.dtype} "
                            f"{array.shape}")

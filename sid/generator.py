@@ -120,8 +120,9 @@ def load_generator(path: str | Path, device=None, trust_code: bool = False) -> O
         if "sid_tensors_sha256" in metadata and tensors_checksum(state) != metadata["sid_tensors_sha256"]:
             raise ValueError("its weights do not match their checksum: the file was changed or damaged")
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError, TypeError) as e:
-        raise SidError(f"{weights} is not a readable exported generator ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:160] if str(e) else 'no sid_config'}); export it again") from None
+        reason = "no sid_config in its metadata" if isinstance(e, KeyError) else (str(e).splitlines() or [""])[0][:160]
+        raise SidError(f"{weights} is not a readable exported generator ({type(e).__name__}: {reason}); "
+                       "export it again") from None
     check_size(config["denoiser"], state, weights)
     generator = OneStepGenerator(denoiser_from_spec(config["denoiser"], trust_code), config["shape"],
                                  config["sigma_init"])

@@ -127,7 +127,11 @@ def sample_fid(metric: FrechetInceptionDistance, sample, num: int, seed: int = 0
     metric.reset()
     for start in range(0, num, batch):
         seeds = range(seed * num + start, seed * num + min(start + batch, num))
-        metric.update(to_uint8_nchw(sample(seeds)).to(metric.device), real=False)
+        x = sample(seeds)
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise SidError(f"FID measures images (1 or 3 channels); these samples are {tuple(x.shape[1:])}: for "
+                           "points, compare with the sliced Wasserstein distance (sid.metrics.sliced_wasserstein)")
+        metric.update(to_uint8_nchw(x).to(metric.device), real=False)
     return float(metric.compute())
 
 

@@ -7,27 +7,37 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure  # no pyplot: no global backend, nothing to close
-from omegaconf import OmegaConf
 
+from sid.config import read_yaml
 from sid.errors import SidError
 from sid.generator import load_generator
 from sid.images import image_grid
 
 
 def read_run(run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    """A run folder's records, status and config; a file that is not what sid writes raises (the caller skips
+    the run)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
+    records = [r for r in map(json.loads, lines) if isinstance(r, dict) and _number(r.get("nimg"))]
     status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").is_file() else {}
-    config = OmegaConf.load(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
-    quality = [(r["nimg"], r[k]) for r in records for k in ("fid", "swd") if k in r]
+    if not isinstance(status, dict):
+        raise ValueError("status.json is not a mapping")
+    config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    quality = [(r["nimg"], r[k]) for r in records for k in ("fid", "swd") if _number(r.get(k))]
     metric = next((k for r in records for k in ("fid", "swd") if k in r), None)
-    losses = [(r["nimg"], r["loss_g"], r["loss_fake"]) for r in records if "loss_g" in r]
+    losses = [(r["nimg"], r["loss_g"], r["loss_fake"]) for r in records
+              if _number(r.get("loss_g")) and _number(r.get("loss_fake"))]
     return {"name": run_dir.name, "dir": run_dir, "status": status, "config": config, "metric": metric,
             "quality": quality, "losses": losses, "records": records}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def best_point(quality: list[tuple[int, float]]) -> tuple[int, float] | None:
@@ -70,7 +80,14 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
     baselines = baselines or {}
     if not sweep_dir.is_dir():
         raise SidError(f"no sweep folder at {sweep_dir}: give the --out folder of `sid sweep run`")
-    runs = [read_run(d) for d in sorted(sweep_dir.iterdir()) if d.is_dir() and (d / "config.yaml").is_file()]
+    runs = []
+    for folder in sorted(sweep_dir.iterdir()):
+        if folder.is_dir() and (folder / "config.yaml").is_file():
+            try:
+                runs.append(read_run(folder))
+            except Exception as e:                               # a damaged or foreign file: that run only
+                print(f"skipping {folder}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}",
+                      file=sys.stderr)
     for run in runs:
         run["diverged"] = diverged(run, rise)                    # why, or '' when it did not
     if not runs:
@@ -154,7 +171,13 @@ def save_sample_panels(groups: dict[str, list[dict]], path: Path, num: int, trus
     fig = Figure(figsize=(3 * cols, 3), dpi=120)
     axes = fig.subplots(1, cols, squeeze=False)
     for ax, (key, folder) in zip(axes[0], exported):
-        generator = load_generator(folder, trust_code=trust_code)
+        try:
+            generator = load_generator(folder, trust_code=trust_code)
+        except SidError as e:
+            if "trust_code" in str(e):                       # a permission the command line must give: say so
+                raise
+            print(f"skipping the samples of {folder}: {e}", file=sys.stderr)
+            continue
         x = generator.sample_seeds(range(num if generator.shape != (2,) else 2000))
         if x.ndim == 2 and x.shape[1] == 2:
             ax.scatter(*x.T, s=1, alpha=0.5)

@@ -247,8 +247,12 @@ def truncate_records(path: Path, nimg: int) -> None:
             pass
     if kept != lines:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise SidError(f"could not rewrite {path} ({e.strerror or e}); free space and start again") from None
 
 
 def best_record(path: Path, name: str) -> float:

@@ -72,10 +72,14 @@ def plan(config_files, overrides, out_dir) -> list[dict]:
 
 
 def status(run_dir: Path, total_nimg: int) -> str:
-    """finished | failed | partial (resumable) | new."""
+    """finished | failed | partial (resumable) | new | broken (its status.json unreadable: skipped)."""
     marker = run_dir / "status.json"
     if marker.is_file():
-        state = json.loads(marker.read_text())
+        try:
+            state = json.loads(marker.read_text())
+            state.get("state")
+        except (OSError, ValueError, AttributeError):
+            return "broken"
         if state.get("state") == "finished" and (state.get("nimg", 0) >= total_nimg or state.get("stopped_by")):
             return "finished"
         if state.get("state") == "failed":

@@ -12,7 +12,8 @@ def state():
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.0, 0.999))
     net(torch.randn(4, 3)).sum().backward()
     opt.step()
-    return {"nimg": 512, "step": 2, "net": net.state_dict(), "opt": opt.state_dict(), "tag": "x", "lst": [1.5, torch.ones(2)]}
+    return {"nimg": 512, "step": 2, "net": net.state_dict(), "opt": opt.state_dict(), "tag": "x",
+            "lst": [1.5, torch.ones(2)]}
 
 
 def test_round_trip_restores_optimizer_state_exactly(tmp_path):

@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from sid.cli import parser
+from sid.cli import output_path, parser, writing
 from sid.commands.sample import load_teacher
 from sid.data import load_images
 from sid.errors import SidError
@@ -32,7 +32,8 @@ def cmd_ref(args) -> dict:
     metric = make_fid(args.weights).to(DEVICE)
     images = load_images(args.source)
     add_images(metric, images[: args.num] if args.num else images, real=True)
-    save_reference(metric, args.out)
+    with writing(args.out):
+        save_reference(metric, args.out)
     return {"reference": args.out, "source": args.source, "images": int(metric.real_features_num_samples)}
 
 
@@ -103,8 +104,11 @@ def main(argv=None, prog=None) -> int:
     for command in (ref, gen, images, teacher):
         command.add_argument("--weights", default="auto", help="auto | torchmetrics | path to a TorchScript extractor")
     args = p.parse_args(argv)
+    for flag in ("out", "json"):                    # before the work: a long job never dies for want of a folder
+        if getattr(args, flag, None):
+            output_path(getattr(args, flag), f"--{flag}")
     result = {"ref": cmd_ref, "gen": cmd_gen, "images": cmd_images, "teacher": cmd_teacher}[args.command](args)
     if getattr(args, "json", None):
-        with open(args.json, "a") as f:
+        with writing(args.json, "--json"), open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sid.cli import parser
+from sid.cli import output_path, parser, writing
 from sid.config import load_config
 from sid.errors import SidError
 from sid.generator import load_generator
@@ -28,9 +28,13 @@ def parse_ints(text: str) -> list[int]:
     try:
         for part in text.split(","):
             lo, _, hi = part.partition("-")
+            if hi and int(hi) < int(lo):
+                raise argparse.ArgumentTypeError(f"{part}: a range runs upwards, e.g. {hi}-{lo}")
             out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers and ranges such as 0-63 or 1,5,9, got {text!r}") from None
+    if len(out) > 10**7 or any(not 0 <= s < 2**63 for s in out):
+        raise argparse.ArgumentTypeError("seeds are integers in [0, 2^63), at most 10^7 of them")
     return out
 
 
@@ -67,7 +71,8 @@ def main(argv=None, prog=None) -> int:
         if classes is not None and not generator.label_dim:
             raise SidError("--classes given, but this generator is unconditional")
         x = generator.sample_seeds(seeds, classes, device=args.device).cpu()
-    write(x, Path(args.out), seeds)
+    with writing(args.out):
+        write(x, Path(args.out), seeds)
     print(f"wrote {len(seeds)} samples to {args.out}")
     return 0
 
@@ -85,6 +90,7 @@ def load_teacher(teacher: str, device, trust_code: bool = False) -> Teacher:
 def check_out(out: Path) -> None:
     if out.suffix not in ("", ".png", ".npz") and not out.is_dir():
         raise SidError(f"--out {out}: give a .png (a grid), an .npz, or a folder (one PNG per seed)")
+    output_path(out, folder=out.suffix == "")
 
 
 def write(x: torch.Tensor, out: Path, seeds) -> None:

@@ -66,6 +66,9 @@ def main(argv=None, prog=None) -> int:
             runs = plan(args.config, args.overrides, args.out)
             for r in runs:
                 print(f"{r['state']:>8}  {r['dir']}  {' '.join(r['overrides'][:-1])}")
+                if r["state"] == "broken":
+                    print(f"skipping {r['dir']}: its status.json is unreadable (delete it to run the point again)",
+                          file=sys.stderr)
             if not args.dry_run:
                 import torch
 

@@ -266,7 +266,8 @@ def load_denoiser(path: str | None, unet_config: dict | None, prediction_type: s
         ), None
     elif Path(path := resolve_path(path)).exists():
         unet, scheduler_config = _load_local(Path(path))
-    elif path.startswith((".", "/", "~")) or path.partition("@")[0].count("/") != 1:
+    elif (path.startswith((".", "/", "~")) or path.partition("@")[0].count("/") != 1
+          or Path(path.split("/")[0]).is_dir()):                  # runs/mine: a local folder, mistyped
         raise SidError(f"teacher path {path!r} does not exist; give a local diffusers folder or a hub id "
                        "(owner/name, or owner/name@revision)")
     else:

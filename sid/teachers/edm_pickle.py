@@ -154,7 +154,8 @@ def read_pickle(path: Path) -> nn.Module:
     try:
         with open(path, "rb") as f:
             data = _Unpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, RuntimeError) as e:
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, RuntimeError, TypeError,
+            OverflowError, MemoryError, IndexError, KeyError, UnicodeDecodeError) as e:   # a damaged file's many ways
         raise SidError(f"{path} is not a readable EDM pickle ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
             from None
     net = data.get("ema") if isinstance(data, dict) else data

@@ -1,0 +1,160 @@
+"""Every bad input is one `error:` line (exit code 2) that says what to do, never a traceback, and the output
+paths of long jobs are checked before the work starts. One table of command lines, then the cases that need a
+file damaged first."""
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import sid_process
+from sid.cli import main as sid
+from sid.config import load_config
+from sid.errors import SidError
+from sid.generator import CONFIG, WEIGHTS
+from sid.trainer import train
+
+
+def one_line(capsys, argv, code=2):
+    capsys.readouterr()
+    assert sid(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(("error: ", "interrupted", "terminated")), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A finished 2-D toy run (its export draws points, not images)."""
+    run_dir = tmp_path_factory.mktemp("toy") / "run"
+    train(load_config([], ["teacher.analytic.student_width=16", "teacher.analytic.student_fit_steps=5",
+                           "optim.batch=64", "train.total_nimg=64", "train.progress=false",
+                           "train.tensorboard=false", f"train.run_dir={run_dir}"]))
+    return run_dir
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "{gen}", "--seeds", "5-1", "--out", "{tmp}/s.npz"], "a range runs upwards, e.g. 1-5"),
+    (["sample", "{gen}", "--seeds", "0-x", "--out", "{tmp}/s.npz"], "expected integers and ranges"),
+    (["sample", "{gen}", "--out", "{tmp}/s.jpg"], "give a .png"),
+    (["sample", "{gen}", "--classes", "1", "--out", "{tmp}/s.npz"], "this generator is unconditional"),
+    (["sample", "{gen}", "--out", "{file}/s.npz"], "cannot write there"),
+    (["fid", "gen", "{gen}", "--ref", "{ref}", "--num", "4", "--weights", "{weights}"], "FID measures images"),
+    (["fid", "images", "--source", "{tmp}/objects.npz", "--ref", "{ref}", "--weights", "{weights}"],
+     "is not an .npz of images"),
+    (["fid", "ref", "--source", "{tmp}/none", "--out", "{file}/ref.npz"], "cannot write there"),
+    (["train", "--config", "toy_2d", "train.run_dir={file}"], "is a file"),
+    (["train", "--config", "toy_2d", "train.run_dir={file}/sub"], "cannot write to the run folder"),
+    (["train", "teacher.kind=diffusers", "teacher.diffusers.path=runs/my_teachr"], "does not exist"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["sweep", "report", "{tmp}/no_sweep"], "no sweep folder"),
+])
+def test_one_line_each(argv, message, toy_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()                                       # a local folder the mistyped path is in
+    (tmp_path / "afile").write_text("x")
+    np.savez(tmp_path / "objects.npz", images=np.array([{"a": 1}], dtype=object))
+    extractor = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+    torch.jit.save(torch.jit.script(extractor), str(tmp_path / "features.pt"))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(12), sigma=np.eye(12))
+    names = {"gen": toy_run / "generator", "tmp": tmp_path, "file": tmp_path / "afile", "ref": tmp_path / "ref.npz",
+             "weights": tmp_path / "features.pt"}
+    err = one_line(capsys, [a.format(**names) for a in argv])
+    assert message in err, err
+
+
+def test_output_folders_are_made_before_the_work(toy_run, tmp_path, capsys):
+    assert sid(["sample", str(toy_run / "generator"), "--seeds", "0-9", "--out", str(tmp_path / "a/b/s.npz")]) == 0
+    assert np.load(tmp_path / "a/b/s.npz")["samples"].shape == (10, 2)
+
+
+def test_resume_followed_by_an_override_takes_it_as_an_override(toy_run, capsys):
+    """`--resume train.max_seconds=60` is an override after a bare --resume, not a checkpoint path."""
+    assert sid(["train", "--resume", "train.total_nimg=128", "teacher.analytic.student_width=16",
+                "teacher.analytic.student_fit_steps=5", "optim.batch=64", "train.progress=false",
+                "train.tensorboard=false", f"train.run_dir={toy_run}"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_damaged_generator_metadata_is_one_line(toy_run, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    source = toy_run / "generator" / WEIGHTS
+    with safe_open(str(source), "pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["sid_config"])
+    state = load_file(source)
+    for broken in ({**config, "shape": "2"}, {**config, "sigma_init": -1}, {k: v for k, v in config.items()
+                                                                          if k != "denoiser"},
+                   {**config, "denoiser": {**config["denoiser"], "width": 10**7}}, [1, 2]):
+        save_file(state, tmp_path / WEIGHTS, metadata={**metadata, "sid_config": json.dumps(broken)})
+        err = one_line(capsys, ["sample", str(tmp_path / WEIGHTS), "--out", str(tmp_path / "s.npz")])
+        assert "not a readable exported generator" in err or "its weights hold" in err, err
+    save_file(state, tmp_path / WEIGHTS, metadata={"other": "x"})
+    assert "sid_config" in one_line(capsys, ["sample", str(tmp_path / WEIGHTS), "--out", str(tmp_path / "s.npz")])
+    data = bytearray(source.read_bytes())
+    data[-5] ^= 0x01                                                               # a flipped bit in a weight
+    (tmp_path / CONFIG).write_text("{}")
+    (tmp_path / WEIGHTS).write_bytes(bytes(data))
+    assert "do not match their checksum" in one_line(capsys, ["sample", str(tmp_path / WEIGHTS), "--out",
+                                                              str(tmp_path / "s.npz")])
+
+
+def test_a_damaged_edm_pickle_is_one_line_whatever_the_byte(edm_side, tmp_path):
+    from edm_pickles import write_snapshot
+    from sid.teachers import build_teacher
+
+    write_snapshot(tmp_path / "net.pkl", edm_side.EDMPrecond(8, 1))
+    data = (tmp_path / "net.pkl").read_bytes()
+    rng = np.random.default_rng(0)
+    for position in rng.choice(len(data), 60, replace=False):
+        damaged = bytearray(data)
+        damaged[position] = (damaged[position] + 1 + rng.integers(254)) % 256
+        (tmp_path / "bad.pkl").write_bytes(bytes(damaged))
+        cfg = load_config([], ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={tmp_path / 'bad.pkl'}"])
+        try:
+            build_teacher(cfg.teacher, trust_code=True)
+        except SidError:
+            pass                                                                   # one line: fine
+        # anything else propagates and fails the test
+
+
+def test_hostile_files_in_a_sweep_folder_skip_that_run(toy_run, tmp_path, capsys):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(toy_run, sweep / "lam=good")
+    for name, files in {"lam=json": {"metrics.jsonl": "{not json"}, "lam=yaml": {"config.yaml": "a: [1\n"},
+                        "lam=status": {"status.json": "[1]"}}.items():
+        shutil.copytree(toy_run, sweep / name)
+        for file, text in files.items():
+            (sweep / name / file).write_text(text)
+    capsys.readouterr()
+    assert sid(["sweep", "report", str(sweep)]) == 0
+    err = capsys.readouterr().err
+    assert all(f"skipping {sweep / n}" in err for n in ("lam=json", "lam=yaml", "lam=status"))
+    assert "lam=good" in (sweep / "report.md").read_text()
+    (sweep / "lam=0.5").mkdir()
+    (sweep / "lam=0.5" / "status.json").write_text("{not json")
+    out = sid_process("sweep", "run", "--config", "toy_2d", "--out", sweep, "loss.lam=0.5,1.0", "--dry-run")
+    assert out.returncode == 0 and "broken" in out.stdout and "its status.json is unreadable" in out.stderr
+
+
+@pytest.mark.parametrize("where", ["build", "sample"])
+def test_sigterm_before_the_loop_and_while_sampling_is_one_line(where, toy_run, tmp_path, capsys, monkeypatch):
+    def terminate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    if where == "build":
+        monkeypatch.setattr("sid.trainer.build_teacher", terminate)
+        err = one_line(capsys, ["train", "--config", "toy_2d", f"train.run_dir={tmp_path / 'run'}"], code=130)
+        assert "--resume continues the run" in err
+    else:
+        monkeypatch.setattr("sid.commands.sample.write", terminate)
+        one_line(capsys, ["sample", str(toy_run / "generator"), "--out", str(tmp_path / "s.npz")], code=130)
+    assert signal.getsignal(signal.SIGTERM) is handler                             # restored
