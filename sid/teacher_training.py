@@ -10,12 +10,22 @@ and processes. The result is a diffusers folder that ``teacher.diffusers.path`` 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from sid.checkpoint import check_fresh_start, load_training_state, resolve_resume, restore, save_training_state
+from sid.checkpoint import (
+    all_finite,
+    check_fresh_start,
+    claimed,
+    load_training_state,
+    resolve_resume,
+    restore,
+    save_training_state,
+    write_config,
+)
 from sid.config import plain, to_dict, to_yaml
 from sid.data import load_images
 from sid.ema import EMA
@@ -39,13 +49,17 @@ from sid.teachers.diffusers import denoiser_from_config, sample_shape, save_teac
 
 
 def train_teacher(cfg, resume: str | None = None):
-    """Train until cfg.train.total_nimg images; returns (EMA denoiser, images seen)."""
+    """Train until cfg.train.total_nimg images; returns (EMA denoiser, images seen). The run folder is claimed
+    and locked as the distillation's is (``sid.checkpoint.claimed``)."""
     run_dir = Path(cfg.train.run_dir)
     check_fresh_start(run_dir, resume)
     acc = Accelerator()
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    with claimed(run_dir, acc.is_main_process):
+        return _train_teacher(cfg, acc, resume)
+
+
+def _train_teacher(cfg, acc: Accelerator, resume: str | None):
+    run_dir = Path(cfg.train.run_dir)
     images = load_images(cfg.data.source)                                   # uint8 [N, C, H, W], in memory
     torch.manual_seed(cfg.train.seed)
     denoiser = denoiser_from_config(plain(cfg.unet), cfg.loss.objective, cfg.loss.sigma_data)   # edm | flow rule
@@ -62,6 +76,10 @@ def train_teacher(cfg, resume: str | None = None):
         state = load_training_state(path)
         restore(path, state, denoiser=denoiser, ema=ema.model, opt=opt)
         nimg, step, seconds = state["nimg"], state["step"], state.get("seconds", 0.0)
+        for group in opt.param_groups:                       # the config's settings, not the checkpoint's
+            group["betas"], group["eps"] = (0.9, 0.999), 1e-8
+    if acc.is_main_process:                                  # only once build and restore succeeded
+        write_config(run_dir, to_yaml(cfg), nimg)
     ema.to(acc.device)
     ddp, opt = acc.prepare(denoiser, opt)
     batch = cfg.optim.batch
@@ -104,7 +122,10 @@ def train_teacher(cfg, resume: str | None = None):
                 save_teacher_samples(ema.model, shape, run_dir / "samples" / f"samples-{nimg:012d}.png", acc.device)
             if crossed(nimg, batch, cfg.train.ckpt_every_nimg) or done or stopped:
                 acc.wait_for_everyone()
-                if acc.is_main_process:
+                if acc.is_main_process and not all_finite(denoiser, ema.model):
+                    print(f"warning: no training state at {nimg:,} images: the weights hold NaN or inf; the states "
+                          f"already in {run_dir} stay the last finite ones", file=sys.stderr, flush=True)
+                elif acc.is_main_process:
                     state = {"nimg": nimg, "step": step, "seconds": logger.elapsed(), "config": to_dict(cfg),
                              "denoiser": denoiser.state_dict(), "ema": ema.model.state_dict(),
                              "opt": opt.state_dict()}

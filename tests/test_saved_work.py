@@ -242,3 +242,21 @@ def test_one_training_process_per_run_folder(tmp_path):
     (run_dir / LOCK).write_text(json.dumps({"pid": 2**22 + 12345, "host": socket.gethostname()}))    # gone
     assert train(load_config([], toy(run_dir, 256)), resume="auto").nimg == 256                   # taken over
     assert not (run_dir / LOCK).exists()                                                          # released
+
+
+def test_a_dropped_sample_alone_is_not_a_non_finite_step(tmp_path, monkeypatch):
+    """A sample whose loss is infinite while every gradient stays finite is dropped and counted, and the step is
+    not counted non-finite (so it cannot abort the run or block a checkpoint)."""
+    import sid.losses
+
+    real = sid.losses.generator_loss
+
+    def one_infinite(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        return loss + torch.where(torch.arange(len(loss)) == 0, float("inf"), 0.0).detach()
+
+    monkeypatch.setattr(sid.losses, "generator_loss", one_infinite)
+    train(load_config([], toy(tmp_path / "run", 256, "train.max_nonfinite_steps=1")))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dropped_samples"] for r in records] == [2, 2] and [r["nonfinite_steps"] for r in records] == [0, 0]
+    assert list_training_states(tmp_path / "run")
