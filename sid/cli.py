@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["--version"]:
         from importlib.metadata import version
 
-        print(f"sid {version('sid')}")
+        print(f"sid {version('sid-distill')}")        # the distribution's name (the import package is sid)
         return 0
     if not argv or argv[0] in ("-h", "--help"):
         from sid.config import preset_names

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from conftest import ROOT, TINY_UNET
+from sid.config import load_config
 from sid.data import load_images
 from sid.errors import SidError
 from sid.precond import FlowRule, Preconditioned
@@ -305,3 +306,79 @@ def test_students_start_as_the_teacher():
     assert all(p.requires_grad for p in student.parameters())
     assert not any(p.requires_grad for p in teacher.denoiser.parameters())
     assert teacher.shape == (1, 8, 8)
+
+
+# Teachers a diffusers user has: never silently wrong ---------------------------------------------------------
+
+def pipeline_folder(root, index, unet_class="UNet2DModel", scheduler=None):
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    config = {**TINY_UNET, "cross_attention_dim": 8, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]} if unet_class != "UNet2DModel" else TINY_UNET
+    if unet_class:
+        (UNet2DModel if unet_class == "UNet2DModel" else UNet2DConditionModel)(**config).save_pretrained(root / "unet")
+    if scheduler is not None:
+        scheduler.save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.mark.parametrize("index, unet_class, message", [
+    ({"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"],
+      "text_encoder": ["transformers", "CLIPTextModel"], "unet": ["diffusers", "UNet2DConditionModel"]},
+     "UNet2DConditionModel", "a StableDiffusionPipeline with vae, text_encoder: a latent or text-conditioned"),
+    ({"_class_name": "LDMPipeline", "vqvae": ["diffusers", "VQModel"], "unet": ["diffusers", "UNet2DModel"]},
+     "UNet2DModel", "a LDMPipeline with vqvae"),
+    ({"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
+      "vae": ["diffusers", "AutoencoderKL"]}, None, "a DiTPipeline with vae, transformer"),
+    ({"_class_name": "ScoreSdeVePipeline", "unet": ["diffusers", "UNet2DModel"]}, "UNet2DModel",
+     "a ScoreSdeVePipeline .* scaled score"),
+])
+def test_pipelines_this_adapter_would_distil_wrongly_are_refused(tmp_path, index, unet_class, message):
+    pipeline_folder(tmp_path, index, unet_class)
+    with pytest.raises(SidError, match=f"{message}.*supported: UNet2DModel"):
+        load_denoiser(str(tmp_path), None, None, 0.5)
+
+
+def test_a_ve_score_sde_scheduler_is_refused(tmp_path):
+    from diffusers import ScoreSdeVeScheduler
+
+    pipeline_folder(tmp_path, {"_class_name": "DDPMPipeline"}, scheduler=ScoreSdeVeScheduler())
+    with pytest.raises(SidError, match="ScoreSdeVeScheduler .*VE score-SDE"):
+        load_denoiser(str(tmp_path), None, None, 0.5)
+
+
+def test_a_zero_terminal_snr_schedule_has_a_finite_increasing_sigma(tmp_path):
+    """ā_999 = 0 (σ = ∞): the last σ extrapolated in ln σ, above diffusers' largest (its Euler clips ā to 2^-24,
+    which makes σ_999 smaller than σ_998), every other σ as diffusers has it, the map to timesteps monotone."""
+    from diffusers import DDPMScheduler, EulerDiscreteScheduler
+
+    scheduler = DDPMScheduler(rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    pipeline_folder(tmp_path, {"_class_name": "DDPMPipeline"}, scheduler=scheduler)
+    teacher = build_teacher(load_config([], ["teacher.kind=diffusers", f"teacher.diffusers.path={tmp_path}"]).teacher)
+    rule = teacher.denoiser.rule
+    euler = EulerDiscreteScheduler.from_config(scheduler.config)
+    ours = rule.log_sigmas.exp()
+    torch.testing.assert_close(ours[:-1], euler.sigmas.flip(0)[1:-1].double(), rtol=1e-5, atol=0)
+    assert (rule.log_sigmas.diff() > 0).all() and float(euler.sigmas.max()) < teacher.denoiser.sigma_max < 1e5
+    t = rule.sigma_to_t(torch.tensor([teacher.denoiser.sigma_max], dtype=torch.float64))
+    assert float(t) == pytest.approx(999.0)
+    x = torch.randn(2, 1, 8, 8)
+    assert teacher.denoiser(x, teacher.denoiser.sigma_max).isfinite().all()
+
+
+def test_a_hub_id_loads_the_class_its_config_names(tmp_path, monkeypatch):
+    import huggingface_hub
+    from diffusers import EDMEulerScheduler, UNet2DConditionModel
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--owner--cond" / "snapshots" / revision
+    UNet2DConditionModel(**{**TINY_UNET, "num_class_embeds": 3, "cross_attention_dim": 8}).save_pretrained(
+        snapshot / "unet")
+    EDMEulerScheduler().save_pretrained(snapshot / "scheduler")
+    (tmp_path / "models--owner--cond" / "refs").mkdir()
+    (tmp_path / "models--owner--cond" / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    denoiser, spec = load_denoiser("owner/cond", None, None, 0.5)
+    assert spec["class_name"] == "UNet2DConditionModel" and denoiser.label_dim == 3

@@ -59,7 +59,13 @@ class DiscreteVPRule(nn.Module):
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str, sigma_data: float = 0.5):
         super().__init__()
         ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        self.register_buffer("log_sigmas", ((1 - ac) / ac).sqrt().log())          # [K], increasing in k
+        log_sigmas = ((1 - ac) / ac).sqrt().log()                                  # [K], increasing in k
+        if ac[-1] <= 0:
+            # A zero-terminal-SNR schedule (rescale_betas_zero_snr) ends at ā = 0, σ = ∞. diffusers' Euler clips
+            # ā there to 2^-24, which puts σ_999 below σ_998; a map σ <-> t needs σ increasing, so the last σ is
+            # extrapolated in ln σ from the two before it instead.
+            log_sigmas[-1] = 2 * log_sigmas[-2] - log_sigmas[-3]
+        self.register_buffer("log_sigmas", log_sigmas)
         self.prediction_type, self.sigma_data = prediction_type, sigma_data
         self.sigma_min, self.sigma_max = float(self.log_sigmas[0].exp()), float(self.log_sigmas[-1].exp())
 
@@ -199,17 +205,45 @@ def _read_json(path: Path) -> dict | None:
         raise SidError(f"{path} is not valid JSON ({e}); restore it from the model's source") from None
 
 
+# Pipelines whose teacher this adapter does not (yet) distil, by class or by the components they hold.
+LATENT_COMPONENTS = ("vae", "vqvae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
+UNSUPPORTED = {"ScoreSdeVePipeline": "its UNet predicts a scaled score on a continuous VE schedule, not ε, v, x0, "
+                                     "EDM or flow", "ScoreSdeVeScheduler": "a VE score-SDE schedule"}
+SUPPORTED = ("UNet2DModel and class-conditional UNet2DConditionModel folders, or pipelines holding one in unet/ "
+             "with a DDPM/DDIM/Euler, EDM or flow-matching scheduler (DDPMPipeline, DDIMPipeline, ...)")
+
+
+def check_pipeline(index: dict | None, scheduler_config: dict | None, where: str) -> None:
+    """Refuse, in one line, a pipeline this adapter would distil wrongly: a latent or text-conditioned one (its
+    VAE and encoders ignored, latents drawn as images) or a VE score-SDE one."""
+    name = (index or {}).get("_class_name", "")
+    latent = [c for c in LATENT_COMPONENTS if (index or {}).get(c) and (index or {}).get(c) != [None, None]]
+    if latent:
+        raise SidError(f"{where} is a {name or 'pipeline'} with {', '.join(latent)}: a latent or text-conditioned "
+                       f"teacher, which sid does not distil yet; supported: {SUPPORTED}")
+    scheduler = (scheduler_config or {}).get("_class_name", "")
+    for what in (name, scheduler):
+        if what in UNSUPPORTED:
+            raise SidError(f"{where} is a {what} ({UNSUPPORTED[what]}), which sid does not distil; supported: "
+                           f"{SUPPORTED}")
+
+
 def _load_local(root: Path):
+    index = _read_json(root / "model_index.json") if root.is_dir() else None
     unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
     config = _read_json(unet_dir / "config.json")
     if config is None and root.is_file():
         raise SidError(f"teacher path {root} is a file; teacher.kind=diffusers needs a diffusers folder "
                        "(an EDM .pkl file is teacher.kind=edm_pickle)")
-    if config is None:
-        raise SidError(f"teacher folder {root} has no config.json (nor unet/config.json); give a diffusers folder")
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json") or _read_json(
         root / "scheduler_config.json"
     )
+    check_pipeline(index, scheduler_config, f"teacher folder {root}")
+    if config is None and index is not None:
+        raise SidError(f"teacher folder {root} is a {index.get('_class_name', 'pipeline')} without a unet/; "
+                       f"supported: {SUPPORTED}")
+    if config is None:
+        raise SidError(f"teacher folder {root} has no config.json (nor unet/config.json); give a diffusers folder")
     try:
         unet = _unet_class(config.get("_class_name", "UNet2DModel")).from_pretrained(unet_dir)
     except (OSError, ValueError, RuntimeError) as e:
@@ -223,12 +257,16 @@ def _load_hub(path: str):
     repo_id, _, revision = path.partition("@")
     try:
         cached = _fetch_hub(repo_id, revision or None, local_files_only=True)
+    except SidError:                        # found, and refused
+        raise
     except Exception:  # not (all) in the cache
         cached = None
     if cached is not None and cached[1] is not None:
         return cached
     try:
         return _fetch_hub(repo_id, revision or None, local_files_only=False)
+    except SidError:
+        raise
     except Exception as e:  # hub errors come in many types; all mean the same to the user
         if cached is not None:              # the UNet was cached, without a scheduler: use it as it is
             return cached
@@ -239,17 +277,26 @@ def _load_hub(path: str):
 
 
 def _fetch_hub(repo_id: str, revision: str | None, local_files_only: bool):
-    from diffusers import DDPMScheduler, UNet2DModel
+    """The UNet of a hub repository (its own class, as its config names it) and its scheduler's config; a
+    pipeline this adapter does not distil is refused as a local folder is."""
+    from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 
     where = {"revision": revision, "local_files_only": local_files_only}
     try:
-        unet = UNet2DModel.from_pretrained(repo_id, subfolder="unet", **where)
-    except (OSError, EnvironmentError):
-        unet = UNet2DModel.from_pretrained(repo_id, **where)
+        index = dict(DiffusionPipeline.load_config(repo_id, **where))
+    except (OSError, EnvironmentError, ValueError):
+        index = None
     try:
         scheduler_config = dict(DDPMScheduler.load_config(repo_id, subfolder="scheduler", **where))
     except (OSError, EnvironmentError):
         scheduler_config = None
+    check_pipeline(index, scheduler_config, f"hub model {repo_id}")
+    try:
+        subfolder, config = "unet", UNet2DModel.load_config(repo_id, subfolder="unet", **where)
+    except (OSError, EnvironmentError):
+        subfolder, config = None, UNet2DModel.load_config(repo_id, **where)
+    unet_class = _unet_class(dict(config).get("_class_name", "UNet2DModel"))
+    unet = unet_class.from_pretrained(repo_id, **({"subfolder": subfolder} if subfolder else {}), **where)
     return unet, scheduler_config
 
 
