@@ -24,6 +24,7 @@ _API = {
     "Teacher": "sid.teachers",
     "Preconditioned": "sid.precond",
     "EDMRule": "sid.precond",
+    "SiDPipeline": "sid.teachers.pipeline",
     "FlowRule": "sid.precond",
     "SidError": "sid.errors",
 }

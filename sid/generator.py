@@ -66,8 +66,11 @@ class OneStepGenerator(nn.Module):
 
 def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Path, extra: dict | None = None) -> Path:
     """Write ``generator.safetensors`` (weights, config and a checksum of the weights in its metadata) and
-    ``generator.json`` (the same config), each beside its final name and flushed to disk before it is renamed."""
+    ``generator.json`` (the same config), each beside its final name and flushed to disk before it is renamed;
+    for a diffusers teacher also the diffusers pipeline folder (``unet/``, ``scheduler/``, ``model_index.json``)
+    with a model card (``README.md``)."""
     from sid.checkpoint import fsync, tensors_checksum, write_error
+    from sid.teachers import export_native
 
     out_dir = Path(out_dir)
     config = {"format": "sid-generator/1", "denoiser": spec, "shape": list(generator.shape),
@@ -83,6 +86,7 @@ def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Pat
             fsync(path)
         tmp_weights.replace(out_dir / WEIGHTS)
         tmp_config.replace(out_dir / CONFIG)
+        export_native(generator.denoiser, spec, generator.sigma_init, out_dir, model_card(config))
         fsync(out_dir)
     except (OSError, SafetensorError) as e:  # a full disk: the export already there stays
         tmp_weights.unlink(missing_ok=True)
@@ -90,6 +94,39 @@ def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Pat
         raise SidError(f"could not export the generator to {out_dir} ({write_error(e)}); free space and resume") \
             from None
     return out_dir
+
+
+def model_card(config: dict) -> str:
+    """The README.md of a diffusers-form export: what it is, how it was made, what it measured, how to use it."""
+    spec, run = config["denoiser"], config.get("config") or {}
+    teacher = (run.get("teacher") or {}).get("diffusers") or {}
+    source = teacher.get("path") or "a UNet built from its config"
+    measured = ", ".join(f"{k} {config[k]:.4g}" for k in ("fid", "swd") if isinstance(config.get(k), (int, float)))
+    shape, unet = ", ".join(map(str, config["shape"])), spec.get("class_name")
+    pipeline = ("```python\nfrom sid import SiDPipeline\n\n"
+                'images = SiDPipeline.from_pretrained("path/to/this/folder")(batch_size=4).images      # PIL images\n'
+                "```\n")
+    if spec.get("prediction_type") == "edm":
+        use = ("With diffusers alone (the scheduler is a one-step `EDMEulerScheduler`, σ_min = σ_max = σ_init):\n\n"
+               "```python\nimport torch\n"
+               f"from diffusers import EDMEulerScheduler, {unet}\n\n"
+               f'unet = {unet}.from_pretrained("path/to/this/folder", subfolder="unet")\n'
+               'scheduler = EDMEulerScheduler.from_pretrained("path/to/this/folder", subfolder="scheduler")\n'
+               "scheduler.set_timesteps(1)\n"
+               f"t, x = scheduler.timesteps[0], torch.randn(4, {shape}) * scheduler.sigmas[0]\n"
+               "images = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).pred_original_sample"
+               "  # in [-1, 1]\n```\n\nOr, as with every sid export:\n\n" + pipeline)
+    else:
+        use = "With sid's pipeline class (the teacher's VP or flow schedule around the UNet):\n\n" + pipeline
+    return (f"---\nlibrary_name: diffusers\ntags: [sid, one-step, distillation, score-identity-distillation]\n---\n\n"
+            f"# One-step generator distilled by sid\n\n"
+            f"A one-step generator of {'×'.join(map(str, config['shape']))} samples, distilled data-free from the "
+            f"diffusers teacher `{source}` ({unet}, prediction type `{spec.get('prediction_type')}`) with the "
+            f"identity-based loss at λ = {config.get('lam')}, after {config.get('nimg', 0):,} generator images"
+            f"{'; measured: ' + measured if measured else ''}. G(z) = D(σ_init z; σ_init) with σ_init = "
+            f"{config['sigma_init']}: one network evaluation per sample.\n\n{use}\n"
+            "`generator.safetensors` and `generator.json` beside it hold the same weights for `sid.load_generator`; "
+            "the run's whole config is in `generator.json`.\n")
 
 
 def load_generator(path: str | Path, device=None, trust_code: bool = False) -> OneStepGenerator:
@@ -150,19 +187,18 @@ def check_config(config) -> dict:
 def check_size(spec: dict, state: dict, weights: Path) -> None:
     """Before anything is allocated: the architecture a spec describes (built on the meta device, where it costs
     nothing) holds as many values as the weights file does; a file cannot ask for a network larger than itself."""
-    from sid.teachers import denoiser_from_spec
+    from sid.teachers import backbone_values
 
-    if spec.get("kind") not in ("analytic", "mlp", "diffusers"):       # sizes come from a trusted pickle or function
-        return
     try:
-        with torch.device("meta"):
-            values = sum(t.numel() for t in denoiser_from_spec(spec).state_dict().values())
+        values = backbone_values(spec)
     except SidError:
         raise
     except Exception as e:                                             # a spec diffusers or the MLP cannot build
         raise SidError(f"{weights}: its config names an architecture that cannot be built ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:160] if str(e) else ''}); export it again") from None
-    held = sum(t.numel() for t in state.values())
+    if values is None:                                                 # sizes come from a trusted pickle or function
+        return
+    held = sum(t.numel() for k, t in state.items() if k.startswith("net."))   # the backbone's (the rule's aside)
     if values != held:
         raise SidError(f"{weights}: its config names a network of {values:,} values, its weights hold {held:,}; "
                        "export it again")

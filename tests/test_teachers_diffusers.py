@@ -382,3 +382,44 @@ def test_a_hub_id_loads_the_class_its_config_names(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     denoiser, spec = load_denoiser("owner/cond", None, None, 0.5)
     assert spec["class_name"] == "UNet2DConditionModel" and denoiser.label_dim == 3
+
+
+# Exports in diffusers' own form ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prediction_type", ["edm", "epsilon", "flow"])
+def test_the_export_loads_as_a_diffusers_pipeline(tiny_unet_overrides, tmp_path, prediction_type):
+    """The export folder is a diffusers pipeline: for an EDM teacher stock diffusers (UNet2DModel and a one-step
+    EDMEulerScheduler) reproduces the generator, as the model card shows; for every teacher SiDPipeline does."""
+    from diffusers import EDMEulerScheduler, UNet2DModel
+
+    from sid import SiDPipeline
+    from sid.generator import load_generator
+    from sid.trainer import train
+
+    overrides = [o.replace("prediction_type=edm", f"prediction_type={prediction_type}") for o in tiny_unet_overrides]
+    train(load_config([], overrides + ["train.tensorboard=false"]))
+    folder = tmp_path / "run" / "generator"
+    reference = load_generator(folder)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(z)
+        if prediction_type == "edm":
+            unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+            scheduler = EDMEulerScheduler.from_pretrained(folder, subfolder="scheduler")
+            scheduler.set_timesteps(1)
+            t, x = scheduler.timesteps[0], z * scheduler.sigmas[0]
+            stock = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).pred_original_sample
+            torch.testing.assert_close(stock, expected, rtol=1e-5, atol=1e-5)
+        pipeline = SiDPipeline.from_pretrained(folder)
+        torch.manual_seed(0)
+        images = pipeline(batch_size=3, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        torch.manual_seed(0)
+        from diffusers.utils.torch_utils import randn_tensor
+
+        z = randn_tensor((3, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(images, reference(z), rtol=1e-5, atol=1e-5)
+        assert len(pipeline(batch_size=2).images) == 2                                # PIL images
+    card = (folder / "README.md").read_text()
+    assert "library_name: diffusers" in card and "λ = 1.2" in card and "after 32 generator images" in card
+    assert ("EDMEulerScheduler.from_pretrained" in card) == (prediction_type == "edm")

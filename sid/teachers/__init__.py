@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from sid.config import TEACHER_KINDS
@@ -52,6 +53,28 @@ def denoiser_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:
     return adapter(kind).denoiser_from_spec(spec, trust_code=trust_code)
 
 
+def backbone_values(spec: dict) -> int | None:
+    """How many values the network an exported spec describes holds (built on the meta device, where it costs
+    nothing), for the kinds whose spec gives sizes; None for the others (a pickle or a function decides)."""
+    kind = LEGACY_SPEC_KINDS.get(spec.get("kind"), spec.get("kind"))
+    if kind not in ("analytic", "diffusers"):
+        return None
+    with torch.device("meta"):
+        net = adapter(kind).backbone_from_spec(spec)
+    return sum(t.numel() for t in net.state_dict().values())
+
+
+def export_native(denoiser: nn.Module, spec: dict, sigma_init: float, out_dir, card: str) -> bool:
+    """The generator also in its family's own form where the family has one (diffusers: a pipeline folder that
+    diffusers loads); returns whether it wrote one."""
+    if LEGACY_SPEC_KINDS.get(spec.get("kind"), spec.get("kind")) != "diffusers":
+        return False
+    from sid.teachers.pipeline import export_native as diffusers_export
+
+    diffusers_export(denoiser, spec, sigma_init, out_dir, card)
+    return True
+
+
 def teacher_from_path(path: str) -> list[str] | None:
     """The config overrides naming a teacher given by its path alone (a diffusers folder, ``builtin:<name>``), or
     None when the path names none (it is then a config file or a preset)."""
@@ -62,4 +85,4 @@ def teacher_from_path(path: str) -> list[str] | None:
     return None
 
 
-__all__ = ["Teacher", "adapter", "build_teacher", "denoiser_from_spec", "teacher_from_path"]
+__all__ = ["Teacher", "adapter", "build_teacher", "denoiser_from_spec", "export_native", "teacher_from_path"]

@@ -114,8 +114,12 @@ def build(section, trust_code: bool = False) -> AnalyticTeacher:
 
 def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
     """An analytic run's student architecture: an EDM-preconditioned MLP (random weights)."""
-    net = MLP(spec["shape"], spec["width"], spec["depth"], spec["label_dim"])
-    return Preconditioned(net, EDMRule(spec["sigma_data"]), label_dim=spec["label_dim"])
+    return Preconditioned(backbone_from_spec(spec), EDMRule(spec["sigma_data"]), label_dim=spec["label_dim"])
+
+
+def backbone_from_spec(spec: dict) -> nn.Module:
+    """The MLP alone, e.g. on the meta device to size it before anything is allocated."""
+    return MLP(spec["shape"], spec["width"], spec["depth"], spec["label_dim"])
 
 
 _FITS: dict[str, tuple[nn.Module, torch.Tensor]] = {}     # fitted_student's memo: key -> (fit, RNG state after)

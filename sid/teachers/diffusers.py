@@ -164,8 +164,13 @@ def spec_of(denoiser: Preconditioned, prediction_type: str, scheduler_config: di
 
 def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
     """An exported generator's architecture (random weights): the UNet class and config its spec names."""
-    unet = _unet_class(spec["class_name"]).from_config(spec["unet_config"])
-    return denoiser_from_unet(unet, spec["prediction_type"], spec["scheduler_config"], spec["sigma_data"])
+    return denoiser_from_unet(backbone_from_spec(spec), spec["prediction_type"], spec["scheduler_config"],
+                              spec["sigma_data"])
+
+
+def backbone_from_spec(spec: dict) -> nn.Module:
+    """The network alone (no schedule), e.g. on the meta device to size it before anything is allocated."""
+    return _unet_class(spec["class_name"]).from_config(spec["unet_config"])
 
 
 def sample_shape(denoiser: Preconditioned) -> tuple[int, ...]:
