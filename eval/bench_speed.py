@@ -148,7 +148,7 @@ def release() -> None:
 
 def benchmark(config_files: list[str], overrides: list[str], modes: list[str], warmup: int, iters: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        common = [f"train.run_dir={tmp}", "train.progress=false", "train.tensorboard=false"]
+        common = [f"train.run_dir={tmp}", "train.progress=false", "train.tracker=none"]
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         peak, peak_what = matmul_peak(device)
         flops = network_flops(config_files, overrides + common)

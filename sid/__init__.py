@@ -20,6 +20,7 @@ _API = {
     "train": "sid.trainer",
     "load_generator": "sid.generator",
     "OneStepGenerator": "sid.generator",
+    "push_to_hub": "sid.generator",
     "build_teacher": "sid.teachers",
     "Teacher": "sid.teachers",
     "Preconditioned": "sid.precond",

@@ -117,8 +117,16 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=N
     if trust:
         p.add_argument("--trust-code", action="store_true",
                        help="let the teacher run foreign code: unpickle an EDM pickle, import a teacher.python.factory")
+    if trust:
+        p.add_argument("--push-to-hub", metavar="REPO_ID",
+                       help="when the run ends, upload its generator/ (sid's files, the diffusers form, the model "
+                            "card) to this Hugging Face Hub model repository (online; `huggingface-cli login`)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.lam=1.0 optim.batch=128")
     args = p.parse_args(argv)
+    if getattr(args, "push_to_hub", None):                   # before the run: a typo costs no training
+        from sid.generator import check_repo_id
+
+        check_repo_id(args.push_to_hub)
     if args.resume is not None and "=" in args.resume:       # `--resume key=value`: an override, not a path
         args.overrides.insert(0, args.resume)
         args.resume = "auto"
@@ -128,7 +136,7 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=N
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    extra = {"trust_code": args.trust_code} if trust else {}
+    extra = {"trust_code": args.trust_code, "push_to_hub": args.push_to_hub} if trust else {}
     try:
         entry()(cfg, resume=args.resume, **extra)
     except KeyboardInterrupt as e:       # a signal: after a checkpoint of the last step, or at once (a second one)

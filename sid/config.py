@@ -108,13 +108,13 @@ class TrainConfig:
     max_seconds: float = 0               # also stop (checkpointed) after this long in this invocation; 0: off
     seed: int = 0
     precision: str = "auto"              # auto (bf16 on GPUs, fp32 on CPUs) | fp32 | bf16 (autocast, fp32 masters)
-    log_every_nimg: int = 25_600         # metrics to metrics.jsonl / TensorBoard
+    log_every_nimg: int = 25_600         # metrics to metrics.jsonl and the tracker
     sample_every_nimg: int = 256_000     # sample grid of the EMA generator
     ckpt_every_nimg: int = 1_024_000     # training state + exported generator
     keep_ckpts: int = 2                  # training states kept on disk
     num_samples: int = 64                # images in each sample grid
     max_nonfinite_steps: int = 20        # abort after this many consecutive steps with non-finite values
-    tensorboard: bool = True
+    tracker: str = "auto"                # auto (TensorBoard when installed) | none | one of TRACKERS
     progress: bool = True                # progress bar on the main process
 
 
@@ -177,11 +177,14 @@ def resolve_lam(lam: str | float) -> float:
         raise SidError(f"loss.lam={lam!r} is neither a number nor a preset; presets: {LAMBDA_PRESETS}") from None
 
 
+# Accelerate's trackers (``log_with``), by the names Accelerate gives them.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
 CHOICES = {
     "teacher.kind": TEACHER_KINDS,
     "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm", "flow"),
     "loss.weighting": ("sid", "x0", "eps"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.tracker": ("auto", "none", *TRACKERS),
 }
 # Every number of the distillation config and its valid range: (key, test, the range as the error line says it).
 def _positive(v): return v > 0                                                       # noqa: E704
@@ -328,6 +331,8 @@ class TeacherTrainingConfig:
 
 # Keys that are gone, each with what to do instead (one line when a file or the command line names one).
 REMOVED = {Config: {
+    "train.tensorboard": "the tracker is now chosen by train.tracker: auto (TensorBoard when installed), none, "
+                         "or one of " + ", ".join(TRACKERS),
     "teacher.edm_pickle.trust": "permission to run a file's code comes from the command line, never from a file: "
                                 "pass --trust-code (trust_code=True in Python)"}}
 # Keys of the teacher config before it shared the distillation config's sections: each names its new place.

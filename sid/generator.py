@@ -86,7 +86,7 @@ def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Pat
             fsync(path)
         tmp_weights.replace(out_dir / WEIGHTS)
         tmp_config.replace(out_dir / CONFIG)
-        export_native(generator.denoiser, spec, generator.sigma_init, out_dir, model_card(config))
+        export_native(generator.denoiser, spec, generator.sigma_init, out_dir, config)
         fsync(out_dir)
     except (OSError, SafetensorError) as e:  # a full disk: the export already there stays
         tmp_weights.unlink(missing_ok=True)
@@ -96,42 +96,41 @@ def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Pat
     return out_dir
 
 
-def model_card(config: dict) -> str:
-    """The README.md of a diffusers-form export: what it is, how it was made, what it measured, how to use it."""
-    spec, run = config["denoiser"], config.get("config") or {}
-    teacher = (run.get("teacher") or {}).get("diffusers") or {}
-    source = teacher.get("path") or "a UNet built from its config"
-    measured = ", ".join(f"{k} {config[k]:.4g}" for k in ("fid", "swd") if isinstance(config.get(k), (int, float)))
-    shape, unet = ", ".join(map(str, config["shape"])), spec.get("class_name")
-    pipeline = ("```python\nfrom sid import SiDPipeline\n\n"
-                'images = SiDPipeline.from_pretrained("path/to/this/folder")(batch_size=4).images      # PIL images\n'
-                "```\n")
-    if spec.get("prediction_type") == "edm":
-        use = ("With diffusers alone (the scheduler is a one-step `EDMEulerScheduler`, σ_min = σ_max = σ_init):\n\n"
-               "```python\nimport torch\n"
-               f"from diffusers import EDMEulerScheduler, {unet}\n\n"
-               f'unet = {unet}.from_pretrained("path/to/this/folder", subfolder="unet")\n'
-               'scheduler = EDMEulerScheduler.from_pretrained("path/to/this/folder", subfolder="scheduler")\n'
-               "scheduler.set_timesteps(1)\n"
-               f"t, x = scheduler.timesteps[0], torch.randn(4, {shape}) * scheduler.sigmas[0]\n"
-               "images = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).pred_original_sample"
-               "  # in [-1, 1]\n```\n\nOr, as with every sid export:\n\n" + pipeline)
-    else:
-        use = "With sid's pipeline class (the teacher's VP or flow schedule around the UNet):\n\n" + pipeline
-    return (f"---\nlibrary_name: diffusers\ntags: [sid, one-step, distillation, score-identity-distillation]\n---\n\n"
-            f"# One-step generator distilled by sid\n\n"
-            f"A one-step generator of {'×'.join(map(str, config['shape']))} samples, distilled data-free from the "
-            f"diffusers teacher `{source}` ({unet}, prediction type `{spec.get('prediction_type')}`) with the "
-            f"identity-based loss at λ = {config.get('lam')}, after {config.get('nimg', 0):,} generator images"
-            f"{'; measured: ' + measured if measured else ''}. G(z) = D(σ_init z; σ_init) with σ_init = "
-            f"{config['sigma_init']}: one network evaluation per sample.\n\n{use}\n"
-            "`generator.safetensors` and `generator.json` beside it hold the same weights for `sid.load_generator`; "
-            "the run's whole config is in `generator.json`.\n")
+def check_repo_id(repo_id: str) -> None:
+    """A Hugging Face Hub repository id (``name`` or ``owner/name``), or one line saying what one looks like."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise SidError(f"--push-to-hub {repo_id!r} is not a Hub repository id: give owner/name (letters, digits, "
+                       "'-', '_', '.')") from None
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload an exported generator folder (sid's files, its diffusers form and model card) to a Hugging Face Hub
+    model repository, made if it does not exist; returns the repository's URL. Needs the network and a login."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    folder = Path(folder)
+    check_repo_id(repo_id)
+    load_generator(folder)                                   # only a readable export goes out
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                          commit_message=f"sid export of {folder.resolve().parent.name}")
+    except (OSError, ValueError, HfHubHTTPError) as e:        # offline, no login, no permission
+        raise SidError(f"could not push {folder} to the Hub as {repo_id} ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:160]}); the export stays where it is: check the network "
+                       "and `huggingface-cli login`, then push it again") from None
+    return str(url)
 
 
 def load_generator(path: str | Path, device=None, trust_code: bool = False) -> OneStepGenerator:
-    """An exported generator from its folder, its ``.safetensors`` file (the config travels in the metadata), or
-    the run folder that exported it.
+    """An exported generator from its folder, its ``.safetensors`` file (the config travels in the metadata), the
+    run folder that exported it, or its diffusers form alone (``model_index.json``, ``unet/``, ``scheduler/``).
 
     ``trust_code``: a generator distilled from a ``teacher.kind=python`` teacher names the Python function that
     builds its architecture; it loads only when trusted, since loading runs that function.
@@ -142,9 +141,14 @@ def load_generator(path: str | Path, device=None, trust_code: bool = False) -> O
     weights = path / WEIGHTS if path.is_dir() else path
     if path.is_dir() and not weights.is_file() and (path / "generator" / WEIGHTS).is_file():
         weights = path / "generator" / WEIGHTS                               # a run folder: its export
+    if path.is_dir() and not weights.is_file() and (path / "model_index.json").is_file():
+        from sid.teachers import load_native  # the diffusers form alone
+
+        denoiser, shape, sigma_init = load_native(path)
+        return OneStepGenerator(denoiser, shape, sigma_init).to(device).eval().requires_grad_(False)
     if not weights.is_file():
-        raise SidError(f"no exported generator at {path}: expected a run folder, a folder with {WEIGHTS}, "
-                       "or the file itself")
+        raise SidError(f"no exported generator at {path}: expected a run folder, a folder with {WEIGHTS} (or "
+                       "a diffusers-form export), or the file itself")
     from sid.checkpoint import tensors_checksum
 
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+from tqdm.auto import tqdm
 
 from sid.errors import SidError
 from sid.images import to_uint8
@@ -126,11 +128,21 @@ def make_fid(extractor: nn.Module | int | str = "auto") -> FrechetInceptionDista
 
 @torch.no_grad()
 def add_images(metric: FrechetInceptionDistance, images: torch.Tensor, real: bool, batch: int = 250,
-               features: list | None = None) -> None:
-    """Feed uint8 images [N, C, H, W] in batches; ``features``: a list their features are appended to."""
+               features: list | None = None, progress: bool | None = False) -> None:
+    """Feed uint8 images [N, C, H, W] in batches; ``features``: a list their features are appended to;
+    ``progress``: a progress bar (images, rate, ETA) on stderr."""
     device = metric.device
-    for i in range(0, len(images), batch):
-        update(metric, images[i:i + batch].to(device), real, features)
+    with bar(len(images), "Inception features", progress) as done:
+        for i in range(0, len(images), batch):
+            update(metric, images[i:i + batch].to(device), real, features)
+            done.update(len(images[i:i + batch]))
+
+
+def bar(total: int, what: str, progress: bool | None) -> tqdm:
+    """The progress bar of a long measurement: images done of ``total``, their rate and the time left, on
+    stderr; ``progress=None`` shows it where stderr is a terminal (not in logs)."""
+    return tqdm(total=total, desc=what, unit="img", unit_scale=True, dynamic_ncols=True,
+                disable=None if progress is None else not progress)
 
 
 def update(metric: FrechetInceptionDistance, images: torch.Tensor, real: bool, features: list | None) -> None:
@@ -187,37 +199,41 @@ def load_reference(metric: FrechetInceptionDistance, path: str | Path) -> None:
 
 @torch.no_grad()
 def sample_fid(metric: FrechetInceptionDistance, sample, num: int, seed: int = 0, batch: int = 250,
-               features: list | None = None) -> float:
+               features: list | None = None, progress: bool | None = False) -> float:
     """FID of ``num`` samples against the metric's reference. ``sample(seeds)`` draws one image in [-1, 1] per
     seed; seed set ``seed`` is ``seed * num ... seed * num + num - 1``, so repeats use disjoint seeds.
-    ``features``: a list the samples' features are appended to."""
+    ``features``: a list the samples' features are appended to; ``progress``: a progress bar on stderr."""
     metric.reset()
-    for start in range(0, num, batch):
-        seeds = range(seed * num + start, seed * num + min(start + batch, num))
-        x = sample(seeds)
-        if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise SidError(f"FID measures images (1 or 3 channels); these samples are {tuple(x.shape[1:])}: for "
-                           "points, compare with the sliced Wasserstein distance (sid.metrics.sliced_wasserstein)")
-        update(metric, to_uint8_nchw(x).to(metric.device), False, features)
+    with bar(num, f"sampling and measuring (seed set {seed})", progress) as done:
+        for start in range(0, num, batch):
+            seeds = range(seed * num + start, seed * num + min(start + batch, num))
+            x = sample(seeds)
+            if x.ndim != 4 or x.shape[1] not in (1, 3):
+                raise SidError(f"FID measures images (1 or 3 channels); these samples are {tuple(x.shape[1:])}: "
+                               "for points, compare with the sliced Wasserstein distance "
+                               "(sid.metrics.sliced_wasserstein)")
+            update(metric, to_uint8_nchw(x).to(metric.device), False, features)
+            done.update(len(seeds))
     return float(metric.compute())
 
 
 def generator_fid(metric: FrechetInceptionDistance, generator, num: int, seed: int = 0, batch: int = 250,
-                  features: list | None = None) -> float:
+                  features: list | None = None, progress: bool | None = False) -> float:
     """FID of a one-step generator's samples (``OneStepGenerator.sample_seeds``)."""
     device = next(generator.parameters()).device
-    return sample_fid(metric, lambda seeds: generator.sample_seeds(seeds, device=device), num, seed, batch, features)
+    return sample_fid(metric, lambda seeds: generator.sample_seeds(seeds, device=device), num, seed, batch, features,
+                      progress)
 
 
 def teacher_fid(metric: FrechetInceptionDistance, teacher, steps: int, num: int, seed: int = 0, batch: int = 250,
-                device=None, features: list | None = None) -> float:
+                device=None, features: list | None = None, progress: bool | None = False) -> float:
     """FID of a teacher's Heun samples (2·steps − 1 evaluations, ``sample_teacher``) at the generator's seeds."""
     from sid.sampling import sample_teacher
 
     def sample(seeds):
         return sample_teacher(teacher.denoiser, teacher.shape, steps, "heun", seeds, device=device, batch=batch)
 
-    return sample_fid(metric, sample, num, seed, batch, features)
+    return sample_fid(metric, sample, num, seed, batch, features, progress)
 
 
 def to_uint8_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -273,7 +289,9 @@ def kid(fake: torch.Tensor, real: torch.Tensor, subsets: int = 100, subset_size:
     m = min(subset_size, len(fake), len(real))
     if m < 2:
         raise SidError("KID needs at least 2 samples on each side")
-    metric = KernelInceptionDistance(feature=_Features(), subsets=subsets, subset_size=m)
+    with warnings.catch_warnings():                     # "will save all extracted features": that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=_Features(), subsets=subsets, subset_size=m)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):

@@ -92,50 +92,24 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
         run["diverged"] = diverged(run, rise)                    # why, or '' when it did not
     if not runs:
         raise SidError(f"{sweep_dir} holds no runs (folders with config.yaml)")
-    metric = next((r["metric"] for r in runs if r["metric"]), "quality")
+    metric = next((r["metric"] for r in runs if r["metric"]), None)
     groups: dict[str, list[dict]] = {}
     for run in runs:
         groups.setdefault(group_key(run), []).append(run)
 
-    lines = [f"# Sweep report: {sweep_dir.name}", "",
-             f"Quality metric: `{metric}` (lower is better), EMA generator, fixed seeds. A run counts as diverged "
-             f"when it failed, had non-finite losses, or its {metric} ended above {rise}× its best.", "",
-             f"| run | λ | seeds | images | final {metric} | best {metric} | best at (images) | diverged |",
-             "|---|---|---|---|---|---|---|---|"]
-    for key, members in groups.items():
-        finals = [r["quality"][-1][1] for r in members if r["quality"]]
-        bests = [p for r in members if (p := best_point(r["quality"]))]
-        nimg = max((r["quality"][-1][0] if r["quality"] else 0) for r in members)
-        lam = members[0]["config"].loss.lam if members[0]["config"] is not None else "?"
-        marks = "; ".join(f"{r['name']}: {why}" for r in members if (why := r["diverged"])) or "no"
-        lines.append(f"| {key} | {lam} | {len(members)} | {nimg} | {mean_std(finals)} | "
-                     f"{mean_std([v for _, v in bests])} | {', '.join(str(n) for n, _ in bests) or '–'} | {marks} |")
-    for name, value in baselines.items():
-        lines.append(f"| {name} | | | | {value:.4g} | | | |")
+    lines = [f"# Sweep report: {sweep_dir.name}", ""]
+    if metric:
+        lines += quality_table(groups, metric, rise, baselines)
+    else:                                                        # nothing measured: say so, and show the losses
+        print(f"{sweep_dir}: no run measured its quality (in-loop evaluation off: eval.every_nimg=0); the report "
+              "gives the final losses instead", file=sys.stderr)
+        lines += loss_table(groups)
 
-    fig = Figure(figsize=(6, 4), dpi=120)
-    ax = fig.subplots()
     colors = {key: f"C{i}" for i, key in enumerate(groups)}
-    names = {key: key + (" (diverged)" if any(r["diverged"] for r in members) else "")
-             for key, members in groups.items()}
-    for run in runs:
-        if run["quality"]:
-            x, y = zip(*run["quality"])
-            ax.plot(x, y, color=colors[group_key(run)], label=names[group_key(run)], marker="o", markersize=3,
-                    linestyle="--" if run["diverged"] else "-")
-    for i, (name, value) in enumerate(baselines.items()):
-        ax.axhline(value, color="0.3", linestyle=(0, (1, 1 + i)), linewidth=1, label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    kept = [v for run in runs if not run["diverged"] for _, v in run["quality"] if math.isfinite(v)]
-    if kept and len(kept) < sum(len(run["quality"]) for run in runs):    # diverged runs leave through the top
-        ax.set_ylim(top=3 * max([*kept, *baselines.values()]))
-    ax.set_xlabel("generator images")
-    ax.set_ylabel(metric)
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7)
-    fig.tight_layout()
-    fig.savefig(sweep_dir / "quality.png")
+    if metric:
+        quality_figure(runs, groups, colors, metric, baselines, sweep_dir / "quality.png")
+    else:
+        (sweep_dir / "quality.png").unlink(missing_ok=True)    # a figure of an earlier report, now without data
 
     fig = Figure(figsize=(10, 3.5), dpi=120)
     axes = fig.subplots(1, 2)
@@ -155,11 +129,74 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
     fig.savefig(sweep_dir / "losses.png")
 
     save_sample_panels(groups, sweep_dir / "samples.png", num_samples, trust_code)
-    lines += ["", "![quality vs images](quality.png)", "", "![losses](losses.png)", "",
+    lines += ["", *(["![quality vs images](quality.png)", ""] if metric else []), "![losses](losses.png)", "",
               f"Samples of each grid point's first run at seeds 0–{num_samples - 1}:", "",
               "![samples](samples.png)", ""]
     (sweep_dir / "report.md").write_text("\n".join(lines))
     return sweep_dir / "report.md"
+
+
+def quality_table(groups: dict[str, list[dict]], metric: str, rise: float, baselines: dict[str, float]) -> list[str]:
+    """The report's lines on quality: final and best per grid point (mean ± std over seeds), and divergence."""
+    lines = [f"Quality metric: `{metric}` (lower is better), EMA generator, fixed seeds. A run counts as diverged "
+             f"when it failed, had non-finite losses, or its {metric} ended above {rise}× its best.", "",
+             f"| run | λ | seeds | images | final {metric} | best {metric} | best at (images) | diverged |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, members in groups.items():
+        finals = [r["quality"][-1][1] for r in members if r["quality"]]
+        bests = [p for r in members if (p := best_point(r["quality"]))]
+        nimg = max((r["quality"][-1][0] if r["quality"] else 0) for r in members)
+        marks = "; ".join(f"{r['name']}: {why}" for r in members if (why := r["diverged"])) or "no"
+        lines.append(f"| {key} | {lam_of(members)} | {len(members)} | {nimg} | {mean_std(finals)} | "
+                     f"{mean_std([v for _, v in bests])} | {', '.join(str(n) for n, _ in bests) or '–'} | {marks} |")
+    for name, value in baselines.items():
+        lines.append(f"| {name} | | | | {value:.4g} | | | |")
+    return lines
+
+
+def loss_table(groups: dict[str, list[dict]]) -> list[str]:
+    """The report's lines when no run measured its quality: the final losses per grid point."""
+    lines = ["No run measured its quality: in-loop evaluation was off (`eval.every_nimg` = 0), so this table "
+             "gives the final losses (the generator's loss is not a quality measure: it can fall while samples get "
+             "worse). Set `eval.every_nimg` (and `eval.fid_ref` for image teachers) to compare quality.", "",
+             "| run | λ | seeds | images | final loss_g | final loss_fake | diverged |",
+             "|---|---|---|---|---|---|---|"]
+    for key, members in groups.items():
+        last = [r["losses"][-1] for r in members if r["losses"]]
+        marks = "; ".join(f"{r['name']}: {why}" for r in members if (why := r["diverged"])) or "no"
+        lines.append(f"| {key} | {lam_of(members)} | {len(members)} | {max((n for n, _, _ in last), default=0)} | "
+                     f"{mean_std([g for _, g, _ in last])} | {mean_std([f for _, _, f in last])} | {marks} |")
+    return lines
+
+
+def lam_of(members: list[dict]):
+    return members[0]["config"].loss.lam if members[0]["config"] is not None else "?"
+
+
+def quality_figure(runs, groups, colors, metric, baselines, path: Path) -> None:
+    """quality.png: each run's metric against images (log-log), diverged runs dashed, baselines as lines."""
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
+    names = {key: key + (" (diverged)" if any(r["diverged"] for r in members) else "")
+             for key, members in groups.items()}
+    for run in runs:
+        if run["quality"]:
+            x, y = zip(*run["quality"])
+            ax.plot(x, y, color=colors[group_key(run)], label=names[group_key(run)], marker="o", markersize=3,
+                    linestyle="--" if run["diverged"] else "-")
+    for i, (name, value) in enumerate(baselines.items()):
+        ax.axhline(value, color="0.3", linestyle=(0, (1, 1 + i)), linewidth=1, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    kept = [v for run in runs if not run["diverged"] for _, v in run["quality"] if math.isfinite(v)]
+    if kept and len(kept) < sum(len(run["quality"]) for run in runs):    # diverged runs leave through the top
+        ax.set_ylim(top=3 * max([*kept, *baselines.values()]))
+    ax.set_xlabel("generator images")
+    ax.set_ylabel(metric)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 @torch.no_grad()

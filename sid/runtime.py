@@ -34,6 +34,44 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
+def precision_policy(precision: str, accelerator) -> tuple[bool, str]:
+    """``train.precision`` reconciled with Accelerate's mixed precision (``accelerate launch --mixed_precision``
+    or its config file): (bf16, where that came from), never a mixture of the two.
+
+    sid has two modes: every network forward under one bf16 autocast with fp32 masters, or fp32 throughout.
+    Accelerate's ``bf16`` is the first (``auto`` or ``bf16`` follow it); with ``train.precision=fp32`` the pair
+    contradicts itself, and ``fp16``/``fp8`` (loss scaling, other kernels) are neither: each is one line.
+    """
+    launched = str(getattr(accelerator, "mixed_precision", "no") or "no")
+    if launched == "no":
+        return use_bf16(precision, accelerator.device), f"train.precision={precision}"
+    if launched == "bf16" and precision != "fp32":
+        return True, "accelerate's mixed_precision=bf16"
+    if launched == "bf16":
+        raise SidError("accelerate's mixed_precision=bf16 contradicts train.precision=fp32: launch with "
+                       "--mixed_precision no (or set mixed_precision: 'no' in its config file) to train in fp32, "
+                       "or drop train.precision=fp32")
+    raise SidError(f"accelerate's mixed_precision={launched} is not one of sid's modes (bf16 autocast with fp32 "
+                   "masters, or fp32): launch with --mixed_precision bf16 or no, or set it so in accelerate's config "
+                   "file")
+
+
+def check_launch(accelerator, environ=None) -> str | None:
+    """Whether the launcher started the processes Accelerate joined: one line (a warning to print) when it asked
+    for several processes and one runs, an error when several processes run, each alone."""
+    environ = os.environ if environ is None else environ
+    world = int(environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and accelerator.num_processes == 1:
+        raise SidError(f"the launcher started {world} processes, but Accelerate joined none of them (no GPU "
+                       "visible): for CPU processes set ACCELERATE_USE_CPU=1, e.g. ACCELERATE_USE_CPU=1 accelerate "
+                       f"launch --multi_gpu --num_processes {world} train.py ...")
+    if accelerator.num_processes == 1 and "MASTER_ADDR" in environ and "ACCELERATE_MIXED_PRECISION" in environ:
+        return ("warning: accelerate launch was asked for several processes, but one runs (a MULTI_CPU config "
+                "starts them through mpirun only, given mpirun_hostfile); on one machine: ACCELERATE_USE_CPU=1 "
+                "accelerate launch --multi_gpu --num_processes 2 train.py ... (or torchrun --nproc_per_node 2)")
+    return None
+
+
 def crossed(nimg: int, batch: int, every: int) -> bool:
     """Whether the last step carried the image counter across a multiple of ``every``."""
     return nimg // every != (nimg - batch) // every
@@ -170,10 +208,42 @@ class MetricsLogger:
         self.sums = torch.zeros(len(self.reductions) + 1, device=accelerator.device)     # ..., steps
         now = time.time()
         self.start_time, self.last_time, self.last_nimg = now - seconds, now, nimg
-        # With a time budget the run usually ends on the clock, so the bar counts images without an image total.
-        self.bar = tqdm(total=None if time_budget else total_nimg, initial=min(nimg, total_nimg), unit="img",
-                        unit_scale=True, desc=f"{time_budget:g} s budget" if time_budget else None,
-                        dynamic_ncols=True, disable=not (accelerator.is_main_process and progress))
+        self.session_start, self.time_budget, self.total_nimg = now, time_budget, total_nimg
+        # With a time budget the run usually ends on the clock: the bar then counts this session's seconds against
+        # the budget (its percentage and ETA), the images in its postfix; else images against train.total_nimg.
+        self.bar = tqdm(total=time_budget or total_nimg, initial=0 if time_budget else min(nimg, total_nimg),
+                        unit="s" if time_budget else "img", unit_scale=not time_budget, desc=self.desc,
+                        dynamic_ncols=True, disable=not (accelerator.is_main_process and progress),
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{remaining} left{postfix}]"
+                        if time_budget else None)
+        self.postfix: dict = {}
+
+    @property
+    def desc(self) -> str:
+        return f"training, {self.time_budget:g} s budget" if self.time_budget else "training"
+
+    def tick(self, nimg: int) -> None:
+        """Move the bar after a step (images or seconds; no host sync: tqdm redraws at most a few times a second)."""
+        if self.bar.disable:
+            return
+        if self.time_budget:
+            self.bar.n = min(time.time() - self.session_start, self.time_budget)
+            self.postfix["img"] = f"{nimg:,}"
+            self.bar.set_postfix(self.postfix, refresh=False)
+            self.bar.update(0)
+        else:
+            self.bar.update(min(nimg, self.total_nimg) - self.bar.n)
+
+    @contextlib.contextmanager
+    def doing(self, what: str):
+        """Say on the bar what the run is doing between steps (drawing sample grids, measuring FID, saving)."""
+        if not self.bar.disable:
+            self.bar.set_description_str(f"{what}...", refresh=True)
+        try:
+            yield
+        finally:
+            if not self.bar.disable:
+                self.bar.set_description_str(self.desc, refresh=True)
 
     def add(self, **values: torch.Tensor) -> None:
         """One step's values (device tensors or numbers, the keys of ``reductions``); no host sync."""
@@ -204,8 +274,10 @@ class MetricsLogger:
         self.sums.zero_()
         self.write(record)
         if self.acc.is_main_process:
-            self.bar.update(nimg - self.last_nimg)
-            self.bar.set_postfix({k: f"{record[k]:.4g}" for k, how in self.reductions.items() if how == "mean"})
+            self.postfix = {k: f"{record[k]:.4g}" for k, how in self.reductions.items() if how == "mean"}
+            self.postfix["img/s"] = f"{record['img_per_s']:.3g}"
+            self.tick(nimg)
+            self.bar.set_postfix(self.postfix)
         self.last_time, self.last_nimg = now, nimg
         return record
 

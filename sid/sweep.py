@@ -123,8 +123,11 @@ def run_sweep(runs: list[dict], config_files, devices: int = 0, trust_code: bool
     """Unfinished runs, one after another here, or with ``devices`` > 1 one process per GPU at a time
     (``trust_code`` passed on to each as --trust-code)."""
     todo = [r for r in runs if r["state"] in ("new", "partial")]
+    for k, run in enumerate(todo, 1):
+        run["position"] = f"run {k} of {len(todo)}"
     if devices <= 1:
         for run in todo:
+            print(f"{run['position']}: {run['dir']}", flush=True)
             run_one(run, trust_code)
         return
     configs = [a for f in config_files for a in ("--config", str(f))] + (["--trust-code"] if trust_code else [])
@@ -155,6 +158,7 @@ def poll(active: dict, todo: list[dict], devices: int, configs: list[str]) -> No
             continue
         del active[gpu]
         crashed = proc.returncode not in (0, INTERRUPTED)
+        print(f"{run['position']} {'failed' if crashed else 'ended'}: {run['dir']}", flush=True)
         if crashed and status(run["dir"], run["config"].train.total_nimg) != "failed":
             write_status(run["dir"], state="failed",
                          error=f"process exited with code {proc.returncode}; see {run['dir'] / 'sweep.log'}")
@@ -167,3 +171,5 @@ def poll(active: dict, todo: list[dict], devices: int, configs: list[str]) -> No
                 proc = subprocess.Popen([sys.executable, "-m", "sid", "sweep", "one", *configs, *run["overrides"]],
                                         env=env, stdout=log, stderr=subprocess.STDOUT)
             active[gpu] = (proc, run)
+            print(f"{run['position']}: {run['dir']} on GPU {gpu} (its output in {run['dir'] / 'sweep.log'})",
+                  flush=True)

@@ -37,11 +37,12 @@ from sid.runtime import (
     GracefulStop,
     MetricsLogger,
     TrainingInterrupted,
+    check_launch,
     crossed,
     out_of_memory_advice,
+    precision_policy,
     sanitize_grads,
     step_seed,
-    use_bf16,
 )
 from sid.sampling import sample_teacher
 from sid.schedules import sample_lognormal_sigma
@@ -54,6 +55,9 @@ def train_teacher(cfg, resume: str | None = None):
     run_dir = Path(cfg.train.run_dir)
     check_fresh_start(run_dir, resume)
     acc = Accelerator()
+    warning = check_launch(acc)
+    if warning:
+        acc.print(warning, file=sys.stderr)
     with claimed(run_dir, acc.is_main_process):
         return _train_teacher(cfg, acc, resume)
 
@@ -84,9 +88,9 @@ def _train_teacher(cfg, acc: Accelerator, resume: str | None):
     ddp, opt = acc.prepare(denoiser, opt)
     batch = cfg.optim.batch
     per_process = batch // acc.num_processes
-    bf16 = use_bf16(cfg.train.precision, acc.device)
+    bf16, precision = precision_policy(cfg.train.precision, acc)
     acc.print(f"teacher: {num_params(denoiser) / 1e6:.2f}M parameters, {len(images)} images of "
-              f"{tuple(images.shape[1:])}")
+              f"{tuple(images.shape[1:])}; {'bf16 autocast' if bf16 else 'fp32'} ({precision})")
     logger = MetricsLogger(acc, run_dir, {"loss": "mean"}, nimg, seconds, total_nimg=cfg.train.total_nimg,
                            progress=cfg.train.progress)
     stopped = False

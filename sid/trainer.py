@@ -37,6 +37,7 @@ from sid.config import LAMBDA_PRESETS, as_tuple, to_dict, to_yaml
 from sid.ema import EMA, ema_beta
 from sid.errors import SidError
 from sid.generator import OneStepGenerator, export_generator, num_params
+from sid.generator import push_to_hub as upload  # the trainer's argument takes the name
 from sid.images import image_grid, save_image_grid, save_panels, save_samples
 from sid.losses import DistillationLoss
 from sid.metrics import generator_fid, load_reference, make_fid, sliced_wasserstein
@@ -46,13 +47,14 @@ from sid.runtime import (
     NonFiniteGuard,
     TrainingInterrupted,
     best_record,
+    check_launch,
     crossed,
     keep_finite,
     out_of_memory_advice,
     past,
+    precision_policy,
     sanitize_grads,
     step_seed,
-    use_bf16,
 )
 from sid.sampling import sample_teacher
 from sid.teachers import Teacher, build_teacher
@@ -81,13 +83,16 @@ class Run:
     step: int = 0                        # iterations done
     seconds: float = 0.0                 # wall-clock seconds of the sessions before this one (resumed runs)
     bf16: bool = False
+    precision: str = ""                  # where the precision came from (the config, or Accelerate's launch)
     resumed: dict | None = None          # the restored state's logger and NaN-guard sums (resumed runs)
     changed: list[str] | None = None     # optimiser settings the config changed on resume
 
     def autocast(self):
         """The one mixed-precision policy: network forwards in bf16 under autocast, everything else fp32.
 
-        Stated here rather than through Accelerate's ``mixed_precision``, which is fixed once per process.
+        Stated here rather than through Accelerate's ``mixed_precision``, which is fixed once per process and
+        autocasts only the prepared modules; a launch with ``--mixed_precision bf16`` selects this same policy
+        (``runtime.precision_policy``).
         """
         return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
@@ -134,7 +139,7 @@ def apply_perf(perf, bf16: bool, teacher: Teacher, students: list[torch.nn.Modul
 def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = False) -> Run:
     """Teacher, students, loss, optimisers and EMA, restored from a checkpoint when resuming."""
     device = accelerator.device
-    bf16 = use_bf16(cfg.train.precision, device)
+    bf16, precision = precision_policy(cfg.train.precision, accelerator)
     if device.type == "cuda":
         set_tf32(cfg.perf.tf32)
     torch.manual_seed(cfg.train.seed)          # identical networks on every process (also a random-init teacher)
@@ -173,7 +178,7 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
             net.compile()
     fake_ddp, generator_ddp, opt_fake, opt_g = accelerator.prepare(fake_score, generator, opt_fake, opt_g)
     return Run(cfg, accelerator, teacher, loss, fake_score, generator, fake_ddp, generator_ddp, opt_fake, opt_g, ema,
-               batch_gpu, rounds, nimg, step, seconds, bf16=bf16, resumed=resumed, changed=changed)
+               batch_gpu, rounds, nimg, step, seconds, bf16=bf16, precision=precision, resumed=resumed, changed=changed)
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, name: str, lr: float, betas, eps: float) -> list[str]:
@@ -197,7 +202,7 @@ def describe(run: Run) -> str:
     budget = f"{cfg.train.total_nimg:,} images" + (f" or {cfg.train.max_seconds:g} s" if cfg.train.max_seconds else "")
     return (f"distilling the {cfg.teacher.kind} teacher ({size}samples {'×'.join(map(str, run.teacher.shape))}) "
             f"into a one-step generator: λ = {run.loss.lam:g}{named}, weighting {cfg.loss.weighting}, "
-            f"batch {cfg.optim.batch} on {processes}, {'bf16 autocast' if run.bf16 else 'fp32'}"
+            f"batch {cfg.optim.batch} on {processes}, {'bf16 autocast' if run.bf16 else 'fp32'} ({run.precision})"
             f"{', compiled' if use_compile(cfg.perf.compile, acc.device) else ''}; "
             f"{f'from {run.nimg:,} ' if run.nimg else ''}to {budget}, in {cfg.train.run_dir}"
             f"{'; from the config, not the checkpoint: ' + ', '.join(run.changed) if run.changed else ''}")
@@ -298,15 +303,25 @@ def update(run: Run, module: torch.nn.Module, ddp: torch.nn.Module, optimizer: t
 
 # The loop --------------------------------------------------------------------------------------------------------
 
-def train(cfg, resume: str | None = None, trust_code: bool = False) -> Run:
+def train(cfg, resume: str | None = None, trust_code: bool = False, push_to_hub: str | None = None) -> Run:
     """Distil ``cfg.teacher`` into a one-step generator; returns the finished run (for tests and notebooks).
 
-    ``trust_code``: let the teacher's adapter run foreign code (an EDM pickle, a factory function)."""
+    ``trust_code``: let the teacher's adapter run foreign code (an EDM pickle, a factory function);
+    ``push_to_hub``: a Hub repository id the finished run's generator is uploaded to (``push_to_hub``)."""
     run_dir = Path(cfg.train.run_dir)
     check_fresh_start(run_dir, resume)
-    accelerator = Accelerator(log_with="tensorboard" if cfg.train.tensorboard else None, project_dir=str(run_dir))
+    tracker, note = choose_tracker(cfg.train.tracker)
+    accelerator = Accelerator(log_with=tracker, project_dir=str(run_dir))
+    warning = check_launch(accelerator)
+    for line in (note, warning):
+        if line:
+            accelerator.print(line, file=sys.stderr)
     with claimed(run_dir, accelerator.is_main_process):
-        return run_training(cfg, accelerator, resume, trust_code)
+        run = run_training(cfg, accelerator, resume, trust_code)
+    if push_to_hub and accelerator.is_main_process:
+        url = upload(run_dir / "generator", push_to_hub)
+        accelerator.print(f"pushed {run_dir / 'generator'} to {url}")
+    return run
 
 
 def run_training(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool) -> Run:
@@ -319,9 +334,7 @@ def run_training(cfg, accelerator: Accelerator, resume: str | None, trust_code: 
     if accelerator.is_main_process:              # only once build and restore succeeded
         write_config(run_dir, to_yaml(cfg), run.nimg)
     accelerator.print(describe(run))
-    if cfg.train.tensorboard:   # a resumed run hides the events past its checkpoint, as metrics.jsonl drops them
-        accelerator.init_trackers("tensorboard", config=flat(to_dict(cfg)),
-                                  init_kwargs={"tensorboard": {"purge_step": run.nimg + 1}} if run.nimg else {})
+    start_tracker(run)
     start = time.time()
     advice = (f"at optim.batch_gpu={run.batch_gpu} per process: set a smaller optim.batch_gpu (optim.batch stays, "
               "by gradient accumulation) or perf.grad_checkpointing=true")
@@ -343,6 +356,58 @@ def run_training(cfg, accelerator: Accelerator, resume: str | None, trust_code: 
     return run
 
 
+# The trackers of Accelerate that take pictures, and the form each takes one in: a batch (NHWC), one image, a list.
+PICTURE_FORMS = {"tensorboard": "batch", "aim": "image", "clearml": "image", "wandb": "list", "swanlab": "list"}
+# Where "pip install" finds each tracker, where the name differs.
+TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
+
+
+def choose_tracker(name: str) -> tuple[str | None, str | None]:
+    """``train.tracker`` as Accelerate's ``log_with``, and a line to print: ``auto`` is TensorBoard where it is
+    installed (else none, said once); a named tracker that is not installed is one error line (Accelerate would
+    drop it without a word)."""
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    if name == "none":
+        return None, None
+    if name == "auto":
+        if "tensorboard" in available:
+            return "tensorboard", None
+        return None, ("note: TensorBoard is not installed, so the metrics go to metrics.jsonl only (pip install "
+                      "tensorboard, or train.tracker=none to say so)")
+    if name not in available:
+        raise SidError(f"train.tracker={name}, but {name} is not installed: pip install "
+                       f"{TRACKER_PACKAGES.get(name, name)}, or choose another tracker (train.tracker=none: none)")
+    return name, None
+
+
+def start_tracker(run: Run) -> None:
+    """The tracker's run: the whole config as its hyperparameters. TensorBoard's files go to ``tensorboard/`` in
+    the run folder, and a resumed run hides the events past its checkpoint, as metrics.jsonl drops them; wandb's
+    run is named after the run folder and keeps its files there."""
+    acc, run_dir = run.accelerator, Path(run.cfg.train.run_dir)
+    if not acc.log_with:
+        return
+    name = str(acc.log_with[0])
+    kwargs = {"tensorboard": {"purge_step": run.nimg + 1} if run.nimg else {},
+              "wandb": {"name": run_dir.name, "dir": str(run_dir)}}
+    acc.init_trackers("tensorboard" if name == "tensorboard" else "sid", config=flat(to_dict(run.cfg)),
+                      init_kwargs={name: kwargs[name]} if kwargs.get(name) else {})
+
+
+def log_picture(run: Run, name: str, path: Path) -> None:
+    """A picture written to the run folder also to the tracker, at the run's image count, in the form each of
+    Accelerate's trackers takes (trackers without pictures are passed over)."""
+    image = np.asarray(Image.open(path).convert("RGB"))
+    for tracker in run.accelerator.trackers:
+        form = PICTURE_FORMS.get(tracker.name)
+        if form == "batch":
+            tracker.log_images({name: image[None]}, step=run.nimg, dataformats="NHWC")
+        elif form:
+            tracker.log_images({name: image if form == "image" else [image]}, step=run.nimg)
+
+
 def loop(run: Run, stop: GracefulStop) -> bool:
     """Train until ``train.total_nimg`` or ``train.max_seconds``; returns whether a signal stopped it (then the
     last step is checkpointed, with the metrics of its unfinished log interval, before its scheduled samples and
@@ -351,7 +416,7 @@ def loop(run: Run, stop: GracefulStop) -> bool:
     logger = MetricsLogger(acc, cfg.train.run_dir, {"loss_fake": "mean", "loss_g": "mean", "dropped_samples": "sum",
                                                     "nonfinite_steps": "steps"},
                            run.nimg, run.seconds, total_nimg=cfg.train.total_nimg, time_budget=cfg.train.max_seconds,
-                           tracker=cfg.train.tensorboard, progress=cfg.train.progress)
+                           tracker=bool(acc.trackers), progress=cfg.train.progress)
     guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, acc.device, cfg.train.run_dir)
     if run.resumed:                               # an unfinished interval's sums: its record is the uninterrupted one
         logger.load_state_dict(run.resumed.get("metrics"))
@@ -367,6 +432,7 @@ def loop(run: Run, stop: GracefulStop) -> bool:
         guard.update(stats.bad)
         logger.add(loss_fake=stats.loss_fake, loss_g=stats.loss_g, dropped_samples=stats.dropped,
                    nonfinite_steps=stats.bad)
+        logger.tick(run.nimg)
         done = run.nimg >= cfg.train.total_nimg
         at_log = crossed(run.nimg, batch, cfg.train.log_every_nimg) or done
         stopped = stop.agreed(acc, at_log) and not done                  # on the last step: finish normally
@@ -378,11 +444,14 @@ def loop(run: Run, stop: GracefulStop) -> bool:
         # Checkpoint first: pictures and evaluation that fail cannot lose the interval.
         if crossed(run.nimg, batch, cfg.train.ckpt_every_nimg) or done or stopped:
             guard.check(acc)
-            save_checkpoint(run, logger, guard)
+            with logger.doing("saving a checkpoint"):
+                save_checkpoint(run, logger, guard)
         if crossed(run.nimg, batch, cfg.train.sample_every_nimg) or done:
-            draw_samples(run)
+            with logger.doing("drawing sample grids"):
+                draw_samples(run)
         if evaluate and (crossed(run.nimg, batch, cfg.eval.every_nimg) or done):
-            logger.write({"nimg": run.nimg, "seconds": logger.elapsed(), **evaluate()})    # when it began
+            with logger.doing(f"measuring {'swd' if run.teacher.exact_samples else 'FID'} on {cfg.eval.num:,} samples"):
+                logger.write({"nimg": run.nimg, "seconds": logger.elapsed(), **evaluate()})    # when it began
         if stopped:
             break
     logger.close()
@@ -457,6 +526,7 @@ def save_sample_grid(run: Run) -> None:
             with run.autocast(), torch.compiler.set_stance("force_eager"):
                 reference = sample_teacher(teacher.denoiser, teacher.shape, 18, "heun", range(2000), device=device)
         save_samples(x, path, reference, title=f"{run.nimg} images, lam={cfg.loss.lam}")
+        log_picture(run, "samples", path)
         return
     if not save_samples(x, path):                               # neither images nor 2-D points: nothing to draw
         return
@@ -467,6 +537,7 @@ def save_sample_grid(run: Run) -> None:
         save_image_grid(reference, teacher_png)
     save_panels([(image_grid(x), f"one-step generator, {run.nimg:,} images, λ={run.loss.lam:g}"),
                  (np.asarray(Image.open(teacher_png)), "teacher, Heun, 35 evaluations")], folder / "compare.png")
+    log_picture(run, "samples", folder / "compare.png")
 
 
 def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> None:

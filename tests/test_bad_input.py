@@ -32,7 +32,7 @@ def toy_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("toy") / "run"
     train(load_config([], ["teacher.analytic.student_width=16", "teacher.analytic.student_fit_steps=5",
                            "optim.batch=64", "train.total_nimg=64", "train.progress=false",
-                           "train.tensorboard=false", f"train.run_dir={run_dir}"]))
+                           "train.tracker=none", f"train.run_dir={run_dir}"]))
     return run_dir
 
 
@@ -67,15 +67,18 @@ def test_one_line_each(argv, message, toy_run, tmp_path, capsys, monkeypatch):
 
 
 def test_output_folders_are_made_before_the_work(toy_run, tmp_path, capsys):
-    assert sid(["sample", str(toy_run / "generator"), "--seeds", "0-9", "--out", str(tmp_path / "a/b/s.npz")]) == 0
+    capsys.readouterr()
+    assert sid(["sample", str(toy_run / "generator"), "--seeds", "0-9", "--out", str(tmp_path / "a/b/s.npz"),
+                "--batch", "4", "--progress"]) == 0
     assert np.load(tmp_path / "a/b/s.npz")["samples"].shape == (10, 2)
+    assert "sampling: 100%" in capsys.readouterr().err                             # in batches of 4, with a bar
 
 
 def test_resume_followed_by_an_override_takes_it_as_an_override(toy_run, capsys):
     """`--resume train.max_seconds=60` is an override after a bare --resume, not a checkpoint path."""
     assert sid(["train", "--resume", "train.total_nimg=128", "teacher.analytic.student_width=16",
                 "teacher.analytic.student_fit_steps=5", "optim.batch=64", "train.progress=false",
-                "train.tensorboard=false", f"train.run_dir={toy_run}"]) == 0
+                "train.tracker=none", f"train.run_dir={toy_run}"]) == 0
     assert "resumed from" in capsys.readouterr().out
 
 

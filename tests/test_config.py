@@ -78,6 +78,9 @@ def test_overrides_apply_last_and_config_is_read_only():
     ("teacher.analytic.weights=[1,2]", "teacher.analytic.weights has 2 values for teacher.analytic.modes=8"),
     ("train.run_dir=${nope}", "config key 'train.run_dir' cannot be resolved"),
     ("teacher.edm_pickle.trust=true", "is gone: .*--trust-code"),
+    ("train.tensorboard=false", "is gone: the tracker is now chosen by train.tracker: auto .*none, or one of "
+                                "tensorboard, wandb"),
+    ("train.tracker=tensorbord", "train.tracker='tensorbord' is invalid; choose one of .*'tensorboard'"),
 ])
 def test_bad_values_name_the_key_and_the_choices(override, message):
     with pytest.raises(SidError, match=message):
@@ -145,3 +148,11 @@ def test_unknown_key_is_one_clear_line():
     out = run_cli("loss.lamb=1")
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: unknown config key 'loss.lamb'")
+
+
+def test_the_tracker_choices_are_accelerates():
+    from accelerate.utils import LoggerType
+
+    from sid.config import TRACKERS
+
+    assert set(TRACKERS) == {str(t) for t in LoggerType} - {"all"}

@@ -30,7 +30,7 @@ def overrides(tmp_path, lam):
             "teacher.analytic.mode_std=0.3", f"teacher.analytic.weights={WEIGHTS}",
             "teacher.analytic.student_width=64", f"train.total_nimg={BUDGET[lam]}",
             "train.log_every_nimg=102400", "train.sample_every_nimg=1000000000", "train.ckpt_every_nimg=1000000000",
-            f"train.run_dir={tmp_path / lam}", "train.progress=false", "train.tensorboard=false"]
+            f"train.run_dir={tmp_path / lam}", "train.progress=false", "train.tracker=none"]
 
 
 def evaluate(generator, mixture):

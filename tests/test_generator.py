@@ -88,3 +88,32 @@ def test_the_public_api_is_importable_from_sid_and_costs_nothing_until_used():
         sid.nope
     code = "import sys, sid; assert 'torch' not in sys.modules and 'accelerate' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_push_to_hub_uploads_a_readable_export_and_says_when_it_cannot(tmp_path, monkeypatch, capsys):
+    """The Hub's API is replaced here (the tests never reach the network): a readable export is uploaded whole
+    to a repository made if missing; an unreachable Hub is one line, the export kept; a bad id fails before."""
+    import huggingface_hub
+
+    from sid import push_to_hub
+    from sid.cli import main as sid
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)) or f"https://hub/{repo_id}")
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
+    export_generator(generator(), SPEC, tmp_path / "gen")
+    assert push_to_hub(tmp_path / "gen", "me/one-step", private=True) == "https://hub/me/one-step"
+    assert calls[0] == ("create", "me/one-step", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert calls[1][1]["folder_path"] == str(tmp_path / "gen") and calls[1][1]["repo_id"] == "me/one-step"
+
+    def offline(self, **kw):
+        raise huggingface_hub.errors.OfflineModeIsEnabled("offline mode is enabled")
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", offline)
+    with pytest.raises(SidError, match="could not push .* as me/one-step .*the export stays where it is"):
+        push_to_hub(tmp_path / "gen", "me/one-step")
+    assert (tmp_path / "gen" / WEIGHTS).is_file()
+    with pytest.raises(SidError, match="no exported generator"):
+        push_to_hub(tmp_path / "nothing", "me/one-step")
+    assert sid(["train", "--config", "toy_2d", "--push-to-hub", "me/bad id!", f"train.run_dir={tmp_path / 'r'}"]) == 2
+    assert "is not a Hub repository id" in capsys.readouterr().err and not (tmp_path / "r").exists()

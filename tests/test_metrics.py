@@ -97,13 +97,17 @@ def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_ov
     for i, im in enumerate(images(3, n=20, bright=60)):
         Image.fromarray(im[0].numpy()).save(folder / f"{i:03d}.png")
 
+    errors = []
+
     def run(*args):
         code = sid(["fid", *args, "--weights", str(extractor_file)])
         out = capsys.readouterr()
         assert code == 0, out.err
+        errors.append(out.err)
         return out.out
 
-    run("ref", "--source", str(folder), "--out", str(tmp_path / "ref.npz"), "--features")
+    out = run("ref", "--source", str(folder), "--out", str(tmp_path / "ref.npz"), "--features", "--progress")
+    assert "wrote the reference statistics of 20 images" in out and "Inception features: 100%" in errors[-1]
     # an image source against reference statistics: the same 20 images give ~0, two halves of them do not
     run("images", "--source", str(folder), "--ref", str(tmp_path / "ref.npz"), "--num", "20",
         "--json", str(tmp_path / "images.jsonl"))
@@ -124,9 +128,12 @@ def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_ov
     assert len(result["values"]) == 2 and result["values"][0] != result["values"][1]    # different seed sets
     assert "TF1-compatible bilinear resize" in result["pipeline"] and "pipeline: uint8 images" in out
     out = run("gen", str(tmp_path / "run" / "generator"), "--ref", str(tmp_path / "ref.npz"), "--num", "8",
-              "--kid", "--pr", "--json", str(tmp_path / "kid.jsonl"))
+              "--kid", "--pr", "--json", str(tmp_path / "kid.jsonl"), "--progress")
     result = json.loads((tmp_path / "kid.jsonl").read_text())
     assert len(result["kid"]) == len(result["precision"]) == len(result["recall"]) == 1 and "kid:" in out
+    assert "sampling and measuring (seed set 0): 100%" in errors[-1]                # the progress bar, on stderr
+    out = run("gen", str(tmp_path / "run" / "generator"), "--ref", str(tmp_path / "ref.npz"), "--num", "8")
+    assert "FID-8 of generator" in out and errors[-1] == ""      # stderr is no terminal (a log): the result alone
     assert "FID-8 of generator" in out
     # the teacher's FID with the Heun sampler: an image-shaped analytic teacher
     (tmp_path / "t.yaml").write_text("teacher:\n  analytic:\n    shape: [1, 32, 32]\n    modes: 3\n    radius: 0.5\n")
@@ -213,7 +220,7 @@ def test_fmnist_benchmark_end_to_end_on_stand_ins(extractor_file, tmp_path):
     args = ["--teacher", str(teacher), "--out", str(out), "--presets", "fgm,lambda1", "--every-nimg", "16",
             "--num", "8", "--teacher-steps", "2,3", "--ref-source", str(tmp_path / "ref.npz"),
             "--weights", str(extractor_file), "optim.batch=8", "train.total_nimg=32", "train.log_every_nimg=16",
-            "train.sample_every_nimg=32", "train.ckpt_every_nimg=32", "train.num_samples=4", "train.tensorboard=false"]
+            "train.sample_every_nimg=32", "train.ckpt_every_nimg=32", "train.num_samples=4", "train.tracker=none"]
     assert bench_fmnist.main(args) == 0
     table = (out / "bench.md").read_text()
     assert "| lam=fgm | fgm | 32 |" in table and "| lam=lambda1 | lambda1 | 32 |" in table

@@ -15,20 +15,35 @@ from sid.runtime import (
     MetricsLogger,
     NonFiniteGuard,
     best_record,
+    check_launch,
     crossed,
     keep_finite,
+    precision_policy,
     sanitize_grads,
     step_seed,
     truncate_records,
 )
 
 
-def test_progress_bar_of_a_time_budgeted_run_has_no_image_total(tmp_path):
-    for budget, total in ((0, 1024), (240, None)):
+def test_progress_bar_of_a_time_budgeted_run_counts_its_seconds(tmp_path, monkeypatch, capsys):
+    """Images against train.total_nimg, or this session's seconds against train.max_seconds (so the bar has a
+    percentage and an ETA), moved at every step, and saying what the run does between steps."""
+    import sid.runtime
+
+    clock = iter(range(1000, 10**6, 30))
+    monkeypatch.setattr(sid.runtime.time, "time", lambda: next(clock))
+    for budget, total in ((0, 1024), (240, 240)):
         logger = MetricsLogger(Accelerator(cpu=True), tmp_path, {"loss": "mean"}, total_nimg=1024,
                                time_budget=budget)
         assert logger.bar.total == total
+        logger.tick(64)
+        assert logger.bar.n == (30 if budget else 64)
+        with logger.doing("drawing sample grids"):
+            assert logger.bar.desc.startswith("drawing sample grids")
+        assert logger.bar.desc.startswith("training")
         logger.close()
+    err = capsys.readouterr().err
+    assert "240 s budget" in err and "left" in err and "drawing sample grids" in err
 
 
 def test_an_interval_reports_means_sums_and_step_counts(tmp_path):
@@ -93,3 +108,37 @@ def test_a_signal_asks_to_stop_and_a_second_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_accelerates_mixed_precision_is_honoured_or_refused():
+    """``accelerate launch --mixed_precision`` (flag or config file) selects sid's bf16 mode or contradicts the
+    config in one line; it never leaves prepared modules in bf16 and the rest in fp32."""
+    from types import SimpleNamespace
+
+    def launched(mode, device="cpu"):
+        return SimpleNamespace(mixed_precision=mode, device=torch.device(device))
+
+    assert precision_policy("auto", launched("no")) == (False, "train.precision=auto")
+    assert precision_policy("auto", launched("no", "cuda")) == (True, "train.precision=auto")
+    assert precision_policy("bf16", launched("no")) == (True, "train.precision=bf16")
+    assert precision_policy("auto", launched("bf16")) == (True, "accelerate's mixed_precision=bf16")
+    assert precision_policy("bf16", launched("bf16"))[0]
+    with pytest.raises(SidError, match="mixed_precision=bf16 contradicts train.precision=fp32: launch with "
+                                       "--mixed_precision no"):
+        precision_policy("fp32", launched("bf16"))
+    for mode in ("fp16", "fp8"):
+        with pytest.raises(SidError, match=f"mixed_precision={mode} is not one of sid's modes"):
+            precision_policy("auto", launched(mode))
+
+
+def test_a_launch_that_runs_fewer_processes_than_asked_is_said():
+    from types import SimpleNamespace
+
+    one = SimpleNamespace(num_processes=1)
+    assert check_launch(one, {}) is None                                           # python train.py
+    assert check_launch(SimpleNamespace(num_processes=2), {"WORLD_SIZE": "2"}) is None
+    with pytest.raises(SidError, match="started 2 processes, but Accelerate joined none.*ACCELERATE_USE_CPU=1"):
+        check_launch(one, {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"})          # --multi_gpu with no GPU
+    # a MULTI_CPU config file with num_processes: 2 and no mpirun: accelerate starts one process
+    line = check_launch(one, {"MASTER_ADDR": "127.0.0.1", "ACCELERATE_MIXED_PRECISION": "no"})
+    assert line.startswith("warning: accelerate launch was asked for several processes, but one runs")

@@ -25,7 +25,7 @@ def toy(run_dir, total, *extra):
     return ["teacher.analytic.student_width=32", "teacher.analytic.student_fit_steps=20", "optim.batch=64",
             f"train.total_nimg={total}", "train.log_every_nimg=128", "train.sample_every_nimg=100000",
             "train.ckpt_every_nimg=256", f"train.run_dir={run_dir}", "train.progress=false",
-            "train.tensorboard=false", "ema.halflife_nimg=500", *extra]
+            "train.tracker=none", "ema.halflife_nimg=500", *extra]
 
 
 @pytest.fixture
@@ -216,7 +216,7 @@ def test_a_two_dimensional_network_teacher_draws_scatter_plots(tmp_path, monkeyp
         "def build():\n    return Preconditioned(MLP((2,), 16, 2), EDMRule(0.5))\n")
     overrides = ["teacher.kind=python", "teacher.python.factory=flat_teacher:build", "teacher.python.shape=[2]",
                  "optim.batch=16", "train.total_nimg=32", "train.log_every_nimg=16", "train.sample_every_nimg=32",
-                 f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "train.tensorboard=false"]
+                 f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "train.tracker=none"]
     train(load_config([], overrides), trust_code=True)
     assert (tmp_path / "run" / "samples" / "samples-000000000032.png").is_file()
 

@@ -14,7 +14,7 @@ from sid.errors import SidError
 from sid.trainer import build, iteration, save_sample_grid, train, use_compile
 
 TINY = ["teacher.kind=diffusers", f"teacher.diffusers.unet_config={json.dumps(TINY_UNET).replace(' ', '')}",
-        "teacher.diffusers.prediction_type=edm", "optim.batch=16", "train.progress=false", "train.tensorboard=false"]
+        "teacher.diffusers.prediction_type=edm", "optim.batch=16", "train.progress=false", "train.tracker=none"]
 EXACT = ["train.precision=fp32", "perf.tf32=false", "perf.fused_adam=false", "perf.teacher_bf16=false",
          "perf.channels_last=false", "perf.compile=false", "perf.grad_checkpointing=false"]
 
@@ -164,7 +164,7 @@ def test_compile_defaults_to_gpus_and_a_failing_compile_names_the_switch(tmp_pat
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend=broken_backend))
     torch._dynamo.reset()
     cfg = load_config([], ["perf.compile=true", "teacher.analytic.student_fit_steps=10", "optim.batch=64",
-                           "train.total_nimg=64", "train.tensorboard=false", "train.progress=false",
+                           "train.total_nimg=64", "train.tracker=none", "train.progress=false",
                            f"train.run_dir={tmp_path}"])
     with pytest.raises(SidError, match=r"torch.compile failed .*no compiler on this machine.*perf.compile=false"):
         train(cfg)

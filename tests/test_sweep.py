@@ -12,7 +12,7 @@ from sid.sweep import expand_grid, plan, run_sweep, split_values
 
 SMALL = ["teacher.analytic.modes=3", "teacher.analytic.student_width=32", "teacher.analytic.student_fit_steps=50",
          "optim.batch=128", "train.total_nimg=2560", "train.log_every_nimg=640", "train.sample_every_nimg=100000",
-         "train.ckpt_every_nimg=1280", "train.progress=false", "train.tensorboard=false", "eval.every_nimg=1280",
+         "train.ckpt_every_nimg=1280", "train.progress=false", "train.tracker=none", "eval.every_nimg=1280",
          "eval.num=500"]
 CONFIG = ["toy_2d"]
 
@@ -45,7 +45,9 @@ def test_sweep_runs_reports_and_skips_finished_runs(tmp_path, monkeypatch, capsy
     # an interrupted sweep: Ctrl-C while λ=1.0 is at 1280 images, after λ=0.5 finished
     signal_in_run(monkeypatch, "1.0", 1280)
     assert sid(["sweep", "run", "--config", CONFIG[0], "--out", str(tmp_path), *overrides]) == 130
-    assert "the same `sid sweep run` command resumes the sweep" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "the same `sid sweep run` command resumes the sweep" in captured.err
+    assert f"run 1 of 3: {tmp_path / 'lam=0.5'}" in captured.out and "run 3 of 3" not in captured.out
     monkeypatch.undo()
     lines_before = (tmp_path / "lam=0.5" / "metrics.jsonl").read_text()
     runs = plan(CONFIG, overrides, tmp_path)
@@ -96,6 +98,24 @@ def test_the_report_takes_the_best_finite_value_and_says_where(tmp_path):
     report = write_report(tmp_path).read_text()
     row = "| lam=0.5 | 0.5 | 2 | 3 | 0.325 ± 0.11 | 0.25 ± 0.071 | 2, 2 | lam=0.5_seed=0: non-finite quality at 1 |"
     assert row in report                                  # the best of seed 0 is 0.3 at 2 images, not its NaN
+
+
+def test_a_sweep_without_evaluation_says_so_and_reports_the_final_losses(tmp_path, capsys):
+    from sid.report import write_report
+
+    for lam, losses in (("0.5", [(64, 2.0, 1.0), (128, 1.5, 0.5)]), ("1.0", [(64, 3.0, 2.0)])):
+        run = tmp_path / f"lam={lam}"
+        run.mkdir()
+        (run / "config.yaml").write_text(f"loss: {{lam: {lam}}}\n")
+        (run / "metrics.jsonl").write_text("".join(f'{{"nimg": {n}, "loss_g": {g}, "loss_fake": {f}}}\n'
+                                                   for n, g, f in losses))
+    (tmp_path / "quality.png").write_bytes(b"an earlier report's")
+    report = write_report(tmp_path).read_text()
+    assert "no run measured its quality (in-loop evaluation off: eval.every_nimg=0)" in capsys.readouterr().err
+    assert "in-loop evaluation was off (`eval.every_nimg` = 0)" in report and "quality.png" not in report
+    assert "| lam=0.5 | 0.5 | 1 | 128 | 1.5 | 0.5 | no |" in report
+    assert "| lam=1.0 | 1.0 | 1 | 64 | 3 | 2 | no |" in report
+    assert not (tmp_path / "quality.png").exists() and (tmp_path / "losses.png").is_file()
 
 
 @pytest.mark.slow

@@ -184,7 +184,7 @@ def test_a_flow_matching_teacher_distils_end_to_end(tiny_unet_overrides, tmp_pat
     from sid.trainer import train
 
     overrides = [o.replace("prediction_type=edm", "prediction_type=flow") for o in tiny_unet_overrides]
-    run = train(load_config([], overrides + ["train.tensorboard=false"]))
+    run = train(load_config([], overrides + ["train.tracker=none"]))
     assert isinstance(run.teacher.denoiser.rule, FlowRule) and run.nimg == 32
     generator = load_generator(tmp_path / "run" / "generator")
     torch.testing.assert_close(generator.sample_seeds(range(4)), run.ema.model.sample_seeds(range(4)))
@@ -265,7 +265,10 @@ def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
     def offline(*args, **kwargs):                    # what the hub client raises without a connection
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
+    from diffusers.configuration_utils import ConfigMixin
+
     monkeypatch.setattr(UNet2DModel, "from_pretrained", offline)
+    monkeypatch.setattr(ConfigMixin, "load_config", classmethod(offline))      # the index and scheduler configs
     with pytest.raises(SidError, match="neither a local folder nor a reachable hub model"):
         load_denoiser("nobody/no-such-model", None, None, 0.5)
 
@@ -398,7 +401,7 @@ def test_the_export_loads_as_a_diffusers_pipeline(tiny_unet_overrides, tmp_path,
     from sid.trainer import train
 
     overrides = [o.replace("prediction_type=edm", f"prediction_type={prediction_type}") for o in tiny_unet_overrides]
-    train(load_config([], overrides + ["train.tensorboard=false"]))
+    train(load_config([], overrides + ["train.tracker=none"]))
     folder = tmp_path / "run" / "generator"
     reference = load_generator(folder)
     z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -422,4 +425,14 @@ def test_the_export_loads_as_a_diffusers_pipeline(tiny_unet_overrides, tmp_path,
         assert len(pipeline(batch_size=2).images) == 2                                # PIL images
     card = (folder / "README.md").read_text()
     assert "library_name: diffusers" in card and "λ = 1.2" in card and "after 32 generator images" in card
+    # the diffusers form alone loads as a generator too, and its index cannot name other code
+    alone = tmp_path / "diffusers-form"
+    alone.mkdir()
+    for name in ("unet", "scheduler", "model_index.json"):
+        (shutil.copytree if (folder / name).is_dir() else shutil.copy)(folder / name, alone / name)
+    torch.testing.assert_close(load_generator(alone).sample_seeds(range(3)), reference.sample_seeds(range(3)))
+    index = json.loads((alone / "model_index.json").read_text())
+    (alone / "model_index.json").write_text(json.dumps({**index, "scheduler": ["os", "system"]}))
+    with pytest.raises(SidError, match="is a diffusers folder, but not a sid export"):
+        load_generator(alone)
     assert ("EDMEulerScheduler.from_pretrained" in card) == (prediction_type == "edm")

@@ -64,7 +64,7 @@ def test_distil_an_edm_pickle_and_reload_its_generator(edm_side, tmp_path):
     write_snapshot(tmp_path / "net.pkl", edm_side.EDMPrecond(8, 1))
     overrides = ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={tmp_path / 'net.pkl'}",
                  "optim.batch=4", "train.total_nimg=8", "train.log_every_nimg=4",
-                 f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "train.tensorboard=false",
+                 f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "train.tracker=none",
                  "train.num_samples=4"]
     from sid.trainer import train
 

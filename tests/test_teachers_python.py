@@ -43,7 +43,7 @@ def test_the_users_network_is_distilled_exported_and_loads_when_trusted(pretrain
     run = train(load_config([], python_teacher(**kwargs) + [
         "optim.batch=8", "train.total_nimg=32", "train.log_every_nimg=16", "train.ckpt_every_nimg=32",
         "train.sample_every_nimg=32", "train.num_samples=4", f"train.run_dir={run_dir}", "train.progress=false",
-        "train.tensorboard=false"]), trust_code=True)
+        "train.tracker=none"]), trust_code=True)
     assert (run_dir / "samples" / "compare.png").is_file()
     with pytest.raises(SidError, match=r"tests.custom_teacher:build .*trust_code=True"):
         load_generator(run_dir / "generator")

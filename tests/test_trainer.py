@@ -25,7 +25,8 @@ def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path, mo
     out = sid_process("train", *tiny_unet_overrides)
     assert out.returncode == 0, out.stderr
     assert "distilling the diffusers teacher (0.16M parameters, samples 1×8×8) into a one-step generator: " \
-           "λ = 1.2 (sid), weighting sid, batch 8 on 1 cpu process, fp32; to 32 images, in " in out.stdout
+           "λ = 1.2 (sid), weighting sid, batch 8 on 1 cpu process, fp32 (train.precision=auto); to 32 images, in " \
+           in out.stdout
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["nimg"] for r in records] == [16, 32]
@@ -74,7 +75,7 @@ def toy_overrides(tmp_path, name, total):
     return ["teacher.analytic.student_width=32", "teacher.analytic.student_fit_steps=20", "optim.batch=64",
             f"train.total_nimg={total}", "train.log_every_nimg=128", "train.sample_every_nimg=100000",
             "train.ckpt_every_nimg=256", f"train.run_dir={tmp_path / name}", "train.progress=false",
-            "train.tensorboard=false", "ema.halflife_nimg=500"]
+            "train.tracker=none", "ema.halflife_nimg=500"]
 
 
 @pytest.mark.parametrize("reuse", [False, True])
@@ -334,7 +335,7 @@ def test_resume_after_a_kill_keeps_one_record_per_image_count_and_the_clock(tmp_
 
     clock = iter(range(0, 10**6, 10))                       # every call to time.time() advances 10 s
     monkeypatch.setattr(sid.trainer.time, "time", lambda: next(clock))
-    overrides = toy_overrides(tmp_path, "killed", 512) + ["train.tensorboard=true"]  # log every 128 images,
+    overrides = toy_overrides(tmp_path, "killed", 512) + ["train.tracker=tensorboard"]  # log every 128 images,
     train(load_config([], overrides))
     run_dir = tmp_path / "killed"
     shutil.rmtree(run_dir / "training-state-000000000512")              # killed after logging 512 images
@@ -353,6 +354,7 @@ def test_resume_after_a_kill_keeps_one_record_per_image_count_and_the_clock(tmp_
     board = EventAccumulator(str(run_dir / "tensorboard"))                             # both sessions' files
     board.Reload()
     assert [e.step for e in board.Scalars("loss_g")] == [128, 256, 384, 512]          # TensorBoard agrees
+    assert [e.step for e in board.Images("samples")] == [512]                          # the scatter, at the end
 
 
 def test_resume_with_other_networks_is_one_clear_error(tmp_path):
@@ -385,3 +387,31 @@ def test_reused_generator_batch_saves_one_generator_forward(tmp_path, monkeypatc
     assert len(outputs) == (2 if reuse else 4) and len(fitted) == 2
     if reuse:
         assert all(torch.equal(x, g) for x, g in zip(fitted, outputs))
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(monkeypatch):
+    import accelerate.tracking
+
+    from sid.trainer import choose_tracker
+
+    assert choose_tracker("none") == (None, None)
+    assert choose_tracker("auto") == ("tensorboard", None)                     # installed with the test extra
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    tracker, note = choose_tracker("auto")
+    assert tracker is None and note.startswith("note: TensorBoard is not installed")
+    with pytest.raises(SidError, match="train.tracker=comet_ml, but comet_ml is not installed: pip install comet-ml"):
+        choose_tracker("comet_ml")
+
+
+def test_wandb_offline_gets_the_metrics_and_the_sample_grids(tmp_path, monkeypatch):
+    """Any of Accelerate's trackers by name; wandb (offline, as it runs without a network) receives the losses and
+    the sample pictures, and keeps its files in the run folder."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = toy_overrides(tmp_path, "wandb", 256) + ["train.tracker=wandb", "train.sample_every_nimg=128"]
+    train(load_config([], overrides))
+    (run,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
+    pictures = sorted(p.name for p in (run / "files" / "media" / "images").glob("*.png"))
+    assert [p.split("_")[1] for p in pictures] == ["128", "256"]                   # samples_<step>_<hash>.png
+    assert (run / f"run-{run.name.split('-')[-1]}.wandb").stat().st_size > 0       # the logged history

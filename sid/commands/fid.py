@@ -13,6 +13,7 @@ default; images are resized as NVIDIA's detector resizes them (TF1's bilinear), 
 SiD's and FastGen's. Inception Score needs the classifier's logits, which the offline file does not have.
 """
 
+import argparse
 import json
 import statistics
 
@@ -47,10 +48,14 @@ def cmd_ref(args) -> dict:
     metric = make_fid(args.weights).to(DEVICE)
     images = load_images(args.source)
     features = [] if args.features else None
-    add_images(metric, images[: args.num] if args.num else images, real=True, features=features)
+    add_images(metric, images[: args.num] if args.num else images, real=True, features=features,
+               progress=args.progress)
     with writing(args.out):
         save_reference(metric, args.out, torch.cat(features) if features else None)
-    return {"reference": args.out, "source": args.source, "images": len(images[: args.num] if args.num else images)}
+    count = len(images[: args.num] if args.num else images)
+    print(f"wrote the reference statistics of {count:,} images of {args.source} to {args.out}"
+          f"{' (with their features)' if features else ''}")
+    return {"reference": args.out, "source": args.source, "images": count}
 
 
 def measured(args, run) -> tuple[list[float], dict]:
@@ -73,7 +78,8 @@ def measured(args, run) -> tuple[list[float], dict]:
 
 def cmd_gen(args) -> dict:
     generator = load_generator(args.generator, device=DEVICE, trust_code=args.trust_code)
-    values, extra = measured(args, lambda metric, s, f: generator_fid(metric, generator, args.num, seed=s, features=f))
+    values, extra = measured(args, lambda metric, s, f: generator_fid(metric, generator, args.num, seed=s, features=f,
+                                                                      progress=args.progress))
     return summary(values, args, "generator", str(args.generator), extra)
 
 
@@ -84,7 +90,8 @@ def cmd_images(args) -> dict:
 
     def run(metric, s, features):                               # disjoint slices of the source
         metric.reset()
-        add_images(metric, images[s * args.num:(s + 1) * args.num], real=False, features=features)
+        add_images(metric, images[s * args.num:(s + 1) * args.num], real=False, features=features,
+                   progress=args.progress)
         return float(metric.compute())
 
     values, extra = measured(args, run)
@@ -94,7 +101,8 @@ def cmd_images(args) -> dict:
 def cmd_teacher(args) -> dict:
     teacher = load_teacher(args.config, DEVICE, args.trust_code)
     values, extra = measured(args, lambda metric, s, f: teacher_fid(metric, teacher, args.steps, args.num, seed=s,
-                                                                    batch=args.batch, device=DEVICE, features=f))
+                                                                    batch=args.batch, device=DEVICE, features=f,
+                                                                    progress=args.progress))
     return summary(values, args, "teacher", f"{args.config} heun nfe={2 * args.steps - 1}", extra)
 
 
@@ -140,6 +148,8 @@ def main(argv=None, prog=None) -> int:
                              help="also precision and recall (Kynkäänniemi et al. 2019, k = 3; a --features reference)")
     for command in (ref, gen, images, teacher):
         command.add_argument("--weights", default="auto", help="auto | torchmetrics | path to a TorchScript extractor")
+        command.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                             help="a progress bar on stderr (default: where stderr is a terminal)")
     args = p.parse_args(argv)
     for flag in ("out", "json"):                    # before the work: a long job never dies for want of a folder
         if getattr(args, flag, None):

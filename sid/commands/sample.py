@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from sid.cli import output_path, parser, writing
 from sid.config import load_config
@@ -54,6 +55,9 @@ def main(argv=None, prog=None) -> int:
                    help="allow foreign code to run: the function or pickle that builds a teacher, or a generator "
                         "distilled from one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=256, help="samples per network batch")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar on stderr (default: where stderr is a terminal)")
     args = p.parse_args(argv)
     seeds, classes = args.seeds, args.classes
     check_out(Path(args.out))
@@ -65,16 +69,36 @@ def main(argv=None, prog=None) -> int:
         raise SidError("give either an exported generator or --teacher CONFIG")
     if args.teacher:
         teacher = load_teacher(args.teacher, args.device, args.trust_code)
-        x = sample_teacher(teacher.denoiser, teacher.shape, args.steps, args.solver, seeds, classes, args.device)
+
+        def draw(seeds, classes):
+            return sample_teacher(teacher.denoiser, teacher.shape, args.steps, args.solver, seeds, classes,
+                                  args.device)
     else:
         generator = load_generator(args.generator, device=args.device, trust_code=args.trust_code)
         if classes is not None and not generator.label_dim:
             raise SidError("--classes given, but this generator is unconditional")
-        x = generator.sample_seeds(seeds, classes, device=args.device).cpu()
+
+        def draw(seeds, classes):
+            return generator.sample_seeds(seeds, classes, device=args.device).cpu()
+    x = in_batches(draw, seeds, classes, args.batch, args.progress)
     with writing(args.out):
         write(x, Path(args.out), seeds)
     print(f"wrote {len(seeds)} samples to {args.out}")
     return 0
+
+
+def in_batches(draw, seeds: list[int], classes: list[int] | None, batch: int, progress: bool | None) -> torch.Tensor:
+    """``draw(seeds, classes)`` over batches of seeds, with a progress bar (samples, rate, ETA) on stderr
+    (``None``: where stderr is a terminal)."""
+    if batch < 1:
+        raise SidError(f"--batch {batch}: give a positive number of samples per batch")
+    chunks = []
+    with tqdm(total=len(seeds), desc="sampling", unit="img", unit_scale=True, dynamic_ncols=True,
+              disable=None if progress is None else not progress) as bar:
+        for i in range(0, len(seeds), batch):
+            chunks.append(draw(seeds[i:i + batch], None if classes is None else classes[i:i + batch]))
+            bar.update(len(chunks[-1]))
+    return torch.cat(chunks)
 
 
 def load_teacher(teacher: str, device, trust_code: bool = False) -> Teacher:

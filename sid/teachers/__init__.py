@@ -64,15 +64,23 @@ def backbone_values(spec: dict) -> int | None:
     return sum(t.numel() for t in net.state_dict().values())
 
 
-def export_native(denoiser: nn.Module, spec: dict, sigma_init: float, out_dir, card: str) -> bool:
+def export_native(denoiser: nn.Module, spec: dict, sigma_init: float, out_dir, config: dict) -> bool:
     """The generator also in its family's own form where the family has one (diffusers: a pipeline folder that
     diffusers loads); returns whether it wrote one."""
     if LEGACY_SPEC_KINDS.get(spec.get("kind"), spec.get("kind")) != "diffusers":
         return False
     from sid.teachers.pipeline import export_native as diffusers_export
 
-    diffusers_export(denoiser, spec, sigma_init, out_dir, card)
+    diffusers_export(denoiser, spec, sigma_init, out_dir, config)
     return True
+
+
+def load_native(folder) -> tuple[nn.Module, tuple[int, ...], float]:
+    """(denoiser, sample shape, σ_init) of an export in its family's own form alone (diffusers: a pipeline
+    folder with ``model_index.json``), for ``sid.load_generator``."""
+    from sid.teachers.pipeline import load_native as diffusers_load
+
+    return diffusers_load(folder)
 
 
 def teacher_from_path(path: str) -> list[str] | None:
@@ -85,4 +93,5 @@ def teacher_from_path(path: str) -> list[str] | None:
     return None
 
 
-__all__ = ["Teacher", "adapter", "build_teacher", "denoiser_from_spec", "export_native", "teacher_from_path"]
+__all__ = ["Teacher", "adapter", "build_teacher", "denoiser_from_spec", "export_native", "load_native",
+           "teacher_from_path"]

@@ -8,6 +8,7 @@ stock one-step ``EDMEulerScheduler`` and diffusers alone reproduces the generato
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -63,10 +64,11 @@ class SiDPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=out) if return_dict else (out,)
 
 
-def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_dir: Path, card: str) -> None:
+def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_dir: Path, config: dict) -> None:
     """The generator in diffusers' form beside sid's files: ``unet/``, ``scheduler/``, ``model_index.json`` and a
-    model card. For EDM-preconditioned teachers the scheduler is a stock one-step ``EDMEulerScheduler``
-    (σ_min = σ_max = σ_init), so diffusers alone reproduces the generator; otherwise ``SiDPipeline`` does."""
+    model card (from the export's ``config``). For EDM-preconditioned teachers the scheduler is a stock one-step
+    ``EDMEulerScheduler`` (σ_min = σ_max = σ_init), so diffusers alone reproduces the generator; otherwise
+    ``SiDPipeline`` does."""
     out_dir = Path(out_dir)
     unet = denoiser.net.unet
     if spec["prediction_type"] == "edm":
@@ -75,19 +77,86 @@ def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_d
         scheduler = EDMEulerScheduler(sigma_min=sigma_init, sigma_max=sigma_init, sigma_data=denoiser.sigma_data,
                                       prediction_type=output)
     else:
-        config = spec.get("scheduler_config") or {"_class_name": "DDPMScheduler"}
-        cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), None)
+        schedule = spec.get("scheduler_config") or {"_class_name": "DDPMScheduler"}
+        cls = getattr(diffusers, schedule.get("_class_name", "DDPMScheduler"), None)
         cls = cls if isinstance(cls, type) and issubclass(cls, SchedulerMixin) else diffusers.DDPMScheduler
-        scheduler = cls.from_config(config)
+        scheduler = cls.from_config(schedule)
     pipeline = SiDPipeline(unet=unet, scheduler=scheduler, sigma_init=sigma_init,
                            prediction_type=spec["prediction_type"], sigma_data=denoiser.sigma_data)
     tmp = out_dir / ".tmp-diffusers"
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "README.md").write_text(card)
+    (tmp / "README.md").write_text(model_card(config))
     for name in ("unet", "scheduler"):
         shutil.rmtree(out_dir / name, ignore_errors=True)
         os.replace(tmp / name, out_dir / name)
     for name in ("model_index.json", "README.md"):
         os.replace(tmp / name, out_dir / name)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+UNETS = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
+    """(denoiser, sample shape, σ_init) of a diffusers-form export alone (``model_index.json``, ``unet/``,
+    ``scheduler/``), for ``sid.load_generator``. Its components are loaded by the classes its index names only
+    where those are diffusers' own UNets and schedulers: an index cannot make this import or run other code."""
+    from sid.errors import SidError
+
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        unet_lib, unet_name = index["unet"]
+        scheduler_lib, scheduler_name = index["scheduler"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SidError(f"{folder / 'model_index.json'} is not the index of a sid export ({type(e).__name__}); "
+                       "export it again") from None
+    scheduler_cls = getattr(diffusers, scheduler_name, None) if scheduler_lib == "diffusers" else None
+    if (index.get("_class_name") != "SiDPipeline" or unet_lib != "diffusers" or unet_name not in UNETS
+            or not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin))):
+        raise SidError(f"{folder} is a diffusers folder, but not a sid export (SiDPipeline with a diffusers UNet and "
+                       "scheduler); give the folder sid exported")
+    try:
+        unet = getattr(diffusers, unet_name).from_pretrained(folder / "unet", use_safetensors=True)
+        scheduler = scheduler_cls.from_pretrained(folder / "scheduler")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SidError(f"{folder}: its unet/ or scheduler/ cannot be loaded ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:160]}); export it again") from None
+    settings = {k: index[k] for k in ("sigma_init", "prediction_type", "sigma_data") if k in index}
+    pipeline = SiDPipeline(unet=unet, scheduler=scheduler, **settings)
+    denoiser = pipeline.denoiser()
+    return denoiser, sample_shape(denoiser), float(pipeline.config.sigma_init)
+
+
+def model_card(config: dict) -> str:
+    """The README.md of a diffusers-form export: what it is, how it was made, what it measured, how to use it."""
+    spec, run = config["denoiser"], config.get("config") or {}
+    teacher = (run.get("teacher") or {}).get("diffusers") or {}
+    source = teacher.get("path") or "a UNet built from its config"
+    measured = ", ".join(f"{k} {config[k]:.4g}" for k in ("fid", "swd") if isinstance(config.get(k), (int, float)))
+    shape, unet = ", ".join(map(str, config["shape"])), spec.get("class_name")
+    pipeline = ("```python\nfrom sid import SiDPipeline\n\n"
+                'images = SiDPipeline.from_pretrained("path/to/this/folder")(batch_size=4).images      # PIL images\n'
+                "```\n")
+    if spec.get("prediction_type") == "edm":
+        use = ("With diffusers alone (the scheduler is a one-step `EDMEulerScheduler`, σ_min = σ_max = σ_init):\n\n"
+               "```python\nimport torch\n"
+               f"from diffusers import EDMEulerScheduler, {unet}\n\n"
+               f'unet = {unet}.from_pretrained("path/to/this/folder", subfolder="unet")\n'
+               'scheduler = EDMEulerScheduler.from_pretrained("path/to/this/folder", subfolder="scheduler")\n'
+               "scheduler.set_timesteps(1)\n"
+               f"t, x = scheduler.timesteps[0], torch.randn(4, {shape}) * scheduler.sigmas[0]\n"
+               "images = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).pred_original_sample"
+               "  # in [-1, 1]\n```\n\nOr, as with every sid export:\n\n" + pipeline)
+    else:
+        use = "With sid's pipeline class (the teacher's VP or flow schedule around the UNet):\n\n" + pipeline
+    return (f"---\nlibrary_name: diffusers\ntags: [sid, one-step, distillation, score-identity-distillation]\n---\n\n"
+            f"# One-step generator distilled by sid\n\n"
+            f"A one-step generator of {'×'.join(map(str, config['shape']))} samples, distilled data-free from the "
+            f"diffusers teacher `{source}` ({unet}, prediction type `{spec.get('prediction_type')}`) with the "
+            f"identity-based loss at λ = {config.get('lam')}, after {config.get('nimg', 0):,} generator images"
+            f"{'; measured: ' + measured if measured else ''}. G(z) = D(σ_init z; σ_init) with σ_init = "
+            f"{config['sigma_init']}: one network evaluation per sample.\n\n{use}\n"
+            "`generator.safetensors` and `generator.json` beside it hold the same weights for `sid.load_generator`; "
+            "the run's whole config is in `generator.json`.\n")
