@@ -57,7 +57,7 @@ from sid.runtime import (
     step_seed,
 )
 from sid.sampling import sample_teacher
-from sid.teachers import Teacher, build_teacher
+from sid.teachers import Teacher, build_teacher, note_measured
 
 __all__ = ["Run", "TrainingInterrupted", "build", "iteration", "train"]
 
@@ -490,6 +490,8 @@ def build_evaluator(run: Run):
         if result and result[name] < best:                      # NaN is never better
             best = result[name]
             export(run, "generator-best", **result)
+        if result:                                              # the export of this step, if any, names it too
+            note_measured(Path(cfg.train.run_dir) / "generator", run.nimg, result)
         acc.wait_for_everyone()
         return result
 

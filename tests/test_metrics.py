@@ -122,6 +122,8 @@ def test_cli_reference_then_generator_fid(extractor_file, tmp_path, tiny_unet_ov
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     fids = [(r["nimg"], r["fid"]) for r in records if "fid" in r]
     assert [n for n, _ in fids] == [16, 32] and all(np.isfinite(v) and v > 0 for _, v in fids)
+    card = (tmp_path / "run" / "generator" / "README.md").read_text()        # the final export's model card
+    assert f"after 32 generator images; measured: FID-8 {fids[-1][1]:.4g} (EMA generator" in card
     out = run("gen", str(tmp_path / "run" / "generator"), "--ref", str(tmp_path / "ref.npz"), "--num", "8",
               "--repeats", "2", "--json", str(tmp_path / "fid.jsonl"))
     result = json.loads((tmp_path / "fid.jsonl").read_text())

@@ -75,6 +75,24 @@ def export_native(denoiser: nn.Module, spec: dict, sigma_init: float, out_dir, c
     return True
 
 
+def note_measured(folder, nimg: int, measured: dict) -> None:
+    """Add what was measured at image ``nimg`` to the model card of the export in ``folder``, where the export
+    is of that image count and has a card (its weights and config stay as written)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "generator.json").read_text())
+    except (OSError, ValueError):
+        return
+    if config.get("nimg") != nimg or not (folder / "model_index.json").is_file():
+        return
+    from sid.teachers.pipeline import write_card
+
+    write_card(folder, {**config, **measured})
+
+
 def load_native(folder) -> tuple[nn.Module, tuple[int, ...], float]:
     """(denoiser, sample shape, σ_init) of an export in its family's own form alone (diffusers: a pipeline
     folder with ``model_index.json``), for ``sid.load_generator``."""
@@ -94,4 +112,4 @@ def teacher_from_path(path: str) -> list[str] | None:
 
 
 __all__ = ["Teacher", "adapter", "build_teacher", "denoiser_from_spec", "export_native", "load_native",
-           "teacher_from_path"]
+           "note_measured", "teacher_from_path"]

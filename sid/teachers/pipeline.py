@@ -129,12 +129,23 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
     return denoiser, sample_shape(denoiser), float(pipeline.config.sigma_init)
 
 
+def write_card(folder: Path, config: dict) -> None:
+    """The model card of an export, written beside and renamed (a reader never sees half of one)."""
+    tmp = Path(folder) / ".README.md.tmp"
+    tmp.write_text(model_card(config))
+    os.replace(tmp, Path(folder) / "README.md")
+
+
 def model_card(config: dict) -> str:
     """The README.md of a diffusers-form export: what it is, how it was made, what it measured, how to use it."""
     spec, run = config["denoiser"], config.get("config") or {}
     teacher = (run.get("teacher") or {}).get("diffusers") or {}
     source = teacher.get("path") or "a UNet built from its config"
-    measured = ", ".join(f"{k} {config[k]:.4g}" for k in ("fid", "swd") if isinstance(config.get(k), (int, float)))
+    evaluation = run.get("eval") or {}
+    measured = ""
+    if isinstance(config.get("fid"), (int, float)):
+        measured = (f"FID-{evaluation.get('num', '?')} {config['fid']:.4g} (EMA generator, seeds from 0, against "
+                    f"`{evaluation.get('fid_ref')}`, measured in training as `sid fid gen` measures)")
     shape, unet = ", ".join(map(str, config["shape"])), spec.get("class_name")
     pipeline = ("```python\nfrom sid import SiDPipeline\n\n"
                 'images = SiDPipeline.from_pretrained("path/to/this/folder")(batch_size=4).images      # PIL images\n'
