@@ -82,6 +82,13 @@ class LossConfig:
     augment: float = 0.0                 # fake-score step: EDM's geometric augmentation, this probability per
                                          # transform (SiD CIFAR-10: 0.12); networks with augment labels only
     reuse_generator_batch: bool = False  # fake step fits the last generator step's x_g: one G forward fewer
+    # Classifier-free guidance inside the loss, D_κ = D_u + κ (D_c − D_u) (SiD-LSG's four scales, κ2 = κ3);
+    # 1: none. Conditional teachers with a null condition only.
+    guide_fake_train: float = 1.0        # κ1: the fake score's own output in its denoising loss
+    guide_fake: float = 1.0              # κ2 = κ3: the fake score in the generator loss
+    guide_teacher: float = 1.0           # κ4: the teacher in the generator loss
+    drop_cond: float = 0.1               # the fake step's conditions replaced by the null one at this rate,
+                                         # when guide_fake_train or guide_fake differs from 1 (SiD-LSG)
 
 
 @dataclass
@@ -199,6 +206,9 @@ RANGES = [
     ("loss.g_scale", _positive, "> 0"), ("loss.fake_scale", _positive, "> 0"),
     ("loss.t_max", lambda v: 0 < v <= 1, "in (0, 1] (a fraction of the Karras schedule)"),
     ("loss.augment", lambda v: 0 <= v <= 1, "in [0, 1] (a probability per transform; 0: off)"),
+    *((f"loss.{key}", lambda v: 0 <= v <= 100, "in [0, 100] (a guidance scale; 1: none)")
+      for key in ("guide_fake_train", "guide_fake", "guide_teacher")),
+    ("loss.drop_cond", lambda v: 0 <= v < 1, "in [0, 1) (a probability)"),
     ("loss.sigma_min", lambda v: v is None or v > 0, "> 0, or null for the teacher's"),
     ("loss.sigma_max", lambda v: v is None or v > 0, "> 0, or null for the teacher's"),
     ("ema.halflife_nimg", lambda v: v >= 0, ">= 0 (0: no EMA)"), ("ema.rampup", lambda v: v >= 0, ">= 0"),

@@ -16,6 +16,7 @@ import torch
 from sid.augment import LABEL_DIM, GeometricAugment
 from sid.config import CHOICES, resolve_lam
 from sid.errors import SidError
+from sid.guidance import drop, guided
 from sid.schedules import sample_lognormal_sigma, sample_sid_sigma
 
 WEIGHTINGS = CHOICES["loss.weighting"]
@@ -122,6 +123,11 @@ class DistillationLoss:
     g_scale: float                      # lsg / per-process batch
     fake_scale: float                   # ls / per-process batch
     augment: GeometricAugment | None = None   # the fake-score step's augmentation (SiD's --augment)
+    guide_fake_train: float = 1.0       # κ1, κ2 (= κ3), κ4 of SiD-LSG: guidance.guided on f_ψ in its own loss,
+    guide_fake: float = 1.0             # on f_ψ in the generator loss, on f_φ in the generator loss
+    guide_teacher: float = 1.0
+    drop_cond: float = 0.0              # the fake step's conditions → the null one at this rate (0: never)
+    null: Callable | None = None        # n -> the teacher family's null condition for n samples
 
     @classmethod
     def from_config(cls, loss, teacher, per_process: int) -> DistillationLoss:
@@ -136,25 +142,36 @@ class DistillationLoss:
         if not 0 < lo < hi:
             raise SidError(f"the generator loss's σ range [{lo:g}, {hi:g}] is empty (loss.sigma_min, loss.sigma_max; "
                            f"null: the teacher's [{d.sigma_min:g}, {d.sigma_max:g}])")
+        scales = {key: float(loss[key]) for key in ("guide_fake_train", "guide_fake", "guide_teacher")}
+        guides_fake = scales["guide_fake_train"] != 1 or scales["guide_fake"] != 1
+        null = teacher.null_condition if any(v != 1 for v in scales.values()) else None
+        if null is not None and null(1) is None:
+            named = ", ".join(f"loss.{k}={v:g}" for k, v in scales.items() if v != 1)
+            what = "has no null condition" if teacher.label_dim else "is unconditional"
+            raise SidError(f"{named}: guidance needs a conditional teacher with a null condition, and this "
+                           f"{teacher.spec['kind']} teacher {what}; leave the guidance scales at 1")
         return cls(lam=resolve_lam(loss.lam), weighting=loss.weighting, t_max=loss.t_max,
                    sigma_min=loss.sigma_min or d.sigma_min, sigma_max=loss.sigma_max or d.sigma_max,
                    rho=loss.rho, p_mean=loss.p_mean, p_std=loss.p_std, sigma_data=d.sigma_data,
                    g_scale=loss.g_scale / per_process, fake_scale=loss.fake_scale / per_process,
-                   augment=GeometricAugment(loss.augment) if loss.augment else None)
+                   augment=GeometricAugment(loss.augment) if loss.augment else None, **scales,
+                   drop_cond=loss.drop_cond if guides_fake else 0.0, null=null)
 
     def fake_score(self, fake_score: Callable, x_g: torch.Tensor, labels=None) -> torch.Tensor:
         """The fake score's denoising loss on the (detached) generator samples, ln σ log-normal; with
         augmentation, on the augmented samples, the network given the augment labels (SiD, training/sid_loss.py:
         σ drawn, then the augmentation, then the noise)."""
         sigma = sample_lognormal_sigma(len(x_g), self.p_mean, self.p_std, device=x_g.device)
-        x0, net = x_g.detach(), fake_score
+        x0, net = x_g.detach(), guided(fake_score, self.guide_fake_train, self.null)
+        labels = drop(labels, self.drop_cond, self.null)
         if self.augment is not None:
             x0, augment_labels = self.augment(x0)
-            net = partial(fake_score, augment_labels=augment_labels)
+            net = partial(net, augment_labels=augment_labels)
         return fake_score_loss(net, x0, sigma, labels, sigma_data=self.sigma_data) * self.fake_scale
 
     def generator(self, teacher: Callable, fake_score: Callable, x_g: torch.Tensor, labels=None) -> torch.Tensor:
         """The generator loss w · L_λ at SiD's Karras σ below t_max."""
         sigma = sample_sid_sigma(len(x_g), self.t_max, self.sigma_min, self.sigma_max, self.rho, device=x_g.device)
-        return generator_loss(teacher, fake_score, x_g, sigma, labels, lam=self.lam,
+        return generator_loss(guided(teacher, self.guide_teacher, self.null),
+                              guided(fake_score, self.guide_fake, self.null), x_g, sigma, labels, lam=self.lam,
                               weighting=self.weighting) * self.g_scale

@@ -81,6 +81,27 @@ def test_distil_an_edm_pickle_and_reload_its_generator(edm_side, tmp_path):
         load_generator(tmp_path / "run" / "generator", trust_code=True)
 
 
+@pytest.mark.slow
+def test_a_class_conditional_pickle_distils_with_guidance_inside_the_loss(edm_side, tmp_path):
+    """SiD-LSG's four guidance scales on a class-conditional EDM network (the zero one-hot vector its null class):
+    the run trains and resumes bit-identically, prompt-style condition dropout included."""
+    write_snapshot(tmp_path / "net.pkl", edm_side.EDMPrecond(8, 1, label_dim=3))
+    overrides = ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={tmp_path / 'net.pkl'}", "optim.batch=4",
+                 "train.log_every_nimg=4", "train.ckpt_every_nimg=8", "train.progress=false", "train.tracker=none",
+                 "train.sample_every_nimg=1000", "loss.guide_fake_train=1.5", "loss.guide_fake=2",
+                 "loss.guide_teacher=3", "loss.drop_cond=0.5"]
+    from sid.trainer import train
+
+    whole = train(load_config([], overrides + ["train.total_nimg=16", f"train.run_dir={tmp_path / 'whole'}"]),
+                  trust_code=True)
+    train(load_config([], overrides + ["train.total_nimg=8", f"train.run_dir={tmp_path / 'split'}"]), trust_code=True)
+    split = train(load_config([], overrides + ["train.total_nimg=16", f"train.run_dir={tmp_path / 'split'}"]),
+                  resume="auto", trust_code=True)
+    assert whole.loss.guide_teacher == 3 and whole.loss.drop_cond == 0.5
+    for a, b in zip(whole.generator.state_dict().values(), split.generator.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_a_url_is_downloaded_once_into_the_hub_folder(edm_side, tmp_path, monkeypatch):
     write_snapshot(tmp_path / "net.pkl", edm_side.EDMPrecond(8, 1))
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))

@@ -23,14 +23,24 @@ class Teacher:
 
     exact_samples = False               # whether ``sample`` draws exact samples of the teacher's distribution
 
-    def __init__(self, denoiser: nn.Module, shape, spec: dict, augment_dim: int = 0):
+    def __init__(self, denoiser: nn.Module, shape, spec: dict, augment_dim: int = 0, zero_label_is_null=False):
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.shape, self.spec = tuple(int(s) for s in shape), spec
         self.augment_dim = augment_dim  # augmentation labels its network takes (``loss.augment``); 0: none
+        self.zero_label_is_null = zero_label_is_null   # the zero one-hot vector means "no class" (guidance)
 
     @property
     def label_dim(self) -> int:
         return self.denoiser.label_dim
+
+    def null_condition(self, n: int):
+        """The family's null condition for ``n`` samples, which guidance's unconditional half sees, or None
+        where the teacher has none (unconditional, or never trained without its condition). For one-hot class
+        labels it is the zero vector where ``zero_label_is_null`` (EDM's networks learn it by label dropout;
+        a diffusers class-embedding UNet has no such class). Families with other conditions override it."""
+        if self.label_dim and self.zero_label_is_null:
+            return torch.zeros(n, self.label_dim)                      # moved to the batch's device where used
+        return None
 
     def make_student(self) -> nn.Module:
         """A trainable denoiser that starts as the teacher (the fake score and the generator): a copy of it."""

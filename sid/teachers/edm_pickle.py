@@ -209,7 +209,7 @@ def build(section, trust_code: bool = False) -> Teacher:
     """The network of ``teacher.edm_pickle``'s pickle as a teacher; it takes augmentation labels if its
     backbone was trained with them (EDM's CIFAR-10 networks: 9)."""
     denoiser, shape, spec = load_denoiser(section.path, trust_code, section.sigma_data, section.dropout)
-    return Teacher(denoiser, shape, spec, augment_dim=denoiser.net.augment_dim)
+    return Teacher(denoiser, shape, spec, augment_dim=denoiser.net.augment_dim, zero_label_is_null=True)
 
 
 def load_denoiser(path: str | Path, trust: bool, sigma_data: float = 0.5, dropout: float | None = None):
