@@ -33,6 +33,15 @@ def where(keep: torch.Tensor, a, b):
     return torch.where(keep.reshape(-1, *[1] * (a.ndim - 1)), a, b.to(a))
 
 
+def part(cond, index):
+    """The samples ``index`` (a slice or index tensor) of a condition."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: part(v, index) for k, v in cond.items()}
+    return cond[index]
+
+
 def size(cond) -> int | None:
     """The batch size of a condition (None for the unconditional one)."""
     if cond is None:
@@ -57,6 +66,7 @@ def guided(denoiser: Callable, scale: float, null: Callable[[int], object]) -> C
         d_c, d_u = both[:n], both[n:]
         return d_u + scale * (d_c - d_u)
 
+    denoise.__wrapped__ = denoiser                  # the plain denoiser (its σ range), for samplers
     return denoise
 
 

@@ -144,6 +144,9 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         set_tf32(cfg.perf.tf32)
     torch.manual_seed(cfg.train.seed)          # identical networks on every process (also a random-init teacher)
     teacher = build_teacher(cfg.teacher, trust_code=trust_code)
+    if teacher.text_to_image:
+        raise SidError(f"the {teacher.spec.get('pipeline', 'pipeline')} teacher is a text-to-image teacher, which sid "
+                       "samples (sid sample --teacher FOLDER --prompt ...) but does not distil yet")
     fake_score = teacher.make_student()
     generator = OneStepGenerator(teacher.make_student(), teacher.shape, cfg.generator.sigma_init)
     teacher.denoiser.to(device).eval().requires_grad_(False)

@@ -40,7 +40,7 @@ def test_only_the_trainer_uses_accelerate():
 
 def test_only_adapters_import_diffusers_or_pickle():
     users = {name for name, mods in SOURCES.items() if any(m.startswith("diffusers") for m in mods)}
-    assert users <= {"sid.teachers.diffusers", "sid.teachers.pipeline"}     # the adapter, and its export form
+    assert users <= {"sid.teachers.diffusers", "sid.teachers.pipeline", "sid.teachers.latent"}   # the adapter
     users = {name for name, mods in SOURCES.items() if any(m in ("pickle", "dill", "cloudpickle") for m in mods)}
     assert users <= {"sid.teachers.edm_pickle"}
 

@@ -5,6 +5,7 @@
     sid sample runs/x --seeds 0-99 --out pngs/                     # a run folder: its export; one PNG per seed
     sid sample --teacher runs/x/config.yaml --steps 18 --seeds 0-63 --out teacher.png
     sid sample --teacher builtin:fmnist --out teacher.png          # or a preset, or a diffusers folder
+    sid sample --teacher sd-folder --prompt "a photo of a cat" --guidance 7.5 --steps 25 --out cats.png
 """
 
 import argparse
@@ -18,6 +19,7 @@ from sid.cli import output_path, parser, writing
 from sid.config import load_config
 from sid.errors import SidError
 from sid.generator import load_generator
+from sid.guidance import guided
 from sid.images import save_image_grid, save_samples, to_uint8
 from sid.sampling import sample_teacher
 from sid.teachers import Teacher, build_teacher, teacher_from_path
@@ -56,6 +58,11 @@ def main(argv=None, prog=None) -> int:
                         "distilled from one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=256, help="samples per network batch")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="text-to-image teacher: a prompt (repeatable; seed s gets prompt s mod their number)")
+    p.add_argument("--prompts-file", help="text-to-image teacher: prompts, one per line")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="teacher: classifier-free guidance scale κ against the null condition (1: none)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a progress bar on stderr (default: where stderr is a terminal)")
     args = p.parse_args(argv)
@@ -67,13 +74,27 @@ def main(argv=None, prog=None) -> int:
         raise SidError(f"--classes gives {len(classes)} values for {len(seeds)} seeds")
     if (args.generator is None) == (args.teacher is None):
         raise SidError("give either an exported generator or --teacher CONFIG")
+    prompts = read_prompts(args.prompt, args.prompts_file)
     if args.teacher:
         teacher = load_teacher(args.teacher, args.device, args.trust_code)
+        if teacher.text_to_image and not prompts:
+            raise SidError(f"{args.teacher} is a text-to-image teacher: give --prompt or --prompts-file")
+        if prompts and not teacher.text_to_image:
+            raise SidError("--prompt given, but this teacher takes no text")
+        if args.guidance != 1 and teacher.null_condition(1) is None:
+            raise SidError(f"--guidance {args.guidance:g}: this teacher has no null condition to guide against")
+        denoiser = guided(teacher.denoiser, args.guidance, teacher.null_condition)
 
         def draw(seeds, classes):
-            return sample_teacher(teacher.denoiser, teacher.shape, args.steps, args.solver, seeds, classes,
-                                  args.device)
+            if not prompts:
+                return sample_teacher(denoiser, teacher.shape, args.steps, args.solver, seeds, classes, args.device)
+            cond = teacher.encode([prompts[seed % len(prompts)] for seed in seeds])    # a seed's own prompt
+            latents = sample_teacher(denoiser, teacher.shape, args.steps, args.solver, seeds, None, args.device,
+                                     cond=cond)
+            return teacher.decode(latents).cpu()
     else:
+        if prompts:
+            raise SidError("--prompt is for text-to-image teachers (--teacher); this generator takes no text")
         generator = load_generator(args.generator, device=args.device, trust_code=args.trust_code)
         if classes is not None and not generator.label_dim:
             raise SidError("--classes given, but this generator is unconditional")
@@ -85,6 +106,21 @@ def main(argv=None, prog=None) -> int:
         write(x, Path(args.out), seeds)
     print(f"wrote {len(seeds)} samples to {args.out}")
     return 0
+
+
+def read_prompts(prompts: list[str], path: str | None) -> list[str]:
+    """--prompt values, then the non-empty lines of --prompts-file."""
+    prompts = list(prompts)
+    if path:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SidError(f"--prompts-file {path} cannot be read ({type(e).__name__}); give a UTF-8 text file "
+                           "with one prompt per line") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise SidError(f"--prompts-file {path} holds no prompts: one prompt per line")
+    return prompts
 
 
 def in_batches(draw, seeds: list[int], classes: list[int] | None, batch: int, progress: bool | None) -> torch.Tensor:
@@ -106,9 +142,7 @@ def load_teacher(teacher: str, device, trust_code: bool = False) -> Teacher:
     path alone: a diffusers folder or ``builtin:<name>``. ``trust_code``: from the command line only."""
     overrides = teacher_from_path(teacher)
     cfg = load_config([], overrides) if overrides else load_config([teacher])
-    built = build_teacher(cfg.teacher, trust_code=trust_code)
-    built.denoiser.to(device)
-    return built
+    return build_teacher(cfg.teacher, trust_code=trust_code).to(device)
 
 
 def check_out(out: Path) -> None:

@@ -22,6 +22,7 @@ class Teacher:
     """
 
     exact_samples = False               # whether ``sample`` draws exact samples of the teacher's distribution
+    text_to_image = False               # conditioned on prompts (``encode``), working on latents (``decode``)
 
     def __init__(self, denoiser: nn.Module, shape, spec: dict, augment_dim: int = 0, zero_label_is_null=False):
         self.denoiser = denoiser.eval().requires_grad_(False)
@@ -41,6 +42,11 @@ class Teacher:
         if self.label_dim and self.zero_label_is_null:
             return torch.zeros(n, self.label_dim)                      # moved to the batch's device where used
         return None
+
+    def to(self, device) -> Teacher:
+        """Move the teacher's networks (the denoiser, and a family's encoders) to ``device``."""
+        self.denoiser.to(device)
+        return self
 
     def make_student(self) -> nn.Module:
         """A trainable denoiser that starts as the teacher (the fake score and the generator): a copy of it."""

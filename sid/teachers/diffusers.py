@@ -195,8 +195,15 @@ class DiffusersTeacher(Teacher):
                 module.enable_gradient_checkpointing()
 
 
-def build(section, trust_code: bool = False) -> DiffusersTeacher:
-    """The teacher of ``teacher.diffusers``: a local folder, a hub id, ``builtin:<name>``, or a random UNet."""
+def build(section, trust_code: bool = False) -> Teacher:
+    """The teacher of ``teacher.diffusers``: a local folder, a hub id, ``builtin:<name>``, or a random UNet; a
+    latent text-to-image pipeline folder (``latent.LATENT_PIPELINES``) with its VAE and text encoder."""
+    root = Path(resolve_path(section.path)) if section.path else None
+    index = _read_json(root / "model_index.json") if root is not None and root.is_dir() else None
+    if index and index.get("_class_name") in LATENT_PIPELINES:
+        from sid.teachers.latent import load
+
+        return load(root, index)
     unet_config = plain(section.unet_config) if section.unet_config else None
     return DiffusersTeacher(*load_denoiser(section.path, unet_config, section.prediction_type, section.sigma_data))
 
@@ -215,7 +222,10 @@ LATENT_COMPONENTS = ("vae", "vqvae", "text_encoder", "text_encoder_2", "text_enc
 UNSUPPORTED = {"ScoreSdeVePipeline": "its UNet predicts a scaled score on a continuous VE schedule, not ε, v, x0, "
                                      "EDM or flow", "ScoreSdeVeScheduler": "a VE score-SDE schedule"}
 SUPPORTED = ("UNet2DModel and class-conditional UNet2DConditionModel folders, or pipelines holding one in unet/ "
-             "with a DDPM/DDIM/Euler, EDM or flow-matching scheduler (DDPMPipeline, DDIMPipeline, ...)")
+             "with a DDPM/DDIM/Euler, EDM or flow-matching scheduler (DDPMPipeline, DDIMPipeline, ...); "
+             "StableDiffusionPipeline folders for sampling (sid sample --teacher FOLDER --prompt ...)")
+# Latent text-to-image pipelines read by sid/teachers/latent.py, by class (the module itself imports lazily).
+LATENT_PIPELINES = ("StableDiffusionPipeline",)
 
 
 def check_pipeline(index: dict | None, scheduler_config: dict | None, where: str) -> None:
