@@ -111,23 +111,32 @@ def test_prompts_are_encoded_as_the_pipeline_encodes_them_and_decode_through_its
     assert teacher.shape == (4, 8, 8) and teacher.spec["pipeline"] == "StableDiffusionPipeline"
 
 
-@pytest.mark.slow
 def test_sid_sample_draws_the_teacher_for_prompts(sd_folder, tmp_path):
     """`sid sample --teacher FOLDER --prompt ... --guidance κ`: decoded images, one per seed, prompts cycled."""
-    out = sid_process("sample", "--teacher", sd_folder, "--prompt", "a cat", "--prompt", "a dog", "--guidance", "2",
-                      "--seeds", "0-3", "--steps", "4", "--solver", "euler", "--out", tmp_path / "t.npz")
-    assert out.returncode == 0, out.stderr[-2000:]
+    from sid.cli import main as sid
+
+    common = ["sample", "--teacher", str(sd_folder), "--prompt", "a cat", "--prompt", "a dog", "--guidance", "2",
+              "--steps", "4", "--solver", "euler"]
+    assert sid([*common, "--seeds", "0-3", "--out", str(tmp_path / "t.npz")]) == 0
     images = np.load(tmp_path / "t.npz")["images"]
     assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
-    again = sid_process("sample", "--teacher", sd_folder, "--prompt", "a cat", "--prompt", "a dog", "--guidance",
-                        "2", "--seeds", "2-3", "--steps", "4", "--solver", "euler", "--out", tmp_path / "u.npz")
-    assert again.returncode == 0, again.stderr[-2000:]
+    assert sid([*common, "--seeds", "2-3", "--out", str(tmp_path / "u.npz")]) == 0
     assert (np.load(tmp_path / "u.npz")["images"] == images[2:]).all()      # a seed's image: its seed and prompt
 
 
 @pytest.mark.slow
-def test_bad_text_to_image_input_is_one_line(sd_folder, tmp_path):
+def test_bad_text_to_image_input_is_one_line(sd_folder, tmp_path, capsys):
     import shutil
+
+    from sid.cli import main as sid
+
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    for flag, value, message in (("--prompts-file", tmp_path / "empty.txt", "holds no prompts: one prompt per line"),
+                                 ("--prompts-file", tmp_path / "nope.txt", "nope.txt cannot be read"),
+                                 ("--guidance", "2", "give --prompt or --prompts-file")):
+        assert sid(["sample", "--teacher", str(sd_folder), flag, str(value), "--out", str(tmp_path / "z.npz")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
     broken = tmp_path / "broken"
     shutil.copytree(sd_folder, broken)
@@ -135,12 +144,10 @@ def test_bad_text_to_image_input_is_one_line(sd_folder, tmp_path):
     with pytest.raises(SidError, match="is a StableDiffusionPipeline without vae/; a StableDiffusionPipeline folder "
                                        "needs unet, scheduler, vae, text_encoder, tokenizer"):
         teacher_of(broken)
-    out = sid_process("sample", "--teacher", sd_folder, "--seeds", "0-1", "--out", tmp_path / "x.npz")
-    assert out.returncode == 2 and "a text-to-image teacher: give --prompt or --prompts-file" in out.stderr
-    out = sid_process("sample", "--teacher", "builtin:fmnist", "--prompt", "a cat", "--out", tmp_path / "y.npz")
-    assert out.returncode == 2 and "--prompt given, but this teacher takes no text" in out.stderr
+    assert sid(["sample", "--teacher", "builtin:fmnist", "--prompt", "a cat", "--out", str(tmp_path / "y.npz")]) == 2
+    assert "--prompt given, but this teacher takes no text" in capsys.readouterr().err
     out = sid_process("train", "teacher.kind=diffusers", f"teacher.diffusers.path={sd_folder}",
-                      f"train.run_dir={tmp_path / 'run'}")
+                      f"train.run_dir={tmp_path / 'run'}")                 # the command as a user runs it
     assert out.returncode == 2 and out.stderr.endswith("text-to-image teacher, which sid samples (sid sample "
                                                        "--teacher FOLDER --prompt ...) but does not distil yet\n")
     assert not list((tmp_path / "run").glob("training-state-*")) and out.stderr.count("\n") == 1
