@@ -117,7 +117,6 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=N
     if trust:
         p.add_argument("--trust-code", action="store_true",
                        help="let the teacher run foreign code: unpickle an EDM pickle, import a teacher.python.factory")
-    if trust:
         p.add_argument("--push-to-hub", metavar="REPO_ID",
                        help="when the run ends, upload its generator/ (sid's files, the diffusers form, the model "
                             "card) to this Hugging Face Hub model repository (online; `huggingface-cli login`)")

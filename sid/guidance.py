@@ -66,7 +66,6 @@ def guided(denoiser: Callable, scale: float, null: Callable[[int], object]) -> C
         d_c, d_u = both[:n], both[n:]
         return d_u + scale * (d_c - d_u)
 
-    denoise.__wrapped__ = denoiser                  # the plain denoiser (its σ range), for samplers
     return denoise
 
 

@@ -138,9 +138,16 @@ def bar(total: int, what: str, progress: bool | None) -> tqdm:
 
 
 def update(metric: FrechetInceptionDistance, images: torch.Tensor, real: bool, features: list | None) -> None:
-    metric.update(images, real=real)
-    if features is not None:                            # the same extractor again, for KID and precision/recall
-        features.append(metric.inception(images).double().cpu())
+    """``metric.update``; with ``features``, the extractor's output of that same pass is kept too (for KID and
+    precision/recall), read by a forward hook rather than by running the Inception a second time."""
+    if features is None:
+        metric.update(images, real=real)
+        return
+    hook = metric.inception.register_forward_hook(lambda module, args, out: features.append(out.double().cpu()))
+    try:
+        metric.update(images, real=real)
+    finally:
+        hook.remove()
 
 
 def _states(metric: FrechetInceptionDistance) -> dict:

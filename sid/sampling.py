@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from sid.generator import OneStepGenerator
-from sid.guidance import part
+from sid.guidance import guided, part
 from sid.schedules import karras_sigmas
 
 
@@ -40,15 +40,14 @@ def heun_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels=Non
 
 @torch.no_grad()
 def sample_teacher(denoiser, shape, steps: int, solver: str, seeds, classes=None, device=None, batch=256,
-                   cond=None):
+                   cond=None, guidance: float = 1.0, null=None):
     """The teacher's probability-flow ODE (Heun: 2·steps − 1 evaluations, or Euler: steps) from the same
     per-seed noise a one-step generator gets for those seeds (``OneStepGenerator.inputs_for_seeds``).
-    ``cond``: one condition per seed (e.g. encoded prompts), in place of ``classes``; ``denoiser`` may be a
-    guided one (``sid.guidance.guided``), given the plain denoiser's ``sigma_min``/``sigma_max`` through it."""
-    base = getattr(denoiser, "__wrapped__", denoiser)
-    z, labels = OneStepGenerator(base, shape).inputs_for_seeds(list(seeds), classes, device)
+    ``cond``: one condition per seed (e.g. encoded prompts), in place of ``classes``; ``guidance``: classifier-free
+    guidance of that strength against the null condition ``null(n)`` (``sid.guidance.guided``)."""
+    z, labels = OneStepGenerator(denoiser, shape).inputs_for_seeds(list(seeds), classes, device)
     labels = labels if cond is None else cond
-    sigmas = karras_sigmas(steps, base.sigma_min, base.sigma_max, device=device)
-    sampler = heun_sampler if solver == "heun" else euler_sampler
-    return torch.cat([sampler(denoiser, z[i:i + batch], sigmas, part(labels, slice(i, i + batch)))
+    sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, device=device)
+    sampler, net = heun_sampler if solver == "heun" else euler_sampler, guided(denoiser, guidance, null)
+    return torch.cat([sampler(net, z[i:i + batch], sigmas, part(labels, slice(i, i + batch)))
                       for i in range(0, len(z), batch)]).cpu()

@@ -190,6 +190,16 @@ def test_the_inception_file_is_verified_by_its_hash(tmp_path, monkeypatch):
         sid.metrics.feature_extractor("auto")
 
 
+def test_features_are_kept_from_the_pass_that_feeds_fid(extractor_file):
+    """add_images(features=...) keeps the extractor's output of the pass the metric counts (one pass, not two)."""
+    extractor = InceptionTorchScript(extractor_file)
+    metric, kept, calls = make_fid(extractor), [], []                     # (the metric probes it once, here)
+    extractor.register_forward_hook(lambda module, args, out: calls.append(len(out)))
+    add_images(metric, images(5, n=30), real=True, batch=20, features=kept)
+    assert calls == [20, 10] and int(metric.real_features_num_samples) == 30
+    torch.testing.assert_close(torch.cat(kept), extractor(images(5, n=30)).double())
+
+
 def test_kid_and_precision_recall_on_features():
     from sid.metrics import kid, precision_recall
 

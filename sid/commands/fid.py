@@ -47,15 +47,14 @@ def label(num: int) -> str:
 def cmd_ref(args) -> dict:
     metric = make_fid(args.weights).to(DEVICE)
     images = load_images(args.source)
+    images = images[: args.num] if args.num else images
     features = [] if args.features else None
-    add_images(metric, images[: args.num] if args.num else images, real=True, features=features,
-               progress=args.progress)
+    add_images(metric, images, real=True, features=features, progress=args.progress)
     with writing(args.out):
         save_reference(metric, args.out, torch.cat(features) if features else None)
-    count = len(images[: args.num] if args.num else images)
-    print(f"wrote the reference statistics of {count:,} images of {args.source} to {args.out}"
+    print(f"wrote the reference statistics of {len(images):,} images of {args.source} to {args.out}"
           f"{' (with their features)' if features else ''}")
-    return {"reference": args.out, "source": args.source, "images": count}
+    return {"reference": args.out, "source": args.source, "images": len(images)}
 
 
 def measured(args, run) -> tuple[list[float], dict]:

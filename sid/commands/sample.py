@@ -19,7 +19,6 @@ from sid.cli import output_path, parser, writing
 from sid.config import load_config
 from sid.errors import SidError
 from sid.generator import load_generator
-from sid.guidance import guided
 from sid.images import save_image_grid, save_samples, to_uint8
 from sid.sampling import sample_teacher
 from sid.teachers import Teacher, build_teacher, teacher_from_path
@@ -83,14 +82,15 @@ def main(argv=None, prog=None) -> int:
             raise SidError("--prompt given, but this teacher takes no text")
         if args.guidance != 1 and teacher.null_condition(1) is None:
             raise SidError(f"--guidance {args.guidance:g}: this teacher has no null condition to guide against")
-        denoiser = guided(teacher.denoiser, args.guidance, teacher.null_condition)
+        guide = {"guidance": args.guidance, "null": teacher.null_condition}
 
         def draw(seeds, classes):
             if not prompts:
-                return sample_teacher(denoiser, teacher.shape, args.steps, args.solver, seeds, classes, args.device)
+                return sample_teacher(teacher.denoiser, teacher.shape, args.steps, args.solver, seeds, classes,
+                                      args.device, **guide)
             cond = teacher.encode([prompts[seed % len(prompts)] for seed in seeds])    # a seed's own prompt
-            latents = sample_teacher(denoiser, teacher.shape, args.steps, args.solver, seeds, None, args.device,
-                                     cond=cond)
+            latents = sample_teacher(teacher.denoiser, teacher.shape, args.steps, args.solver, seeds, None,
+                                     args.device, cond=cond, **guide)
             return teacher.decode(latents).cpu()
     else:
         if prompts:

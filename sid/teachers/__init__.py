@@ -64,15 +64,13 @@ def backbone_values(spec: dict) -> int | None:
     return sum(t.numel() for t in net.state_dict().values())
 
 
-def export_native(denoiser: nn.Module, spec: dict, sigma_init: float, out_dir, config: dict) -> bool:
+def export_native(denoiser: nn.Module, spec: dict, sigma_init: float, out_dir, config: dict) -> None:
     """The generator also in its family's own form where the family has one (diffusers: a pipeline folder that
-    diffusers loads); returns whether it wrote one."""
-    if LEGACY_SPEC_KINDS.get(spec.get("kind"), spec.get("kind")) != "diffusers":
-        return False
-    from sid.teachers.pipeline import export_native as diffusers_export
+    diffusers loads)."""
+    if LEGACY_SPEC_KINDS.get(spec.get("kind"), spec.get("kind")) == "diffusers":
+        from sid.teachers.pipeline import export_native as diffusers_export
 
-    diffusers_export(denoiser, spec, sigma_init, out_dir, config)
-    return True
+        diffusers_export(denoiser, spec, sigma_init, out_dir, config)
 
 
 def note_measured(folder, nimg: int, measured: dict) -> None:

@@ -21,6 +21,7 @@ from sid.config import CHOICES, plain
 from sid.errors import SidError
 from sid.precond import Coefficients, EDMRule, FlowRule, Preconditioned
 from sid.teachers.base import Teacher
+from sid.teachers.latent import COMPONENTS as LATENT_PIPELINE_COMPONENTS
 
 PREDICTION_TYPES = tuple(c for c in CHOICES["teacher.diffusers.prediction_type"] if c)     # the schema's list
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
@@ -127,13 +128,19 @@ class EDMVPredictionRule(EDMRule):
         return c._replace(c_out=-c.c_out)
 
 
+def edm_output(scheduler_config: dict | None) -> str:
+    """What an EDM-preconditioned UNet outputs: its EDM scheduler's ``prediction_type``, else ε."""
+    cfg = scheduler_config or {}
+    return cfg.get("prediction_type", "epsilon") if cfg.get("_class_name") in EDM_SCHEDULERS else "epsilon"
+
+
 def denoiser_from_unet(unet: nn.Module, prediction_type: str, scheduler_config: dict | None, sigma_data: float):
     """Wrap a diffusers UNet with the coefficient rule of its parameterisation."""
     if prediction_type not in PREDICTION_TYPES:
         raise SidError(f"prediction_type={prediction_type!r} is unknown; choose one of {PREDICTION_TYPES}")
     if prediction_type == "edm":
         cfg = scheduler_config or {}
-        output = cfg.get("prediction_type", "epsilon") if cfg.get("_class_name") in EDM_SCHEDULERS else "epsilon"
+        output = edm_output(cfg)
         if output not in ("epsilon", "v_prediction"):
             raise SidError(f"EDM scheduler with prediction_type={output!r}: only epsilon and v_prediction are defined")
         rule_class = EDMVPredictionRule if output == "v_prediction" else EDMRule
@@ -197,7 +204,7 @@ class DiffusersTeacher(Teacher):
 
 def build(section, trust_code: bool = False) -> Teacher:
     """The teacher of ``teacher.diffusers``: a local folder, a hub id, ``builtin:<name>``, or a random UNet; a
-    latent text-to-image pipeline folder (``latent.LATENT_PIPELINES``) with its VAE and text encoder."""
+    latent text-to-image pipeline folder (``LATENT_PIPELINES``) with its VAE and text encoder."""
     root = Path(resolve_path(section.path)) if section.path else None
     index = _read_json(root / "model_index.json") if root is not None and root.is_dir() else None
     if index and index.get("_class_name") in LATENT_PIPELINES:
@@ -224,8 +231,8 @@ UNSUPPORTED = {"ScoreSdeVePipeline": "its UNet predicts a scaled score on a cont
 SUPPORTED = ("UNet2DModel and class-conditional UNet2DConditionModel folders, or pipelines holding one in unet/ "
              "with a DDPM/DDIM/Euler, EDM or flow-matching scheduler (DDPMPipeline, DDIMPipeline, ...); "
              "StableDiffusionPipeline folders for sampling (sid sample --teacher FOLDER --prompt ...)")
-# Latent text-to-image pipelines read by sid/teachers/latent.py, by class (the module itself imports lazily).
-LATENT_PIPELINES = ("StableDiffusionPipeline",)
+# Latent text-to-image pipelines, read by sid/teachers/latent.py (which imports diffusers only when loading).
+LATENT_PIPELINES = tuple(LATENT_PIPELINE_COMPONENTS)
 
 
 def check_pipeline(index: dict | None, scheduler_config: dict | None, where: str) -> None:

@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline, EDMEulerScheduler, SchedulerMixin
 from torch import nn
 
 from sid.precond import Preconditioned
-from sid.teachers.diffusers import EDM_SCHEDULERS, denoiser_from_unet, sample_shape
+from sid.teachers.diffusers import denoiser_from_unet, edm_output, sample_shape
 
 
 class SiDPipeline(DiffusionPipeline):
@@ -72,10 +72,8 @@ def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_d
     out_dir = Path(out_dir)
     unet = denoiser.net.unet
     if spec["prediction_type"] == "edm":
-        edm = spec.get("scheduler_config") or {}
-        output = edm.get("prediction_type", "epsilon") if edm.get("_class_name") in EDM_SCHEDULERS else "epsilon"
         scheduler = EDMEulerScheduler(sigma_min=sigma_init, sigma_max=sigma_init, sigma_data=denoiser.sigma_data,
-                                      prediction_type=output)
+                                      prediction_type=edm_output(spec.get("scheduler_config")))
     else:
         schedule = spec.get("scheduler_config") or {"_class_name": "DDPMScheduler"}
         cls = getattr(diffusers, schedule.get("_class_name", "DDPMScheduler"), None)
@@ -85,14 +83,15 @@ def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_d
                            prediction_type=spec["prediction_type"], sigma_data=denoiser.sigma_data)
     tmp = out_dir / ".tmp-diffusers"
     shutil.rmtree(tmp, ignore_errors=True)
-    pipeline.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "README.md").write_text(model_card(config))
-    for name in ("unet", "scheduler"):
-        shutil.rmtree(out_dir / name, ignore_errors=True)
-        os.replace(tmp / name, out_dir / name)
-    for name in ("model_index.json", "README.md"):
-        os.replace(tmp / name, out_dir / name)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:                                                   # written beside, then moved in; never left behind
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        for name in ("unet", "scheduler"):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+            os.replace(tmp / name, out_dir / name)
+        os.replace(tmp / "model_index.json", out_dir / "model_index.json")
+        write_card(out_dir, config)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 UNETS = ("UNet2DModel", "UNet2DConditionModel")
