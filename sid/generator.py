@@ -107,15 +107,17 @@ def check_repo_id(repo_id: str) -> None:
                        "'-', '_', '.')") from None
 
 
-def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None,
+                trust_code: bool = False) -> str:
     """Upload an exported generator folder (sid's files, its diffusers form and model card) to a Hugging Face Hub
-    model repository, made if it does not exist; returns the repository's URL. Needs the network and a login."""
+    model repository, made if it does not exist; returns the repository's URL. Needs the network and a login.
+    ``trust_code``: as in ``load_generator``, which checks the export first (a pickle or factory teacher's)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     folder = Path(folder)
     check_repo_id(repo_id)
-    load_generator(folder)                                   # only a readable export goes out
+    load_generator(folder, trust_code=trust_code)            # only a readable export goes out
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -322,7 +322,7 @@ def train(cfg, resume: str | None = None, trust_code: bool = False, push_to_hub:
     with claimed(run_dir, accelerator.is_main_process):
         run = run_training(cfg, accelerator, resume, trust_code)
     if push_to_hub and accelerator.is_main_process:
-        url = upload(run_dir / "generator", push_to_hub)
+        url = upload(run_dir / "generator", push_to_hub, trust_code=trust_code)
         accelerator.print(f"pushed {run_dir / 'generator'} to {url}")
     return run
 

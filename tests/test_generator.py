@@ -115,5 +115,9 @@ def test_push_to_hub_uploads_a_readable_export_and_says_when_it_cannot(tmp_path,
     assert (tmp_path / "gen" / WEIGHTS).is_file()
     with pytest.raises(SidError, match="no exported generator"):
         push_to_hub(tmp_path / "nothing", "me/one-step")
+    python_spec = {"kind": "python", "factory": "os:getcwd", "kwargs": {}, "shape": [2]}   # needs its code run
+    export_generator(generator(), python_spec, tmp_path / "foreign")
+    with pytest.raises(SidError, match="trust_code"):
+        push_to_hub(tmp_path / "foreign", "me/one-step")                             # never on the file's say
     assert sid(["train", "--config", "toy_2d", "--push-to-hub", "me/bad id!", f"train.run_dir={tmp_path / 'r'}"]) == 2
     assert "is not a Hub repository id" in capsys.readouterr().err and not (tmp_path / "r").exists()
