@@ -146,6 +146,21 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
+def measure_row(mode: str, cfg, flops: dict, peak: float, warmup: int, iters: int) -> dict:
+    """One row of the table: ``time_mode`` of ``cfg``, its model TFLOP/s and share of the measured peak."""
+    result = time_mode(cfg, warmup, iters)
+    achieved = result["img_per_s"] * flops["iteration_flop_per_img"]
+    release()
+    return {"mode": mode, "batch": cfg.optim.batch, "batch_gpu": cfg.optim.batch_gpu, **result,
+            "tflop_s": achieved / 1e12, "peak_fraction": achieved / peak}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads)"
+
+
 def benchmark(config_files: list[str], overrides: list[str], modes: list[str], warmup: int, iters: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         common = [f"train.run_dir={tmp}", "train.progress=false", "train.tracker=none"]
@@ -157,14 +172,8 @@ def benchmark(config_files: list[str], overrides: list[str], modes: list[str], w
         for mode in modes:
             batch = load_config(config_files, overrides).optim.batch
             mode_cfg = load_config(config_files, mode_overrides(mode, batch) + overrides + common)
-            result = time_mode(mode_cfg, warmup, iters)
-            achieved = result["img_per_s"] * flops["iteration_flop_per_img"]
-            rows.append({"mode": mode, "batch": mode_cfg.optim.batch, "batch_gpu": mode_cfg.optim.batch_gpu,
-                         **result, "tflop_s": achieved / 1e12, "peak_fraction": achieved / peak})
-            release()
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'}, " \
-                                                                             f"{torch.get_num_threads()} threads)"
-    return {"config": config_files, "overrides": overrides, "device": device_name, "torch": torch.__version__,
+            rows.append(measure_row(mode, mode_cfg, flops, peak, warmup, iters))
+    return {"config": config_files, "overrides": overrides, "device": device_name(device), "torch": torch.__version__,
             "peak_tflop_s": peak / 1e12, "peak_measured_with": peak_what, **flops, "rows": rows,
             "date": time.strftime("%Y-%m-%d")}
 

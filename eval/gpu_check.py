@@ -68,7 +68,7 @@ def write(out: Path, name: str, result: dict, table: str) -> None:
 
 def speed(out: Path, budget: Budget, smoke: bool, iters: int) -> dict:
     """Command A: the GPU tests, then the ladder, a row at a time within the budget."""
-    from eval.bench_speed import markdown, matmul_peak, mode_overrides, network_flops, release, time_mode
+    from eval.bench_speed import device_name, markdown, matmul_peak, measure_row, mode_overrides, network_flops, release
     from sid.config import load_config
 
     tests = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/test_speed.py", "-k",
@@ -83,8 +83,8 @@ def speed(out: Path, budget: Budget, smoke: bool, iters: int) -> dict:
     peak, peak_what = matmul_peak(torch.device(DEVICE), seconds=0.2 if smoke else 2.0)
     flops = network_flops(configs, overrides)
     release()
-    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke)"
-    result = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+    result = {"device": device_name(torch.device(DEVICE)), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"),
               "peak_tflop_s": peak / 1e12, "peak_measured_with": peak_what, **flops, "rows": [], "skipped": [],
               "gpu_tests": next((line.strip("= ") for line in reversed(tests.stdout.splitlines())
                                  if any(w in line for w in ("passed", "failed", "skipped", "error"))),
@@ -100,11 +100,7 @@ def speed(out: Path, budget: Budget, smoke: bool, iters: int) -> dict:
         ladder = mode_overrides("compile", batch) + ["loss.reuse_generator_batch=true"] if mode == "reuse" \
             else mode_overrides(mode, batch)
         cfg = load_config(configs, ladder + overrides)
-        row = time_mode(cfg, warmup=1 if smoke else 5, iters=iters)
-        achieved = row["img_per_s"] * flops["iteration_flop_per_img"]
-        result["rows"].append({"mode": mode, "batch": cfg.optim.batch, "batch_gpu": cfg.optim.batch_gpu, **row,
-                               "tflop_s": achieved / 1e12, "peak_fraction": achieved / peak})
-        release()
+        result["rows"].append(measure_row(mode, cfg, flops, peak, warmup=1 if smoke else 5, iters=iters))
         last = time.monotonic() - start
         rows = result["rows"]
         result["fast_over_reference"] = rows[-1]["img_per_s"] / rows[0]["img_per_s"]
@@ -116,6 +112,7 @@ def speed(out: Path, budget: Budget, smoke: bool, iters: int) -> dict:
 def quality(out: Path, budget: Budget, smoke: bool, args) -> dict:
     """Command B: the teacher's FID, λ = 1.2 and λ = ½ distilled for --seconds each, their final FIDs."""
     from eval.bench_fmnist import reference
+    from eval.bench_speed import device_name
     from sid.config import load_config
     from sid.generator import load_generator
     from sid.metrics import generator_fid, load_reference, make_fid, teacher_fid
@@ -128,8 +125,8 @@ def quality(out: Path, budget: Budget, smoke: bool, args) -> dict:
     load_reference(metric, ref)
     teacher_cfg = ["teacher.kind=diffusers", f"teacher.diffusers.path={args.teacher}"]
     teacher = build_teacher(load_config([], teacher_cfg).teacher).to(DEVICE)
-    result = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke)",
-              "date": time.strftime("%Y-%m-%d"), "num": args.num, "runs": {}}
+    result = {"device": device_name(torch.device(DEVICE)), "date": time.strftime("%Y-%m-%d"), "num": args.num,
+              "runs": {}}
     result["teacher_fid"] = teacher_fid(metric, teacher, 18, args.num, device=DEVICE)
     for lam in ("1.2", "0.5"):
         if not budget.fits(args.seconds + 60):

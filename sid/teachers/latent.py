@@ -91,7 +91,7 @@ def load(root: Path, index: dict) -> LatentTextTeacher:
     or unreadable component."""
     import diffusers
 
-    from sid.teachers.diffusers import DiscreteVPRule, _read_json
+    from sid.teachers.diffusers import DiscreteVPRule, _read_json, sample_shape, spec_of
 
     name = index.get("_class_name")
     try:
@@ -122,12 +122,8 @@ def load(root: Path, index: dict) -> LatentTextTeacher:
         if not quiet:
             transformers.utils.logging.enable_progress_bar()
     denoiser = Preconditioned(TextUNetBackbone(unet), DiscreteVPRule(alphas_cumprod, prediction_type))
-    size = unet.config.sample_size
-    shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
-    spec = {"kind": "diffusers", "pipeline": name, "class_name": "UNet2DConditionModel",
-            "unet_config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
-            "prediction_type": prediction_type, "scheduler_config": scheduler_config, "sigma_data": 0.5}
-    return LatentTextTeacher(denoiser, shape, spec, vae, text_encoder, tokenizer)
+    spec = {**spec_of(denoiser, prediction_type, scheduler_config), "pipeline": name}
+    return LatentTextTeacher(denoiser, sample_shape(denoiser), spec, vae, text_encoder, tokenizer)
 
 
 def _component(transformers, root: Path, name: str, index: dict):
