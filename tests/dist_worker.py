@@ -24,7 +24,7 @@ real_iteration = sid.trainer.iteration
 def signalled(run):
     result = real_iteration(run)
     if run.accelerator.process_index == 1 and run.nimg == signal_at:
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
     return result
 
 

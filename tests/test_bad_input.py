@@ -3,7 +3,6 @@ paths of long jobs are checked before the work starts. One table of command line
 file damaged first."""
 
 import json
-import os
 import signal
 
 import numpy as np
@@ -150,7 +149,7 @@ def test_hostile_files_in_a_sweep_folder_skip_that_run(toy_run, tmp_path, capsys
 @pytest.mark.parametrize("where", ["build", "sample"])
 def test_sigterm_before_the_loop_and_while_sampling_is_one_line(where, toy_run, tmp_path, capsys, monkeypatch):
     def terminate(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
 
     handler = signal.getsignal(signal.SIGTERM)
     if where == "build":

@@ -2,7 +2,6 @@
 seeds, the NaN policy, signals."""
 
 import json
-import os
 import signal
 
 import pytest
@@ -103,10 +102,10 @@ def test_a_signal_asks_to_stop_and_a_second_stops_at_once():
     previous = signal.getsignal(signal.SIGTERM)
     with GracefulStop() as stop:
         assert not stop.agreed(acc, sync_point=True)
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)
         assert stop.agreed(acc, sync_point=False)                               # one process: at once
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is previous
 
 

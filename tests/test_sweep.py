@@ -26,7 +26,7 @@ def signal_in_run(monkeypatch, lam: str, nimg: int) -> None:
     def signalled(run):
         out = real(run)
         if str(run.cfg.loss.lam) == lam and run.nimg == nimg:
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         return out
     monkeypatch.setattr(sid.trainer, "iteration", signalled)
 
@@ -193,7 +193,7 @@ def test_an_interrupted_per_device_sweep_waits_for_its_runs(signum, tmp_path, mo
             return 130
 
     monkeypatch.setattr(sid.sweep.subprocess, "Popen", Running)
-    monkeypatch.setattr(sid.sweep.time, "sleep", lambda seconds: os.kill(os.getpid(), signum))
+    monkeypatch.setattr(sid.sweep.time, "sleep", lambda seconds: signal.raise_signal(signum))
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(plan(CONFIG, ["loss.lam=0.5,1.0"] + SMALL, tmp_path), CONFIG, devices=2)

@@ -1,7 +1,6 @@
 """Training a small EDM teacher: runs, resumes exactly, and exports a folder the distillation loads."""
 
 import json
-import os
 import signal
 
 import numpy as np
@@ -43,7 +42,7 @@ def test_teacher_trains_resumes_exactly_and_exports(dataset, tmp_path, monkeypat
     whole, _ = train_teacher(cfg("whole", 64))
     real_loss = sid.teacher_training.denoising_loss
     monkeypatch.setattr(sid.teacher_training, "denoising_loss",
-                        lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM) or real_loss(*a, **k))
+                        lambda *a, **k: signal.raise_signal(signal.SIGTERM) or real_loss(*a, **k))
     with pytest.raises(TrainingInterrupted, match="interrupted at 16 images"):
         train_teacher(cfg("split", 64))
     monkeypatch.undo()

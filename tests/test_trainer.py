@@ -2,7 +2,6 @@
 abort, the sampling command on its exports."""
 
 import json
-import os
 import shutil
 import signal
 
