@@ -92,6 +92,18 @@ class LossConfig:
 
 
 @dataclass
+class ConditionsConfig:
+    """What the generator is asked for, data-free (sid/conditions.py)."""
+
+    prompts: Optional[str] = None        # text-to-image teachers: a text file, one prompt per line, or .jsonl
+                                         # ({"prompt": ...} per line); shuffled anew each pass, resumable
+    cache: Optional[str] = None          # text-to-image: every prompt's embedding, encoded once into this
+                                         # .safetensors file (made when missing; small prompt sets)
+    class_probs: list[float] = field(default_factory=list)  # class-conditional teachers: each class's
+                                         # probability (normalised); empty: uniform
+
+
+@dataclass
 class OptimConfig:
     batch: int = 256                     # images per iteration, all processes together
     batch_gpu: Optional[int] = None      # per-process micro-batch; null: batch / processes (no accumulation)
@@ -152,6 +164,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    conditions: ConditionsConfig = field(default_factory=ConditionsConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -209,6 +222,7 @@ RANGES = [
     *((f"loss.{key}", lambda v: 0 <= v <= 100, "in [0, 100] (a guidance scale; 1: none)")
       for key in ("guide_fake_train", "guide_fake", "guide_teacher")),
     ("loss.drop_cond", lambda v: 0 <= v < 1, "in [0, 1) (a probability)"),
+    ("conditions.class_probs", lambda v: all(p >= 0 for p in v) and (not v or sum(v) > 0), "non-negative, not all 0"),
     ("loss.sigma_min", lambda v: v is None or v > 0, "> 0, or null for the teacher's"),
     ("loss.sigma_max", lambda v: v is None or v > 0, "> 0, or null for the teacher's"),
     ("ema.halflife_nimg", lambda v: v >= 0, ">= 0 (0: no EMA)"), ("ema.rampup", lambda v: v >= 0, ">= 0"),

@@ -55,20 +55,23 @@ class OneStepGenerator(nn.Module):
         return torch.cat(zs).to(device), labels
 
     @torch.no_grad()
-    def sample_seeds(self, seeds, classes=None, device=None, batch: int = 256) -> torch.Tensor:
-        """One sample per seed (see ``inputs_for_seeds``), generated in batches."""
+    def sample_seeds(self, seeds, classes=None, device=None, batch: int = 256, cond=None) -> torch.Tensor:
+        """One sample per seed (see ``inputs_for_seeds``), generated in batches; ``cond``: one condition per seed
+        (e.g. encoded prompts) in place of the seeds' labels."""
+        from sid.guidance import part
+
         z, labels = self.inputs_for_seeds(list(seeds), classes, device)
-        chunks = []
-        for i in range(0, len(z), batch):
-            chunks.append(self(z[i:i + batch], None if labels is None else labels[i:i + batch]))
-        return torch.cat(chunks)
+        labels = labels if cond is None else cond
+        return torch.cat([self(z[i:i + batch], part(labels, slice(i, i + batch))) for i in range(0, len(z), batch)])
 
 
-def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Path, extra: dict | None = None) -> Path:
+def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Path, extra: dict | None = None,
+                     components: dict | None = None) -> Path:
     """Write ``generator.safetensors`` (weights, config and a checksum of the weights in its metadata) and
     ``generator.json`` (the same config), each beside its final name and flushed to disk before it is renamed;
     for a diffusers teacher also the diffusers pipeline folder (``unet/``, ``scheduler/``, ``model_index.json``)
-    with a model card (``README.md``)."""
+    with a model card (``README.md``), and a latent teacher's frozen ``components`` (VAE, text encoder,
+    tokenizer: ``Teacher.components()``)."""
     from sid.checkpoint import fsync, tensors_checksum, write_error
     from sid.teachers import export_native
 
@@ -86,7 +89,7 @@ def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Pat
             fsync(path)
         tmp_weights.replace(out_dir / WEIGHTS)
         tmp_config.replace(out_dir / CONFIG)
-        export_native(generator.denoiser, spec, generator.sigma_init, out_dir, config)
+        export_native(generator.denoiser, spec, generator.sigma_init, out_dir, config, components)
         fsync(out_dir)
     except (OSError, SafetensorError) as e:  # a full disk: the export already there stays
         tmp_weights.unlink(missing_ok=True)

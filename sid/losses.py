@@ -157,13 +157,17 @@ class DistillationLoss:
                    augment=GeometricAugment(loss.augment) if loss.augment else None, **scales,
                    drop_cond=loss.drop_cond if guides_fake else 0.0, null=null)
 
+    def fake_conditions(self, cond):
+        """The fake step's conditions: each replaced by the null one at rate ``drop_cond`` (SiD-LSG drops 10% of
+        the prompts when the fake score is guided, before the generator draws its samples)."""
+        return drop(cond, self.drop_cond, self.null)
+
     def fake_score(self, fake_score: Callable, x_g: torch.Tensor, labels=None) -> torch.Tensor:
         """The fake score's denoising loss on the (detached) generator samples, ln σ log-normal; with
         augmentation, on the augmented samples, the network given the augment labels (SiD, training/sid_loss.py:
         σ drawn, then the augmentation, then the noise)."""
         sigma = sample_lognormal_sigma(len(x_g), self.p_mean, self.p_std, device=x_g.device)
         x0, net = x_g.detach(), guided(fake_score, self.guide_fake_train, self.null)
-        labels = drop(labels, self.drop_cond, self.null)
         if self.augment is not None:
             x0, augment_labels = self.augment(x0)
             net = partial(net, augment_labels=augment_labels)

@@ -33,6 +33,7 @@ from sid.checkpoint import (
     save_training_state,
     write_config,
 )
+from sid.conditions import Prompts, build_conditions
 from sid.config import LAMBDA_PRESETS, as_tuple, to_dict, to_yaml
 from sid.ema import EMA, ema_beta
 from sid.errors import SidError
@@ -69,6 +70,7 @@ class Run:
     cfg: object                          # the resolved, read-only config
     accelerator: Accelerator
     teacher: Teacher
+    conditions: object                   # the data-free conditions source (sid/conditions.py)
     loss: DistillationLoss
     fake_score: torch.nn.Module          # f_ψ (unwrapped)
     generator: OneStepGenerator          # G_θ (unwrapped)
@@ -144,12 +146,13 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         set_tf32(cfg.perf.tf32)
     torch.manual_seed(cfg.train.seed)          # identical networks on every process (also a random-init teacher)
     teacher = build_teacher(cfg.teacher, trust_code=trust_code)
-    if teacher.text_to_image:
-        raise SidError(f"the {teacher.spec.get('pipeline', 'pipeline')} teacher is a text-to-image teacher, which sid "
-                       "samples (sid sample --teacher FOLDER --prompt ...) but does not distil yet")
+    if teacher.text_to_image and cfg.eval.every_nimg:
+        raise SidError("eval.every_nimg: in-loop FID of a text-to-image generator is not measured yet; set "
+                       "eval.every_nimg=0 (sample grids still show its progress)")
+    teacher.to(device)
+    conditions = build_conditions(cfg, teacher, accelerator.process_index, accelerator.num_processes)
     fake_score = teacher.make_student()
     generator = OneStepGenerator(teacher.make_student(), teacher.shape, cfg.generator.sigma_init)
-    teacher.denoiser.to(device).eval().requires_grad_(False)
     apply_perf(cfg.perf, bf16, teacher, [fake_score, generator])
     batch_gpu, rounds = micro_batches(cfg, accelerator.num_processes)
     loss = DistillationLoss.from_config(cfg.loss, teacher, per_process=batch_gpu * rounds)
@@ -169,6 +172,7 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         restore(path, state, fake_score=fake_score, generator=generator, ema=ema.model, opt_fake=opt_fake,
                 opt_g=opt_g)
         nimg, step, seconds = state["nimg"], state["step"], state.get("seconds", 0.0)
+        conditions.load_state_dict(state.get("conditions"))
         resumed = {k: state[k] for k in ("metrics", "nonfinite") if k in state}
         # The config's optimiser settings hold, not the checkpoint's (a lower learning rate on resume takes effect).
         changed = (apply_hyperparameters(opt_fake, "optim.fake", cfg.optim.fake_lr, cfg.optim.fake_betas, cfg.optim.eps)
@@ -180,8 +184,9 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         for net in (teacher.denoiser, fake_score, generator):
             net.compile()
     fake_ddp, generator_ddp, opt_fake, opt_g = accelerator.prepare(fake_score, generator, opt_fake, opt_g)
-    return Run(cfg, accelerator, teacher, loss, fake_score, generator, fake_ddp, generator_ddp, opt_fake, opt_g, ema,
-               batch_gpu, rounds, nimg, step, seconds, bf16=bf16, precision=precision, resumed=resumed, changed=changed)
+    return Run(cfg, accelerator, teacher, conditions, loss, fake_score, generator, fake_ddp, generator_ddp, opt_fake,
+               opt_g, ema, batch_gpu, rounds, nimg, step, seconds, bf16=bf16, precision=precision, resumed=resumed,
+               changed=changed)
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, name: str, lr: float, betas, eps: float) -> list[str]:
@@ -203,8 +208,13 @@ def describe(run: Run) -> str:
     named = f" ({cfg.loss.lam})" if str(cfg.loss.lam) in LAMBDA_PRESETS else ""
     processes = f"{acc.num_processes} {acc.device.type} process{'es' if acc.num_processes > 1 else ''}"
     budget = f"{cfg.train.total_nimg:,} images" + (f" or {cfg.train.max_seconds:g} s" if cfg.train.max_seconds else "")
+    source = ""
+    if isinstance(run.conditions, Prompts):
+        cached = " (embeddings cached)" if run.conditions.cache is not None else ""
+        source = f" from {len(run.conditions.prompts):,} prompts{cached}"
     return (f"distilling the {cfg.teacher.kind} teacher ({size}samples {'×'.join(map(str, run.teacher.shape))}) "
-            f"into a one-step generator: λ = {run.loss.lam:g}{named}, weighting {cfg.loss.weighting}, "
+            f"into a one-step generator{source}: "
+            f"λ = {run.loss.lam:g}{named}, weighting {cfg.loss.weighting}, "
             f"batch {cfg.optim.batch} on {processes}, {'bf16 autocast' if run.bf16 else 'fp32'} ({run.precision})"
             f"{', compiled' if use_compile(cfg.perf.compile, acc.device) else ''}; "
             f"{f'from {run.nimg:,} ' if run.nimg else ''}to {budget}, in {cfg.train.run_dir}"
@@ -267,20 +277,31 @@ def iteration(run: Run) -> Stats:
     return Stats(fake_updates[-1].loss, g.loss, dropped, bad)
 
 
+def draw_inputs(run: Run) -> tuple[torch.Tensor, object]:
+    """A micro-batch of generator inputs: z ~ N(0, I) and conditions from the run's source."""
+    device = run.accelerator.device
+    z = torch.randn(run.batch_gpu, *run.generator.shape, device=device)
+    return z, run.conditions.draw(run.batch_gpu, device)
+
+
 def fake_score_micro_loss(run: Run, samples: list | None, r: int) -> tuple[torch.Tensor, tuple]:
-    """Micro-batch ``r`` of the fake-score loss: on ``samples[r]``, or (None) on fresh generator samples."""
+    """Micro-batch ``r`` of the fake-score loss: on ``samples[r]``, or (None) on fresh generator samples. With
+    guidance on the fake score, a share of the conditions becomes the null one before the samples are drawn, as
+    SiD-LSG drops prompts (on reused samples, only the fake score's conditions are replaced)."""
     if samples is None:
-        z, labels = run.generator.random_inputs(run.batch_gpu, run.accelerator.device)
+        z, labels = draw_inputs(run)
+        labels = run.loss.fake_conditions(labels)
         with torch.no_grad():
             x_g = run.generator(z, labels)
     else:
         x_g, labels = samples[r]
+        labels = run.loss.fake_conditions(labels)
     return run.loss.fake_score(run.fake_ddp, x_g, labels), (x_g, labels)
 
 
 def generator_micro_loss(run: Run, r: int) -> tuple[torch.Tensor, tuple]:
     """Micro-batch ``r`` of the generator loss, through the frozen teacher and fake score."""
-    z, labels = run.generator.random_inputs(run.batch_gpu, run.accelerator.device)
+    z, labels = draw_inputs(run)
     x_g = run.generator_ddp(z, labels)
     return run.loss.generator(run.teacher.denoiser, run.fake_score, x_g, labels), (x_g.detach(), labels)
 
@@ -515,15 +536,19 @@ def draw_samples(run: Run) -> None:
 def save_sample_grid(run: Run) -> None:
     """EMA-generator samples at fixed seeds 0..N-1 next to the teacher's: for images, ``samples-N.png`` (the
     generator's grid) and ``compare.png`` (it beside ``teacher.png``, the teacher's Heun samples at the same
-    seeds, 35 evaluations, drawn once); for 2-D points a scatter over the teacher's (exact, or Heun) samples."""
+    seeds, 35 evaluations, under the loss's teacher guidance, drawn once); for 2-D points a scatter over the
+    teacher's (exact, or Heun) samples. A text-to-image run draws the first N prompts (``prompts.txt``) and
+    decodes its latents through the teacher's VAE."""
     if not run.accelerator.is_main_process:
         return
     cfg, generator, teacher, device = run.cfg, run.ema.model, run.teacher, run.accelerator.device
     folder = Path(cfg.train.run_dir) / "samples"
     folder.mkdir(exist_ok=True)
     points = generator.shape == (2,)
-    x = generator.sample_seeds(range(2000 if points else cfg.train.num_samples), device=device)
+    n = 2000 if points else cfg.train.num_samples
+    cond = run.conditions.fixed(n, device) if isinstance(run.conditions, Prompts) else None
     path = folder / f"samples-{run.nimg:012d}.png"
+    x = teacher.decode(generator.sample_seeds(range(n), device=device, cond=cond))
     if points:                                                  # a scatter over the teacher's samples
         if teacher.exact_samples:
             reference = teacher.sample(2000, torch.Generator().manual_seed(0))
@@ -538,10 +563,15 @@ def save_sample_grid(run: Run) -> None:
     teacher_png = folder / "teacher.png"
     if not teacher_png.is_file():
         with run.autocast(), torch.compiler.set_stance("force_eager"):  # drawn once: not worth a compile
-            reference = sample_teacher(teacher.denoiser, teacher.shape, 18, "heun", range(len(x)), device=device)
-        save_image_grid(reference, teacher_png)
+            reference = sample_teacher(teacher.denoiser, teacher.shape, 18, "heun", range(len(x)), device=device,
+                                       cond=cond, guidance=run.loss.guide_teacher, null=teacher.null_condition)
+        save_image_grid(teacher.decode(reference), teacher_png)
+        if cond is not None:
+            (folder / "prompts.txt").write_text("\n".join(run.conditions.fixed_prompts(n)) + "\n")
+    guided = f", κ = {run.loss.guide_teacher:g}" if run.loss.guide_teacher != 1 else ""
     save_panels([(image_grid(x), f"one-step generator, {run.nimg:,} images, λ={run.loss.lam:g}"),
-                 (np.asarray(Image.open(teacher_png)), "teacher, Heun, 35 evaluations")], folder / "compare.png")
+                 (np.asarray(Image.open(teacher_png)), f"teacher, Heun, 35 evaluations{guided}")],
+                folder / "compare.png")
     log_picture(run, "samples", folder / "compare.png")
 
 
@@ -562,7 +592,7 @@ def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> N
                 "fake_score": run.fake_score.state_dict(), "generator": run.generator.state_dict(),
                 "ema": run.ema.model.state_dict(),
                 "opt_fake": run.opt_fake.state_dict(), "opt_g": run.opt_g.state_dict(),
-                "metrics": metrics, "nonfinite": nonfinite,
+                "metrics": metrics, "nonfinite": nonfinite, "conditions": run.conditions.state_dict(),
             }
             save_training_state(run.cfg.train.run_dir, run.nimg, state, keep=run.cfg.train.keep_ckpts)
             export(run, "generator")
@@ -572,7 +602,8 @@ def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> N
 def export(run: Run, folder: str, **extra) -> None:
     """The EMA generator to ``run_dir/folder``, its config naming the image count, λ and the run's config."""
     export_generator(run.ema.model, run.teacher.spec, Path(run.cfg.train.run_dir) / folder,
-                     extra={"nimg": run.nimg, "lam": run.loss.lam, **extra, "config": to_dict(run.cfg)})
+                     extra={"nimg": run.nimg, "lam": run.loss.lam, **extra, "config": to_dict(run.cfg)},
+                     components=run.teacher.components())
 
 
 def flat(d: dict, prefix: str = "") -> dict:

@@ -110,17 +110,45 @@ def test_conditions_are_dropped_only_in_the_fake_step_and_only_with_guidance_the
     assert loss_with().drop_cond == 0 and loss_with(guide_teacher=2.0).drop_cond == 0
     assert loss_with(guide_fake=1.5).drop_cond == 0.1
     assert loss_with(guide_fake_train=1.5, drop_cond=0.3).drop_cond == 0.3
+    c = labels(64)
+    assert loss_with(guide_teacher=2.0).fake_conditions(c) is c
+    torch.manual_seed(0)
+    loss = loss_with(guide_fake=1.5, drop_cond=0.5)
+    assert 0.3 < 1 - loss.fake_conditions(c).sum(1).mean().item() < 0.7          # about half dropped
     fake = teacher()
     seen = []
     original = fake.denoiser.net.forward
     fake.denoiser.net.forward = lambda x, t, c: seen.append(c.sum(1)) or original(x, t, c)
-    torch.manual_seed(0)
-    loss = loss_with(guide_fake=1.5, drop_cond=0.5)
-    loss.fake_score(fake.denoiser, torch.randn(64, 1, 4, 4), labels(64))
-    assert 0.3 < 1 - seen[-1].mean().item() < 0.7                                 # about half dropped
-    seen.clear()
-    loss.generator(teacher().denoiser, fake.denoiser, torch.randn(64, 1, 4, 4), labels(64))
+    loss.generator(teacher().denoiser, fake.denoiser, torch.randn(64, 1, 4, 4), c)
     assert seen[-1][:64].eq(1).all() and seen[-1][64:].eq(0).all()                 # conditional half kept whole
+
+
+def test_the_fake_step_draws_its_samples_with_the_conditions_the_fake_score_sees():
+    """SiD-LSG drops prompts before the generator draws the fake step's samples: G and f_ψ see the same
+    conditions, null where dropped."""
+    from types import SimpleNamespace
+
+    from sid.conditions import ClassLabels
+    from sid.trainer import fake_score_micro_loss
+
+    seen = {}
+
+    class Generator:
+        shape = (1, 4, 4)
+
+        def __call__(self, z, c):
+            seen["generator"] = c
+            return torch.randn(len(z), 1, 4, 4)
+
+    loss = loss_with(guide_fake=1.5, drop_cond=0.5)
+    loss = SimpleNamespace(fake_conditions=loss.fake_conditions,
+                           fake_score=lambda net, x, c: seen.setdefault("fake score", c).sum(1))
+    run = SimpleNamespace(generator=Generator(), batch_gpu=64, loss=loss, fake_ddp=None, conditions=ClassLabels(3),
+                          accelerator=SimpleNamespace(device=torch.device("cpu")))
+    torch.manual_seed(1)
+    fake_score_micro_loss(run, None, 0)
+    assert seen["generator"] is seen["fake score"]
+    assert 0.3 < 1 - seen["generator"].sum(1).mean().item() < 0.7
 
 
 def test_guidance_on_an_unconditional_teacher_is_one_line():

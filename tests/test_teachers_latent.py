@@ -2,13 +2,11 @@
 (UNet2DConditionModel, AutoencoderKL, a CLIP text encoder, a CLIP tokenizer written here): sid's denoiser is the
 pipeline's own model, shown against the pipeline's own output."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from tiny_pipelines import save_tiny_sd
 
-from conftest import sid_process
 from sid.config import load_config
 from sid.errors import SidError
 from sid.guidance import guided
@@ -19,40 +17,10 @@ transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
 
-def tiny_tokenizer(folder):
-    """A CLIP tokenizer with a vocabulary of single letters (unknown pieces map to the end-of-text token)."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    folder.mkdir(parents=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-
-
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     """A StableDiffusionPipeline of random tiny components, saved as a user's pipeline folder is."""
-    root = tmp_path_factory.mktemp("sd")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16)
-    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                                 timestep_spacing="leading", steps_offset=1)
-    pipe = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
-                                             tokenizer=tiny_tokenizer(root / "vocab"), scheduler=scheduler,
-                                             safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
-    pipe.save_pretrained(root / "pipeline")
-    return root / "pipeline"
+    return save_tiny_sd(tmp_path_factory.mktemp("sd"))
 
 
 def teacher_of(folder):
@@ -146,8 +114,101 @@ def test_bad_text_to_image_input_is_one_line(sd_folder, tmp_path, capsys):
         teacher_of(broken)
     assert sid(["sample", "--teacher", "builtin:fmnist", "--prompt", "a cat", "--out", str(tmp_path / "y.npz")]) == 2
     assert "--prompt given, but this teacher takes no text" in capsys.readouterr().err
-    out = sid_process("train", "teacher.kind=diffusers", f"teacher.diffusers.path={sd_folder}",
-                      f"train.run_dir={tmp_path / 'run'}")                 # the command as a user runs it
-    assert out.returncode == 2 and out.stderr.endswith("text-to-image teacher, which sid samples (sid sample "
-                                                       "--teacher FOLDER --prompt ...) but does not distil yet\n")
-    assert not list((tmp_path / "run").glob("training-state-*")) and out.stderr.count("\n") == 1
+    assert sid(["train", "teacher.kind=diffusers", f"teacher.diffusers.path={sd_folder}",
+                f"train.run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("a text-to-image teacher is distilled from prompts: set conditions.prompts=FILE (one prompt "
+                        "per line, or .jsonl)\n") and err.count("\n") == 1, err
+    assert not list((tmp_path / "run").glob("training-state-*"))
+
+
+def text_overrides(sd_folder, prompts, run_dir, total, *extra):
+    """A few iterations on the tiny pipeline, with SiD-LSG's guidance inside the loss and its prompt dropout."""
+    return ["teacher.kind=diffusers", f"teacher.diffusers.path={sd_folder}", f"conditions.prompts={prompts}",
+            "optim.batch=4", "optim.batch_gpu=2", f"train.total_nimg={total}", "train.log_every_nimg=8",
+            "train.sample_every_nimg=16", "train.ckpt_every_nimg=8", "train.num_samples=4", f"train.run_dir={run_dir}",
+            "train.progress=false", "train.tracker=none", "loss.guide_teacher=1.5", "loss.guide_fake=1.5",
+            "loss.guide_fake_train=1.5", "loss.drop_cond=0.5", *extra]
+
+
+@pytest.fixture(scope="module")
+def text_runs(sd_folder, tmp_path_factory):
+    """One run of 16 images straight, one stopped at 8 and resumed to 16."""
+    from sid.trainer import train
+
+    root = tmp_path_factory.mktemp("text-runs")
+    (root / "prompts.txt").write_text("a cat\na red dog\na blue bird\na green frog\nan old car\n")
+    whole = train(load_config([], text_overrides(sd_folder, root / "prompts.txt", root / "whole", 16)))
+    train(load_config([], text_overrides(sd_folder, root / "prompts.txt", root / "split", 8)))
+    resumed = train(load_config([], text_overrides(sd_folder, root / "prompts.txt", root / "split", 16)),
+                    resume="auto")
+    return root, whole, resumed
+
+
+def test_a_text_to_image_teacher_distils_from_prompts_and_resumes_exactly(text_runs):
+    """The prompt stream's position travels in the training state: the resumed run draws the prompts the
+    uninterrupted one drew and ends bit-identical to it."""
+    root, whole, resumed = text_runs
+    assert whole.conditions.drawn == resumed.conditions.drawn == 4 * 8       # 4 iterations × (fake + generator)
+    for name in ("generator", "fake_score"):
+        a, b = getattr(whole, name).state_dict(), getattr(resumed, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = whole.ema.model.state_dict(), resumed.ema.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    start = dict(whole.teacher.denoiser.state_dict())
+    assert any(not torch.equal(start[k], v) for k, v in whole.generator.denoiser.state_dict().items())   # it trained
+    samples = root / "whole" / "samples"
+    assert (samples / "compare.png").is_file() and (samples / "prompts.txt").read_text().splitlines() == \
+        ["a cat", "a red dog", "a blue bird", "a green frog"]
+
+
+def test_the_export_is_a_text_to_image_pipeline_that_diffusers_loads(text_runs, tmp_path):
+    """SiDPipeline.from_pretrained(export)(prompts) is the trained EMA generator's one step, decoded by the
+    teacher's VAE; `sid sample` on the run folder draws the same images for its seeds."""
+    from sid import SiDPipeline
+    from sid.cli import main as sid
+    from sid.generator import OneStepGenerator
+
+    root, whole, _ = text_runs
+    pipe = SiDPipeline.from_pretrained(root / "whole" / "generator")
+    assert pipe.text_to_image and type(pipe.text_encoder).__name__ == "CLIPTextModel"
+    z, _ = OneStepGenerator(whole.teacher.denoiser, (4, 8, 8)).inputs_for_seeds([0, 1])
+    images = pipe(PROMPTS, latents=z, output_type="pt").images
+    with torch.no_grad():
+        expected = whole.teacher.decode(whole.ema.model(z, whole.teacher.encode(PROMPTS)))
+    torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-5)
+    other = pipe(["a blue bird", "an old car"], latents=z, output_type="pt").images
+    assert (other - images).abs().max() > 1e-4                                  # the prompt matters
+    assert len(pipe("a cat", batch_size=3).images) == 3
+
+    assert sid(["sample", str(root / "whole"), "--prompt", "a cat", "--prompt", "a red dog", "--seeds", "0-1",
+                "--out", str(tmp_path / "s.npz")]) == 0
+    drawn = np.load(tmp_path / "s.npz")["images"]
+    assert (drawn == pipe(PROMPTS, latents=z, output_type="np").images.__mul__(255).round().astype(np.uint8)).mean() \
+        > 0.99                                                                 # the same images, up to rounding
+    assert sid(["sample", str(root / "whole"), "--out", str(tmp_path / "t.npz")]) == 2
+
+
+def test_an_embeddings_cache_trains_the_same_and_refuses_another_encoder(sd_folder, text_runs, tmp_path):
+    """conditions.cache: encoded once, read on the next run, and the same numbers as encoding on the fly; a cache
+    made by another text encoder is one line, with the run folder left as it was."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sid.trainer import train
+
+    root, whole, _ = text_runs
+    prompts, cache = root / "prompts.txt", tmp_path / "emb.safetensors"
+    cached = train(load_config([], text_overrides(sd_folder, prompts, tmp_path / "c", 16, f"conditions.cache={cache}")))
+    assert cache.is_file()
+    a, b = whole.generator.state_dict(), cached.generator.state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    other = tmp_path / "other"
+    shutil.copytree(sd_folder, other)
+    weights = next((other / "text_encoder").glob("*.safetensors"))
+    state = load_file(weights)
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, weights)
+    with pytest.raises(SidError, match="was made with another text encoder than this teacher's"):
+        train(load_config([], text_overrides(other, prompts, tmp_path / "d", 16, f"conditions.cache={cache}")))
+    assert not (tmp_path / "d" / "generator").exists()

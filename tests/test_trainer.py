@@ -45,7 +45,7 @@ def test_smoke_run_on_a_tiny_diffusers_teacher(tiny_unet_overrides, tmp_path, mo
     assert sid(["sample", str(run / "generator"), "--out", str(tmp_path / "s.jpg")]) == 2       # not a folder
     assert not (tmp_path / "s.jpg").exists()
     assert sid(["sample", str(run / "generator"), "--seeds", "0-x", "--out", str(tmp_path / "s.png")]) == 2
-    monkeypatch.setattr("sid.commands.sample.write", lambda *a: os.kill(os.getpid(), signal.SIGINT))   # Ctrl-C
+    monkeypatch.setattr("sid.commands.sample.write", lambda *a: signal.raise_signal(signal.SIGINT))   # Ctrl-C
     assert sid(["sample", str(run), "--out", str(tmp_path / "c.png")]) == 130
 
 
@@ -105,7 +105,7 @@ def signal_at(monkeypatch, nimg: int, *signals):
         out = real(run)
         if run.nimg == nimg:
             for signum in signals:
-                os.kill(os.getpid(), signum)
+                signal.raise_signal(signum)
         return out
     monkeypatch.setattr(sid.trainer, "iteration", signalled)
 

@@ -6,6 +6,7 @@
     sid sample --teacher runs/x/config.yaml --steps 18 --seeds 0-63 --out teacher.png
     sid sample --teacher builtin:fmnist --out teacher.png          # or a preset, or a diffusers folder
     sid sample --teacher sd-folder --prompt "a photo of a cat" --guidance 7.5 --steps 25 --out cats.png
+    sid sample runs/sd/generator --prompt "a photo of a cat" --seeds 0-3 --out cats.png   # one step
 """
 
 import argparse
@@ -21,7 +22,7 @@ from sid.errors import SidError
 from sid.generator import load_generator
 from sid.images import save_image_grid, save_samples, to_uint8
 from sid.sampling import sample_teacher
-from sid.teachers import Teacher, build_teacher, teacher_from_path
+from sid.teachers import Teacher, build_teacher, load_codec, teacher_from_path
 
 
 def parse_ints(text: str) -> list[int]:
@@ -58,8 +59,9 @@ def main(argv=None, prog=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=256, help="samples per network batch")
     p.add_argument("--prompt", action="append", default=[],
-                   help="text-to-image teacher: a prompt (repeatable; seed s gets prompt s mod their number)")
-    p.add_argument("--prompts-file", help="text-to-image teacher: prompts, one per line")
+                   help="text-to-image teacher or generator: a prompt (repeatable; seed s gets prompt s mod their "
+                        "number)")
+    p.add_argument("--prompts-file", help="text-to-image teacher or generator: prompts, one per line")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="teacher: classifier-free guidance scale κ against the null condition (1: none)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -93,14 +95,20 @@ def main(argv=None, prog=None) -> int:
                                      args.device, cond=cond, **guide)
             return teacher.decode(latents).cpu()
     else:
-        if prompts:
-            raise SidError("--prompt is for text-to-image teachers (--teacher); this generator takes no text")
         generator = load_generator(args.generator, device=args.device, trust_code=args.trust_code)
+        codec = load_codec(args.generator)
+        if prompts and codec is None:
+            raise SidError("--prompt given, but this generator takes no text (its teacher was not text-to-image)")
+        if codec is not None and not prompts:
+            raise SidError(f"{args.generator} is a text-to-image generator: give --prompt or --prompts-file")
         if classes is not None and not generator.label_dim:
             raise SidError("--classes given, but this generator is unconditional")
 
         def draw(seeds, classes):
-            return generator.sample_seeds(seeds, classes, device=args.device).cpu()
+            if codec is None:
+                return generator.sample_seeds(seeds, classes, device=args.device).cpu()
+            cond = codec.to(args.device).encode([prompts[seed % len(prompts)] for seed in seeds])
+            return codec.decode(generator.sample_seeds(seeds, device=args.device, cond=cond)).cpu()
     x = in_batches(draw, seeds, classes, args.batch, args.progress)
     with writing(args.out):
         write(x, Path(args.out), seeds)

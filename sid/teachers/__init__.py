@@ -64,13 +64,14 @@ def backbone_values(spec: dict) -> int | None:
     return sum(t.numel() for t in net.state_dict().values())
 
 
-def export_native(denoiser: nn.Module, spec: dict, sigma_init: float, out_dir, config: dict) -> None:
+def export_native(denoiser: nn.Module, spec: dict, sigma_init: float, out_dir, config: dict,
+                  components: dict | None = None) -> None:
     """The generator also in its family's own form where the family has one (diffusers: a pipeline folder that
-    diffusers loads)."""
+    diffusers loads, with a latent teacher's frozen ``components``: ``Teacher.components()``)."""
     if LEGACY_SPEC_KINDS.get(spec.get("kind"), spec.get("kind")) == "diffusers":
         from sid.teachers.pipeline import export_native as diffusers_export
 
-        diffusers_export(denoiser, spec, sigma_init, out_dir, config)
+        diffusers_export(denoiser, spec, sigma_init, out_dir, config, components)
 
 
 def note_measured(folder, nimg: int, measured: dict) -> None:
@@ -99,6 +100,30 @@ def load_native(folder) -> tuple[nn.Module, tuple[int, ...], float]:
     return diffusers_load(folder)
 
 
+def load_codec(folder):
+    """The text encoder, tokenizer and VAE an export of a text-to-image generator carries (its teacher's), or
+    None for an export that has none."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder = folder.parent if folder.is_file() else folder
+    folder = folder / "generator" if not (folder / "model_index.json").is_file() else folder
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if (index.get("text_encoder") or [None])[0] is None:
+        return None
+    from sid.teachers.latent import load_codec as load
+
+    try:
+        return load(folder, index)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SidError(f"{folder}: its vae/, text_encoder/ or tokenizer/ cannot be loaded ({type(e).__name__}: "
+                       f"{(str(e).splitlines() or [''])[0][:160]}); export it again") from None
+
+
 def teacher_from_path(path: str) -> list[str] | None:
     """The config overrides naming a teacher given by its path alone (a diffusers folder, ``builtin:<name>``), or
     None when the path names none (it is then a config file or a preset)."""
@@ -109,5 +134,5 @@ def teacher_from_path(path: str) -> list[str] | None:
     return None
 
 
-__all__ = ["Teacher", "adapter", "build_teacher", "denoiser_from_spec", "export_native", "load_native",
+__all__ = ["Teacher", "adapter", "build_teacher", "denoiser_from_spec", "export_native", "load_codec", "load_native",
            "note_measured", "teacher_from_path"]

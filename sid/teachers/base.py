@@ -48,6 +48,14 @@ class Teacher:
         self.denoiser.to(device)
         return self
 
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Samples -> images (sample grids, FID): the samples themselves, except for latent families."""
+        return x
+
+    def components(self) -> dict | None:
+        """The frozen networks an export carries beside the generator (a latent family's VAE and encoders)."""
+        return None
+
     def make_student(self) -> nn.Module:
         """A trainable denoiser that starts as the teacher (the fake score and the generator): a copy of it."""
         return copy.deepcopy(self.denoiser).train().requires_grad_(True)

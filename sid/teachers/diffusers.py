@@ -170,7 +170,12 @@ def spec_of(denoiser: Preconditioned, prediction_type: str, scheduler_config: di
 
 
 def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
-    """An exported generator's architecture (random weights): the UNet class and config its spec names."""
+    """An exported generator's architecture (random weights): the UNet class and config its spec names (with
+    the text backbone for a latent text-to-image pipeline's)."""
+    if spec.get("pipeline") in LATENT_PIPELINES:
+        from sid.teachers.latent import denoiser_from_spec as text_denoiser_from_spec
+
+        return text_denoiser_from_spec(spec)
     return denoiser_from_unet(backbone_from_spec(spec), spec["prediction_type"], spec["scheduler_config"],
                               spec["sigma_data"])
 

@@ -10,6 +10,9 @@ read (safetensors, or torch files read weights-only, as diffusers does).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -39,15 +42,12 @@ class TextUNetBackbone(nn.Module):
         return self.unet(x_in, c_noise, encoder_hidden_states=context, return_dict=False)[0]
 
 
-class LatentTextTeacher(Teacher):
-    """A latent text-to-image teacher: the denoiser works on latents of ``shape``; ``encode`` turns prompts into
-    conditions, ``decode`` latents into images in [-1, 1] (sample grids, FID, export; never the training step).
-    The VAE and text encoder are frozen."""
+class TextCodec:
+    """The frozen parts of a latent text-to-image pipeline around its denoiser: the tokenizer and text encoder
+    (prompts -> conditions) and the VAE (latents -> images). The teacher and an exported ``SiDPipeline`` use the
+    same one, so a generator's images are decoded as its teacher's are."""
 
-    text_to_image = True
-
-    def __init__(self, denoiser: Preconditioned, shape, spec: dict, vae, text_encoder, tokenizer):
-        super().__init__(denoiser, shape, spec)
+    def __init__(self, vae, text_encoder, tokenizer):
         self.vae = vae.eval().requires_grad_(False)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -55,9 +55,14 @@ class LatentTextTeacher(Teacher):
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self._null = None
 
-    def to(self, device) -> LatentTextTeacher:
-        for net in (self.denoiser, self.vae, self.text_encoder):
-            net.to(device)
+    def components(self) -> dict:
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> TextCodec:
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        for net in (self.vae, self.text_encoder):
+            net.to(**moves)
+        self._null = None
         return self
 
     @torch.no_grad()
@@ -85,17 +90,81 @@ class LatentTextTeacher(Teacher):
         z = latents.to(next(vae.parameters()).device, vae.dtype) / self.scaling_factor + self.shift_factor
         return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
 
+    def fingerprint(self) -> str:
+        """What identifies the encoding: the tokenizer (class, length, vocabulary size) and the text encoder (class,
+        config, every weight), as a SHA-256 (an embeddings cache names the encoder it was made with)."""
+        from sid.checkpoint import tensors_checksum
+
+        tok, enc = self.tokenizer, self.text_encoder
+        described = json.dumps([type(tok).__name__, tok.model_max_length, len(tok), type(enc).__name__,
+                                enc.config.to_dict(), tensors_checksum(enc.state_dict())], sort_keys=True, default=str)
+        return hashlib.sha256(described.encode()).hexdigest()
+
+
+class LatentTextTeacher(Teacher):
+    """A latent text-to-image teacher: the denoiser works on latents of ``shape``; ``encode`` turns prompts into
+    conditions, ``decode`` latents into images in [-1, 1] (sample grids, FID, export; never the training step),
+    both by its ``codec``, whose networks are frozen."""
+
+    text_to_image = True
+
+    def __init__(self, denoiser: Preconditioned, shape, spec: dict, codec: TextCodec):
+        super().__init__(denoiser, shape, spec)
+        self.codec = codec
+
+    def encode(self, prompts: list[str]) -> dict:
+        return self.codec.encode(prompts)
+
+    def null_condition(self, n: int) -> dict:
+        return self.codec.null_condition(n)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latents)
+
+    def to(self, device) -> LatentTextTeacher:
+        self.denoiser.to(device)
+        self.codec.to(device)
+        return self
+
+    def store_frozen(self, dtype: torch.dtype) -> None:
+        """The denoiser's backbone, the VAE and the text encoder in ``dtype`` (conditions stay float32)."""
+        super().store_frozen(dtype)
+        self.codec.to(dtype=dtype)
+
+    def encoder_fingerprint(self) -> str:
+        return self.codec.fingerprint()
+
+    def components(self) -> dict:
+        return self.codec.components()
+
+
+def text_denoiser(unet: nn.Module, prediction_type: str, scheduler_config: dict | None,
+                  sigma_data: float = 0.5) -> Preconditioned:
+    """A text-conditioned UNet with the coefficient rule of its scheduler (the diffusers adapter's rules)."""
+    from sid.teachers.diffusers import denoiser_from_unet
+
+    return Preconditioned(TextUNetBackbone(unet), denoiser_from_unet(unet, prediction_type, scheduler_config,
+                                                                     sigma_data).rule)
+
+
+def denoiser_from_spec(spec: dict) -> Preconditioned:
+    """An exported text-to-image generator's architecture (random weights) from its spec."""
+    from sid.teachers.diffusers import backbone_from_spec
+
+    return text_denoiser(backbone_from_spec(spec), spec["prediction_type"], spec["scheduler_config"],
+                         spec["sigma_data"])
+
 
 def load(root: Path, index: dict) -> LatentTextTeacher:
     """The teacher of a latent text-to-image pipeline folder (``LATENT_PIPELINES``), with one line for a missing
     or unreadable component."""
     import diffusers
 
-    from sid.teachers.diffusers import DiscreteVPRule, _read_json, sample_shape, spec_of
+    from sid.teachers.diffusers import _read_json, sample_shape, spec_of
 
     name = index.get("_class_name")
     try:
-        import transformers
+        import transformers  # noqa: F401  (the text encoder's library)
     except ImportError:
         raise SidError(f"{root} is a {name}, whose text encoder needs transformers: pip install "
                        "'sid-distill[text]' (or transformers)") from None
@@ -108,22 +177,43 @@ def load(root: Path, index: dict) -> LatentTextTeacher:
     if prediction_type not in ("epsilon", "v_prediction"):
         raise SidError(f"{root}: a {name} whose scheduler predicts {prediction_type!r}; supported: epsilon, "
                        "v_prediction")
-    quiet = not transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()        # one line per component is noise in a log
     try:
         unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet")
-        vae = diffusers.AutoencoderKL.from_pretrained(root / "vae")
-        text_encoder = _component(transformers, root, "text_encoder", index)
-        tokenizer = _component(transformers, root, "tokenizer", index)
-        alphas_cumprod = diffusers.DDPMScheduler.from_config(scheduler_config).alphas_cumprod
+        codec = load_codec(root, index)
+        denoiser = text_denoiser(unet, prediction_type, scheduler_config)
     except (OSError, ValueError, RuntimeError) as e:
         raise SidError(f"cannot load the {name} in {root}: {(str(e).splitlines() or [''])[0][:200]}") from None
-    finally:
-        if not quiet:
-            transformers.utils.logging.enable_progress_bar()
-    denoiser = Preconditioned(TextUNetBackbone(unet), DiscreteVPRule(alphas_cumprod, prediction_type))
     spec = {**spec_of(denoiser, prediction_type, scheduler_config), "pipeline": name}
-    return LatentTextTeacher(denoiser, sample_shape(denoiser), spec, vae, text_encoder, tokenizer)
+    return LatentTextTeacher(denoiser, sample_shape(denoiser), spec, codec)
+
+
+def load_codec(root: Path, index: dict) -> TextCodec:
+    """The VAE, text encoder and tokenizer of a pipeline folder (a teacher's, or a text-to-image export's), each
+    by the class its index names, from diffusers and transformers only."""
+    import diffusers
+    import transformers
+
+    with quiet():
+        return TextCodec(diffusers.AutoencoderKL.from_pretrained(root / "vae"),
+                         _component(transformers, root, "text_encoder", index),
+                         _component(transformers, root, "tokenizer", index))
+
+
+@contextlib.contextmanager
+def quiet():
+    """transformers' progress bars off while components load or save: one bar per component is noise in a log."""
+    try:
+        import transformers  # noqa: F401  (the text encoder's library)
+    except ImportError:                                    # pixel-space pipelines need no transformers
+        yield
+        return
+    shown = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def _component(transformers, root: Path, name: str, index: dict):

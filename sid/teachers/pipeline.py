@@ -20,43 +20,75 @@ from torch import nn
 
 from sid.precond import Preconditioned
 from sid.teachers.diffusers import denoiser_from_unet, edm_output, sample_shape
+from sid.teachers.latent import TextCodec, quiet, text_denoiser
 
 
 class SiDPipeline(DiffusionPipeline):
-    """A one-step generator as a diffusers pipeline: ``SiDPipeline.from_pretrained(folder)(batch_size=4).images``.
+    """A one-step generator as a diffusers pipeline: ``SiDPipeline.from_pretrained(folder)(batch_size=4).images``,
+    or, distilled from a text-to-image teacher, ``SiDPipeline.from_pretrained(folder)("a photo of a cat").images``.
 
     ``unet`` is the generator's network, ``scheduler`` the teacher's (its parameterisation); the pipeline's config
-    names σ_init, the prediction type and σ_data. One network evaluation: x = D(σ_init z; σ_init), with D the
-    teacher's coefficient rule around the UNet, as ``sid`` trained it.
+    names σ_init, the prediction type and σ_data. One network evaluation: x = D(σ_init z; σ_init, c), with D the
+    teacher's coefficient rule around the UNet, as ``sid`` trained it. A text-to-image generator also holds its
+    teacher's VAE, text encoder and tokenizer: c is the prompt's encoding and x the latents the VAE decodes.
     """
 
-    def __init__(self, unet, scheduler, sigma_init: float = 2.5, prediction_type: str = "edm",
-                 sigma_data: float = 0.5):
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
+
+    def __init__(self, unet, scheduler, vae=None, text_encoder=None, tokenizer=None, sigma_init: float = 2.5,
+                 prediction_type: str = "edm", sigma_data: float = 0.5):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                              tokenizer=tokenizer)
         self.register_to_config(sigma_init=sigma_init, prediction_type=prediction_type, sigma_data=sigma_data)
 
-    def denoiser(self) -> Preconditioned:
+    @property
+    def text_to_image(self) -> bool:
+        return self.text_encoder is not None
+
+    def denoiser(self, text: bool | None = None) -> Preconditioned:
+        """The generator's network under its coefficient rule; ``text``: whether it reads a text condition
+        (default: whether the pipeline holds a text encoder)."""
         config = {k: v for k, v in dict(self.scheduler.config).items()}
         config["_class_name"] = type(self.scheduler).__name__
+        if self.text_to_image if text is None else text:
+            return text_denoiser(self.unet, self.config.prediction_type, config, self.config.sigma_data)
         return denoiser_from_unet(self.unet, self.config.prediction_type, config, self.config.sigma_data)
 
+    def codec(self) -> TextCodec:
+        """The text encoder, tokenizer and VAE, as the teacher used them (text-to-image generators)."""
+        return TextCodec(self.vae, self.text_encoder, self.tokenizer)
+
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, generator: torch.Generator | None = None, class_labels=None,
+    def __call__(self, prompt: str | list[str] | None = None, batch_size: int = 1,
+                 generator: torch.Generator | None = None, class_labels=None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True):
+        """``prompt``: one prompt per image (a text-to-image generator; a single one is used ``batch_size`` times);
+        ``latents``: the noise z ~ N(0, I) itself, instead of drawing it from ``generator``; ``output_type``:
+        ``pil``, ``np``, ``pt`` (images in [-1, 1]) or ``latent`` (a text-to-image generator's latents)."""
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 
         denoiser = self.denoiser()
+        cond = None
+        if self.text_to_image:
+            if prompt is None:
+                raise ValueError("this generator was distilled from a text-to-image teacher: give a prompt")
+            prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+            batch_size, cond = len(prompts), self.codec().encode(prompts)
+        elif prompt is not None:
+            raise ValueError("this generator takes no prompt (its teacher was not text-to-image)")
         shape = (batch_size, *sample_shape(denoiser))
-        z = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
-        labels = None
+        z = (randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32) if latents is None
+             else latents.to(self.device, torch.float32))
         if class_labels is not None:
-            classes = torch.as_tensor(class_labels, device=self.device).reshape(-1).expand(batch_size)
-            labels = nn.functional.one_hot(classes, denoiser.label_dim).float()
-        sigma = torch.full((batch_size,), float(self.config.sigma_init), device=self.device)
-        images = denoiser(self.config.sigma_init * z, sigma, labels)
-        if output_type == "pt":
+            classes = torch.as_tensor(class_labels, device=self.device).reshape(-1).expand(len(z))
+            cond = nn.functional.one_hot(classes, denoiser.label_dim).float()
+        sigma = torch.full((len(z),), float(self.config.sigma_init), device=self.device)
+        images = denoiser(self.config.sigma_init * z, sigma, cond)
+        if self.text_to_image and output_type != "latent":
+            images = self.codec().decode(images)
+        if output_type in ("pt", "latent"):
             out = images
         else:
             out = ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
@@ -64,11 +96,13 @@ class SiDPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=out) if return_dict else (out,)
 
 
-def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_dir: Path, config: dict) -> None:
+def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_dir: Path, config: dict,
+                  components: dict | None = None) -> None:
     """The generator in diffusers' form beside sid's files: ``unet/``, ``scheduler/``, ``model_index.json`` and a
-    model card (from the export's ``config``). For EDM-preconditioned teachers the scheduler is a stock one-step
-    ``EDMEulerScheduler`` (σ_min = σ_max = σ_init), so diffusers alone reproduces the generator; otherwise
-    ``SiDPipeline`` does."""
+    model card (from the export's ``config``); with a text-to-image teacher's ``components`` (VAE, text encoder,
+    tokenizer) also those, written once (they are frozen: a folder that has them keeps them). For
+    EDM-preconditioned teachers the scheduler is a stock one-step ``EDMEulerScheduler`` (σ_min = σ_max = σ_init),
+    so diffusers alone reproduces the generator; otherwise ``SiDPipeline`` does."""
     out_dir = Path(out_dir)
     unet = denoiser.net.unet
     if spec["prediction_type"] == "edm":
@@ -79,19 +113,33 @@ def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_d
         cls = getattr(diffusers, schedule.get("_class_name", "DDPMScheduler"), None)
         cls = cls if isinstance(cls, type) and issubclass(cls, SchedulerMixin) else diffusers.DDPMScheduler
         scheduler = cls.from_config(schedule)
-    pipeline = SiDPipeline(unet=unet, scheduler=scheduler, sigma_init=sigma_init,
+    pipeline = SiDPipeline(unet=unet, scheduler=scheduler, **(components or {}), sigma_init=sigma_init,
                            prediction_type=spec["prediction_type"], sigma_data=denoiser.sigma_data)
+    written = ["unet", "scheduler", *(name for name in (components or {}) if not (out_dir / name).is_dir())]
     tmp = out_dir / ".tmp-diffusers"
     shutil.rmtree(tmp, ignore_errors=True)
     try:                                                   # written beside, then moved in; never left behind
-        pipeline.save_pretrained(tmp, safe_serialization=True)
-        for name in ("unet", "scheduler"):
+        with quiet():
+            save_components(pipeline, written, tmp)
+        pipeline.save_config(tmp)                          # model_index.json
+        for name in written:
             shutil.rmtree(out_dir / name, ignore_errors=True)
             os.replace(tmp / name, out_dir / name)
         os.replace(tmp / "model_index.json", out_dir / "model_index.json")
         write_card(out_dir, config)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_components(pipeline: DiffusionPipeline, names: list[str], folder: Path) -> None:
+    """Each named component of a pipeline in its own subfolder, as ``save_pretrained`` writes it (weights as
+    safetensors)."""
+    for name in names:
+        module = getattr(pipeline, name)
+        if isinstance(module, nn.Module):
+            module.save_pretrained(folder / name, safe_serialization=True)
+        else:                                              # a scheduler or tokenizer
+            module.save_pretrained(folder / name)
 
 
 UNETS = ("UNet2DModel", "UNet2DConditionModel")
@@ -123,8 +171,9 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
         raise SidError(f"{folder}: its unet/ or scheduler/ cannot be loaded ({type(e).__name__}: "
                        f"{(str(e).splitlines() or [''])[0][:160]}); export it again") from None
     settings = {k: index[k] for k in ("sigma_init", "prediction_type", "sigma_data") if k in index}
+    text = (index.get("text_encoder") or [None])[0] is not None          # its backbone reads the text condition
     pipeline = SiDPipeline(unet=unet, scheduler=scheduler, **settings)
-    denoiser = pipeline.denoiser()
+    denoiser = pipeline.denoiser(text)
     return denoiser, sample_shape(denoiser), float(pipeline.config.sigma_init)
 
 
@@ -146,8 +195,9 @@ def model_card(config: dict) -> str:
         measured = (f"FID-{evaluation.get('num', '?')} {config['fid']:.4g} (EMA generator, seeds from 0, against "
                     f"`{evaluation.get('fid_ref')}`, measured in training as `sid fid gen` measures)")
     shape, unet = ", ".join(map(str, config["shape"])), spec.get("class_name")
+    call = '"a photo of a cat", batch_size=4' if spec.get("pipeline") else "batch_size=4"
     pipeline = ("```python\nfrom sid import SiDPipeline\n\n"
-                'images = SiDPipeline.from_pretrained("path/to/this/folder")(batch_size=4).images      # PIL images\n'
+                f'images = SiDPipeline.from_pretrained("path/to/this/folder")({call}).images      # PIL images\n'
                 "```\n")
     if spec.get("prediction_type") == "edm":
         use = ("With diffusers alone (the scheduler is a one-step `EDMEulerScheduler`, σ_min = σ_max = σ_init):\n\n"

@@ -1,0 +1,219 @@
+"""Data-free conditions: what the generator is asked for at each draw, since no images are used to train.
+
+A ``Conditions`` source gives ``draw(n, device)``, a batch of conditions of the denoiser contract (``None``,
+one-hot class labels, or a teacher family's encoded prompts), and ``fixed(n)``, the same ``n`` conditions every
+time (sample grids). Sources with a position (prompts) put it in the training state, so a resumed run continues
+where it stopped, on any number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sid.errors import SidError
+
+
+class Unconditional:
+    """An unconditional teacher: every condition is None."""
+
+    def draw(self, n: int, device=None):
+        return None
+
+    def fixed(self, n: int, device=None):
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        pass
+
+
+class ClassLabels(Unconditional):
+    """One-hot class labels, drawn uniformly or from ``probs`` (one probability per class), on the device from the
+    global generator (the trainer reseeds it every step)."""
+
+    def __init__(self, label_dim: int, probs=None):
+        self.label_dim = label_dim
+        self.probs = None
+        if probs:
+            if len(probs) != label_dim:
+                raise SidError(f"conditions.class_probs has {len(probs)} values for a teacher of {label_dim} classes: "
+                               "give one per class, or none for uniform")
+            self.probs = torch.tensor([float(p) for p in probs], dtype=torch.float64)
+            self.probs /= self.probs.sum()
+
+    def draw(self, n: int, device=None) -> torch.Tensor:
+        if self.probs is None:
+            classes = torch.randint(self.label_dim, (n,), device=device)
+        else:
+            classes = torch.multinomial(self.probs.to(device), n, replacement=True)
+        return nn.functional.one_hot(classes, self.label_dim).float()
+
+    def fixed(self, n: int, device=None) -> torch.Tensor:
+        """Classes 0, 1, ..., in turn."""
+        return nn.functional.one_hot(torch.arange(n, device=device) % self.label_dim, self.label_dim).float()
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file (one per line, blank lines skipped) or a JSONL file (``.jsonl``: one object per line
+    with a ``prompt``, ``text`` or ``caption`` field); one error line for a missing, unreadable or empty file."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SidError(f"cannot read the prompts file {path} ({type(e).__name__}); give a UTF-8 text file, one "
+                       "prompt per line (or .jsonl)") from None
+    if path.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                prompts.append(next(str(record[k]) for k in ("prompt", "text", "caption") if k in record))
+            except (json.JSONDecodeError, TypeError, StopIteration):
+                raise SidError(f"{path}:{number} is not a JSON object with a prompt, text or caption field; fix "
+                               "that line") from None
+    else:
+        prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise SidError(f"the prompts file {path} holds no prompts; give one prompt per line")
+    return prompts
+
+
+class Prompts(Unconditional):
+    """Prompts from a list, in a shuffled order that is new every pass, encoded by the teacher's own encoders.
+
+    The order is a function of (seed, pass) alone, and ``drawn``, the number of prompts drawn by all processes
+    together, is the whole state: process ``rank`` of ``world`` takes the ``rank``-th slice of each global draw.
+    ``encode`` turns a list of prompts into a condition; with a ``cache`` (a dict of every prompt's condition, see
+    ``encode_all``) the encoder is not run while training.
+    """
+
+    def __init__(self, prompts: list[str], encode: Callable[[list[str]], dict], seed: int = 0, rank: int = 0,
+                 world: int = 1, cache: dict | None = None):
+        self.prompts, self.encode, self.seed, self.rank, self.world = prompts, encode, seed, rank, world
+        self.cache, self.drawn = cache, 0
+        self._order = (-1, None)                                     # (pass, its permutation)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(hash_seed(self.seed, epoch))
+            self._order = (epoch, torch.randperm(len(self.prompts), generator=generator))
+        return self._order[1]
+
+    def indices(self, n: int) -> list[int]:
+        """The prompt indices of this process's next ``n`` draws (and the position moved past all processes')."""
+        start, total = self.drawn + self.rank * n, len(self.prompts)
+        self.drawn += n * self.world
+        return [int(self.order(i // total)[i % total]) for i in range(start, start + n)]
+
+    def condition(self, indices: list[int], device=None) -> dict:
+        if self.cache is not None:
+            cond = {k: v[indices] for k, v in self.cache.items()}
+        else:
+            cond = self.encode([self.prompts[i] for i in indices])
+        return {k: v.to(device) for k, v in cond.items()}
+
+    def draw(self, n: int, device=None) -> dict:
+        return self.condition(self.indices(n), device)
+
+    def fixed(self, n: int, device=None) -> dict:
+        """The first ``n`` prompts of the list, in its order (cycled when it is shorter)."""
+        return self.condition([i % len(self.prompts) for i in range(n)], device)
+
+    def fixed_prompts(self, n: int) -> list[str]:
+        return [self.prompts[i % len(self.prompts)] for i in range(n)]
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.drawn = int((state or {}).get("drawn", 0))
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (independent streams for each pass of the prompts)."""
+    digest = hashlib.sha256(("prompts:" + ",".join(str(int(p)) for p in parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def encode_all(prompts: list[str], encode: Callable[[list[str]], dict], batch: int = 64) -> dict:
+    """Every prompt's condition, on the CPU, stacked in the list's order."""
+    parts = [encode(prompts[i:i + batch]) for i in range(0, len(prompts), batch)]
+    return {k: torch.cat([p[k].cpu() for p in parts]) for k in parts[0]}
+
+
+def load_cache(path: str | Path, prompts: list[str], encode: Callable[[list[str]], dict], encoder: str) -> dict:
+    """The embeddings cache at ``path``: read when it was made for these prompts by this ``encoder`` (a
+    fingerprint of the teacher's text encoder), else one error line; made and written (atomically) when the file
+    does not exist yet."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file, save_file
+
+    from sid.checkpoint import fsync, write_error
+
+    path, made_for = Path(path), {"prompts_sha256": text_digest(prompts), "encoder": encoder}
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+            cache = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise SidError(f"conditions.cache={path} is not a readable embeddings cache ({type(e).__name__}); "
+                           "delete it and it is made again") from None
+        if metadata.get("encoder") != encoder:
+            raise SidError(f"conditions.cache={path} was made with another text encoder than this teacher's; "
+                           "delete it (it is made again) or name another file")
+        if metadata.get("prompts_sha256") != made_for["prompts_sha256"]:
+            raise SidError(f"conditions.cache={path} was made for other prompts than conditions.prompts; delete it "
+                           "(it is made again) or name another file")
+        return cache
+    cache = encode_all(prompts, encode)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in cache.items()}, tmp, metadata=made_for)
+        fsync(tmp)
+        tmp.replace(path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise SidError(f"could not write the embeddings cache {path} ({write_error(e)}); free space, or set "
+                       "conditions.cache=null to encode prompts as they are drawn") from None
+    return cache
+
+
+def text_digest(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+def build_conditions(cfg, teacher, rank: int = 0, world: int = 1):
+    """The source of ``cfg.conditions`` for this teacher: prompts for a text-to-image teacher (required),
+    class labels for a class-conditional one, none otherwise; a setting the teacher cannot use is one line."""
+    section = cfg.conditions
+    if teacher.text_to_image:
+        if not section.prompts:
+            raise SidError("a text-to-image teacher is distilled from prompts: set conditions.prompts=FILE (one "
+                           "prompt per line, or .jsonl)")
+        prompts = read_prompts(section.prompts)
+        cache = None
+        if section.cache:
+            cache = load_cache(section.cache, prompts, teacher.encode, teacher.encoder_fingerprint())
+        return Prompts(prompts, teacher.encode, cfg.train.seed, rank, world, cache)
+    if section.prompts or section.cache:
+        raise SidError(f"conditions.prompts and conditions.cache are for text-to-image teachers; this "
+                       f"{teacher.spec['kind']} teacher takes {'class labels' if teacher.label_dim else 'none'}: "
+                       "leave them null")
+    if teacher.label_dim:
+        return ClassLabels(teacher.label_dim, list(section.class_probs))
+    if section.class_probs:
+        raise SidError("conditions.class_probs is for class-conditional teachers, and this one is unconditional: "
+                       "leave it empty")
+    return Unconditional()

@@ -1,0 +1,47 @@
+"""Tiny latent text-to-image pipelines built from configs, saved as a user's pipeline folders are (offline: the
+tokenizer's vocabulary is written here)."""
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def tiny_tokenizer(folder: Path):
+    """A CLIP tokenizer with a vocabulary of single letters (unknown pieces map to the end-of-text token)."""
+    import transformers
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+def save_tiny_sd(root: Path, prediction_type: str = "epsilon") -> Path:
+    """A StableDiffusionPipeline of random tiny components (latents 4×8×8, images 16×16) in ``root/pipeline``."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 timestep_spacing="leading", steps_offset=1,
+                                                 prediction_type=prediction_type)
+    pipe = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
+                                             tokenizer=tiny_tokenizer(root / "vocab"), scheduler=scheduler,
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipeline")
+    return root / "pipeline"
