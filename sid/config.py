@@ -65,12 +65,21 @@ class TeacherConfig:
 @dataclass
 class GeneratorConfig:
     sigma_init: float = 2.5              # G(z) = D_θ(sigma_init z, sigma_init)
+    t_init: Optional[int] = None         # discrete teachers: sigma_init = σ of this timestep (SiD-LSG: 625 = σ 2.5017)
 
 
 @dataclass
 class LossConfig:
     lam: str = "sid"                     # λ: sid (1.2) | lambda1 (1.0) | fgm (0.5) | l2 (0) | any number
-    weighting: str = "sid"               # sid: 1/mean|x_g - f_φ| | x0: 1 | eps: 1/σ²
+    weighting: str = "sid"               # sid: 1/mean|x_g - f_φ| | x0: 1 | eps: 1/σ² | one_minus_t: 1 − t (SiD-DiT)
+                                         # | velocity: 2/t² (λ = ½: FGM's velocity loss), t = σ / (1 + σ)
+    time: str = "karras"                 # σ of both steps: karras (SiD: generator Karras u < t_max, fake score
+                                         # log-normal) | timesteps (SiD-LSG: the teacher's own discrete
+                                         # timesteps in loss.timesteps) | logit_normal (SiD-DiT: ln σ = logit t
+                                         # ~ N(p_mean, p_std²) in both steps)
+    timesteps: list[int] = field(default_factory=lambda: [20, 979])  # time=timesteps: k ~ U{lo..hi}
+    fake_loss: str = "edm"               # the fake score's denoising loss: edm (λ_EDM weight) | native (the
+                                         # teacher's own: ε-MSE, v-MSE·snr/(snr+1), velocity MSE)
     t_max: float = 0.8                   # generator-loss σ from the Karras schedule at u < t_max (SiD: 800/1000)
     sigma_min: Optional[float] = None    # Karras range of the generator loss; null: the teacher's
     sigma_max: Optional[float] = None
@@ -202,7 +211,9 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvc
 CHOICES = {
     "teacher.kind": TEACHER_KINDS,
     "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm", "flow"),
-    "loss.weighting": ("sid", "x0", "eps"),
+    "loss.weighting": ("sid", "x0", "eps", "one_minus_t", "velocity"),
+    "loss.time": ("karras", "timesteps", "logit_normal"),
+    "loss.fake_loss": ("edm", "native"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.tracker": ("auto", "none", *TRACKERS),
 }
@@ -218,6 +229,8 @@ RANGES = [
     ("loss.rho", _positive, "> 0"), ("loss.p_std", _positive, "> 0"),
     ("loss.g_scale", _positive, "> 0"), ("loss.fake_scale", _positive, "> 0"),
     ("loss.t_max", lambda v: 0 < v <= 1, "in (0, 1] (a fraction of the Karras schedule)"),
+    ("loss.timesteps", lambda v: len(v) == 2 and 0 <= v[0] <= v[1], "two timesteps lo <= hi, e.g. [20, 979]"),
+    ("generator.t_init", lambda v: v is None or v >= 0, "a timestep >= 0, or null for generator.sigma_init"),
     ("loss.augment", lambda v: 0 <= v <= 1, "in [0, 1] (a probability per transform; 0: off)"),
     *((f"loss.{key}", lambda v: 0 <= v <= 100, "in [0, 100] (a guidance scale; 1: none)")
       for key in ("guide_fake_train", "guide_fake", "guide_teacher")),

@@ -17,7 +17,7 @@ from sid.augment import LABEL_DIM, GeometricAugment
 from sid.config import CHOICES, resolve_lam
 from sid.errors import SidError
 from sid.guidance import drop, guided
-from sid.schedules import sample_lognormal_sigma, sample_sid_sigma
+from sid.schedules import sample_lognormal_sigma, sample_sid_sigma, sample_timestep_sigma
 
 WEIGHTINGS = CHOICES["loss.weighting"]
 
@@ -71,13 +71,19 @@ def sid_weight(x_g: torch.Tensor, f_teacher: torch.Tensor) -> torch.Tensor:
 
 
 def loss_weight(weighting: str, sigma: torch.Tensor, x_g: torch.Tensor, f_teacher: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight of the generator loss: ``sid`` (ω above), ``x0`` (1), ``eps`` (1/σ², the loss's ε-form)."""
+    """Per-sample weight of the generator loss: ``sid`` (ω above), ``x0`` (1), ``eps`` (1/σ², the loss's ε-form),
+    and for flow time t = σ / (1 + σ): ``one_minus_t`` (SiD-DiT's default, 1 − t) and ``velocity`` (2/t²: the
+    loss in velocity units, v̂ − v = (x0 − D)/t, where λ = ½ is FGM's L1 + L2 and RealUID's loss; sid-math §3.5)."""
     if weighting == "sid":
         return sid_weight(x_g, f_teacher)
     if weighting == "x0":
         return torch.ones_like(sigma)
     if weighting == "eps":
         return sigma**-2
+    if weighting == "one_minus_t":
+        return 1 / (1 + sigma)
+    if weighting == "velocity":
+        return 2 * ((1 + sigma) / sigma) ** 2
     raise SidError(f"loss.weighting={weighting!r} is unknown; choose one of {WEIGHTINGS}")
 
 
@@ -128,6 +134,10 @@ class DistillationLoss:
     guide_teacher: float = 1.0
     drop_cond: float = 0.0              # the fake step's conditions → the null one at this rate (0: never)
     null: Callable | None = None        # n -> the teacher family's null condition for n samples
+    time: str = "karras"                # karras | timesteps | logit_normal: the σ samplers of both steps
+    timestep_sigmas: torch.Tensor | None = None   # time=timesteps: the teacher's σ_k, k = 0..K-1
+    timesteps: tuple[int, int] = (20, 979)        # ... and the range of k, both ends included
+    fake_weight: Callable | None = None  # σ -> the fake-score loss weight; None: λ_EDM(σ) with sigma_data
 
     @classmethod
     def from_config(cls, loss, teacher, per_process: int) -> DistillationLoss:
@@ -150,12 +160,25 @@ class DistillationLoss:
             what = "has no null condition" if teacher.label_dim else "is unconditional"
             raise SidError(f"{named}: guidance needs a conditional teacher with a null condition, and this "
                            f"{teacher.spec['kind']} teacher {what}; leave the guidance scales at 1")
+        native = dict(time=loss.time, fake_weight=teacher.training_weight if loss.fake_loss == "native" else None)
+        if loss.fake_loss == "native":
+            teacher.training_weight(torch.ones(1))              # a teacher without a known loss: one line here
+        if loss.time == "timesteps":
+            sigmas, (first, last) = teacher.timestep_sigmas(), loss.timesteps
+            if sigmas is None:
+                raise SidError(f"loss.time=timesteps needs a teacher with discrete timesteps (a diffusers DDPM-style "
+                               f"schedule); this {teacher.spec['kind']} teacher's time is continuous: use "
+                               "loss.time=karras or logit_normal")
+            if last >= len(sigmas):
+                raise SidError(f"loss.timesteps={list(loss.timesteps)} goes past the teacher's {len(sigmas)} "
+                               f"timesteps (0..{len(sigmas) - 1})")
+            native.update(timestep_sigmas=sigmas, timesteps=(int(first), int(last)))
         return cls(lam=resolve_lam(loss.lam), weighting=loss.weighting, t_max=loss.t_max,
                    sigma_min=loss.sigma_min or d.sigma_min, sigma_max=loss.sigma_max or d.sigma_max,
                    rho=loss.rho, p_mean=loss.p_mean, p_std=loss.p_std, sigma_data=d.sigma_data,
                    g_scale=loss.g_scale / per_process, fake_scale=loss.fake_scale / per_process,
                    augment=GeometricAugment(loss.augment) if loss.augment else None, **scales,
-                   drop_cond=loss.drop_cond if guides_fake else 0.0, null=null)
+                   drop_cond=loss.drop_cond if guides_fake else 0.0, null=null, **native)
 
     def fake_conditions(self, cond):
         """The fake step's conditions: each replaced by the null one at rate ``drop_cond`` (SiD-LSG drops 10% of
@@ -163,19 +186,33 @@ class DistillationLoss:
         return drop(cond, self.drop_cond, self.null)
 
     def fake_score(self, fake_score: Callable, x_g: torch.Tensor, labels=None) -> torch.Tensor:
-        """The fake score's denoising loss on the (detached) generator samples, ln σ log-normal; with
-        augmentation, on the augmented samples, the network given the augment labels (SiD, training/sid_loss.py:
-        σ drawn, then the augmentation, then the noise)."""
-        sigma = sample_lognormal_sigma(len(x_g), self.p_mean, self.p_std, device=x_g.device)
+        """The fake score's denoising loss on the (detached) generator samples, at σ log-normal (or the teacher's
+        timesteps), weighted by λ_EDM or the teacher's own loss (``fake_weight``); with augmentation, on the
+        augmented samples, the network given the augment labels (SiD, training/sid_loss.py: σ drawn, then the
+        augmentation, then the noise)."""
+        if self.time == "timesteps":
+            sigma = sample_timestep_sigma(len(x_g), self.timestep_sigmas, *self.timesteps).to(x_g.device)
+        else:
+            sigma = sample_lognormal_sigma(len(x_g), self.p_mean, self.p_std, device=x_g.device)
         x0, net = x_g.detach(), guided(fake_score, self.guide_fake_train, self.null)
         if self.augment is not None:
             x0, augment_labels = self.augment(x0)
             net = partial(net, augment_labels=augment_labels)
-        return fake_score_loss(net, x0, sigma, labels, sigma_data=self.sigma_data) * self.fake_scale
+        if self.fake_weight is None:
+            return fake_score_loss(net, x0, sigma, labels, sigma_data=self.sigma_data) * self.fake_scale
+        return self.fake_weight(sigma) * _squared_error(net, x0, sigma, labels) * self.fake_scale
+
+    def generator_sigma(self, n: int, device=None) -> torch.Tensor:
+        """The generator loss's σ: SiD's Karras σ below t_max, the teacher's timesteps, or log-normal."""
+        if self.time == "timesteps":
+            return sample_timestep_sigma(n, self.timestep_sigmas, *self.timesteps).to(device)
+        if self.time == "logit_normal":
+            return sample_lognormal_sigma(n, self.p_mean, self.p_std, device=device)
+        return sample_sid_sigma(n, self.t_max, self.sigma_min, self.sigma_max, self.rho, device=device)
 
     def generator(self, teacher: Callable, fake_score: Callable, x_g: torch.Tensor, labels=None) -> torch.Tensor:
-        """The generator loss w · L_λ at SiD's Karras σ below t_max."""
-        sigma = sample_sid_sigma(len(x_g), self.t_max, self.sigma_min, self.sigma_max, self.rho, device=x_g.device)
+        """The generator loss w · L_λ at ``generator_sigma``."""
+        sigma = self.generator_sigma(len(x_g), x_g.device)
         return generator_loss(guided(teacher, self.guide_teacher, self.null),
                               guided(fake_score, self.guide_fake, self.null), x_g, sigma, labels, lam=self.lam,
                               weighting=self.weighting) * self.g_scale

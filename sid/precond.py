@@ -42,6 +42,15 @@ class Rule(nn.Module):
         super().__init__()
         self.sigma_data, self.sigma_min, self.sigma_max = sigma_data, sigma_min, sigma_max
 
+    def training_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """λ(σ) such that λ(σ) Σ_j (D(x0 + σn) − x0)_j² is the loss this parameterisation's networks are trained
+        with, in their own units (``loss.fake_loss=native``). EDM's λ_EDM here; each rule says its own."""
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+    def timestep_sigmas(self) -> torch.Tensor | None:
+        """σ of each of the network's own training timesteps, for discrete schedules (else None)."""
+        return None
+
 
 class EDMRule(Rule):
     """EDM preconditioning (Karras et al. 2022, Table 1): networks trained the EDM way."""
@@ -65,12 +74,20 @@ class ContinuousVPRule(Rule):
         t = ((self.beta_min**2 + 2 * self.beta_d * (1 + sigma**2).log()).sqrt() - self.beta_min) / self.beta_d
         return Coefficients(torch.ones_like(sigma), -sigma, (1 + sigma**2).rsqrt(), (self.M - 1) * t)
 
+    def training_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """1/σ²: ε-MSE (EDM's VPLoss)."""
+        return sigma**-2
+
 
 class VERule(Rule):
     """VE (Song et al. 2021; EDM's VEPrecond): c_skip = 1, c_out = σ, c_in = 1, c_noise = ln(σ / 2)."""
 
     def forward(self, sigma: torch.Tensor) -> Coefficients:
         return Coefficients(torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log())
+
+    def training_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """1/σ² (EDM's VELoss)."""
+        return sigma**-2
 
 
 class FlowRule(Rule):
@@ -86,6 +103,10 @@ class FlowRule(Rule):
     def forward(self, sigma: torch.Tensor) -> Coefficients:
         t = sigma / (1 + sigma)
         return Coefficients(c_skip=1 - t, c_out=-t, c_in=1 - t, c_noise=t * self.timestep_scale)
+
+    def training_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """1/t²: velocity MSE, since v̂ − v = (x0 − D) / t (SD3's and SiD-DiT's unweighted flow matching)."""
+        return ((1 + sigma) / sigma) ** 2
 
 
 def broadcast_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,12 @@ def sample_sid_sigma(n: int, t_max: float, sigma_min: float, sigma_max: float, r
     return karras_sigma(torch.rand(n, device=device) * t_max, sigma_min, sigma_max, rho)
 
 
+def sample_timestep_sigma(n: int, sigmas: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """A discrete teacher's own noise levels: k ~ U{lo, ..., hi}, sigma = sigmas[k] (SiD-LSG: t ~ U{20..979},
+    ``torch.randint(20, 980)``), drawn on ``sigmas``' device."""
+    return sigmas[torch.randint(lo, hi + 1, (n,), device=sigmas.device)]
+
+
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, *, device=None):
     """The decreasing Karras sampling grid sigma_0 = sigma_max > ... > sigma_{N-1} = sigma_min, then 0 appended."""
     u = torch.linspace(1, 0, num_steps, dtype=torch.float64, device=device)

@@ -152,7 +152,7 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
     teacher.to(device)
     conditions = build_conditions(cfg, teacher, accelerator.process_index, accelerator.num_processes)
     fake_score = teacher.make_student()
-    generator = OneStepGenerator(teacher.make_student(), teacher.shape, cfg.generator.sigma_init)
+    generator = OneStepGenerator(teacher.make_student(), teacher.shape, initial_sigma(cfg.generator, teacher))
     apply_perf(cfg.perf, bf16, teacher, [fake_score, generator])
     batch_gpu, rounds = micro_batches(cfg, accelerator.num_processes)
     loss = DistillationLoss.from_config(cfg.loss, teacher, per_process=batch_gpu * rounds)
@@ -187,6 +187,19 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
     return Run(cfg, accelerator, teacher, conditions, loss, fake_score, generator, fake_ddp, generator_ddp, opt_fake,
                opt_g, ema, batch_gpu, rounds, nimg, step, seconds, bf16=bf16, precision=precision, resumed=resumed,
                changed=changed)
+
+
+def initial_sigma(section, teacher: Teacher) -> float:
+    """The generator's σ_init: ``generator.sigma_init``, or the σ of the teacher's timestep ``generator.t_init``
+    (SiD-LSG's 625: the VP image of σ_init = 2.5)."""
+    if section.t_init is None:
+        return float(section.sigma_init)
+    sigmas = teacher.timestep_sigmas()
+    if sigmas is None or section.t_init >= len(sigmas):
+        what = "has continuous time" if sigmas is None else f"has timesteps 0..{len(sigmas) - 1}"
+        raise SidError(f"generator.t_init={section.t_init}: this {teacher.spec['kind']} teacher {what}; set "
+                       "generator.t_init=null and give generator.sigma_init")
+    return float(sigmas[section.t_init])
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, name: str, lr: float, betas, eps: float) -> list[str]:

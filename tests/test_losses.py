@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sid.config import LAMBDA_PRESETS, resolve_lam
+from sid.errors import SidError
 from sid.losses import (
     DistillationLoss,
     edm_loss_weight,
@@ -337,3 +338,56 @@ def test_the_loss_object_binds_the_config_and_computes_the_pure_losses():
     torch.manual_seed(4)
     sigma = (torch.randn(8) * 1.2 - 1.2).exp()
     torch.testing.assert_close(got, fake_score_loss(fake, x_g, sigma, sigma_data=gmm.sigma_data) / 8)
+
+
+def test_the_velocity_weighting_at_half_is_fgms_velocity_loss():
+    """weighting=velocity (2/t²): at λ = ½ the per-sample loss is FGM's L1 + L2 = ‖u_φ − u_c‖² − ‖u_ψ − u_c‖² in a
+    flow teacher's own velocity units (u = (x_t − D)/t, u_c = ε − x0 at x_t = (1 − t) x0 + t ε; sid-math §3.5);
+    one_minus_t is SiD-DiT's 1 − t."""
+    from sid.losses import loss_weight
+
+    x_g, eps, sigma = rand(5, 6, seed=1), rand(5, 6, seed=2), torch.tensor([0.1, 0.5, 1.0, 3.0, 20.0])
+    f_phi, f_psi = rand(5, 6, seed=3), rand(5, 6, seed=4)
+    t = (sigma / (1 + sigma))[:, None]
+    x_t = (1 - t) * x_g + t * eps
+    u_c = eps - x_g
+    fgm = (((x_t - f_phi) / t - u_c) ** 2).sum(1) - (((x_t - f_psi) / t - u_c) ** 2).sum(1)
+    ours = loss_weight("velocity", sigma, x_g, f_phi) * identity_loss(f_phi, f_psi, x_g, 0.5)
+    torch.testing.assert_close(ours, fgm, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss_weight("one_minus_t", sigma, x_g, f_phi), 1 - t.flatten())
+
+
+def test_the_teachers_own_timesteps_and_their_range():
+    """time=timesteps draws only σ_k with k in loss.timesteps (both ends), as torch.randint(20, 980) does."""
+    from sid.schedules import sample_timestep_sigma
+
+    sigmas = torch.linspace(0.01, 15.0, 1000)
+    torch.manual_seed(0)
+    drawn = sample_timestep_sigma(50_000, sigmas, 20, 979)
+    k = torch.searchsorted(sigmas, drawn)
+    assert torch.equal(sigmas[k], drawn) and k.min() == 20 and k.max() == 979
+    assert abs(k.float().mean().item() - 499.5) < 3
+
+
+def test_native_time_on_a_teacher_without_it_is_one_line():
+    from sid.config import load_config
+    from sid.losses import DistillationLoss
+    from sid.teachers.base import Teacher
+    from sid.trainer import initial_sigma
+
+    teacher = Teacher(Preconditioned(torch.nn.Identity(), EDMRule(0.5, 0.002, 80.0)), (1, 4, 4), {"kind": "python"})
+    cfg = load_config([], ["loss.time=timesteps"])
+    with pytest.raises(SidError, match="loss.time=timesteps needs a teacher with discrete timesteps.*continuous"):
+        DistillationLoss.from_config(cfg.loss, teacher, per_process=4)
+    with pytest.raises(SidError, match="generator.t_init=625: this python teacher has continuous time"):
+        initial_sigma(load_config([], ["generator.t_init=625"]).generator, teacher)
+    from sid.teachers.diffusers import DiscreteVPRule
+
+    discrete = Teacher(Preconditioned(torch.nn.Identity(), DiscreteVPRule(torch.linspace(0.999, 0.01, 100),
+                                                                          "epsilon")), (1, 4, 4), {"kind": "diffusers"})
+    with pytest.raises(SidError, match=r"loss.timesteps=\[20, 979\] goes past the teacher's 100 timesteps"):
+        DistillationLoss.from_config(cfg.loss, discrete, per_process=4)
+    with pytest.raises(SidError, match="generator.t_init=625: this diffusers teacher has timesteps 0..99"):
+        initial_sigma(load_config([], ["generator.t_init=625"]).generator, discrete)
+    native = DistillationLoss.from_config(load_config([], ["loss.fake_loss=native"]).loss, discrete, per_process=4)
+    torch.testing.assert_close(native.fake_weight(torch.tensor([0.5, 2.0])), torch.tensor([4.0, 0.25]))

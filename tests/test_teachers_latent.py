@@ -123,12 +123,14 @@ def test_bad_text_to_image_input_is_one_line(sd_folder, tmp_path, capsys):
 
 
 def text_overrides(sd_folder, prompts, run_dir, total, *extra):
-    """A few iterations on the tiny pipeline, with SiD-LSG's guidance inside the loss and its prompt dropout."""
+    """A few iterations on the tiny pipeline with SiD-LSG's settings: guidance inside the loss and its prompt
+    dropout, the teacher's own timesteps 20..979, the generator at t_init 625, the ε-MSE fake loss, lsg = 1."""
     return ["teacher.kind=diffusers", f"teacher.diffusers.path={sd_folder}", f"conditions.prompts={prompts}",
             "optim.batch=4", "optim.batch_gpu=2", f"train.total_nimg={total}", "train.log_every_nimg=8",
             "train.sample_every_nimg=16", "train.ckpt_every_nimg=8", "train.num_samples=4", f"train.run_dir={run_dir}",
             "train.progress=false", "train.tracker=none", "loss.guide_teacher=1.5", "loss.guide_fake=1.5",
-            "loss.guide_fake_train=1.5", "loss.drop_cond=0.5", *extra]
+            "loss.guide_fake_train=1.5", "loss.drop_cond=0.5", "loss.time=timesteps", "loss.fake_loss=native",
+            "generator.t_init=625", "loss.g_scale=1", "loss.lam=lambda1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,7 @@ def test_a_text_to_image_teacher_distils_from_prompts_and_resumes_exactly(text_r
     uninterrupted one drew and ends bit-identical to it."""
     root, whole, resumed = text_runs
     assert whole.conditions.drawn == resumed.conditions.drawn == 4 * 8       # 4 iterations × (fake + generator)
+    assert abs(whole.generator.sigma_init - 2.5017) < 1e-4 and whole.loss.time == "timesteps"
     for name in ("generator", "fake_score"):
         a, b = getattr(whole, name).state_dict(), getattr(resumed, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -212,3 +215,75 @@ def test_an_embeddings_cache_trains_the_same_and_refuses_another_encoder(sd_fold
     with pytest.raises(SidError, match="was made with another text encoder than this teacher's"):
         train(load_config([], text_overrides(other, prompts, tmp_path / "d", 16, f"conditions.cache={cache}")))
     assert not (tmp_path / "d" / "generator").exists()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_native_fake_loss_is_the_pipelines_own_training_loss(tmp_path, prediction_type):
+    """loss.fake_loss=native at the teacher's own timesteps is the loss diffusers' training scripts compute:
+    ε-MSE, or v-MSE × snr/(snr + 1) (SiD-LSG), on add_noise(x0, ε, k) at integer k."""
+    from diffusers.training_utils import compute_snr
+
+    folder = save_tiny_sd(tmp_path, prediction_type)
+    teacher = teacher_of(folder)
+    scheduler = diffusers.DDPMScheduler.from_pretrained(folder / "scheduler")
+    gen = torch.Generator().manual_seed(4)
+    x0, noise = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    k = torch.tensor([20, 625, 979])
+    cond = teacher.encode(["a cat", "a dog", ""])
+    with torch.no_grad():
+        unet = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+        pred = unet(scheduler.add_noise(x0, noise, k), k, encoder_hidden_states=cond["text"]).sample
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, k)
+        expected = ((pred - target) ** 2).flatten(1).sum(1)
+        if prediction_type == "v_prediction":
+            snr = compute_snr(scheduler, k)
+            expected = expected * snr / (snr + 1)
+        sigma = teacher.timestep_sigmas()[k]
+        ours = teacher.training_weight(sigma) * ((teacher.denoiser(x0 + sigma[:, None, None, None] * noise, sigma,
+                                                                   cond) - x0) ** 2).flatten(1).sum(1)
+    torch.testing.assert_close(ours, expected, rtol=2e-4, atol=0)
+    assert abs(float(teacher.timestep_sigmas()[625]) - 2.5017) < 1e-4          # SiD-LSG's t_init: σ_init 2.5
+
+
+def test_a_hub_id_of_a_pipeline_loads_from_the_cache(sd_folder, tmp_path, monkeypatch):
+    """teacher.diffusers.path=owner/name of a StableDiffusionPipeline: its components from the Hugging Face
+    cache (offline here), the same teacher as the folder."""
+    import shutil
+
+    import huggingface_hub
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--owner--sd"
+    shutil.copytree(sd_folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub, local = teacher_of("owner/sd"), teacher_of(sd_folder)
+    assert hub.text_to_image and hub.spec["pipeline"] == "StableDiffusionPipeline"
+    torch.testing.assert_close(hub.encode(PROMPTS)["text"], local.encode(PROMPTS)["text"])
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 5.0])
+    with torch.no_grad():
+        torch.testing.assert_close(hub.denoiser(x, sigma, hub.encode(PROMPTS)),
+                                   local.denoiser(x, sigma, local.encode(PROMPTS)))
+
+
+@pytest.mark.parametrize("preset", ["sd15_lsg", "sd21_lsg"])
+def test_the_sid_lsg_presets_build_their_recipe(sd_folder, tmp_path, preset):
+    """The SiD-LSG presets, their teacher swapped for the tiny pipeline (same scaled-linear schedule): the
+    generator at σ_625 = 2.5017, both steps on timesteps 20..979, ε-MSE fake loss, α = 1, κ = 1.5, lsg = 1,
+    lr 1e-6, micro-batches of 1 accumulated to the batch."""
+    from accelerate import Accelerator
+
+    from sid.trainer import build
+
+    (tmp_path / "p.txt").write_text("a cat\n")
+    cfg = load_config([preset], [f"teacher.diffusers.path={sd_folder}", f"conditions.prompts={tmp_path / 'p.txt'}",
+                                 "optim.batch=4", f"train.run_dir={tmp_path / 'run'}"])
+    run = build(cfg, Accelerator(cpu=True), resume=None)
+    loss = run.loss
+    assert abs(run.generator.sigma_init - 2.5017) < 1e-4 and (loss.time, loss.timesteps) == ("timesteps", (20, 979))
+    assert loss.fake_weight is not None and loss.lam == 1.0 and loss.g_scale == loss.fake_scale == 1 / 4
+    assert loss.guide_fake_train == loss.guide_fake == loss.guide_teacher == 1.5 and loss.drop_cond == 0.1
+    assert (run.batch_gpu, run.rounds, run.opt_g.param_groups[0]["lr"]) == (1, 4, 1e-6)
+    assert load_config([preset]).teacher.diffusers.path.count("/") == 1 and cfg.optim.batch_gpu == 1

@@ -48,6 +48,16 @@ class Teacher:
         self.denoiser.to(device)
         return self
 
+    def timestep_sigmas(self) -> torch.Tensor | None:
+        """σ of each of the teacher's own training timesteps (discrete schedules, on its device), or None."""
+        return self.denoiser.rule.timestep_sigmas() if isinstance(self.denoiser, Preconditioned) else None
+
+    def training_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """λ(σ) of the teacher's own training loss on Σ (D − x0)² (``Rule.training_weight``)."""
+        if not isinstance(self.denoiser, Preconditioned):
+            raise SidError(f"this {self.spec['kind']} teacher's training loss is unknown: use loss.fake_loss=edm")
+        return self.denoiser.rule.training_weight(sigma)
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples -> images (sample grids, FID): the samples themselves, except for latent families."""
         return x

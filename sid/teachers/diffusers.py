@@ -82,6 +82,15 @@ class DiscreteVPRule(nn.Module):
         frac = t - lo
         return ((1 - frac) * self.log_sigmas[lo] + frac * self.log_sigmas[lo + 1]).exp()
 
+    def training_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        """ε-MSE, 1/σ², for ε-networks; for v-networks v-MSE × snr/(snr + 1) (SiD-LSG), which is the same 1/σ²
+        (x0 − D = sqrt(1 − ā) (v̂ − v), snr = 1/σ²); x0-MSE, 1, for "sample" networks."""
+        return torch.ones_like(sigma) if self.prediction_type == "sample" else sigma**-2
+
+    def timestep_sigmas(self) -> torch.Tensor:
+        """σ_k = sqrt((1 − ā_k) / ā_k), k = 0 .. K − 1 (float32, on the rule's device)."""
+        return self.log_sigmas.exp().float()
+
     def forward(self, sigma: torch.Tensor) -> Coefficients:
         total = 1 + sigma**2
         c_in, t = total.rsqrt(), self.sigma_to_t(sigma)
@@ -212,6 +221,8 @@ def build(section, trust_code: bool = False) -> Teacher:
     latent text-to-image pipeline folder (``LATENT_PIPELINES``) with its VAE and text encoder."""
     root = Path(resolve_path(section.path)) if section.path else None
     index = _read_json(root / "model_index.json") if root is not None and root.is_dir() else None
+    if root is not None and not root.exists() and is_hub_id(section.path):
+        root, index = hub_latent_pipeline(section.path) or (root, None)
     if index and index.get("_class_name") in LATENT_PIPELINES:
         from sid.teachers.latent import load
 
@@ -327,6 +338,44 @@ def _fetch_hub(repo_id: str, revision: str | None, local_files_only: bool):
     return unet, scheduler_config
 
 
+def is_hub_id(path: str) -> bool:
+    """``owner/name[@revision]`` that is not a local path (``runs/mine`` with ``runs/`` here: a mistyped folder)."""
+    return not (path.startswith((".", "/", "~")) or path.partition("@")[0].count("/") != 1
+                or Path(path.split("/")[0]).is_dir())
+
+
+def hub_latent_pipeline(path: str) -> tuple[Path, dict] | None:
+    """A hub id naming a latent text-to-image pipeline (``LATENT_PIPELINES``): its folder, with the components
+    the pipeline needs (safetensors weights, configs, tokenizer files) from the local cache when the hub cannot
+    be reached, else downloaded; and its index. None for a hub model that is not such a pipeline."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import snapshot_download
+
+    from sid.teachers.latent import COMPONENTS
+
+    repo_id, _, revision = path.partition("@")
+    index = None
+    for local in (True, False):                        # the cache first: no request when it is there
+        try:
+            index = dict(DiffusionPipeline.load_config(repo_id, revision=revision or None, local_files_only=local))
+            break
+        except Exception:                              # not cached, offline, or not a pipeline: the UNet path decides
+            continue
+    name = (index or {}).get("_class_name")
+    if name not in LATENT_PIPELINES:
+        return None
+    files = ("*.json", "*.txt", "diffusion_pytorch_model.safetensors", "model.safetensors")
+    patterns = ["model_index.json", *(f"{c}/{f}" for c in COMPONENTS[name] for f in files)]
+    for local in (False, True):
+        try:
+            return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,
+                                          local_files_only=local)), index
+        except Exception as e:                         # hub errors come in many types
+            error = e
+    raise SidError(f"hub model {repo_id} is a {name} whose components could not be downloaded nor found in the "
+                   f"cache ({type(error).__name__}); go online once, or give a local folder")
+
+
 def load_denoiser(path: str | None, unet_config: dict | None, prediction_type: str | None, sigma_data: float):
     """A teacher denoiser from a local diffusers folder, a hub id, or (tests, smoke runs) a random UNet config.
 
@@ -340,8 +389,7 @@ def load_denoiser(path: str | None, unet_config: dict | None, prediction_type: s
         ), None
     elif Path(path := resolve_path(path)).exists():
         unet, scheduler_config = _load_local(Path(path))
-    elif (path.startswith((".", "/", "~")) or path.partition("@")[0].count("/") != 1
-          or Path(path.split("/")[0]).is_dir()):                  # runs/mine: a local folder, mistyped
+    elif not is_hub_id(path):
         raise SidError(f"teacher path {path!r} does not exist; give a local diffusers folder or a hub id "
                        "(owner/name, or owner/name@revision)")
     else:
