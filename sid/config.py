@@ -166,6 +166,11 @@ class EvalConfig:
     num: int = 10_000                    # generated samples per evaluation (fixed seeds)
     fid_ref: Optional[str] = None        # reference statistics (.npz with mu, sigma: `sid fid ref`)
     fid_weights: str = "auto"            # auto | torchmetrics | path to a TorchScript feature extractor
+    prompts: Optional[str] = None        # text-to-image: the prompts image i is drawn for (i mod their number;
+                                         # e.g. COCO captions); null: conditions.prompts in its order
+    resolution: Optional[int] = None     # text-to-image: images resized to this square size for FID and CLIP
+                                         # (SiD-LSG: 256); null: as generated
+    clip: Optional[str] = None           # text-to-image: a CLIP model folder (or hub id) for the CLIP score too
 
 
 @dataclass
@@ -230,6 +235,7 @@ RANGES = [
     ("loss.g_scale", _positive, "> 0"), ("loss.fake_scale", _positive, "> 0"),
     ("loss.t_max", lambda v: 0 < v <= 1, "in (0, 1] (a fraction of the Karras schedule)"),
     ("loss.timesteps", lambda v: len(v) == 2 and 0 <= v[0] <= v[1], "two timesteps lo <= hi, e.g. [20, 979]"),
+    ("eval.resolution", lambda v: v is None or 8 <= v <= 4096, "in [8, 4096], or null for the generated size"),
     ("generator.t_init", lambda v: v is None or v >= 0, "a timestep >= 0, or null for generator.sigma_init"),
     ("loss.augment", lambda v: 0 <= v <= 1, "in [0, 1] (a probability per transform; 0: off)"),
     *((f"loss.{key}", lambda v: 0 <= v <= 100, "in [0, 100] (a guidance scale; 1: none)")

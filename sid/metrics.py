@@ -216,6 +216,91 @@ def sample_fid(metric: FrechetInceptionDistance, sample, num: int, seed: int = 0
     return float(metric.compute())
 
 
+class ClipFeatures(torch.nn.Module):
+    """A ``CLIPModel`` whose ``get_image_features`` and ``get_text_features`` return the projected embeddings as
+    tensors, as torchmetrics' CLIPScore (1.9) reads them: transformers 5 returns output objects holding them in
+    ``pooler_output``. Nothing else differs, so the score is torchmetrics' own."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return _embeddings(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return _embeddings(self.model.get_text_features(*args, **kwargs))
+
+
+def _embeddings(out) -> torch.Tensor:
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def make_clip(model: str):
+    """torchmetrics' ``CLIPScore`` with the transformers ``CLIPModel`` and ``CLIPProcessor`` in ``model`` (a local
+    folder, or a hub id online; weights only, no code from the folder), or one line saying what is needed."""
+    from sid.teachers import load_clip
+
+    try:
+        from torchmetrics.multimodal.clip_score import CLIPScore
+
+        def model_and_processor():
+            clip, processor = load_clip(model)
+            return ClipFeatures(clip), processor
+
+        return CLIPScore(model_name_or_path=model_and_processor)
+    except (OSError, ValueError, ImportError, ModuleNotFoundError) as e:
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise SidError(f"cannot load the CLIP model {model!r} ({type(e).__name__}: {first}); give a folder with a "
+                       "transformers CLIPModel and its CLIPProcessor (save_pretrained), and pip install transformers"
+                       ) from None
+
+
+def resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] at ``resolution`` × ``resolution`` (bicubic, antialiased), or as they are."""
+    if not resolution or tuple(x.shape[-2:]) == (resolution, resolution):
+        return x
+    return torch.nn.functional.interpolate(x.float(), size=(resolution, resolution), mode="bicubic",
+                                           antialias=True).clamp(-1, 1)
+
+
+def prompt_fid(metric: FrechetInceptionDistance, sample, prompts: list[str], num: int, seed: int = 0,
+               batch: int = 250, resolution: int | None = None, clip=None, features: list | None = None,
+               progress: bool | None = False) -> dict:
+    """FID of a text-to-image sampler against the metric's reference, and with ``clip`` (``make_clip``) the CLIP
+    score: image i of seed set ``seed`` is seed ``seed * num + i`` with prompt i mod len(prompts) (SiD-LSG's
+    protocol: COCO captions in order). ``sample(seeds, prompts)`` draws images in [-1, 1]; both metrics see them
+    at ``resolution`` (e.g. 256, as SiD-LSG scores its 512-px images). Returns ``{"fid": v[, "clip": c]}`` with
+    c the mean cosine similarity of image and prompt embeddings (torchmetrics' CLIPScore states / 100: SiD-LSG's
+    scale, and not clamped at 0)."""
+    metric.reset()
+    if clip is not None:
+        clip.reset()
+    with bar(num, f"sampling and measuring (seed set {seed})", progress) as done:
+        for start in range(0, num, batch):
+            index = range(start, min(start + batch, num))
+            texts = [prompts[i % len(prompts)] for i in index]
+            x = resize(sample([seed * num + i for i in index], texts), resolution)
+            images = to_uint8_nchw(x).to(metric.device)
+            update(metric, images, False, features)
+            if clip is not None:
+                clip.update(images.to(clip.device), texts)
+            done.update(len(index))
+    out = {"fid": float(metric.compute())}
+    if clip is not None:                 # its summed 100·cos over samples, unclamped (compute() clamps at 0)
+        out["clip"] = float(clip.score.sum() / clip.n_samples) / 100
+    return out
+
+
+def text_sampler(generator, codec, device=None):
+    """``sample(seeds, prompts)`` of a text-to-image generator: one step from each seed's noise, decoded."""
+    def sample(seeds, prompts):
+        cond = codec.encode(prompts)
+        return codec.decode(generator.sample_seeds(seeds, device=device, cond=cond))
+
+    return sample
+
+
 def generator_fid(metric: FrechetInceptionDistance, generator, num: int, seed: int = 0, batch: int = 250,
                   features: list | None = None, progress: bool | None = False) -> float:
     """FID of a one-step generator's samples (``OneStepGenerator.sample_seeds``)."""

@@ -33,7 +33,7 @@ from sid.checkpoint import (
     save_training_state,
     write_config,
 )
-from sid.conditions import Prompts, build_conditions
+from sid.conditions import Prompts, build_conditions, read_prompts
 from sid.config import LAMBDA_PRESETS, as_tuple, to_dict, to_yaml
 from sid.ema import EMA, ema_beta
 from sid.errors import SidError
@@ -41,7 +41,15 @@ from sid.generator import OneStepGenerator, export_generator, num_params
 from sid.generator import push_to_hub as upload  # the trainer's argument takes the name
 from sid.images import image_grid, save_image_grid, save_panels, save_samples
 from sid.losses import DistillationLoss
-from sid.metrics import generator_fid, load_reference, make_fid, sliced_wasserstein
+from sid.metrics import (
+    generator_fid,
+    load_reference,
+    make_clip,
+    make_fid,
+    prompt_fid,
+    sliced_wasserstein,
+    text_sampler,
+)
 from sid.runtime import (
     GracefulStop,
     MetricsLogger,
@@ -146,9 +154,6 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         set_tf32(cfg.perf.tf32)
     torch.manual_seed(cfg.train.seed)          # identical networks on every process (also a random-init teacher)
     teacher = build_teacher(cfg.teacher, trust_code=trust_code)
-    if teacher.text_to_image and cfg.eval.every_nimg:
-        raise SidError("eval.every_nimg: in-loop FID of a text-to-image generator is not measured yet; set "
-                       "eval.every_nimg=0 (sample grids still show its progress)")
     teacher.to(device)
     conditions = build_conditions(cfg, teacher, accelerator.process_index, accelerator.num_processes)
     fake_score = teacher.make_student()
@@ -227,11 +232,26 @@ def describe(run: Run) -> str:
         source = f" from {len(run.conditions.prompts):,} prompts{cached}"
     return (f"distilling the {cfg.teacher.kind} teacher ({size}samples {'×'.join(map(str, run.teacher.shape))}) "
             f"into a one-step generator{source}: "
-            f"λ = {run.loss.lam:g}{named}, weighting {cfg.loss.weighting}, "
+            f"λ = {run.loss.lam:g}{named}, weighting {cfg.loss.weighting}{native(run.loss)}, "
             f"batch {cfg.optim.batch} on {processes}, {'bf16 autocast' if run.bf16 else 'fp32'} ({run.precision})"
             f"{', compiled' if use_compile(cfg.perf.compile, acc.device) else ''}; "
             f"{f'from {run.nimg:,} ' if run.nimg else ''}to {budget}, in {cfg.train.run_dir}"
             f"{'; from the config, not the checkpoint: ' + ', '.join(run.changed) if run.changed else ''}")
+
+
+def native(loss: DistillationLoss) -> str:
+    """What of the loss differs from SiD's defaults, for ``describe``: time, fake loss, guidance."""
+    parts = []
+    if loss.time == "timesteps":
+        parts.append(f"timesteps {loss.timesteps[0]}..{loss.timesteps[1]}")
+    elif loss.time != "karras":
+        parts.append(f"{loss.time} time")
+    if loss.fake_weight is not None:
+        parts.append("the teacher's own fake-score loss")
+    scales = (loss.guide_fake_train, loss.guide_fake, loss.guide_teacher)
+    if any(k != 1 for k in scales):
+        parts.append("guidance κ1 {:g}, κ2 = κ3 {:g}, κ4 {:g}".format(*scales))
+    return "".join(f", {p}" for p in parts)
 
 
 # One iteration ---------------------------------------------------------------------------------------------------
@@ -511,6 +531,16 @@ def build_evaluator(run: Run):
         def measure():
             x = run.ema.model.sample_seeds(range(cfg.eval.num), device=acc.device).cpu()
             return sliced_wasserstein(x, reference)
+    elif run.teacher.text_to_image:                          # FID (and CLIP score) for prompts, decoded
+        name, metric = "fid", make_fid(cfg.eval.fid_weights).to(acc.device) if acc.is_main_process else None
+        clip = make_clip(cfg.eval.clip).to(acc.device) if cfg.eval.clip and acc.is_main_process else None
+        prompts = read_prompts(cfg.eval.prompts) if cfg.eval.prompts else run.conditions.prompts
+        if metric is not None:
+            load_reference(metric, cfg.eval.fid_ref)
+
+        def measure():
+            sample = text_sampler(run.ema.model, run.teacher, acc.device)
+            return prompt_fid(metric, sample, prompts, cfg.eval.num, resolution=cfg.eval.resolution, clip=clip)
     else:
         name, metric = "fid", make_fid(cfg.eval.fid_weights).to(acc.device) if acc.is_main_process else None
         if metric is not None:
@@ -523,7 +553,10 @@ def build_evaluator(run: Run):
 
     def evaluate():
         nonlocal best
-        result = {name: measure()} if acc.is_main_process else {}
+        result = {}
+        if acc.is_main_process:
+            measured = measure()
+            result = measured if isinstance(measured, dict) else {name: measured}
         if result and result[name] < best:                      # NaN is never better
             best = result[name]
             export(run, "generator-best", **result)

@@ -99,8 +99,8 @@ def test_bad_text_to_image_input_is_one_line(sd_folder, tmp_path, capsys):
     from sid.cli import main as sid
 
     (tmp_path / "empty.txt").write_text("\n  \n")
-    for flag, value, message in (("--prompts-file", tmp_path / "empty.txt", "holds no prompts: one prompt per line"),
-                                 ("--prompts-file", tmp_path / "nope.txt", "nope.txt cannot be read"),
+    for flag, value, message in (("--prompts-file", tmp_path / "empty.txt", "holds no prompts; give one"),
+                                 ("--prompts-file", tmp_path / "nope.txt", "cannot read the prompts file"),
                                  ("--guidance", "2", "give --prompt or --prompts-file")):
         assert sid(["sample", "--teacher", str(sd_folder), flag, str(value), "--out", str(tmp_path / "z.npz")]) == 2
         err = capsys.readouterr().err
@@ -287,3 +287,76 @@ def test_the_sid_lsg_presets_build_their_recipe(sd_folder, tmp_path, preset):
     assert loss.guide_fake_train == loss.guide_fake == loss.guide_teacher == 1.5 and loss.drop_cond == 0.1
     assert (run.batch_gpu, run.rounds, run.opt_g.param_groups[0]["lr"]) == (1, 4, 1e-6)
     assert load_config([preset]).teacher.diffusers.path.count("/") == 1 and cfg.optim.batch_gpu == 1
+
+
+class MeanStd(torch.nn.Module):
+    """Image features for FID in tests: each channel's mean and std."""
+
+    def forward(self, x):
+        return torch.cat([x.float().mean(dim=(2, 3)), x.float().std(dim=(2, 3))], dim=1)
+
+
+def test_text_to_image_fid_and_clip_score_offline_and_in_the_loop(sd_folder, text_runs, tmp_path):
+    """`sid fid gen` on a text-to-image export: FID for the prompts of a file at the named resolution and the CLIP
+    score (the mean cosine of CLIP's image and prompt embeddings of the same images, as computed here by hand),
+    the model and resize named; in the loop the same."""
+    import json
+
+    from tiny_pipelines import save_tiny_clip
+
+    from sid.cli import main as sid
+    from sid.generator import load_generator
+    from sid.metrics import resize, text_sampler, to_uint8_nchw
+    from sid.teachers import load_codec
+    from sid.trainer import train
+
+    root, _, _ = text_runs
+    clip = save_tiny_clip(tmp_path)
+    extractor = tmp_path / "features.pt"                          # a stand-in for Inception: fast, and as exact
+    torch.jit.save(torch.jit.script(MeanStd()), str(extractor))
+    np.savez(tmp_path / "real.npz", images=np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), np.uint8))
+    assert sid(["fid", "ref", "--source", str(tmp_path / "real.npz"), "--out", str(tmp_path / "ref.npz"),
+                "--weights", str(extractor)]) == 0
+    common = ["--ref", str(tmp_path / "ref.npz"), "--num", "6", "--resolution", "32", "--weights", str(extractor),
+              "--json", str(tmp_path / "r.jsonl")]
+    assert sid(["fid", "gen", str(root / "whole"), "--prompts-file", str(root / "prompts.txt"), "--clip", str(clip),
+                *common]) == 0
+    result = json.loads((tmp_path / "r.jsonl").read_text())
+    assert "32×32 (bicubic, antialiased)" in result["what"] and f"CLIP score by {clip}" in result["what"]
+    assert np.isfinite(result["mean"]) and -1 <= result["clip"][0] <= 1
+
+    generator, codec = load_generator(root / "whole"), load_codec(root / "whole")
+    prompts = (root / "prompts.txt").read_text().split("\n")[:5]
+    sample = text_sampler(generator, codec)
+    def clip_score():                                    # the projected embeddings, cosine by hand
+        model = transformers.CLIPModel.from_pretrained(clip).eval()
+        processor = transformers.CLIPProcessor.from_pretrained(clip)
+
+        class Score:
+            def update(self, images, texts):
+                with torch.no_grad():
+                    a = model.get_image_features(processor(images=list(images), return_tensors="pt")["pixel_values"])
+                    b = model.get_text_features(**processor(text=texts, return_tensors="pt", padding=True))
+                a, b = [getattr(v, "pooler_output", v) for v in (a, b)]
+                self.value = 100 * torch.nn.functional.cosine_similarity(a, b).mean()
+
+            def compute(self):
+                return self.value
+
+        return Score()
+
+    by_hand = clip_score()
+    texts = [prompts[i % 5] for i in range(6)]
+    by_hand.update(to_uint8_nchw(resize(sample(list(range(6)), texts), 32)), texts)
+    assert abs(result["clip"][0] - float(by_hand.compute()) / 100) < 1e-5
+    assert sid(["fid", "gen", str(root / "whole"), *common]) == 2                  # no prompts: one line
+
+    evaluated = text_overrides(sd_folder, root / "prompts.txt", tmp_path / "eval", 8, "eval.every_nimg=8",
+                               "eval.num=4", f"eval.fid_ref={tmp_path / 'ref.npz'}", f"eval.clip={clip}",
+                               f"eval.fid_weights={extractor}",
+                               "eval.resolution=32")
+    train(load_config([], evaluated))
+    records = [json.loads(line) for line in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    measured = [r for r in records if "fid" in r]
+    assert measured and np.isfinite(measured[-1]["fid"]) and -1 <= measured[-1]["clip"] <= 1
+    assert (tmp_path / "eval" / "generator-best" / "model_index.json").is_file()

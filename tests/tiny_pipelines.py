@@ -45,3 +45,23 @@ def save_tiny_sd(root: Path, prediction_type: str = "epsilon") -> Path:
                                              requires_safety_checker=False)
     pipe.save_pretrained(root / "pipeline")
     return root / "pipeline"
+
+
+def save_tiny_clip(root: Path) -> Path:
+    """A CLIPModel (text and vision towers of width 16, 32-px images) with its CLIPProcessor in ``root/clip``,
+    as torchmetrics' CLIPScore loads a local model."""
+    import transformers
+
+    torch.manual_seed(1)
+    text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    processor = transformers.CLIPProcessor(
+        image_processor=transformers.CLIPImageProcessor(size={"shortest_edge": 32},
+                                                        crop_size={"height": 32, "width": 32}),
+        tokenizer=tiny_tokenizer(root / "clip-vocab"))
+    model.save_pretrained(root / "clip")
+    processor.save_pretrained(root / "clip")
+    return root / "clip"

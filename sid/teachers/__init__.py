@@ -124,6 +124,17 @@ def load_codec(folder):
                        f"{(str(e).splitlines() or [''])[0][:160]}); export it again") from None
 
 
+def load_clip(model: str):
+    """(``CLIPModel``, ``CLIPProcessor``) from a folder (or a hub id, online), weights and configs only: the CLIP
+    score's model (``sid.metrics.make_clip``)."""
+    import transformers
+
+    from sid.teachers.latent import quiet
+
+    with quiet():
+        return transformers.CLIPModel.from_pretrained(model).eval(), transformers.CLIPProcessor.from_pretrained(model)
+
+
 def teacher_from_path(path: str) -> list[str] | None:
     """The config overrides naming a teacher given by its path alone (a diffusers folder, ``builtin:<name>``), or
     None when the path names none (it is then a config file or a preset)."""
@@ -134,5 +145,5 @@ def teacher_from_path(path: str) -> list[str] | None:
     return None
 
 
-__all__ = ["Teacher", "adapter", "build_teacher", "denoiser_from_spec", "export_native", "load_codec", "load_native",
-           "note_measured", "teacher_from_path"]
+__all__ = ["Teacher", "adapter", "build_teacher", "denoiser_from_spec", "export_native", "load_clip", "load_codec",
+           "load_native", "note_measured", "teacher_from_path"]
