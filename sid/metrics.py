@@ -302,11 +302,13 @@ def text_sampler(generator, codec, device=None):
 
 
 def generator_fid(metric: FrechetInceptionDistance, generator, num: int, seed: int = 0, batch: int = 250,
-                  features: list | None = None, progress: bool | None = False) -> float:
-    """FID of a one-step generator's samples (``OneStepGenerator.sample_seeds``)."""
+                  features: list | None = None, progress: bool | None = False, decode=None) -> float:
+    """FID of a one-step generator's samples (``OneStepGenerator.sample_seeds``); ``decode``: latents -> images
+    (a latent generator's VAE)."""
     device = next(generator.parameters()).device
-    return sample_fid(metric, lambda seeds: generator.sample_seeds(seeds, device=device), num, seed, batch, features,
-                      progress)
+    decode = decode or (lambda x: x)
+    return sample_fid(metric, lambda seeds: decode(generator.sample_seeds(seeds, device=device)), num, seed, batch,
+                      features, progress)
 
 
 def teacher_fid(metric: FrechetInceptionDistance, teacher, steps: int, num: int, seed: int = 0, batch: int = 250,

@@ -547,7 +547,7 @@ def build_evaluator(run: Run):
             load_reference(metric, cfg.eval.fid_ref)
 
         def measure():
-            return generator_fid(metric, run.ema.model, cfg.eval.num)
+            return generator_fid(metric, run.ema.model, cfg.eval.num, decode=run.teacher.decode)
 
     best = best_record(Path(cfg.train.run_dir) / "metrics.jsonl", name)
 

@@ -289,20 +289,13 @@ def test_the_sid_lsg_presets_build_their_recipe(sd_folder, tmp_path, preset):
     assert load_config([preset]).teacher.diffusers.path.count("/") == 1 and cfg.optim.batch_gpu == 1
 
 
-class MeanStd(torch.nn.Module):
-    """Image features for FID in tests: each channel's mean and std."""
-
-    def forward(self, x):
-        return torch.cat([x.float().mean(dim=(2, 3)), x.float().std(dim=(2, 3))], dim=1)
-
-
 def test_text_to_image_fid_and_clip_score_offline_and_in_the_loop(sd_folder, text_runs, tmp_path):
     """`sid fid gen` on a text-to-image export: FID for the prompts of a file at the named resolution and the CLIP
     score (the mean cosine of CLIP's image and prompt embeddings of the same images, as computed here by hand),
     the model and resize named; in the loop the same."""
     import json
 
-    from tiny_pipelines import save_tiny_clip
+    from tiny_pipelines import save_feature_extractor, save_tiny_clip
 
     from sid.cli import main as sid
     from sid.generator import load_generator
@@ -312,8 +305,7 @@ def test_text_to_image_fid_and_clip_score_offline_and_in_the_loop(sd_folder, tex
 
     root, _, _ = text_runs
     clip = save_tiny_clip(tmp_path)
-    extractor = tmp_path / "features.pt"                          # a stand-in for Inception: fast, and as exact
-    torch.jit.save(torch.jit.script(MeanStd()), str(extractor))
+    extractor = save_feature_extractor(tmp_path / "features.pt")          # a fast stand-in for Inception
     np.savez(tmp_path / "real.npz", images=np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), np.uint8))
     assert sid(["fid", "ref", "--source", str(tmp_path / "real.npz"), "--out", str(tmp_path / "ref.npz"),
                 "--weights", str(extractor)]) == 0

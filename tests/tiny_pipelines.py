@@ -30,9 +30,7 @@ def save_tiny_sd(root: Path, prediction_type: str = "epsilon") -> Path:
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16)
+    vae = tiny_vae()
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1))
@@ -45,6 +43,28 @@ def save_tiny_sd(root: Path, prediction_type: str = "epsilon") -> Path:
                                              requires_safety_checker=False)
     pipe.save_pretrained(root / "pipeline")
     return root / "pipeline"
+
+
+def tiny_vae():
+    import diffusers
+
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                                   down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, sample_size=16)
+
+
+def save_tiny_dit(root: Path) -> Path:
+    """A DiTPipeline of random tiny components (a class-conditional DiTTransformer2DModel with learned variance
+    over 1000 classes, latents 4×8×8, images 16×16) in ``root/dit``."""
+    import diffusers
+
+    torch.manual_seed(0)
+    transformer = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                  out_channels=8, num_layers=1, sample_size=8, patch_size=2,
+                                                  num_embeds_ada_norm=1000)
+    scheduler = diffusers.DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False)
+    diffusers.DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=scheduler).save_pretrained(root / "dit")
+    return root / "dit"
 
 
 def save_tiny_clip(root: Path) -> Path:
@@ -65,3 +85,15 @@ def save_tiny_clip(root: Path) -> Path:
     model.save_pretrained(root / "clip")
     processor.save_pretrained(root / "clip")
     return root / "clip"
+
+
+class MeanStd(torch.nn.Module):
+    """Image features for FID in tests: each channel's mean and std (a fast stand-in for Inception)."""
+
+    def forward(self, x):
+        return torch.cat([x.float().mean(dim=(2, 3)), x.float().std(dim=(2, 3))], dim=1)
+
+
+def save_feature_extractor(path: Path) -> Path:
+    torch.jit.save(torch.jit.script(MeanStd()), str(path))
+    return path

@@ -84,14 +84,16 @@ def measured(args, run) -> tuple[list[float], dict]:
 
 def cmd_gen(args) -> dict:
     generator = load_generator(args.generator, device=DEVICE, trust_code=args.trust_code)
-    codec = load_codec(args.generator)
-    if codec is not None:
-        return text_gen(args, generator, codec.to(DEVICE))
+    codec = load_codec(args.generator)                       # a latent generator's VAE (and text encoder)
+    codec = codec.to(DEVICE) if codec is not None else None
+    if codec is not None and codec.text_to_image:
+        return text_gen(args, generator, codec)
     if args.prompts_file or args.resolution or args.clip:
         raise SidError("--prompts-file, --resolution and --clip are for text-to-image generators; this one takes no "
                        "text")
+    decode = codec.decode if codec is not None else None
     values, extra = measured(args, lambda metric, s, f: generator_fid(metric, generator, args.num, seed=s, features=f,
-                                                                      progress=args.progress))
+                                                                      progress=args.progress, decode=decode))
     return summary(values, args, "generator", str(args.generator), extra)
 
 

@@ -97,19 +97,21 @@ def main(argv=None, prog=None) -> int:
             return teacher.decode(latents).cpu()
     else:
         generator = load_generator(args.generator, device=args.device, trust_code=args.trust_code)
-        codec = load_codec(args.generator)
-        if prompts and codec is None:
+        codec = load_codec(args.generator)                   # a latent generator's VAE (and text encoder)
+        text = codec is not None and codec.text_to_image
+        if prompts and not text:
             raise SidError("--prompt given, but this generator takes no text (its teacher was not text-to-image)")
-        if codec is not None and not prompts:
+        if text and not prompts:
             raise SidError(f"{args.generator} is a text-to-image generator: give --prompt or --prompts-file")
         if classes is not None and not generator.label_dim:
             raise SidError("--classes given, but this generator is unconditional")
+        codec = codec.to(args.device) if codec is not None else None
 
         def draw(seeds, classes):
             if codec is None:
                 return generator.sample_seeds(seeds, classes, device=args.device).cpu()
-            cond = codec.to(args.device).encode([prompts[seed % len(prompts)] for seed in seeds])
-            return codec.decode(generator.sample_seeds(seeds, device=args.device, cond=cond)).cpu()
+            cond = codec.encode([prompts[seed % len(prompts)] for seed in seeds]) if text else None
+            return codec.decode(generator.sample_seeds(seeds, classes, device=args.device, cond=cond)).cpu()
     x = in_batches(draw, seeds, classes, args.batch, args.progress)
     with writing(args.out):
         write(x, Path(args.out), seeds)

@@ -101,8 +101,8 @@ def load_native(folder) -> tuple[nn.Module, tuple[int, ...], float]:
 
 
 def load_codec(folder):
-    """The text encoder, tokenizer and VAE an export of a text-to-image generator carries (its teacher's), or
-    None for an export that has none."""
+    """The VAE (and text encoder and tokenizer) an export of a latent generator carries (its teacher's), or None
+    for an export of a pixel-space one."""
     import json
     from pathlib import Path
 
@@ -113,7 +113,7 @@ def load_codec(folder):
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return None
-    if (index.get("text_encoder") or [None])[0] is None:
+    if (index.get("vae") or [None])[0] is None:
         return None
     from sid.teachers.latent import load_codec as load
 

@@ -124,7 +124,8 @@ def _unet_class(name: str):
     import diffusers
 
     if name not in ("UNet2DModel", "UNet2DConditionModel"):
-        raise SidError(f"teacher class {name!r} is not supported; use a UNet2DModel or UNet2DConditionModel folder")
+        raise SidError(f"teacher class {name!r} is not supported; use a UNet2DModel or UNet2DConditionModel folder "
+                       "(a DiT: its DiTPipeline folder)")
     return getattr(diffusers, name)
 
 
@@ -145,6 +146,13 @@ def edm_output(scheduler_config: dict | None) -> str:
 
 def denoiser_from_unet(unet: nn.Module, prediction_type: str, scheduler_config: dict | None, sigma_data: float):
     """Wrap a diffusers UNet with the coefficient rule of its parameterisation."""
+    label_dim = unet.config.num_class_embeds or 0
+    return Preconditioned(UNetBackbone(unet), rule_of(prediction_type, scheduler_config, sigma_data),
+                          label_dim=label_dim)
+
+
+def rule_of(prediction_type: str, scheduler_config: dict | None, sigma_data: float = 0.5):
+    """The coefficient rule of a diffusers model's parameterisation and scheduler."""
     if prediction_type not in PREDICTION_TYPES:
         raise SidError(f"prediction_type={prediction_type!r} is unknown; choose one of {PREDICTION_TYPES}")
     if prediction_type == "edm":
@@ -161,13 +169,18 @@ def denoiser_from_unet(unet: nn.Module, prediction_type: str, scheduler_config: 
 
         alphas_cumprod = DDPMScheduler.from_config(scheduler_config or {}).alphas_cumprod
         rule = DiscreteVPRule(alphas_cumprod, prediction_type, sigma_data)
-    label_dim = unet.config.num_class_embeds or 0
-    return Preconditioned(UNetBackbone(unet), rule, label_dim=label_dim)
+    return rule
+
+
+def model_of(denoiser: Preconditioned) -> nn.Module:
+    """The diffusers model inside a denoiser of this adapter: its UNet, or its transformer (DiT)."""
+    net = denoiser.net
+    return net.unet if hasattr(net, "unet") else net.transformer
 
 
 def spec_of(denoiser: Preconditioned, prediction_type: str, scheduler_config: dict | None) -> dict:
     """What rebuilds this denoiser's architecture without the weights (stored with exported generators)."""
-    unet = denoiser.net.unet
+    unet = model_of(denoiser)
     return {
         "kind": "diffusers",
         "class_name": type(unet).__name__,
@@ -191,12 +204,16 @@ def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
 
 def backbone_from_spec(spec: dict) -> nn.Module:
     """The network alone (no schedule), e.g. on the meta device to size it before anything is allocated."""
+    if spec["class_name"] == "DiTTransformer2DModel" and spec.get("pipeline") == "DiTPipeline":
+        import diffusers
+
+        return diffusers.DiTTransformer2DModel.from_config(spec["unet_config"])
     return _unet_class(spec["class_name"]).from_config(spec["unet_config"])
 
 
 def sample_shape(denoiser: Preconditioned) -> tuple[int, ...]:
     """One sample's shape for a UNet denoiser of this adapter: (channels, height, width)."""
-    config = denoiser.net.unet.config
+    config = model_of(denoiser).config
     size = config.sample_size
     return (config.in_channels, *((size, size) if isinstance(size, int) else size))
 
@@ -246,8 +263,9 @@ UNSUPPORTED = {"ScoreSdeVePipeline": "its UNet predicts a scaled score on a cont
                                      "EDM or flow", "ScoreSdeVeScheduler": "a VE score-SDE schedule"}
 SUPPORTED = ("UNet2DModel and class-conditional UNet2DConditionModel folders, or pipelines holding one in unet/ "
              "with a DDPM/DDIM/Euler, EDM or flow-matching scheduler (DDPMPipeline, DDIMPipeline, ...); "
-             "StableDiffusionPipeline folders for sampling (sid sample --teacher FOLDER --prompt ...)")
-# Latent text-to-image pipelines, read by sid/teachers/latent.py (which imports diffusers only when loading).
+             "StableDiffusionPipeline (SD 1.x / 2.x) and DiTPipeline folders or hub ids")
+# Latent pipelines (text-to-image, class-conditional), read by sid/teachers/latent.py (which imports diffusers
+# only when loading).
 LATENT_PIPELINES = tuple(LATENT_PIPELINE_COMPONENTS)
 
 

@@ -23,7 +23,8 @@ from sid.precond import Preconditioned
 from sid.teachers.base import Teacher
 
 # Pipelines this module reads (``diffusers.LATENT_PIPELINES``), each with the components it needs.
-COMPONENTS = {"StableDiffusionPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer")}
+COMPONENTS = {"StableDiffusionPipeline": ("unet", "scheduler", "vae", "text_encoder", "tokenizer"),
+              "DiTPipeline": ("transformer", "scheduler", "vae")}
 
 
 class TextUNetBackbone(nn.Module):
@@ -42,28 +43,77 @@ class TextUNetBackbone(nn.Module):
         return self.unet(x_in, c_noise, encoder_hidden_states=context, return_dict=False)[0]
 
 
-class TextCodec:
+class ClassTransformerBackbone(nn.Module):
+    """``F(x_in, c_noise, labels)`` over a class-conditional ``DiTTransformer2DModel``: one-hot labels as class
+    indices, the zero vector as the null class (index ``num_embeds_ada_norm``, the one its label dropout trained and
+    ``DiTPipeline``'s guidance uses); a learned-variance output keeps its ε channels only, as the pipeline does."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+        self.classes = int(transformer.config.num_embeds_ada_norm)
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if labels is None:
+            raise SidError("a class-conditional DiT needs one-hot class labels (conditions.class_probs draws them)")
+        index = torch.where(labels.sum(1) > 0, labels.argmax(1), self.classes)
+        out = self.transformer(x_in.to(self.transformer.dtype), timestep=c_noise, class_labels=index,
+                               return_dict=False)[0]
+        return out[:, :x_in.shape[1]]
+
+
+class ImageCodec:
+    """The frozen VAE of a latent pipeline: latents -> images, as the pipeline decodes them."""
+
+    text_to_image = False
+
+    def __init__(self, vae):
+        self.vae = vae.eval().requires_grad_(False)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def components(self) -> dict:
+        return {"vae": self.vae}
+
+    def networks(self) -> tuple:
+        return (self.vae,)
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        for net in self.networks():
+            net.to(**moves)
+        return self
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] through the VAE, as the pipeline decodes them."""
+        vae = self.vae
+        z = latents.to(next(vae.parameters()).device, vae.dtype) / self.scaling_factor + self.shift_factor
+        return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+
+
+class TextCodec(ImageCodec):
     """The frozen parts of a latent text-to-image pipeline around its denoiser: the tokenizer and text encoder
     (prompts -> conditions) and the VAE (latents -> images). The teacher and an exported ``SiDPipeline`` use the
     same one, so a generator's images are decoded as its teacher's are."""
 
+    text_to_image = True
+
     def __init__(self, vae, text_encoder, tokenizer):
-        self.vae = vae.eval().requires_grad_(False)
+        super().__init__(vae)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.scaling_factor = float(vae.config.scaling_factor)
-        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self._null = None
 
     def components(self) -> dict:
         return {"vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
 
+    def networks(self) -> tuple:
+        return (self.vae, self.text_encoder)
+
     def to(self, device=None, dtype: torch.dtype | None = None) -> TextCodec:
-        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for net in (self.vae, self.text_encoder):
-            net.to(**moves)
         self._null = None
-        return self
+        return super().to(device, dtype)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> dict:
@@ -83,13 +133,6 @@ class TextCodec:
             self._null = self.encode([""])
         return {k: v.expand(n, *v.shape[1:]) for k, v in self._null.items()}
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1] through the VAE, as the pipeline decodes them."""
-        vae = self.vae
-        z = latents.to(next(vae.parameters()).device, vae.dtype) / self.scaling_factor + self.shift_factor
-        return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
-
     def fingerprint(self) -> str:
         """What identifies the encoding: the tokenizer (class, length, vocabulary size) and the text encoder (class,
         config, every weight), as a SHA-256 (an embeddings cache names the encoder it was made with)."""
@@ -101,16 +144,36 @@ class TextCodec:
         return hashlib.sha256(described.encode()).hexdigest()
 
 
-class LatentTextTeacher(Teacher):
-    """A latent text-to-image teacher: the denoiser works on latents of ``shape``; ``encode`` turns prompts into
-    conditions, ``decode`` latents into images in [-1, 1] (sample grids, FID, export; never the training step),
-    both by its ``codec``, whose networks are frozen."""
+class LatentTeacher(Teacher):
+    """A latent teacher: the denoiser works on latents of ``shape``; ``decode`` turns latents into images in
+    [-1, 1] through its ``codec``'s VAE (sample grids, FID, export; never the training step), whose networks are
+    frozen. Class-conditional latent models (DiT) are this, with the zero one-hot vector as their null class."""
+
+    def __init__(self, denoiser: Preconditioned, shape, spec: dict, codec: ImageCodec, zero_label_is_null=False):
+        super().__init__(denoiser, shape, spec, zero_label_is_null=zero_label_is_null)
+        self.codec = codec
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latents)
+
+    def to(self, device) -> LatentTeacher:
+        self.denoiser.to(device)
+        self.codec.to(device)
+        return self
+
+    def store_frozen(self, dtype: torch.dtype) -> None:
+        """The denoiser's backbone and the codec's networks in ``dtype`` (conditions stay float32)."""
+        super().store_frozen(dtype)
+        self.codec.to(dtype=dtype)
+
+    def components(self) -> dict:
+        return self.codec.components()
+
+
+class LatentTextTeacher(LatentTeacher):
+    """A latent text-to-image teacher: ``encode`` turns prompts into conditions by its codec's text encoder."""
 
     text_to_image = True
-
-    def __init__(self, denoiser: Preconditioned, shape, spec: dict, codec: TextCodec):
-        super().__init__(denoiser, shape, spec)
-        self.codec = codec
 
     def encode(self, prompts: list[str]) -> dict:
         return self.codec.encode(prompts)
@@ -118,24 +181,8 @@ class LatentTextTeacher(Teacher):
     def null_condition(self, n: int) -> dict:
         return self.codec.null_condition(n)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.codec.decode(latents)
-
-    def to(self, device) -> LatentTextTeacher:
-        self.denoiser.to(device)
-        self.codec.to(device)
-        return self
-
-    def store_frozen(self, dtype: torch.dtype) -> None:
-        """The denoiser's backbone, the VAE and the text encoder in ``dtype`` (conditions stay float32)."""
-        super().store_frozen(dtype)
-        self.codec.to(dtype=dtype)
-
     def encoder_fingerprint(self) -> str:
         return self.codec.fingerprint()
-
-    def components(self) -> dict:
-        return self.codec.components()
 
 
 def text_denoiser(unet: nn.Module, prediction_type: str, scheduler_config: dict | None,
@@ -147,12 +194,21 @@ def text_denoiser(unet: nn.Module, prediction_type: str, scheduler_config: dict 
                                                                      sigma_data).rule)
 
 
+def class_denoiser(transformer: nn.Module, prediction_type: str, scheduler_config: dict | None,
+                   sigma_data: float = 0.5) -> Preconditioned:
+    """A class-conditional DiT with the coefficient rule of its scheduler; label_dim its number of classes."""
+    from sid.teachers.diffusers import rule_of
+
+    backbone = ClassTransformerBackbone(transformer)
+    return Preconditioned(backbone, rule_of(prediction_type, scheduler_config, sigma_data), label_dim=backbone.classes)
+
+
 def denoiser_from_spec(spec: dict) -> Preconditioned:
-    """An exported text-to-image generator's architecture (random weights) from its spec."""
+    """An exported latent generator's architecture (random weights) from its spec."""
     from sid.teachers.diffusers import backbone_from_spec
 
-    return text_denoiser(backbone_from_spec(spec), spec["prediction_type"], spec["scheduler_config"],
-                         spec["sigma_data"])
+    build = class_denoiser if spec.get("pipeline") == "DiTPipeline" else text_denoiser
+    return build(backbone_from_spec(spec), spec["prediction_type"], spec["scheduler_config"], spec["sigma_data"])
 
 
 def load(root: Path, index: dict) -> LatentTextTeacher:
@@ -163,6 +219,8 @@ def load(root: Path, index: dict) -> LatentTextTeacher:
     from sid.teachers.diffusers import _read_json, sample_shape, spec_of
 
     name = index.get("_class_name")
+    if name == "DiTPipeline":
+        return load_dit(root, index)
     try:
         import transformers  # noqa: F401  (the text encoder's library)
     except ImportError:
@@ -187,10 +245,36 @@ def load(root: Path, index: dict) -> LatentTextTeacher:
     return LatentTextTeacher(denoiser, sample_shape(denoiser), spec, codec)
 
 
-def load_codec(root: Path, index: dict) -> TextCodec:
-    """The VAE, text encoder and tokenizer of a pipeline folder (a teacher's, or a text-to-image export's), each
-    by the class its index names, from diffusers and transformers only."""
+def load_dit(root: Path, index: dict) -> LatentTeacher:
+    """The teacher of a ``DiTPipeline`` folder: its class-conditional transformer in latent space, its VAE."""
     import diffusers
+
+    from sid.teachers.diffusers import _read_json, sample_shape, spec_of
+
+    missing = [c for c in COMPONENTS["DiTPipeline"] if not (root / c).is_dir()]
+    if missing:
+        raise SidError(f"teacher folder {root} is a DiTPipeline without {', '.join(missing)}/; a DiTPipeline folder "
+                       f"needs {', '.join(COMPONENTS['DiTPipeline'])} (save the whole pipeline with save_pretrained)")
+    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json") or {}
+    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    try:
+        transformer = diffusers.DiTTransformer2DModel.from_pretrained(root / "transformer")
+        denoiser = class_denoiser(transformer, prediction_type, scheduler_config)
+        codec = ImageCodec(diffusers.AutoencoderKL.from_pretrained(root / "vae"))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SidError(f"cannot load the DiTPipeline in {root}: {(str(e).splitlines() or [''])[0][:200]}") from None
+    spec = {**spec_of(denoiser, prediction_type, scheduler_config), "pipeline": "DiTPipeline"}
+    return LatentTeacher(denoiser, sample_shape(denoiser), spec, codec, zero_label_is_null=True)
+
+
+def load_codec(root: Path, index: dict) -> ImageCodec:
+    """The VAE (with the text encoder and tokenizer, where the index names them) of a pipeline folder (a
+    teacher's, or a latent generator's export), each by the class its index names, from diffusers and
+    transformers only."""
+    import diffusers
+
+    if (index.get("text_encoder") or [None])[0] is None:
+        return ImageCodec(diffusers.AutoencoderKL.from_pretrained(root / "vae"))
     import transformers
 
     with quiet():

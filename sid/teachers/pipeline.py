@@ -19,8 +19,8 @@ from diffusers import DiffusionPipeline, EDMEulerScheduler, SchedulerMixin
 from torch import nn
 
 from sid.precond import Preconditioned
-from sid.teachers.diffusers import denoiser_from_unet, edm_output, sample_shape
-from sid.teachers.latent import TextCodec, quiet, text_denoiser
+from sid.teachers.diffusers import denoiser_from_unet, edm_output, model_of, sample_shape
+from sid.teachers.latent import ImageCodec, TextCodec, class_denoiser, quiet, text_denoiser
 
 
 class SiDPipeline(DiffusionPipeline):
@@ -33,13 +33,13 @@ class SiDPipeline(DiffusionPipeline):
     teacher's VAE, text encoder and tokenizer: c is the prompt's encoding and x the latents the VAE decodes.
     """
 
-    _optional_components = ["vae", "text_encoder", "tokenizer"]
+    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer"]
 
-    def __init__(self, unet, scheduler, vae=None, text_encoder=None, tokenizer=None, sigma_init: float = 2.5,
-                 prediction_type: str = "edm", sigma_data: float = 0.5):
+    def __init__(self, scheduler, unet=None, vae=None, text_encoder=None, tokenizer=None, transformer=None,
+                 sigma_init: float = 2.5, prediction_type: str = "edm", sigma_data: float = 0.5):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, transformer=transformer)
         self.register_to_config(sigma_init=sigma_init, prediction_type=prediction_type, sigma_data=sigma_data)
 
     @property
@@ -51,13 +51,17 @@ class SiDPipeline(DiffusionPipeline):
         (default: whether the pipeline holds a text encoder)."""
         config = {k: v for k, v in dict(self.scheduler.config).items()}
         config["_class_name"] = type(self.scheduler).__name__
+        if self.transformer is not None:                     # a class-conditional DiT
+            return class_denoiser(self.transformer, self.config.prediction_type, config, self.config.sigma_data)
         if self.text_to_image if text is None else text:
             return text_denoiser(self.unet, self.config.prediction_type, config, self.config.sigma_data)
         return denoiser_from_unet(self.unet, self.config.prediction_type, config, self.config.sigma_data)
 
-    def codec(self) -> TextCodec:
-        """The text encoder, tokenizer and VAE, as the teacher used them (text-to-image generators)."""
-        return TextCodec(self.vae, self.text_encoder, self.tokenizer)
+    def codec(self) -> ImageCodec | None:
+        """The VAE (and the text encoder and tokenizer), as the teacher used them (latent generators), or None."""
+        if self.text_to_image:
+            return TextCodec(self.vae, self.text_encoder, self.tokenizer)
+        return ImageCodec(self.vae) if self.vae is not None else None
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, batch_size: int = 1,
@@ -86,7 +90,7 @@ class SiDPipeline(DiffusionPipeline):
             cond = nn.functional.one_hot(classes, denoiser.label_dim).float()
         sigma = torch.full((len(z),), float(self.config.sigma_init), device=self.device)
         images = denoiser(self.config.sigma_init * z, sigma, cond)
-        if self.text_to_image and output_type != "latent":
+        if self.vae is not None and output_type != "latent":
             images = self.codec().decode(images)
         if output_type in ("pt", "latent"):
             out = images
@@ -104,7 +108,7 @@ def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_d
     EDM-preconditioned teachers the scheduler is a stock one-step ``EDMEulerScheduler`` (σ_min = σ_max = σ_init),
     so diffusers alone reproduces the generator; otherwise ``SiDPipeline`` does."""
     out_dir = Path(out_dir)
-    unet = denoiser.net.unet
+    model = model_of(denoiser)
     if spec["prediction_type"] == "edm":
         scheduler = EDMEulerScheduler(sigma_min=sigma_init, sigma_max=sigma_init, sigma_data=denoiser.sigma_data,
                                       prediction_type=edm_output(spec.get("scheduler_config")))
@@ -113,9 +117,10 @@ def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_d
         cls = getattr(diffusers, schedule.get("_class_name", "DDPMScheduler"), None)
         cls = cls if isinstance(cls, type) and issubclass(cls, SchedulerMixin) else diffusers.DDPMScheduler
         scheduler = cls.from_config(schedule)
-    pipeline = SiDPipeline(unet=unet, scheduler=scheduler, **(components or {}), sigma_init=sigma_init,
+    slot = "transformer" if spec.get("pipeline") == "DiTPipeline" else "unet"
+    pipeline = SiDPipeline(**{slot: model}, scheduler=scheduler, **(components or {}), sigma_init=sigma_init,
                            prediction_type=spec["prediction_type"], sigma_data=denoiser.sigma_data)
-    written = ["unet", "scheduler", *(name for name in (components or {}) if not (out_dir / name).is_dir())]
+    written = [slot, "scheduler", *(name for name in (components or {}) if not (out_dir / name).is_dir())]
     tmp = out_dir / ".tmp-diffusers"
     shutil.rmtree(tmp, ignore_errors=True)
     try:                                                   # written beside, then moved in; never left behind
@@ -142,7 +147,7 @@ def save_components(pipeline: DiffusionPipeline, names: list[str], folder: Path)
             module.save_pretrained(folder / name)
 
 
-UNETS = ("UNet2DModel", "UNet2DConditionModel")
+UNETS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
 
 
 def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
@@ -154,7 +159,8 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
     folder = Path(folder)
     try:
         index = json.loads((folder / "model_index.json").read_text())
-        unet_lib, unet_name = index["unet"]
+        slot = "transformer" if (index.get("transformer") or [None])[0] else "unet"
+        unet_lib, unet_name = index[slot]
         scheduler_lib, scheduler_name = index["scheduler"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SidError(f"{folder / 'model_index.json'} is not the index of a sid export ({type(e).__name__}); "
@@ -165,14 +171,14 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
         raise SidError(f"{folder} is a diffusers folder, but not a sid export (SiDPipeline with a diffusers UNet and "
                        "scheduler); give the folder sid exported")
     try:
-        unet = getattr(diffusers, unet_name).from_pretrained(folder / "unet", use_safetensors=True)
+        unet = getattr(diffusers, unet_name).from_pretrained(folder / slot, use_safetensors=True)
         scheduler = scheduler_cls.from_pretrained(folder / "scheduler")
     except (OSError, ValueError, RuntimeError) as e:
         raise SidError(f"{folder}: its unet/ or scheduler/ cannot be loaded ({type(e).__name__}: "
                        f"{(str(e).splitlines() or [''])[0][:160]}); export it again") from None
     settings = {k: index[k] for k in ("sigma_init", "prediction_type", "sigma_data") if k in index}
     text = (index.get("text_encoder") or [None])[0] is not None          # its backbone reads the text condition
-    pipeline = SiDPipeline(unet=unet, scheduler=scheduler, **settings)
+    pipeline = SiDPipeline(**{slot: unet}, scheduler=scheduler, **settings)
     denoiser = pipeline.denoiser(text)
     return denoiser, sample_shape(denoiser), float(pipeline.config.sigma_init)
 
