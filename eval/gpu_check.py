@@ -137,7 +137,8 @@ def quality(out: Path, budget: Budget, smoke: bool, args) -> dict:
                      "train.total_nimg=1000000000000",
                      f"eval.every_nimg={args.every_nimg}", f"eval.num={args.num}", f"eval.fid_ref={ref.resolve()}",
                      f"eval.fid_weights={args.weights}", f"train.run_dir={run_dir}", "train.progress=false",
-                     "train.tracker=none", *(["optim.batch=8", "train.log_every_nimg=8"] if smoke else [])]
+                     "train.tracker=none",
+                     *(["optim.batch=8", "train.log_every_nimg=8", "train.num_samples=4"] if smoke else [])]
         run = train(load_config(["fmnist"], overrides))
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         generator = load_generator(run_dir / "generator", device=DEVICE)

@@ -33,7 +33,7 @@ def test_the_quality_command_smoke_and_its_budget(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "ref.npz", images=rng.integers(0, 255, (16, 32, 32, 1), dtype=np.uint8))
     common = ["quality", "--smoke", "--weights", str(extractor), "--ref-source", str(tmp_path / "ref.npz"),
-              "--num", "8", "--every-nimg", "8", "--seconds", "2"]
+              "--num", "8", "--every-nimg", "8", "--seconds", "1"]
     assert main([*common, "--out", str(tmp_path / "q"), "--budget", "300"]) == 0
     result = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert set(result["runs"]) == {"1.2", "0.5"} and np.isfinite(result["teacher_fid"])
