@@ -103,3 +103,18 @@ def test_sid_sample_and_fid_decode_a_dit_generator(dit_folder, tmp_path):
     assert sid(["fid", "gen", run, "--ref", str(tmp_path / "ref.npz"), "--num", "4", "--weights", weights,
                 "--json", str(tmp_path / "r.jsonl")]) == 0
     assert np.isfinite(json.loads((tmp_path / "r.jsonl").read_text())["mean"])
+
+
+def test_the_dit_preset_builds_its_recipe(dit_folder, tmp_path):
+    """configs/dit_xl2_256.yaml with the tiny pipeline in its place (DiT's linear schedule): the generator at
+    σ_440 ≈ 2.5, timesteps 20..979, ε-MSE fake loss, κ = 1.5 everywhere, α = 1."""
+    from accelerate import Accelerator
+
+    from sid.trainer import build
+
+    cfg = load_config(["dit_xl2_256"], [f"teacher.diffusers.path={dit_folder}", "optim.batch=4", "optim.batch_gpu=2",
+                                        f"train.run_dir={tmp_path / 'run'}"])
+    run = build(cfg, Accelerator(cpu=True), resume=None)
+    assert abs(run.generator.sigma_init - 2.5023) < 1e-3 and run.loss.timesteps == (20, 979)
+    assert run.loss.fake_weight is not None and run.loss.lam == 1.0 and run.loss.guide_teacher == 1.5
+    assert run.conditions.label_dim == 1000 and run.teacher.null_condition(1).sum() == 0

@@ -1,11 +1,13 @@
-"""Latent, text-conditioned diffusers pipelines (Stable Diffusion 1.x / 2.x): the pipeline's UNet under the
-denoiser contract in latent space, with the pipeline's own VAE, text encoder and tokenizer.
+"""Latent diffusers pipelines: Stable Diffusion 1.x / 2.x (text-conditioned UNet) and DiT (class-conditional
+transformer), each network under the denoiser contract in latent space, with the pipeline's own VAE (and text
+encoder and tokenizer).
 
 Part of the diffusers adapter (``teacher.kind=diffusers``): a folder whose ``model_index.json`` names one of
-its ``LATENT_PIPELINES`` is read here. The condition is ``{"text": encoder_hidden_states}`` (batch first), the null
-condition the empty prompt's encoding, as the pipeline's classifier-free guidance uses it; the VAE turns
-latents into images with the pipeline's scaling factor (and shift, where its config has one). Weights only are
-read (safetensors, or torch files read weights-only, as diffusers does).
+its ``LATENT_PIPELINES`` is read here. A text condition is ``{"text": encoder_hidden_states}`` (batch first), the
+null condition the empty prompt's encoding, as the pipeline's classifier-free guidance uses it; a DiT's condition
+is one-hot class labels, the zero vector its null class. The VAE turns latents into images with the pipeline's
+scaling factor (and shift, where its config has one). Weights only are read (safetensors, or torch files read
+weights-only, as diffusers does).
 """
 
 from __future__ import annotations
