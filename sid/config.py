@@ -156,6 +156,8 @@ class PerfConfig:
     teacher_bf16: bool = True            # with bf16 precision, store the frozen teacher's weights in bf16
     compile: Optional[bool] = None       # torch.compile the teacher, fake score and generator; null: on GPUs
     grad_checkpointing: bool = False     # recompute activations in backward (UNets per block, else whole)
+    offload_codec: bool = False          # latent teachers: the VAE and text encoder wait on the CPU and visit the
+                                         # accelerator only to encode or decode (best with conditions.cache)
 
 
 @dataclass

@@ -155,6 +155,8 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
     torch.manual_seed(cfg.train.seed)          # identical networks on every process (also a random-init teacher)
     teacher = build_teacher(cfg.teacher, trust_code=trust_code)
     teacher.to(device)
+    if cfg.perf.offload_codec:
+        teacher.offload_codec(device)
     conditions = build_conditions(cfg, teacher, accelerator.process_index, accelerator.num_processes)
     fake_score = teacher.make_student()
     generator = OneStepGenerator(teacher.make_student(), teacher.shape, initial_sigma(cfg.generator, teacher))

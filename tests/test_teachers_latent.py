@@ -193,8 +193,9 @@ def test_the_export_is_a_text_to_image_pipeline_that_diffusers_loads(text_runs, 
 
 
 def test_an_embeddings_cache_trains_the_same_and_refuses_another_encoder(sd_folder, text_runs, tmp_path):
-    """conditions.cache: encoded once, read on the next run, and the same numbers as encoding on the fly; a cache
-    made by another text encoder is one line, with the run folder left as it was."""
+    """conditions.cache: encoded once, read on the next run, and the same numbers as encoding on the fly (here with
+    the VAE and text encoder offloaded between uses); a cache made by another text encoder is one line, with the
+    run folder left as it was."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -203,7 +204,9 @@ def test_an_embeddings_cache_trains_the_same_and_refuses_another_encoder(sd_fold
 
     root, whole, _ = text_runs
     prompts, cache = root / "prompts.txt", tmp_path / "emb.safetensors"
-    cached = train(load_config([], text_overrides(sd_folder, prompts, tmp_path / "c", 16, f"conditions.cache={cache}")))
+    cached = train(load_config([], text_overrides(sd_folder, prompts, tmp_path / "c", 16, f"conditions.cache={cache}",
+                                                  "perf.offload_codec=true")))
+    assert cached.teacher.codec.visit is not None
     assert cache.is_file()
     a, b = whole.generator.state_dict(), cached.generator.state_dict()
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
@@ -352,3 +355,22 @@ def test_text_to_image_fid_and_clip_score_offline_and_in_the_loop(sd_folder, tex
     measured = [r for r in records if "fid" in r]
     assert measured and np.isfinite(measured[-1]["fid"]) and -1 <= measured[-1]["clip"] <= 1
     assert (tmp_path / "eval" / "generator-best" / "model_index.json").is_file()
+
+
+def test_an_offloaded_codec_visits_its_device_only_to_work(sd_folder):
+    """perf.offload_codec: the VAE and text encoder are moved to the working device for each encode or decode and
+    back to the CPU after, with the same results (on this CPU-only machine the visit is recorded, not seen)."""
+    teacher, reference = teacher_of(sd_folder), teacher_of(sd_folder)
+    moves = []
+    for net in (teacher.codec.vae, teacher.codec.text_encoder):
+        def move(*args, _to=net.to, _name=type(net).__name__, **kwargs):
+            moves.append((_name, str(args[0] if args else kwargs.get("device"))))
+            return _to(*args, **kwargs)
+        net.to = move
+    teacher.offload_codec("cpu")
+    moves.clear()
+    latents = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(teacher.encode(PROMPTS)["text"], reference.encode(PROMPTS)["text"])
+    assert moves == [("AutoencoderKL", "cpu"), ("CLIPTextModel", "cpu")] * 2              # there, and back
+    torch.testing.assert_close(teacher.decode(latents), reference.decode(latents))
+    assert len(moves) == 8

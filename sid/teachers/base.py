@@ -66,6 +66,9 @@ class Teacher:
         """The frozen networks an export carries beside the generator (a latent family's VAE and encoders)."""
         return None
 
+    def offload_codec(self, device) -> None:
+        """``perf.offload_codec``: a latent family's frozen encoders and VAE on the CPU between uses (else none)."""
+
     def make_student(self) -> nn.Module:
         """A trainable denoiser that starts as the teacher (the fake score and the generator): a copy of it."""
         return copy.deepcopy(self.denoiser).train().requires_grad_(True)

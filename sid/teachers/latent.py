@@ -73,6 +73,26 @@ class ImageCodec:
         self.vae = vae.eval().requires_grad_(False)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.visit = None                      # offloaded: the device the networks visit to work, else None
+
+    def offload(self, device) -> None:
+        """Keep the networks on the CPU; each encode or decode moves them to ``device`` and back."""
+        self.to("cpu")
+        self.visit = torch.device(device)
+
+    @contextlib.contextmanager
+    def working(self):
+        """The networks on their working device for the duration (offloaded: there and back)."""
+        if self.visit is None:
+            yield
+            return
+        for net in self.networks():
+            net.to(self.visit)
+        try:
+            yield
+        finally:
+            for net in self.networks():
+                net.to("cpu")
 
     def components(self) -> dict:
         return {"vae": self.vae}
@@ -90,8 +110,9 @@ class ImageCodec:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1] through the VAE, as the pipeline decodes them."""
         vae = self.vae
-        z = latents.to(next(vae.parameters()).device, vae.dtype) / self.scaling_factor + self.shift_factor
-        return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
+        with self.working():
+            z = latents.to(next(vae.parameters()).device, vae.dtype) / self.scaling_factor + self.shift_factor
+            return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
 
 
 class TextCodec(ImageCodec):
@@ -125,8 +146,9 @@ class TextCodec(ImageCodec):
             prompts = [prompts]
         tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
-        device = next(self.text_encoder.parameters()).device
-        hidden = self.text_encoder(tokens.input_ids.to(device))[0]
+        with self.working():
+            device = next(self.text_encoder.parameters()).device
+            hidden = self.text_encoder(tokens.input_ids.to(device))[0]
         return {"text": hidden.float()}
 
     def null_condition(self, n: int) -> dict:
@@ -170,6 +192,10 @@ class LatentTeacher(Teacher):
 
     def components(self) -> dict:
         return self.codec.components()
+
+    def offload_codec(self, device) -> None:
+        """``perf.offload_codec``: the VAE (and text encoder) on the CPU between uses."""
+        self.codec.offload(device)
 
 
 class LatentTextTeacher(LatentTeacher):
