@@ -199,6 +199,9 @@ def build_conditions(cfg, teacher, rank: int = 0, world: int = 1):
     class labels for a class-conditional one, none otherwise; a setting the teacher cannot use is one line."""
     section = cfg.conditions
     if teacher.text_to_image:
+        if section.class_probs:
+            raise SidError("conditions.class_probs is for class-conditional teachers; this one is text-to-image: "
+                           "leave it empty and give conditions.prompts")
         if not section.prompts:
             raise SidError("a text-to-image teacher is distilled from prompts: set conditions.prompts=FILE (one "
                            "prompt per line, or .jsonl)")

@@ -97,3 +97,22 @@ def test_the_cache_is_made_once_then_read_and_refused_for_another_encoder_or_oth
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(SidError, match="is not a readable embeddings cache"):
         load_cache(path, PROMPTS, fake_encode, encoder="clip-a")
+
+
+def test_settings_a_teacher_cannot_use_are_one_line():
+    from types import SimpleNamespace
+
+    from sid.conditions import build_conditions
+    from sid.config import load_config
+
+    text = SimpleNamespace(text_to_image=True, label_dim=0, spec={"kind": "diffusers"})
+    pixel = SimpleNamespace(text_to_image=False, label_dim=0, spec={"kind": "diffusers"})
+    for teacher, overrides, message in (
+            (text, ["conditions.class_probs=[1, 2]"], "class_probs is for class-conditional teachers; this one is "
+                                                      "text-to-image"),
+            (text, [], "a text-to-image teacher is distilled from prompts: set conditions.prompts=FILE"),
+            (pixel, ["conditions.prompts=p.txt"], "conditions.prompts and conditions.cache are for text-to-image"),
+            (pixel, ["conditions.class_probs=[1]"], "class_probs is for class-conditional teachers, and this one is "
+                                                    "unconditional")):
+        with pytest.raises(SidError, match=message):
+            build_conditions(load_config([], overrides), teacher)

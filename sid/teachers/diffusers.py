@@ -276,7 +276,7 @@ def check_pipeline(index: dict | None, scheduler_config: dict | None, where: str
     latent = [c for c in LATENT_COMPONENTS if (index or {}).get(c) and (index or {}).get(c) != [None, None]]
     if latent:
         raise SidError(f"{where} is a {name or 'pipeline'} with {', '.join(latent)}: a latent or text-conditioned "
-                       f"teacher, which sid does not distil yet; supported: {SUPPORTED}")
+                       f"pipeline this version does not read (or its UNet alone); supported: {SUPPORTED}")
     scheduler = (scheduler_config or {}).get("_class_name", "")
     for what in (name, scheduler):
         if what in UNSUPPORTED:
