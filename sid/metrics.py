@@ -316,8 +316,9 @@ def teacher_fid(metric: FrechetInceptionDistance, teacher, steps: int, num: int,
     """FID of a teacher's Heun samples (2·steps − 1 evaluations, ``sample_teacher``) at the generator's seeds."""
     from sid.sampling import sample_teacher
 
-    def sample(seeds):
-        return sample_teacher(teacher.denoiser, teacher.shape, steps, "heun", seeds, device=device, batch=batch)
+    def sample(seeds):                                     # decoded through a latent teacher's VAE
+        return teacher.decode(sample_teacher(teacher.denoiser, teacher.shape, steps, "heun", seeds, device=device,
+                                             batch=batch))
 
     return sample_fid(metric, sample, num, seed, batch, features, progress)
 

@@ -103,6 +103,12 @@ def test_sid_sample_and_fid_decode_a_dit_generator(dit_folder, tmp_path):
     assert sid(["fid", "gen", run, "--ref", str(tmp_path / "ref.npz"), "--num", "4", "--weights", weights,
                 "--json", str(tmp_path / "r.jsonl")]) == 0
     assert np.isfinite(json.loads((tmp_path / "r.jsonl").read_text())["mean"])
+    # the teacher too: `sid sample --teacher` and `sid fid teacher` decode its latents
+    assert sid(["sample", "--teacher", str(dit_folder), "--classes", "3", "--guidance", "2", "--steps", "3",
+                "--solver", "euler", "--seeds", "0-1", "--out", str(tmp_path / "t.npz")]) == 0
+    assert np.load(tmp_path / "t.npz")["images"].shape == (2, 16, 16, 3)
+    assert sid(["fid", "teacher", "--config", str(dit_folder), "--steps", "2", "--ref", str(tmp_path / "ref.npz"),
+                "--num", "4", "--weights", weights]) == 0
 
 
 def test_the_dit_preset_builds_its_recipe(dit_folder, tmp_path):

@@ -88,9 +88,9 @@ def main(argv=None, prog=None) -> int:
         guide = {"guidance": args.guidance, "null": teacher.null_condition}
 
         def draw(seeds, classes):
-            if not prompts:
-                return sample_teacher(teacher.denoiser, teacher.shape, args.steps, args.solver, seeds, classes,
-                                      args.device, **guide)
+            if not prompts:                                  # decoded through a latent teacher's VAE
+                return teacher.decode(sample_teacher(teacher.denoiser, teacher.shape, args.steps, args.solver, seeds,
+                                                     classes, args.device, **guide)).cpu()
             cond = teacher.encode([prompts[seed % len(prompts)] for seed in seeds])    # a seed's own prompt
             latents = sample_teacher(teacher.denoiser, teacher.shape, args.steps, args.solver, seeds, None,
                                      args.device, cond=cond, **guide)
