@@ -190,10 +190,7 @@ class DistillationLoss:
         timesteps), weighted by λ_EDM or the teacher's own loss (``fake_weight``); with augmentation, on the
         augmented samples, the network given the augment labels (SiD, training/sid_loss.py: σ drawn, then the
         augmentation, then the noise)."""
-        if self.time == "timesteps":
-            sigma = sample_timestep_sigma(len(x_g), self.timestep_sigmas, *self.timesteps).to(x_g.device)
-        else:
-            sigma = sample_lognormal_sigma(len(x_g), self.p_mean, self.p_std, device=x_g.device)
+        sigma = self.fake_sigma(len(x_g), x_g.device)
         x0, net = x_g.detach(), guided(fake_score, self.guide_fake_train, self.null)
         if self.augment is not None:
             x0, augment_labels = self.augment(x0)
@@ -201,6 +198,12 @@ class DistillationLoss:
         if self.fake_weight is None:
             return fake_score_loss(net, x0, sigma, labels, sigma_data=self.sigma_data) * self.fake_scale
         return self.fake_weight(sigma) * _squared_error(net, x0, sigma, labels) * self.fake_scale
+
+    def fake_sigma(self, n: int, device=None) -> torch.Tensor:
+        """The fake-score loss's σ: log-normal (SiD; SiD-DiT's logit-normal t), or the teacher's timesteps."""
+        if self.time == "timesteps":
+            return sample_timestep_sigma(n, self.timestep_sigmas, *self.timesteps).to(device)
+        return sample_lognormal_sigma(n, self.p_mean, self.p_std, device=device)
 
     def generator_sigma(self, n: int, device=None) -> torch.Tensor:
         """The generator loss's σ: SiD's Karras σ below t_max, the teacher's timesteps, or log-normal."""

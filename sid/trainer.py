@@ -154,9 +154,9 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         set_tf32(cfg.perf.tf32)
     torch.manual_seed(cfg.train.seed)          # identical networks on every process (also a random-init teacher)
     teacher = build_teacher(cfg.teacher, trust_code=trust_code)
-    teacher.to(device)
-    if cfg.perf.offload_codec:
+    if cfg.perf.offload_codec:                  # before the move: the VAE and text encoder stay on the CPU
         teacher.offload_codec(device)
+    teacher.to(device)
     conditions = build_conditions(cfg, teacher, accelerator.process_index, accelerator.num_processes)
     fake_score = teacher.make_student()
     generator = OneStepGenerator(teacher.make_student(), teacher.shape, initial_sigma(cfg.generator, teacher))

@@ -3,12 +3,11 @@ the pipeline's own output reproduced, distillation with guidance inside the loss
 
 import pytest
 import torch
-from tiny_pipelines import save_tiny_dit
+from tiny_pipelines import save_tiny_dit, teacher_of
 
 from sid.config import load_config
 from sid.guidance import guided
 from sid.sampling import euler_sampler
-from sid.teachers import build_teacher
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -16,10 +15,6 @@ diffusers = pytest.importorskip("diffusers")
 @pytest.fixture(scope="module")
 def dit_folder(tmp_path_factory):
     return save_tiny_dit(tmp_path_factory.mktemp("dit"))
-
-
-def teacher_of(folder):
-    return build_teacher(load_config([], ["teacher.kind=diffusers", f"teacher.diffusers.path={folder}"]).teacher)
 
 
 def one_hot(classes):

@@ -5,13 +5,12 @@ pipeline's own model, shown against the pipeline's own output."""
 import numpy as np
 import pytest
 import torch
-from tiny_pipelines import save_tiny_sd
+from tiny_pipelines import save_tiny_sd, teacher_of
 
 from sid.config import load_config
 from sid.errors import SidError
 from sid.guidance import guided
 from sid.sampling import euler_sampler
-from sid.teachers import build_teacher
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
@@ -21,10 +20,6 @@ diffusers = pytest.importorskip("diffusers")
 def sd_folder(tmp_path_factory):
     """A StableDiffusionPipeline of random tiny components, saved as a user's pipeline folder is."""
     return save_tiny_sd(tmp_path_factory.mktemp("sd"))
-
-
-def teacher_of(folder):
-    return build_teacher(load_config([], ["teacher.kind=diffusers", f"teacher.diffusers.path={folder}"]).teacher)
 
 
 PROMPTS = ["a cat", "a red dog"]

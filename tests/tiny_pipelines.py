@@ -7,6 +7,14 @@ from pathlib import Path
 import torch
 
 
+def teacher_of(folder):
+    """The sid teacher of a diffusers pipeline folder (or hub id)."""
+    from sid.config import load_config
+    from sid.teachers import build_teacher
+
+    return build_teacher(load_config([], ["teacher.kind=diffusers", f"teacher.diffusers.path={folder}"]).teacher)
+
+
 def tiny_tokenizer(folder: Path):
     """A CLIP tokenizer with a vocabulary of single letters (unknown pieces map to the end-of-text token)."""
     import transformers

@@ -22,6 +22,7 @@ from sid.config import load_config
 from sid.errors import SidError
 from sid.generator import load_generator
 from sid.images import save_image_grid, save_samples, to_uint8
+from sid.metrics import text_sampler
 from sid.sampling import sample_teacher
 from sid.teachers import Teacher, build_teacher, load_codec, teacher_from_path
 
@@ -106,12 +107,13 @@ def main(argv=None, prog=None) -> int:
         if classes is not None and not generator.label_dim:
             raise SidError("--classes given, but this generator is unconditional")
         codec = codec.to(args.device) if codec is not None else None
+        sample_text = text_sampler(generator, codec, args.device) if text else None
 
         def draw(seeds, classes):
-            if codec is None:
-                return generator.sample_seeds(seeds, classes, device=args.device).cpu()
-            cond = codec.encode([prompts[seed % len(prompts)] for seed in seeds]) if text else None
-            return codec.decode(generator.sample_seeds(seeds, classes, device=args.device, cond=cond)).cpu()
+            if text:                                         # a seed's own prompt
+                return sample_text(seeds, [prompts[seed % len(prompts)] for seed in seeds]).cpu()
+            x = generator.sample_seeds(seeds, classes, device=args.device)
+            return (x if codec is None else codec.decode(x)).cpu()
     x = in_batches(draw, seeds, classes, args.batch, args.progress)
     with writing(args.out):
         write(x, Path(args.out), seeds)

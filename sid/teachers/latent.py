@@ -181,8 +181,10 @@ class LatentTeacher(Teacher):
         return self.codec.decode(latents)
 
     def to(self, device) -> LatentTeacher:
+        """The denoiser, and the codec unless it is offloaded (then it stays on the CPU between uses)."""
         self.denoiser.to(device)
-        self.codec.to(device)
+        if self.codec.visit is None:
+            self.codec.to(device)
         return self
 
     def store_frozen(self, dtype: torch.dtype) -> None:
@@ -216,10 +218,9 @@ class LatentTextTeacher(LatentTeacher):
 def text_denoiser(unet: nn.Module, prediction_type: str, scheduler_config: dict | None,
                   sigma_data: float = 0.5) -> Preconditioned:
     """A text-conditioned UNet with the coefficient rule of its scheduler (the diffusers adapter's rules)."""
-    from sid.teachers.diffusers import denoiser_from_unet
+    from sid.teachers.diffusers import rule_of
 
-    return Preconditioned(TextUNetBackbone(unet), denoiser_from_unet(unet, prediction_type, scheduler_config,
-                                                                     sigma_data).rule)
+    return Preconditioned(TextUNetBackbone(unet), rule_of(prediction_type, scheduler_config, sigma_data))
 
 
 def class_denoiser(transformer: nn.Module, prediction_type: str, scheduler_config: dict | None,
@@ -239,59 +240,44 @@ def denoiser_from_spec(spec: dict) -> Preconditioned:
     return build(backbone_from_spec(spec), spec["prediction_type"], spec["scheduler_config"], spec["sigma_data"])
 
 
-def load(root: Path, index: dict) -> LatentTextTeacher:
-    """The teacher of a latent text-to-image pipeline folder (``LATENT_PIPELINES``), with one line for a missing
-    or unreadable component."""
+def load(root: Path, index: dict) -> LatentTeacher:
+    """The teacher of a latent pipeline folder (``LATENT_PIPELINES``): a Stable Diffusion pipeline's UNet with its
+    VAE, text encoder and tokenizer, or a DiT's transformer with its VAE; one line for a missing or unreadable
+    component."""
     import diffusers
 
     from sid.teachers.diffusers import _read_json, sample_shape, spec_of
 
     name = index.get("_class_name")
-    if name == "DiTPipeline":
-        return load_dit(root, index)
-    try:
-        import transformers  # noqa: F401  (the text encoder's library)
-    except ImportError:
-        raise SidError(f"{root} is a {name}, whose text encoder needs transformers: pip install "
-                       "'sid-distill[text]' (or transformers)") from None
+    text = name != "DiTPipeline"
+    if text:
+        try:
+            import transformers  # noqa: F401  (the text encoder's library)
+        except ImportError:
+            raise SidError(f"{root} is a {name}, whose text encoder needs transformers: pip install "
+                           "'sid-distill[text]' (or transformers)") from None
     missing = [c for c in COMPONENTS[name] if not (root / c).is_dir()]
     if missing:
         raise SidError(f"teacher folder {root} is a {name} without {', '.join(missing)}/; a {name} folder needs "
                        f"{', '.join(COMPONENTS[name])} (save the whole pipeline with save_pretrained)")
     scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json") or {}
     prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    if prediction_type not in ("epsilon", "v_prediction"):
+    if text and prediction_type not in ("epsilon", "v_prediction"):
         raise SidError(f"{root}: a {name} whose scheduler predicts {prediction_type!r}; supported: epsilon, "
                        "v_prediction")
     try:
-        unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet")
+        if text:
+            unet = diffusers.UNet2DConditionModel.from_pretrained(root / "unet")
+            denoiser = text_denoiser(unet, prediction_type, scheduler_config)
+        else:
+            transformer = diffusers.DiTTransformer2DModel.from_pretrained(root / "transformer")
+            denoiser = class_denoiser(transformer, prediction_type, scheduler_config)
         codec = load_codec(root, index)
-        denoiser = text_denoiser(unet, prediction_type, scheduler_config)
     except (OSError, ValueError, RuntimeError) as e:
         raise SidError(f"cannot load the {name} in {root}: {(str(e).splitlines() or [''])[0][:200]}") from None
     spec = {**spec_of(denoiser, prediction_type, scheduler_config), "pipeline": name}
-    return LatentTextTeacher(denoiser, sample_shape(denoiser), spec, codec)
-
-
-def load_dit(root: Path, index: dict) -> LatentTeacher:
-    """The teacher of a ``DiTPipeline`` folder: its class-conditional transformer in latent space, its VAE."""
-    import diffusers
-
-    from sid.teachers.diffusers import _read_json, sample_shape, spec_of
-
-    missing = [c for c in COMPONENTS["DiTPipeline"] if not (root / c).is_dir()]
-    if missing:
-        raise SidError(f"teacher folder {root} is a DiTPipeline without {', '.join(missing)}/; a DiTPipeline folder "
-                       f"needs {', '.join(COMPONENTS['DiTPipeline'])} (save the whole pipeline with save_pretrained)")
-    scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json") or {}
-    prediction_type = scheduler_config.get("prediction_type", "epsilon")
-    try:
-        transformer = diffusers.DiTTransformer2DModel.from_pretrained(root / "transformer")
-        denoiser = class_denoiser(transformer, prediction_type, scheduler_config)
-        codec = ImageCodec(diffusers.AutoencoderKL.from_pretrained(root / "vae"))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise SidError(f"cannot load the DiTPipeline in {root}: {(str(e).splitlines() or [''])[0][:200]}") from None
-    spec = {**spec_of(denoiser, prediction_type, scheduler_config), "pipeline": "DiTPipeline"}
+    if text:
+        return LatentTextTeacher(denoiser, sample_shape(denoiser), spec, codec)
     return LatentTeacher(denoiser, sample_shape(denoiser), spec, codec, zero_label_is_null=True)
 
 

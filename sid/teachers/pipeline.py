@@ -73,13 +73,13 @@ class SiDPipeline(DiffusionPipeline):
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 
-        denoiser = self.denoiser()
+        denoiser, codec = self.denoiser(), self.codec()
         cond = None
         if self.text_to_image:
             if prompt is None:
                 raise ValueError("this generator was distilled from a text-to-image teacher: give a prompt")
             prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
-            batch_size, cond = len(prompts), self.codec().encode(prompts)
+            batch_size, cond = len(prompts), codec.encode(prompts)
         elif prompt is not None:
             raise ValueError("this generator takes no prompt (its teacher was not text-to-image)")
         shape = (batch_size, *sample_shape(denoiser))
@@ -90,8 +90,8 @@ class SiDPipeline(DiffusionPipeline):
             cond = nn.functional.one_hot(classes, denoiser.label_dim).float()
         sigma = torch.full((len(z),), float(self.config.sigma_init), device=self.device)
         images = denoiser(self.config.sigma_init * z, sigma, cond)
-        if self.vae is not None and output_type != "latent":
-            images = self.codec().decode(images)
+        if codec is not None and output_type != "latent":
+            images = codec.decode(images)
         if output_type in ("pt", "latent"):
             out = images
         else:
