@@ -37,6 +37,8 @@ class DiffusersTeacherConfig:
     unet_config: Optional[dict[str, Any]] = None  # instead of path: a random UNet from this config (tests)
     prediction_type: Optional[str] = None  # epsilon | v_prediction | sample | edm | flow; null: from the scheduler
     sigma_data: float = 0.5              # data std assumed by EDM preconditioning and the fake-score weight
+    resolution: Optional[int] = None     # latent pipelines: square images of this many pixels (SiD-DiT: SD3 at
+                                         # 512); null: the network's own sample size
 
 
 @dataclass
@@ -238,6 +240,8 @@ RANGES = [
     ("loss.t_max", lambda v: 0 < v <= 1, "in (0, 1] (a fraction of the Karras schedule)"),
     ("loss.timesteps", lambda v: len(v) == 2 and 0 <= v[0] <= v[1], "two timesteps lo <= hi, e.g. [20, 979]"),
     ("eval.resolution", lambda v: v is None or 8 <= v <= 4096, "in [8, 4096], or null for the generated size"),
+    ("teacher.diffusers.resolution", lambda v: v is None or 8 <= v <= 8192,
+     "in [8, 8192] pixels, or null for the network's own size"),
     ("generator.t_init", lambda v: v is None or v >= 0, "a timestep >= 0, or null for generator.sigma_init"),
     ("loss.augment", lambda v: 0 <= v <= 1, "in [0, 1] (a probability per transform; 0: off)"),
     *((f"loss.{key}", lambda v: 0 <= v <= 100, "in [0, 100] (a guidance scale; 1: none)")

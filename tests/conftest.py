@@ -26,6 +26,22 @@ TINY_UNET = {
 }
 
 
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """``tiny_pipeline(name)``: the folder of a tiny latent pipeline of that family (``tiny_pipelines.BUILDERS``),
+    built from configs once per session and saved as a user's pipeline folder is."""
+    from tiny_pipelines import BUILDERS
+
+    made = {}
+
+    def folder(name: str) -> Path:
+        if name not in made:
+            made[name] = BUILDERS[name](tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return folder
+
+
 @pytest.fixture
 def tiny_unet_overrides(tmp_path):
     """Dotted overrides for a short training run on a random tiny diffusers teacher."""

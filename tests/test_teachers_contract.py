@@ -14,6 +14,7 @@ import torch
 
 from conftest import TINY_UNET
 from sid.config import load_config
+from sid.guidance import part
 from sid.teachers import build_teacher, denoiser_from_spec
 
 UNET = json.dumps(TINY_UNET).replace(" ", "")
@@ -40,6 +41,12 @@ def python(label_dim=0):
                             "teacher.python.shape=[1,8,8]", f"teacher.python.kwargs.label_dim={label_dim}"]
 
 
+def pipeline(name):
+    """A tiny latent pipeline folder of that family (tests/tiny_pipelines.py), built once per session."""
+    return lambda request: ["teacher.kind=diffusers",
+                            f"teacher.diffusers.path={request.getfixturevalue('tiny_pipeline')(name)}"]
+
+
 def analytic(shape):
     return lambda request: [f"teacher.analytic.shape={shape}", "teacher.analytic.modes=3",
                             "teacher.analytic.student_fit_steps=300", "teacher.analytic.student_width=64"]
@@ -60,6 +67,7 @@ CASES = {
     "edm_pickle-edm": edm_pickle("EDMPrecond"),
     "python": python(),
     "python-classes": python(label_dim=3),
+    **{f"diffusers-{name}": pipeline(name) for name in ("sd", "sdxl", "sd3", "pixart", "dit")},
 }
 
 
@@ -70,11 +78,14 @@ def teacher(request):
 
 
 def inputs(teacher, n=4):
-    """Noisy samples at σ from 0.01 to 40 (of the teacher's own distribution where it has exact samples)."""
+    """Noisy samples at σ from 0.01 to 40 (of the teacher's own distribution where it has exact samples), and
+    their conditions: one-hot labels, or encoded prompts for a text-to-image teacher."""
     g = torch.Generator().manual_seed(1)
     sigma = torch.tensor([0.01, 0.5, 2.5, 40.0])[:n]
     x0 = teacher.sample(n, g) if teacher.exact_samples else torch.zeros(n, *teacher.shape)
     x = x0 + torch.randn(n, *teacher.shape, generator=g) * (1 + sigma.view(-1, *[1] * len(teacher.shape)))
+    if teacher.text_to_image:
+        return x, sigma, teacher.encode(["a cat", "a red dog", "", "an old car"][:n])
     labels = torch.eye(teacher.label_dim)[torch.arange(n) % teacher.label_dim] if teacher.label_dim else None
     return x, sigma, labels
 
@@ -88,10 +99,9 @@ def test_the_denoiser_meets_the_contract(teacher):
         assert out.shape == x.shape and out.dtype == torch.float32 and out.isfinite().all()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert d(x, sigma, labels).dtype == torch.float32                      # float32 at the boundary
-        torch.testing.assert_close(d(x, 2.5, labels)[:1], d(x[:1], torch.tensor([2.5]), None if labels is None
-                                                              else labels[:1]))     # a scalar σ is every sample's
-        if teacher.label_dim:
-            assert not torch.allclose(out, d(x, sigma, labels.roll(1, 0)))          # labels are used
+        torch.testing.assert_close(d(x, 2.5, labels)[:1], d(x[:1], torch.tensor([2.5]), part(labels, slice(1))))
+        if labels is not None:                                                      # a scalar σ is every sample's
+            assert not torch.allclose(out, d(x, sigma, part(labels, [1, 2, 3, 0])))  # conditions are used
 
 
 def test_the_bundle_holds_a_frozen_teacher_and_trainable_students_that_start_as_it(teacher):

@@ -3,7 +3,7 @@ the pipeline's own output reproduced, distillation with guidance inside the loss
 
 import pytest
 import torch
-from tiny_pipelines import save_tiny_dit, teacher_of
+from tiny_pipelines import teacher_of
 
 from sid.config import load_config
 from sid.guidance import guided
@@ -13,8 +13,8 @@ diffusers = pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
-def dit_folder(tmp_path_factory):
-    return save_tiny_dit(tmp_path_factory.mktemp("dit"))
+def dit_folder(tiny_pipeline):
+    return tiny_pipeline("dit")
 
 
 def one_hot(classes):

@@ -17,9 +17,9 @@ diffusers = pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
+def sd_folder(tiny_pipeline):
     """A StableDiffusionPipeline of random tiny components, saved as a user's pipeline folder is."""
-    return save_tiny_sd(tmp_path_factory.mktemp("sd"))
+    return tiny_pipeline("sd")
 
 
 PROMPTS = ["a cat", "a red dog"]
@@ -357,7 +357,7 @@ def test_an_offloaded_codec_visits_its_device_only_to_work(sd_folder):
     back to the CPU after, with the same results (on this CPU-only machine the visit is recorded, not seen)."""
     teacher, reference = teacher_of(sd_folder), teacher_of(sd_folder)
     moves = []
-    for net in (teacher.codec.vae, teacher.codec.text_encoder):
+    for net in (teacher.codec.vae, teacher.codec.parts["text_encoder"]):
         def move(*args, _to=net.to, _name=type(net).__name__, **kwargs):
             moves.append((_name, str(args[0] if args else kwargs.get("device"))))
             return _to(*args, **kwargs)

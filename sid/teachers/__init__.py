@@ -113,10 +113,11 @@ def load_codec(folder):
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return None
-    if (index.get("vae") or [None])[0] is None:
-        return None
+    from sid.teachers.latent import held
     from sid.teachers.latent import load_codec as load
 
+    if not held(index, "vae"):
+        return None
     try:
         return load(folder, index)
     except (OSError, ValueError, RuntimeError) as e:

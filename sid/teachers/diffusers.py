@@ -21,7 +21,7 @@ from sid.config import CHOICES, plain
 from sid.errors import SidError
 from sid.precond import Coefficients, EDMRule, FlowRule, Preconditioned
 from sid.teachers.base import Teacher
-from sid.teachers.latent import COMPONENTS as LATENT_PIPELINE_COMPONENTS
+from sid.teachers.latent import FAMILIES as LATENT_FAMILIES
 
 PREDICTION_TYPES = tuple(c for c in CHOICES["teacher.diffusers.prediction_type"] if c)     # the schema's list
 EDM_SCHEDULERS = ("EDMEulerScheduler", "EDMDPMSolverMultistepScheduler")
@@ -178,6 +178,15 @@ def model_of(denoiser: Preconditioned) -> nn.Module:
     return net.unet if hasattr(net, "unet") else net.transformer
 
 
+def prediction_of(scheduler_config: dict | None) -> str:
+    """What a model predicts, read from its scheduler's config: edm for EDM schedulers, flow for flow-matching
+    ones, else the config's prediction_type (ε by default)."""
+    sched = scheduler_config or {}
+    kind = sched.get("_class_name")
+    return "edm" if kind in EDM_SCHEDULERS else "flow" if kind in FLOW_SCHEDULERS else \
+        sched.get("prediction_type", "epsilon")
+
+
 def spec_of(denoiser: Preconditioned, prediction_type: str, scheduler_config: dict | None) -> dict:
     """What rebuilds this denoiser's architecture without the weights (stored with exported generators)."""
     unet = model_of(denoiser)
@@ -203,11 +212,13 @@ def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
 
 
 def backbone_from_spec(spec: dict) -> nn.Module:
-    """The network alone (no schedule), e.g. on the meta device to size it before anything is allocated."""
-    if spec["class_name"] == "DiTTransformer2DModel" and spec.get("pipeline") == "DiTPipeline":
+    """The network alone (no schedule), e.g. on the meta device to size it before anything is allocated: a
+    latent pipeline's network of its family's class only, else a UNet."""
+    family = LATENT_FAMILIES.get(spec.get("pipeline"))
+    if family is not None and spec["class_name"] == family.model:
         import diffusers
 
-        return diffusers.DiTTransformer2DModel.from_config(spec["unet_config"])
+        return getattr(diffusers, family.model).from_config(spec["unet_config"])
     return _unet_class(spec["class_name"]).from_config(spec["unet_config"])
 
 
@@ -218,19 +229,25 @@ def sample_shape(denoiser: Preconditioned) -> tuple[int, ...]:
     return (config.in_channels, *((size, size) if isinstance(size, int) else size))
 
 
+def checkpoint_blocks(net: nn.Module) -> None:
+    """``perf.grad_checkpointing`` for a network holding diffusers models: their own checkpointing, block by block
+    (``enable_gradient_checkpointing``)."""
+    from diffusers import ModelMixin
+
+    for module in net.modules():
+        if isinstance(module, ModelMixin):
+            module.enable_gradient_checkpointing()
+
+
 class DiffusersTeacher(Teacher):
     """A diffusers UNet teacher: one sample's shape is the UNet's, and activation checkpointing is the UNet's own,
-    block by block (``enable_gradient_checkpointing``)."""
+    block by block."""
 
     def __init__(self, denoiser: Preconditioned, spec: dict):
         super().__init__(denoiser, sample_shape(denoiser), spec)
 
     def checkpoint_activations(self, net: nn.Module) -> None:
-        from diffusers import ModelMixin
-
-        for module in net.modules():
-            if isinstance(module, ModelMixin):
-                module.enable_gradient_checkpointing()
+        checkpoint_blocks(net)
 
 
 def build(section, trust_code: bool = False) -> Teacher:
@@ -243,7 +260,10 @@ def build(section, trust_code: bool = False) -> Teacher:
     if index and index.get("_class_name") in LATENT_PIPELINES:
         from sid.teachers.latent import load
 
-        return load(root, index)
+        return load(root, index, section.resolution)
+    if section.resolution is not None:
+        raise SidError("teacher.diffusers.resolution is for latent pipelines (their VAE decodes any multiple of its "
+                       "factor); this pixel-space teacher draws at its own size: leave it null")
     unet_config = plain(section.unet_config) if section.unet_config else None
     return DiffusersTeacher(*load_denoiser(section.path, unet_config, section.prediction_type, section.sigma_data))
 
@@ -261,12 +281,12 @@ def _read_json(path: Path) -> dict | None:
 LATENT_COMPONENTS = ("vae", "vqvae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 UNSUPPORTED = {"ScoreSdeVePipeline": "its UNet predicts a scaled score on a continuous VE schedule, not ε, v, x0, "
                                      "EDM or flow", "ScoreSdeVeScheduler": "a VE score-SDE schedule"}
-SUPPORTED = ("UNet2DModel and class-conditional UNet2DConditionModel folders, or pipelines holding one in unet/ "
-             "with a DDPM/DDIM/Euler, EDM or flow-matching scheduler (DDPMPipeline, DDIMPipeline, ...); "
-             "StableDiffusionPipeline (SD 1.x / 2.x) and DiTPipeline folders or hub ids")
 # Latent pipelines (text-to-image, class-conditional), read by sid/teachers/latent.py (which imports diffusers
 # only when loading).
-LATENT_PIPELINES = tuple(LATENT_PIPELINE_COMPONENTS)
+LATENT_PIPELINES = tuple(LATENT_FAMILIES)
+SUPPORTED = ("UNet2DModel and class-conditional UNet2DConditionModel folders, or pipelines holding one in unet/ "
+             "with a DDPM/DDIM/Euler, EDM or flow-matching scheduler (DDPMPipeline, DDIMPipeline, ...); "
+             f"latent pipeline folders or hub ids: {', '.join(LATENT_PIPELINES)}")
 
 
 def check_pipeline(index: dict | None, scheduler_config: dict | None, where: str) -> None:
@@ -382,7 +402,8 @@ def hub_latent_pipeline(path: str) -> tuple[Path, dict] | None:
     name = (index or {}).get("_class_name")
     if name not in LATENT_PIPELINES:
         return None
-    files = ("*.json", "*.txt", "diffusion_pytorch_model.safetensors", "model.safetensors")
+    files = ("*.json", "*.txt", "*.model", "diffusion_pytorch_model.safetensors", "model.safetensors",  # configs,
+             "diffusion_pytorch_model-*-of-*.safetensors", "model-*-of-*.safetensors")         # vocabularies, weights
     patterns = ["model_index.json", *(f"{c}/{f}" for c in COMPONENTS[name] for f in files)]
     for local in (False, True):
         try:
@@ -412,11 +433,7 @@ def load_denoiser(path: str | None, unet_config: dict | None, prediction_type: s
                        "(owner/name, or owner/name@revision)")
     else:
         unet, scheduler_config = _load_hub(path)
-    if prediction_type is None:
-        sched = scheduler_config or {}
-        kind = sched.get("_class_name")
-        prediction_type = "edm" if kind in EDM_SCHEDULERS else "flow" if kind in FLOW_SCHEDULERS else \
-            sched.get("prediction_type", "epsilon")
+    prediction_type = prediction_type or prediction_of(scheduler_config)
     denoiser = denoiser_from_unet(unet, prediction_type, scheduler_config, sigma_data)
     return denoiser, spec_of(denoiser, prediction_type, scheduler_config)
 

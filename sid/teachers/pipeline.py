@@ -19,49 +19,75 @@ from diffusers import DiffusionPipeline, EDMEulerScheduler, SchedulerMixin
 from torch import nn
 
 from sid.precond import Preconditioned
-from sid.teachers.diffusers import denoiser_from_unet, edm_output, model_of, sample_shape
-from sid.teachers.latent import ImageCodec, TextCodec, class_denoiser, quiet, text_denoiser
+from sid.teachers.diffusers import denoiser_from_unet, edm_output, model_of
+from sid.teachers.latent import FAMILIES as LATENT_FAMILIES
+from sid.teachers.latent import ImageCodec, export_family, family_of, index_family, latent_denoiser, latent_shape, quiet
+
+TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
 
 class SiDPipeline(DiffusionPipeline):
     """A one-step generator as a diffusers pipeline: ``SiDPipeline.from_pretrained(folder)(batch_size=4).images``,
     or, distilled from a text-to-image teacher, ``SiDPipeline.from_pretrained(folder)("a photo of a cat").images``.
 
-    ``unet`` is the generator's network, ``scheduler`` the teacher's (its parameterisation); the pipeline's config
-    names σ_init, the prediction type and σ_data. One network evaluation: x = D(σ_init z; σ_init, c), with D the
-    teacher's coefficient rule around the UNet, as ``sid`` trained it. A text-to-image generator also holds its
-    teacher's VAE, text encoder and tokenizer: c is the prompt's encoding and x the latents the VAE decodes.
+    ``unet`` (or ``transformer``) is the generator's network, ``scheduler`` the teacher's (its parameterisation);
+    the pipeline's config names σ_init, the prediction type, σ_data and, for a latent generator, its teacher's
+    pipeline class and latent size. One network evaluation: x = D(σ_init z; σ_init, c), with D the teacher's
+    coefficient rule around the network, as ``sid`` trained it. A latent generator also holds its teacher's VAE (and
+    text encoders and tokenizers): c is the prompt's encoding, as the teacher's pipeline encodes it, and x the
+    latents the VAE decodes.
     """
 
-    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer"]
+    _optional_components = ["unet", "transformer", "vae", *TEXT_PARTS]
 
     def __init__(self, scheduler, unet=None, vae=None, text_encoder=None, tokenizer=None, transformer=None,
-                 sigma_init: float = 2.5, prediction_type: str = "edm", sigma_data: float = 0.5):
+                 text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+                 sigma_init: float = 2.5, prediction_type: str = "edm", sigma_data: float = 0.5,
+                 teacher_pipeline: str | None = None, sample_size: list[int] | None = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                              tokenizer=tokenizer, transformer=transformer)
-        self.register_to_config(sigma_init=sigma_init, prediction_type=prediction_type, sigma_data=sigma_data)
+        teacher_pipeline = export_family(teacher_pipeline, transformer is not None, text_encoder is not None)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, transformer=transformer,
+                              text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                              tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+        self.register_to_config(sigma_init=sigma_init, prediction_type=prediction_type, sigma_data=sigma_data,
+                                teacher_pipeline=teacher_pipeline, sample_size=sample_size)
+
+    @property
+    def family(self) -> str | None:
+        """The teacher's latent pipeline class (None: a pixel-space generator)."""
+        return self.config.teacher_pipeline
 
     @property
     def text_to_image(self) -> bool:
-        return self.text_encoder is not None
+        return self.family in LATENT_FAMILIES and bool(LATENT_FAMILIES[self.family].encoders)
 
-    def denoiser(self, text: bool | None = None) -> Preconditioned:
-        """The generator's network under its coefficient rule; ``text``: whether it reads a text condition
-        (default: whether the pipeline holds a text encoder)."""
+    @property
+    def network(self) -> nn.Module:
+        return self.unet if self.transformer is None else self.transformer
+
+    def denoiser(self) -> Preconditioned:
+        """The generator's network under its coefficient rule (and its teacher family's backbone)."""
         config = {k: v for k, v in dict(self.scheduler.config).items()}
         config["_class_name"] = type(self.scheduler).__name__
-        if self.transformer is not None:                     # a class-conditional DiT
-            return class_denoiser(self.transformer, self.config.prediction_type, config, self.config.sigma_data)
-        if self.text_to_image if text is None else text:
-            return text_denoiser(self.unet, self.config.prediction_type, config, self.config.sigma_data)
+        if self.family is not None:
+            return latent_denoiser(self.family, self.network, self.config.prediction_type, config,
+                                   self.config.sigma_data)
         return denoiser_from_unet(self.unet, self.config.prediction_type, config, self.config.sigma_data)
 
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample's shape: the network's channels at the export's latent size (else the network's own)."""
+        size, config = self.config.sample_size, self.network.config
+        return (config.in_channels, *size) if size else latent_shape(self.network, 1)
+
     def codec(self) -> ImageCodec | None:
-        """The VAE (and the text encoder and tokenizer), as the teacher used them (latent generators), or None."""
-        if self.text_to_image:
-            return TextCodec(self.vae, self.text_encoder, self.tokenizer)
-        return ImageCodec(self.vae) if self.vae is not None else None
+        """The VAE (and the text encoders and tokenizers), as the teacher used them (latent generators), or None."""
+        if self.vae is None:
+            return None
+        parts = {name: getattr(self, name) for name in TEXT_PARTS if getattr(self, name) is not None}
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        shape = self.sample_shape()
+        return family_of(self.family).codec.build(self.vae, parts, self.network, dict(self.config),
+                                                  (shape[1] * factor, shape[2] * factor))
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, batch_size: int = 1,
@@ -69,7 +95,7 @@ class SiDPipeline(DiffusionPipeline):
                  output_type: str = "pil", return_dict: bool = True):
         """``prompt``: one prompt per image (a text-to-image generator; a single one is used ``batch_size`` times);
         ``latents``: the noise z ~ N(0, I) itself, instead of drawing it from ``generator``; ``output_type``:
-        ``pil``, ``np``, ``pt`` (images in [-1, 1]) or ``latent`` (a text-to-image generator's latents)."""
+        ``pil``, ``np``, ``pt`` (images in [-1, 1]) or ``latent`` (a latent generator's latents)."""
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -82,7 +108,7 @@ class SiDPipeline(DiffusionPipeline):
             batch_size, cond = len(prompts), codec.encode(prompts)
         elif prompt is not None:
             raise ValueError("this generator takes no prompt (its teacher was not text-to-image)")
-        shape = (batch_size, *sample_shape(denoiser))
+        shape = (batch_size, *self.sample_shape())
         z = (randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32) if latents is None
              else latents.to(self.device, torch.float32))
         if class_labels is not None:
@@ -117,9 +143,11 @@ def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_d
         cls = getattr(diffusers, schedule.get("_class_name", "DDPMScheduler"), None)
         cls = cls if isinstance(cls, type) and issubclass(cls, SchedulerMixin) else diffusers.DDPMScheduler
         scheduler = cls.from_config(schedule)
-    slot = "transformer" if spec.get("pipeline") == "DiTPipeline" else "unet"
+    family = spec.get("pipeline")
+    slot = LATENT_FAMILIES[family].network if family in LATENT_FAMILIES else "unet"
+    latent = {"teacher_pipeline": family, "sample_size": list(config["shape"][1:])} if family else {}
     pipeline = SiDPipeline(**{slot: model}, scheduler=scheduler, **(components or {}), sigma_init=sigma_init,
-                           prediction_type=spec["prediction_type"], sigma_data=denoiser.sigma_data)
+                           prediction_type=spec["prediction_type"], sigma_data=denoiser.sigma_data, **latent)
     written = [slot, "scheduler", *(name for name in (components or {}) if not (out_dir / name).is_dir())]
     tmp = out_dir / ".tmp-diffusers"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -147,13 +175,14 @@ def save_components(pipeline: DiffusionPipeline, names: list[str], folder: Path)
             module.save_pretrained(folder / name)
 
 
-UNETS = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel")
+NETWORKS = ("UNet2DModel", "UNet2DConditionModel", *sorted({f.model for f in LATENT_FAMILIES.values()}))
 
 
 def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
-    """(denoiser, sample shape, σ_init) of a diffusers-form export alone (``model_index.json``, ``unet/``,
-    ``scheduler/``), for ``sid.load_generator``. Its components are loaded by the classes its index names only
-    where those are diffusers' own UNets and schedulers: an index cannot make this import or run other code."""
+    """(denoiser, sample shape, σ_init) of a diffusers-form export alone (``model_index.json``, ``unet/`` or
+    ``transformer/``, ``scheduler/``), for ``sid.load_generator``. Its components are loaded by the classes its
+    index names only where those are diffusers' own networks and schedulers: an index cannot make this import or
+    run other code."""
     from sid.errors import SidError
 
     folder = Path(folder)
@@ -166,21 +195,20 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
         raise SidError(f"{folder / 'model_index.json'} is not the index of a sid export ({type(e).__name__}); "
                        "export it again") from None
     scheduler_cls = getattr(diffusers, scheduler_name, None) if scheduler_lib == "diffusers" else None
-    if (index.get("_class_name") != "SiDPipeline" or unet_lib != "diffusers" or unet_name not in UNETS
-            or not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin))):
-        raise SidError(f"{folder} is a diffusers folder, but not a sid export (SiDPipeline with a diffusers UNet and "
-                       "scheduler); give the folder sid exported")
+    if (index.get("_class_name") != "SiDPipeline" or unet_lib != "diffusers" or unet_name not in NETWORKS
+            or not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin))
+            or index_family(index) not in (None, *LATENT_FAMILIES)):
+        raise SidError(f"{folder} is a diffusers folder, but not a sid export (SiDPipeline with a diffusers network "
+                       "and scheduler); give the folder sid exported")
     try:
         unet = getattr(diffusers, unet_name).from_pretrained(folder / slot, use_safetensors=True)
         scheduler = scheduler_cls.from_pretrained(folder / "scheduler")
     except (OSError, ValueError, RuntimeError) as e:
         raise SidError(f"{folder}: its unet/ or scheduler/ cannot be loaded ({type(e).__name__}: "
                        f"{(str(e).splitlines() or [''])[0][:160]}); export it again") from None
-    settings = {k: index[k] for k in ("sigma_init", "prediction_type", "sigma_data") if k in index}
-    text = (index.get("text_encoder") or [None])[0] is not None          # its backbone reads the text condition
-    pipeline = SiDPipeline(**{slot: unet}, scheduler=scheduler, **settings)
-    denoiser = pipeline.denoiser(text)
-    return denoiser, sample_shape(denoiser), float(pipeline.config.sigma_init)
+    settings = {k: index[k] for k in ("sigma_init", "prediction_type", "sigma_data", "sample_size") if k in index}
+    pipeline = SiDPipeline(**{slot: unet}, scheduler=scheduler, teacher_pipeline=index_family(index), **settings)
+    return pipeline.denoiser(), pipeline.sample_shape(), float(pipeline.config.sigma_init)
 
 
 def write_card(folder: Path, config: dict) -> None:
@@ -201,7 +229,9 @@ def model_card(config: dict) -> str:
         measured = (f"FID-{evaluation.get('num', '?')} {config['fid']:.4g} (EMA generator, seeds from 0, against "
                     f"`{evaluation.get('fid_ref')}`, measured in training as `sid fid gen` measures)")
     shape, unet = ", ".join(map(str, config["shape"])), spec.get("class_name")
-    call = '"a photo of a cat", batch_size=4' if spec.get("pipeline") else "batch_size=4"
+    family = LATENT_FAMILIES.get(spec.get("pipeline"))
+    call = ('"a photo of a cat", batch_size=4' if family and family.encoders else
+            "class_labels=[207, 360, 387, 974]" if family else "batch_size=4")
     pipeline = ("```python\nfrom sid import SiDPipeline\n\n"
                 f'images = SiDPipeline.from_pretrained("path/to/this/folder")({call}).images      # PIL images\n'
                 "```\n")
