@@ -152,6 +152,23 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     return states[-1] if states else None
 
 
+class Owned:
+    """A network's own tensors, as training states hold them: all of a full student's; a LoRA student's adapters,
+    not the teacher's weights it shares (``shared``: their ids), which the teacher brings and which are never saved
+    twice."""
+
+    def __init__(self, module: torch.nn.Module, shared: frozenset[int] = frozenset()):
+        self.module = module
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        self.shared_keys = {name for name, t in named if id(t) in shared}
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.module.state_dict().items() if k not in self.shared_keys}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state, strict=not self.shared_keys)
+
+
 def restore(path: str | Path, state: dict, **targets) -> None:
     """``target.load_state_dict(state[name])`` for each named target, after checking that every tensor of the
     state has the shape and dtype of the one it replaces; a state that does not fit is one error."""

@@ -115,6 +115,19 @@ class ConditionsConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Students as LoRA adapters over the frozen teacher's weights (peft; sid/lora.py) instead of full copies."""
+
+    fake_score: bool = False             # the fake score as adapters (SiD-LSG's LoRA option)
+    generator: bool = False              # the generator as adapters (exported merged into a full network)
+    rank: int = 64                       # r of the adapters' B A
+    alpha: Optional[float] = None        # their scale is alpha / rank; null: alpha = rank (scale 1)
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # module names (or
+                                         # name suffixes) that get adapters: diffusers' attention projections
+    save_adapter: bool = False           # also write the generator's adapter alone (peft format) in generator/adapter
+
+
+@dataclass
 class OptimConfig:
     batch: int = 256                     # images per iteration, all processes together
     batch_gpu: Optional[int] = None      # per-process micro-batch; null: batch / processes (no accumulation)
@@ -183,6 +196,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     conditions: ConditionsConfig = field(default_factory=ConditionsConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -233,6 +247,9 @@ def _count(v): return isinstance(v, int) and v >= 1                             
 
 RANGES = [
     ("optim.batch", _count, "a positive integer"),
+    ("lora.rank", lambda v: 1 <= v <= 65536, "in [1, 65536]"),
+    ("lora.alpha", lambda v: v is None or v > 0, "> 0, or null for the rank"),
+    ("lora.targets", lambda v: len(v) > 0 and all(isinstance(t, str) and t for t in v), "a list of module names"),
     ("optim.g_lr", _positive, "> 0"), ("optim.fake_lr", _positive, "> 0"), ("optim.eps", _positive, "> 0"),
     ("generator.sigma_init", _positive, "> 0"),
     ("loss.rho", _positive, "> 0"), ("loss.p_std", _positive, "> 0"),
@@ -435,6 +452,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.teacher.kind == "python" and not (cfg.teacher.python.factory and cfg.teacher.python.shape):
         raise SidError("teacher.kind=python needs teacher.python.factory (package.module:function) and "
                        "teacher.python.shape (one sample's shape, e.g. [3, 32, 32])")
+    if (cfg.lora.fake_score or cfg.lora.generator) and cfg.teacher.kind == "analytic":
+        raise SidError("lora.fake_score and lora.generator adapt a network teacher's weights; an analytic teacher's "
+                       "students are MLPs fitted to it: leave them false")
 
 
 def presets_folder() -> Path:

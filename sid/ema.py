@@ -24,15 +24,23 @@ class EMA(nn.Module):
     whose update therefore copies the weights: β = 0).
     """
 
-    def __init__(self, model: nn.Module, halflife_nimg: float, rampup: float | None = 0.05):
+    def __init__(self, model: nn.Module, halflife_nimg: float, rampup: float | None = 0.05,
+                 shared: frozenset[int] = frozenset()):
+        """``shared``: ids of tensors the model shares with the frozen teacher (a LoRA student's base weights): the
+        copy shares them too, and only the model's own tensors are averaged."""
         super().__init__()
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.halflife_nimg, self.rampup = halflife_nimg, rampup
+        memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) in shared}
+        self.model = copy.deepcopy(model, memo=memo).eval().requires_grad_(False)
+        self.halflife_nimg, self.rampup, self.shared = halflife_nimg, rampup, shared
 
     @torch.no_grad()
     def update(self, model: nn.Module, cur_nimg: int, batch: int) -> None:
         beta = ema_beta(batch, cur_nimg, self.halflife_nimg, self.rampup) if self.halflife_nimg > 0 else 0.0
-        averaged, current = list(self.model.parameters()), [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(averaged, current, 1 - beta)        # p_ema = β p_ema + (1 - β) p, one launch per group
+        pairs = [(a, p.detach()) for a, p in zip(self.model.parameters(), model.parameters())
+                 if id(a) not in self.shared]
+        if pairs:
+            averaged, current = map(list, zip(*pairs))
+            torch._foreach_lerp_(averaged, current, 1 - beta)    # p_ema = β p_ema + (1 - β) p, one launch per group
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+            if id(b_ema) not in self.shared:
+                b_ema.copy_(b)

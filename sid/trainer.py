@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from sid.checkpoint import (
+    Owned,
     all_finite,
     check_fresh_start,
     claimed,
@@ -40,6 +41,7 @@ from sid.errors import SidError
 from sid.generator import OneStepGenerator, export_generator, num_params
 from sid.generator import push_to_hub as upload  # the trainer's argument takes the name
 from sid.images import image_grid, save_image_grid, save_panels, save_samples
+from sid.lora import is_lora, lora_student, merged, save_adapter, shares
 from sid.losses import DistillationLoss
 from sid.metrics import (
     generator_fid,
@@ -89,6 +91,7 @@ class Run:
     ema: EMA
     batch_gpu: int                       # per-process micro-batch
     rounds: int                          # micro-batches per update (gradient accumulation)
+    shared: frozenset = frozenset()      # ids of the teacher's tensors (LoRA students share them, frozen)
     nimg: int = 0
     step: int = 0                        # iterations done
     seconds: float = 0.0                 # wall-clock seconds of the sessions before this one (resumed runs)
@@ -158,26 +161,28 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         teacher.offload_codec(device)
     teacher.to(device)
     conditions = build_conditions(cfg, teacher, accelerator.process_index, accelerator.num_processes)
-    fake_score = teacher.make_student()
-    generator = OneStepGenerator(teacher.make_student(), teacher.shape, initial_sigma(cfg.generator, teacher))
+    shared = frozenset(shares(teacher.denoiser))
+    fake_score = student(teacher, cfg.lora, cfg.lora.fake_score)
+    generator = OneStepGenerator(student(teacher, cfg.lora, cfg.lora.generator), teacher.shape,
+                                 initial_sigma(cfg.generator, teacher))
     apply_perf(cfg.perf, bf16, teacher, [fake_score, generator])
     batch_gpu, rounds = micro_batches(cfg, accelerator.num_processes)
     loss = DistillationLoss.from_config(cfg.loss, teacher, per_process=batch_gpu * rounds)
 
     def adam(module, lr, betas):
-        return torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(betas), eps=cfg.optim.eps,
+        return torch.optim.Adam(own_parameters(module, shared), lr=lr, betas=tuple(betas), eps=cfg.optim.eps,
                                 fused=cfg.perf.fused_adam or None)
 
     opt_fake = adam(fake_score, cfg.optim.fake_lr, cfg.optim.fake_betas)
     opt_g = adam(generator, cfg.optim.g_lr, cfg.optim.g_betas)
-    ema = EMA(generator, cfg.ema.halflife_nimg, cfg.ema.rampup)
+    ema = EMA(generator, cfg.ema.halflife_nimg, cfg.ema.rampup, shared)
     nimg = step = 0
     seconds, resumed, changed = 0.0, None, []
     path = resolve_resume(resume, cfg.train.run_dir) if resume else None
     if path is not None:
         state = load_training_state(path)
-        restore(path, state, fake_score=fake_score, generator=generator, ema=ema.model, opt_fake=opt_fake,
-                opt_g=opt_g)
+        restore(path, state, fake_score=Owned(fake_score, shared), generator=Owned(generator, shared),
+                ema=Owned(ema.model, shared), opt_fake=opt_fake, opt_g=opt_g)
         nimg, step, seconds = state["nimg"], state["step"], state.get("seconds", 0.0)
         conditions.load_state_dict(state.get("conditions"))
         resumed = {k: state[k] for k in ("metrics", "nonfinite") if k in state}
@@ -192,8 +197,26 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
             net.compile()
     fake_ddp, generator_ddp, opt_fake, opt_g = accelerator.prepare(fake_score, generator, opt_fake, opt_g)
     return Run(cfg, accelerator, teacher, conditions, loss, fake_score, generator, fake_ddp, generator_ddp, opt_fake,
-               opt_g, ema, batch_gpu, rounds, nimg, step, seconds, bf16=bf16, precision=precision, resumed=resumed,
-               changed=changed)
+               opt_g, ema, batch_gpu, rounds, shared, nimg, step, seconds, bf16=bf16, precision=precision,
+               resumed=resumed, changed=changed)
+
+
+def student(teacher: Teacher, lora, adapters: bool) -> torch.nn.Module:
+    """A trainable denoiser that starts as the teacher: LoRA adapters over its weights (``lora.fake_score``,
+    ``lora.generator``), or the family's own student (a copy)."""
+    return lora_student(teacher, lora) if adapters else teacher.make_student()
+
+
+def own_parameters(module: torch.nn.Module, shared: frozenset) -> list[torch.nn.Parameter]:
+    """The parameters a student trains: all of a copy's; a LoRA student's adapters (not the teacher's weights)."""
+    return [p for p in module.parameters() if id(p) not in shared]
+
+
+def set_training(module: torch.nn.Module, on: bool, shared: frozenset) -> None:
+    """Train mode and gradients of a student's own parameters on (its update) or off (frozen in the other's)."""
+    module.train(on)
+    for p in own_parameters(module, shared):
+        p.requires_grad_(on)
 
 
 def initial_sigma(section, teacher: Teacher) -> float:
@@ -235,10 +258,21 @@ def describe(run: Run) -> str:
     return (f"distilling the {cfg.teacher.kind} teacher ({size}samples {'×'.join(map(str, run.teacher.shape))}) "
             f"into a one-step generator{source}: "
             f"λ = {run.loss.lam:g}{named}, weighting {cfg.loss.weighting}{native(run.loss)}, "
-            f"batch {cfg.optim.batch} on {processes}, {'bf16 autocast' if run.bf16 else 'fp32'} ({run.precision})"
+            f"{adapters(run)}batch {cfg.optim.batch} on {processes}, "
+            f"{'bf16 autocast' if run.bf16 else 'fp32'} ({run.precision})"
             f"{', compiled' if use_compile(cfg.perf.compile, acc.device) else ''}; "
             f"{f'from {run.nimg:,} ' if run.nimg else ''}to {budget}, in {cfg.train.run_dir}"
             f"{'; from the config, not the checkpoint: ' + ', '.join(run.changed) if run.changed else ''}")
+
+
+def adapters(run: Run) -> str:
+    """The LoRA students, for ``describe``: which, their rank and trained parameters."""
+    lora = [name for name, on in (("fake score", run.cfg.lora.fake_score), ("generator", run.cfg.lora.generator)) if on]
+    if not lora:
+        return ""
+    trained = sum(p.numel() for p in own_parameters(run.generator if run.cfg.lora.generator else run.fake_score,
+                                                          run.shared))
+    return f"{' and '.join(lora)} as rank-{run.cfg.lora.rank} LoRA adapters ({trained:,} parameters each), "
 
 
 def native(loss: DistillationLoss) -> str:
@@ -285,18 +319,18 @@ def iteration(run: Run) -> Stats:
     # loss.reuse_generator_batch only the first iteration does; later ones fit the generator step's samples.
     if not reuse or run.step == 0:
         run.generator.eval()
-        run.fake_score.train().requires_grad_(True)
+        set_training(run.fake_score, True, run.shared)
         fake_updates.append(update(run, run.fake_score, run.fake_ddp, run.opt_fake,
                                    partial(fake_score_micro_loss, run, None)))
 
     # Update generator: f_φ and f_ψ frozen in their parameters, differentiable in their inputs.
-    run.fake_score.eval().requires_grad_(False)
+    set_training(run.fake_score, False, run.shared)
     run.generator.train()
     g = update(run, run.generator, run.generator_ddp, run.opt_g, partial(generator_micro_loss, run))
 
     if reuse:                            # f_ψ fits the samples of the generator step just taken (detached)
         run.generator.eval()
-        run.fake_score.train().requires_grad_(True)
+        set_training(run.fake_score, True, run.shared)
         fake_updates.append(update(run, run.fake_score, run.fake_ddp, run.opt_fake,
                                    partial(fake_score_micro_loss, run, g.samples)))
 
@@ -637,8 +671,9 @@ def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> N
         else:
             state = {
                 "nimg": run.nimg, "step": run.step, "seconds": logger.elapsed(), "config": to_dict(run.cfg),
-                "fake_score": run.fake_score.state_dict(), "generator": run.generator.state_dict(),
-                "ema": run.ema.model.state_dict(),
+                "fake_score": Owned(run.fake_score, run.shared).state_dict(),
+                "generator": Owned(run.generator, run.shared).state_dict(),
+                "ema": Owned(run.ema.model, run.shared).state_dict(),
                 "opt_fake": run.opt_fake.state_dict(), "opt_g": run.opt_g.state_dict(),
                 "metrics": metrics, "nonfinite": nonfinite, "conditions": run.conditions.state_dict(),
             }
@@ -648,8 +683,14 @@ def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> N
 
 
 def export(run: Run, folder: str, **extra) -> None:
-    """The EMA generator to ``run_dir/folder``, its config naming the image count, λ and the run's config."""
-    export_generator(run.ema.model, run.teacher.spec, Path(run.cfg.train.run_dir) / folder,
+    """The EMA generator to ``run_dir/folder``, its config naming the image count, λ and the run's config; a LoRA
+    generator merged into a full network (and, with ``lora.save_adapter``, its adapter alone in ``adapter/``)."""
+    generator, out = run.ema.model, Path(run.cfg.train.run_dir) / folder
+    if is_lora(generator):
+        if run.cfg.lora.save_adapter:
+            save_adapter(generator.denoiser, run.teacher, run.cfg.lora, out / "adapter")
+        generator = merged(generator)
+    export_generator(generator, run.teacher.spec, out,
                      extra={"nimg": run.nimg, "lam": run.loss.lam, **extra, "config": to_dict(run.cfg)},
                      components=run.teacher.components())
 

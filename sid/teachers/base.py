@@ -73,6 +73,11 @@ class Teacher:
         """A trainable denoiser that starts as the teacher (the fake score and the generator): a copy of it."""
         return copy.deepcopy(self.denoiser).train().requires_grad_(True)
 
+    def lora_target(self, net: nn.Module) -> nn.Module:
+        """Where a LoRA student's adapters go (``lora.targets`` name modules inside it): the backbone of a
+        denoiser of this family; adapter keys are relative to it."""
+        return net.net if isinstance(net, Preconditioned) else net
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` exact samples of the teacher's distribution, where ``exact_samples`` says it has them."""
         raise SidError(f"a {self.spec['kind']} teacher has no exact samples; sample it with `sid sample --teacher`")

@@ -249,6 +249,10 @@ class DiffusersTeacher(Teacher):
     def checkpoint_activations(self, net: nn.Module) -> None:
         checkpoint_blocks(net)
 
+    def lora_target(self, net: nn.Module) -> nn.Module:
+        """The diffusers model itself: adapter keys as diffusers and peft name them for it."""
+        return model_of(net)
+
 
 def build(section, trust_code: bool = False) -> Teacher:
     """The teacher of ``teacher.diffusers``: a local folder, a hub id, ``builtin:<name>``, or a random UNet; a

@@ -435,6 +435,12 @@ class LatentTeacher(Teacher):
 
         checkpoint_blocks(net)
 
+    def lora_target(self, net: nn.Module) -> nn.Module:
+        """The diffusers model itself: adapter keys as diffusers and peft name them for it."""
+        from sid.teachers.diffusers import model_of
+
+        return model_of(net)
+
 
 class LatentTextTeacher(LatentTeacher):
     """A latent text-to-image teacher: ``encode`` turns prompts into conditions by its codec's text encoders."""
