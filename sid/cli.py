@@ -103,9 +103,11 @@ def parser(doc: str, prog: str | None) -> argparse.ArgumentParser:
     return Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=None, trust: bool = False) -> int:
+def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=None, trust: bool = False,
+        plan: bool = False) -> int:
     """``sid train`` and ``sid teacher``: parse ``argv``, load the config of ``schema_class``, then call
     ``entry()(cfg, resume=...)`` (and ``trust_code=...`` where ``trust``: the command offers --trust-code).
+    ``plan``: --dry-run also prints the memory plan (``sid.memory``).
 
     ``entry`` returns the training function lazily, so --dry-run and config errors need no heavy imports.
     """
@@ -113,7 +115,15 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=N
     p.add_argument("--config", action="append", default=[], help="YAML file or shipped preset name, applied in order")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="a checkpoint folder, a run folder, or (no value) the latest in the run folder")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config" + (" and the memory plan" if plan else "") + ", and exit")
+    if plan:
+        p.add_argument("--processes", type=int, default=1, metavar="N",
+                       help="with --dry-run: plan for N processes (the launch's --num_processes)")
+        p.add_argument("--shard", action="store_true",
+                       help="with --dry-run: plan for a sharded launch (accelerate launch --use_fsdp)")
+        p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                       help="with --dry-run: the GPU's memory in GiB, for advice (default: the visible GPU's)")
     if trust:
         p.add_argument("--trust-code", action="store_true",
                        help="let the teacher run foreign code: unpickle an EDM pickle, import a teacher.python.factory")
@@ -134,6 +144,8 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=N
     cfg = load_for_command(args.config, args.overrides, schema_class)
     if args.dry_run:
         print(to_yaml(cfg), end="")
+        if plan:
+            print_plan(cfg, args)
         return 0
     extra = {"trust_code": args.trust_code, "push_to_hub": args.push_to_hub} if trust else {}
     try:
@@ -143,6 +155,32 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=N
               file=sys.stderr)
         return 130
     return 0
+
+
+def print_plan(cfg, args) -> None:
+    """The memory plan of ``sid train --dry-run`` for the launch ``--processes``/``--shard`` describe, with advice
+    when it exceeds ``--gpu-memory`` (or the visible GPU's memory)."""
+    import torch
+
+    from sid import memory
+    from sid.config import load_config
+
+    if args.processes < 1 or (args.shard and args.processes < 2):
+        raise SidError(f"--processes {args.processes}{' --shard' if args.shard else ''}: sharding splits the networks "
+                       "over 2 or more processes; give --processes N >= 2, or drop --shard")
+    trust = getattr(args, "trust_code", False)
+    result = memory.plan(cfg, args.processes, args.shard, trust_code=trust)
+    print(result.table())
+    capacity = args.gpu_memory * 2**30 if args.gpu_memory else (
+        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
+    if capacity is None:
+        print("  (no GPU visible: give --gpu-memory GIB for advice on fitting it)")
+        return
+
+    def replan(extra, processes, sharded):
+        return memory.plan(load_config(args.config, [*args.overrides, *extra]), processes, sharded, trust_code=trust)
+
+    print("\n".join(memory.advice(cfg, result, capacity, args.processes, replan)))
 
 
 def load_for_command(files, overrides, schema_class):

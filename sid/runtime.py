@@ -29,6 +29,18 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63)
 
 
+def micro_batches(cfg, world_size: int) -> tuple[int, int]:
+    """(per-process micro-batch, accumulation rounds) for the configured global batch."""
+    batch, batch_gpu = cfg.optim.batch, cfg.optim.batch_gpu
+    if batch % world_size:
+        raise SidError(f"optim.batch={batch} is not divisible by the {world_size} processes")
+    per_process = batch // world_size
+    batch_gpu = batch_gpu or per_process
+    if per_process % batch_gpu:
+        raise SidError(f"optim.batch_gpu={batch_gpu} must divide the per-process batch {per_process}")
+    return batch_gpu, per_process // batch_gpu
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     """``train.precision``: auto is bf16 on GPUs and fp32 elsewhere."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")

@@ -61,6 +61,7 @@ from sid.runtime import (
     check_launch,
     crossed,
     keep_finite,
+    micro_batches,
     out_of_memory_advice,
     past,
     precision_policy,
@@ -111,18 +112,6 @@ class Run:
 
 
 # Builders --------------------------------------------------------------------------------------------------------
-
-def micro_batches(cfg, world_size: int) -> tuple[int, int]:
-    """(per-process micro-batch, accumulation rounds) for the configured global batch."""
-    batch, batch_gpu = cfg.optim.batch, cfg.optim.batch_gpu
-    if batch % world_size:
-        raise SidError(f"optim.batch={batch} is not divisible by the {world_size} processes")
-    per_process = batch // world_size
-    batch_gpu = batch_gpu or per_process
-    if per_process % batch_gpu:
-        raise SidError(f"optim.batch_gpu={batch_gpu} must divide the per-process batch {per_process}")
-    return batch_gpu, per_process // batch_gpu
-
 
 def use_compile(compile: bool | None, device: torch.device) -> bool:
     """``perf.compile``: null compiles on GPUs, where the speed repays the compile time, and not on CPUs."""

@@ -44,6 +44,21 @@ def build_teacher(cfg, trust_code: bool = False) -> Teacher:
     return teacher
 
 
+def build_architecture(cfg, trust_code: bool = False) -> Teacher:
+    """The teacher of ``cfg`` on the meta device, for the memory plan: a latent pipeline's networks built from their
+    configs alone (nothing allocated, no weights read; a hub id's configs and tokenizers fetched, not its weights),
+    other teachers built as ``build_teacher`` builds them (they are small) and moved there."""
+    if cfg.kind == "diffusers":
+        from sid.teachers.diffusers import latent_pipeline
+
+        found = latent_pipeline(cfg.diffusers, weights=False)
+        if found is not None:
+            from sid.teachers.latent import load
+
+            return load(*found, cfg.diffusers.resolution, meta=True).to("meta")
+    return build_teacher(cfg, trust_code=trust_code).to("meta")
+
+
 def denoiser_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:
     """Rebuild a student architecture (random weights) from the spec an exported generator holds."""
     kind = LEGACY_SPEC_KINDS.get(spec.get("kind"), spec.get("kind"))
@@ -146,5 +161,5 @@ def teacher_from_path(path: str) -> list[str] | None:
     return None
 
 
-__all__ = ["Teacher", "adapter", "build_teacher", "denoiser_from_spec", "export_native", "load_clip", "load_codec",
-           "load_native", "note_measured", "teacher_from_path"]
+__all__ = ["Teacher", "adapter", "build_architecture", "build_teacher", "denoiser_from_spec", "export_native",
+           "load_clip", "load_codec", "load_native", "note_measured", "teacher_from_path"]

@@ -116,8 +116,9 @@ class UNetBackbone(nn.Module):
         if labels is not None:
             kwargs["class_labels"] = labels.argmax(dim=1)        # one-hot in the contract, indices in diffusers
         if self.cross_attention_dim is not None:                  # unconditional text context
-            kwargs["encoder_hidden_states"] = x_in.new_zeros(x_in.shape[0], 1, self.cross_attention_dim)
-        return self.unet(x_in, c_noise, return_dict=False, **kwargs)[0]
+            kwargs["encoder_hidden_states"] = x_in.new_zeros(x_in.shape[0], 1, self.cross_attention_dim,
+                                                             dtype=self.unet.dtype)
+        return self.unet(x_in.to(self.unet.dtype), c_noise, return_dict=False, **kwargs)[0]
 
 
 def _unet_class(name: str):
@@ -256,20 +257,27 @@ class DiffusersTeacher(Teacher):
 
 def build(section, trust_code: bool = False) -> Teacher:
     """The teacher of ``teacher.diffusers``: a local folder, a hub id, ``builtin:<name>``, or a random UNet; a
-    latent text-to-image pipeline folder (``LATENT_PIPELINES``) with its VAE and text encoder."""
-    root = Path(resolve_path(section.path)) if section.path else None
-    index = _read_json(root / "model_index.json") if root is not None and root.is_dir() else None
-    if root is not None and not root.exists() and is_hub_id(section.path):
-        root, index = hub_latent_pipeline(section.path) or (root, None)
-    if index and index.get("_class_name") in LATENT_PIPELINES:
+    latent pipeline folder (``LATENT_PIPELINES``) with its VAE and text encoders."""
+    found = latent_pipeline(section)
+    if found is not None:
         from sid.teachers.latent import load
 
-        return load(root, index, section.resolution)
+        return load(*found, section.resolution)
     if section.resolution is not None:
         raise SidError("teacher.diffusers.resolution is for latent pipelines (their VAE decodes any multiple of its "
                        "factor); this pixel-space teacher draws at its own size: leave it null")
     unet_config = plain(section.unet_config) if section.unet_config else None
     return DiffusersTeacher(*load_denoiser(section.path, unet_config, section.prediction_type, section.sigma_data))
+
+
+def latent_pipeline(section, weights: bool = True) -> tuple[Path, dict] | None:
+    """(folder, index) of the latent pipeline ``teacher.diffusers.path`` names (a folder, or a hub id fetched with
+    or without its weights), or None for any other teacher of this adapter."""
+    root = Path(resolve_path(section.path)) if section.path else None
+    index = _read_json(root / "model_index.json") if root is not None and root.is_dir() else None
+    if root is not None and not root.exists() and is_hub_id(section.path):
+        root, index = hub_latent_pipeline(section.path, weights) or (root, None)
+    return (root, index) if index and index.get("_class_name") in LATENT_PIPELINES else None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -386,7 +394,7 @@ def is_hub_id(path: str) -> bool:
                 or Path(path.split("/")[0]).is_dir())
 
 
-def hub_latent_pipeline(path: str) -> tuple[Path, dict] | None:
+def hub_latent_pipeline(path: str, weights: bool = True) -> tuple[Path, dict] | None:
     """A hub id naming a latent text-to-image pipeline (``LATENT_PIPELINES``): its folder, with the components
     the pipeline needs (safetensors weights, configs, tokenizer files) from the local cache when the hub cannot
     be reached, else downloaded; and its index. None for a hub model that is not such a pipeline."""
@@ -406,8 +414,10 @@ def hub_latent_pipeline(path: str) -> tuple[Path, dict] | None:
     name = (index or {}).get("_class_name")
     if name not in LATENT_PIPELINES:
         return None
-    files = ("*.json", "*.txt", "*.model", "diffusion_pytorch_model.safetensors", "model.safetensors",  # configs,
-             "diffusion_pytorch_model-*-of-*.safetensors", "model-*-of-*.safetensors")         # vocabularies, weights
+    files = ("*.json", "*.txt", "*.model")                                  # configs, vocabularies
+    if weights:
+        files += ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model-*-of-*"
+                  ".safetensors", "model-*-of-*.safetensors")
     patterns = ["model_index.json", *(f"{c}/{f}" for c in COMPONENTS[name] for f in files)]
     for local in (False, True):
         try:

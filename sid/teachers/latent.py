@@ -70,7 +70,8 @@ class TextUNetBackbone(nn.Module):
         if self.added:
             added = {"text_embeds": _context(cond, "pooled", unet, "SDXL"),
                      "time_ids": _context(cond, "time_ids", unet, "SDXL")}
-        return unet(x_in, c_noise, encoder_hidden_states=_context(cond, "text", unet, "text-conditioned UNet"),
+        return unet(x_in.to(unet.dtype), c_noise,
+                    encoder_hidden_states=_context(cond, "text", unet, "text-conditioned UNet"),
                     added_cond_kwargs=added, return_dict=False)[0]
 
 
@@ -476,10 +477,11 @@ def denoiser_from_spec(spec: dict) -> Preconditioned:
                            spec["scheduler_config"], spec["sigma_data"])
 
 
-def load(root: Path, index: dict, resolution: int | None = None) -> LatentTeacher:
+def load(root: Path, index: dict, resolution: int | None = None, meta: bool = False) -> LatentTeacher:
     """The teacher of a latent pipeline folder (``FAMILIES``): its network with its VAE and text encoders, for
     square images of ``resolution`` pixels (default: the network's own sample size); one line for a missing or
-    unreadable component."""
+    unreadable component. ``meta`` (the memory plan): each network built from its config alone on the meta device
+    (sizes, no memory, no weights read), the tokenizers read as they are."""
     import diffusers
 
     from sid.teachers.diffusers import prediction_of, spec_of
@@ -506,10 +508,10 @@ def load(root: Path, index: dict, resolution: int | None = None) -> LatentTeache
         raise SidError(f"{root}: a {name} whose scheduler predicts {prediction_type!r}; supported: epsilon, "
                        "v_prediction, flow")
     try:
-        model = getattr(diffusers, family.model).from_pretrained(root / family.network)
+        model = _read(getattr(diffusers, family.model), root / family.network, meta)
         denoiser = latent_denoiser(name, model, prediction_type, scheduler_config)
         shape = latent_shape(model, _vae_factor(root), resolution)
-        codec = load_codec(root, index, model, shape)
+        codec = load_codec(root, index, model, shape, meta)
     except (OSError, ValueError, RuntimeError) as e:
         raise SidError(f"cannot load the {name} in {root}: {(str(e).splitlines() or [''])[0][:200]}") from None
     spec = {**spec_of(denoiser, prediction_type, scheduler_config), "pipeline": name}
@@ -540,14 +542,14 @@ def latent_shape(model: nn.Module, factor: int, resolution: int | None = None) -
     return (config.in_channels, resolution // factor, resolution // factor)
 
 
-def load_codec(root: Path, index: dict, model: nn.Module | None = None, shape=None) -> ImageCodec:
+def load_codec(root: Path, index: dict, model: nn.Module | None = None, shape=None, meta: bool = False) -> ImageCodec:
     """The VAE (with the text encoders and tokenizers its family reads) of a pipeline folder (a teacher's, or a
     latent generator's export, whose index names its teacher's pipeline) around its network ``model``, for latents
     of ``shape``; each component by the class its index names, from diffusers and transformers only. Without
     ``model`` and ``shape``: the network's config (built on the meta device) and the export's sample size."""
     name = index.get("_class_name")
     family = family_of(name if name in FAMILIES else index_family(index))
-    vae = _component(root, "vae", index)
+    vae = _component(root, "vae", index, meta)
     if model is None:
         import diffusers
 
@@ -559,7 +561,7 @@ def load_codec(root: Path, index: dict, model: nn.Module | None = None, shape=No
     parts = {}
     if family.encoders:
         with quiet():
-            parts = {name: _component(root, name, index) for name in family.encoders if held(index, name)}
+            parts = {name: _component(root, name, index, meta) for name in family.encoders if held(index, name)}
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return family.codec.build(vae, parts, model, index, (shape[1] * factor, shape[2] * factor))
 
@@ -605,20 +607,33 @@ def quiet():
 VAES = ("AutoencoderKL",)                                  # the VAE classes a latent folder may name
 
 
-def _component(root: Path, name: str, index: dict):
+def _component(root: Path, name: str, index: dict, meta: bool = False):
     """A VAE (diffusers), text encoder or tokenizer (transformers) by the class its index names, from those
-    libraries only (no other code)."""
+    libraries only (no other code); ``meta``: a network from its config alone, on the meta device."""
     import diffusers
 
     library, cls = (index.get(name) or [None, None])[:2]
     if name == "vae":
         if library != "diffusers" or cls not in VAES:
             raise SidError(f"{root}: its vae is {library}.{cls}; supported: {', '.join(VAES)}")
-        return getattr(diffusers, cls).from_pretrained(root / name)
+        return _read(getattr(diffusers, cls), root / name, meta)
     import transformers
 
     model = getattr(transformers, cls or "", None) if library == "transformers" else None
     if model is None:
         raise SidError(f"{root}: its {name} is {library}.{cls}; a transformers text encoder and tokenizer are "
                        "needed")
-    return model.from_pretrained(root / name)
+    if not meta or not (isinstance(model, type) and issubclass(model, transformers.PreTrainedModel)):
+        return model.from_pretrained(root / name)                  # a tokenizer: always read
+    config = model.config_class.from_pretrained(root / name)
+    with torch.device("meta"):
+        return model(config)
+
+
+def _read(cls, folder: Path, meta: bool = False):
+    """A diffusers model from its folder: its weights, or (``meta``) its config alone, on the meta device."""
+    if not meta:
+        return cls.from_pretrained(folder)
+    config = cls.load_config(folder)
+    with torch.device("meta"):
+        return cls.from_config(config)

@@ -1,0 +1,95 @@
+"""The memory plan (sid/memory.py, `sid train --dry-run`) against what a real run holds, on the CPU."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from sid.config import load_config
+from sid.errors import SidError
+
+
+@pytest.mark.slow
+def test_the_plan_matches_the_measured_peak_within_a_fifth():
+    """eval/bench_memory.py on the tiny UNet with attention: the planned weights and Adam moments are the measured
+    ones (the counts are exact), and the planned peak (with the activations measured on the meta device) is within
+    20% of the peak of a real run's two iterations (fp32 as configured; bf16 with LoRA students and activation
+    checkpointing)."""
+    from eval.bench_memory import CASES, SMOKE, bench
+
+    rows = [*bench([], SMOKE, {"as configured": CASES["as configured"]}, ["fp32"]),
+            *bench([], SMOKE, {"LoRA + checkpointing": CASES["LoRA + checkpointing"]}, ["bf16"])]
+    for row in rows:
+        measured, planned = row["measured"], row["planned"]
+        print(row["case"], row["precision"], {k: round(planned[k] / measured[k], 3) for k in measured})
+        for key in ("weights", "states"):
+            assert planned[key] == pytest.approx(measured[key], rel=0.01), (row["case"], key)
+        assert planned["peak"] == pytest.approx(measured["peak"], rel=0.2), row["case"]
+
+
+def test_lora_and_sharding_shrink_the_plan_as_the_counts_say(tmp_path):
+    """LoRA students hold their adapters only (base weights shared with the teacher): the students' rows drop
+    from the network's size to the adapters'; sharding over 4 processes divides every network state by 4."""
+    from eval.bench_memory import SMOKE
+    from sid.memory import plan
+
+    base = [*SMOKE, f"train.run_dir={tmp_path}", "optim.batch=8"]
+    whole = plan(load_config([], base))
+    full = dict(whole.rows)
+    lora = dict(plan(load_config([], [*base, "lora.fake_score=true", "lora.generator=true"])).rows)
+    sharded = dict(plan(load_config([], base), processes=4, sharded=True).rows)
+    network = full["teacher, frozen (bf16)"] / 2                           # parameters
+    assert full["generator: weights (fp32)"] == network * 4 and full["fake score: Adam moments"] == network * 8
+    adapters = lora["generator: adapters (fp32)"] / 4
+    assert 0 < adapters < network / 10 and lora["fake score: Adam moments"] == adapters * 8
+    assert lora["teacher, frozen (bf16)"] == full["teacher, frozen (bf16)"]
+    for what in ("teacher, frozen (bf16)", "generator: weights (fp32)", "generator: EMA weights",
+                 "fake score: Adam moments", "gradients (one student at a time)"):
+        assert sharded[what] == full[what] / 4, what
+    per_sample, per_step = whole.activation                                # micro-batch 8 -> 2 per process
+    assert sharded["activations, one generator step"] == per_step + 2 * per_sample
+
+
+def test_dry_run_prints_the_plan_of_a_latent_pipeline_without_reading_its_weights(tiny_pipeline, tmp_path,
+                                                                                   capsys):
+    """`sid train --dry-run` on an SD3 folder whose weight files are garbage: the networks are built from their
+    configs on the meta device, so the plan is printed, with advice for a GPU it exceeds; --shard on one process is
+    one line."""
+    from sid.cli import main as sid
+
+    folder = tmp_path / "sd3"
+    shutil.copytree(tiny_pipeline("sd3"), folder)
+    for weights in folder.rglob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    common = ["train", "--dry-run", "teacher.kind=diffusers", f"teacher.diffusers.path={folder}",
+              "loss.guide_teacher=3", "optim.batch=4"]
+    assert sid([*common, "--gpu-memory", "0.0001"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan, per process (1 process; micro-batch 4):" in out and "VAE and text encoders" in out
+    assert "exceeds 0.1 MiB" in out and "perf.grad_checkpointing=true:" in out and "lora.fake_score=true" in out
+    assert sid([*common, "--processes", "1", "--shard"]) == 2
+    err = capsys.readouterr().err
+    assert "sharding splits the networks over 2 or more processes" in err and err.count("\n") == 1
+
+
+def test_the_plan_counts_what_training_allocates(tmp_path):
+    """The plan's counted rows are the sizes of the networks training builds (teacher, students, EMA)."""
+    from accelerate import Accelerator
+
+    from eval.bench_memory import SMOKE
+    from sid.memory import plan
+    from sid.trainer import build
+
+    cfg = load_config([], [*SMOKE, f"train.run_dir={tmp_path}", "train.precision=fp32", "lora.generator=true"])
+    rows = dict(plan(cfg, on_gpu=False).rows)
+    run = build(cfg, Accelerator(cpu=True), resume=None)
+    size = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)    # noqa: E731
+    assert rows["teacher, frozen (fp32)"] == size(run.teacher.denoiser.parameters())
+    assert rows["fake score: weights (fp32)"] == size(run.fake_score.parameters())
+    assert rows["generator: adapters (fp32)"] == size(p for p in run.generator.parameters() if p.requires_grad)
+    assert rows["generator: EMA adapters"] == rows["generator: adapters (fp32)"]
+    with pytest.raises(SidError, match="optim.batch=16 is not divisible by the 3 processes"):
+        plan(cfg, processes=3)
+    assert json.dumps(rows)
+    assert torch.is_grad_enabled()
