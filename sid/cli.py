@@ -142,6 +142,9 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=N
     from sid.config import to_yaml
 
     cfg = load_for_command(args.config, args.overrides, schema_class)
+    if plan and (args.processes < 1 or (args.shard and args.processes < 2)):
+        raise SidError(f"--processes {args.processes}{' --shard' if args.shard else ''}: sharding splits the networks "
+                       "over 2 or more processes; give --processes N >= 2, or drop --shard")
     if args.dry_run:
         print(to_yaml(cfg), end="")
         if plan:
@@ -159,28 +162,37 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=N
 
 def print_plan(cfg, args) -> None:
     """The memory plan of ``sid train --dry-run`` for the launch ``--processes``/``--shard`` describe, with advice
-    when it exceeds ``--gpu-memory`` (or the visible GPU's memory)."""
+    when it exceeds ``--gpu-memory`` (or the visible GPU's memory); as YAML comments, so that the whole output still
+    reads as the config."""
     import torch
 
     from sid import memory
     from sid.config import load_config
 
-    if args.processes < 1 or (args.shard and args.processes < 2):
-        raise SidError(f"--processes {args.processes}{' --shard' if args.shard else ''}: sharding splits the networks "
-                       "over 2 or more processes; give --processes N >= 2, or drop --shard")
     trust = getattr(args, "trust_code", False)
-    result = memory.plan(cfg, args.processes, args.shard, trust_code=trust)
-    print(result.table())
+    if cfg.teacher.kind == "analytic":
+        print("# memory plan: none for an analytic teacher (its students are small MLPs)")
+        return
+    if cfg.teacher.kind in ("edm_pickle", "python") and not trust:
+        print(f"# memory plan: add --trust-code to plan a {cfg.teacher.kind} teacher (building it runs its code)")
+        return
+    try:
+        result = memory.plan(cfg, args.processes, args.shard, trust_code=trust)
+    except SidError as e:                              # the config is printed all the same
+        print(f"# memory plan: not made: {e}")
+        return
+    lines = result.table().splitlines()
     capacity = args.gpu_memory * 2**30 if args.gpu_memory else (
         torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
     if capacity is None:
-        print("  (no GPU visible: give --gpu-memory GIB for advice on fitting it)")
-        return
+        lines.append("  (no GPU visible: give --gpu-memory GIB for advice on fitting it)")
+    else:
+        def replan(extra, processes, sharded):
+            return memory.plan(load_config(args.config, [*args.overrides, *extra]), processes, sharded,
+                               trust_code=trust)
 
-    def replan(extra, processes, sharded):
-        return memory.plan(load_config(args.config, [*args.overrides, *extra]), processes, sharded, trust_code=trust)
-
-    print("\n".join(memory.advice(cfg, result, capacity, args.processes, replan)))
+        lines += memory.advice(cfg, result, capacity, args.processes, replan)
+    print("\n".join(f"# {line}" for line in lines))
 
 
 def load_for_command(files, overrides, schema_class):

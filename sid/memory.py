@@ -102,7 +102,8 @@ def plan(cfg, processes: int = 1, sharded: bool = False, on_gpu: bool = True, tr
 
 class PeakBytes(TorchDispatchMode):
     """The peak of the bytes held by the tensors created while it is active (meta tensors too): each storage
-    counted once, from its creation until it is freed."""
+    counted once, from its creation until it is freed; views and in-place results (their op's schema says they
+    alias an input) are not new memory."""
 
     def __init__(self):
         super().__init__()
@@ -111,6 +112,8 @@ class PeakBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if any(r.alias_info is not None for r in func._schema.returns):
+            return out                                 # a view or an in-place result: no new memory
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
