@@ -169,9 +169,10 @@ class Owned:
         self.module.load_state_dict(state, strict=not self.shared_keys)
 
 
-def restore(path: str | Path, state: dict, **targets) -> None:
+def restore(path: str | Path, state: dict, convert=None, **targets) -> None:
     """``target.load_state_dict(state[name])`` for each named target, after checking that every tensor of the
-    state has the shape and dtype of the one it replaces; a state that does not fit is one error."""
+    state has the shape and dtype of the one it replaces; a state that does not fit is one error. ``convert``:
+    ``convert(target, part)`` is what each target loads (an optimiser over sharded parameters: its moments split)."""
     try:
         for name, target in targets.items():
             if name not in state:
@@ -181,7 +182,7 @@ def restore(path: str | Path, state: dict, **targets) -> None:
             else:
                 check_module_state(target, state[name], name)
         for name, target in targets.items():
-            target.load_state_dict(state[name])
+            target.load_state_dict(convert(target, state[name]) if convert else state[name])
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
         raise SidError(f"checkpoint {path} does not fit this config's networks ({str(e).splitlines()[0][:200]}); "
                        "resume with the settings it was saved with (the run folder's config.yaml)") from None
@@ -248,9 +249,9 @@ def check_counters(state) -> None:
         raise ValueError(f"seconds={seconds!r} is not a duration")
 
 
-def all_finite(*modules: torch.nn.Module) -> bool:
-    """Whether every floating-point tensor of the modules' states is finite."""
-    return all(bool(t.isfinite().all()) for m in modules for t in m.state_dict().values() if t.is_floating_point())
+def all_finite(*states: dict) -> bool:
+    """Whether every floating-point tensor of the state dicts is finite."""
+    return all(bool(t.isfinite().all()) for state in states for t in state.values() if t.is_floating_point())
 
 
 # The run folder ---------------------------------------------------------------------------------------------------

@@ -16,6 +16,11 @@ def ema_beta(batch: int, cur_nimg: int, halflife_nimg: float, rampup: float | No
     return 0.5 ** (batch / max(halflife, 1e-8))
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's piece on this process (the EMA of a sharded generator is sharded alike), else itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class EMA(nn.Module):
     """Holds the averaged copy; ``update`` runs after each optimiser step.
 
@@ -36,7 +41,7 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module, cur_nimg: int, batch: int) -> None:
         beta = ema_beta(batch, cur_nimg, self.halflife_nimg, self.rampup) if self.halflife_nimg > 0 else 0.0
-        pairs = [(a, p.detach()) for a, p in zip(self.model.parameters(), model.parameters())
+        pairs = [(local(a), local(p.detach())) for a, p in zip(self.model.parameters(), model.parameters())
                  if id(a) not in self.shared]
         if pairs:
             averaged, current = map(list, zip(*pairs))

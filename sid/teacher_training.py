@@ -126,7 +126,7 @@ def _train_teacher(cfg, acc: Accelerator, resume: str | None):
                 save_teacher_samples(ema.model, shape, run_dir / "samples" / f"samples-{nimg:012d}.png", acc.device)
             if crossed(nimg, batch, cfg.train.ckpt_every_nimg) or done or stopped:
                 acc.wait_for_everyone()
-                if acc.is_main_process and not all_finite(denoiser, ema.model):
+                if acc.is_main_process and not all_finite(denoiser.state_dict(), ema.model.state_dict()):
                     print(f"warning: no training state at {nimg:,} images: the weights hold NaN or inf; the states "
                           f"already in {run_dir} stay the last finite ones", file=sys.stderr, flush=True)
                 elif acc.is_main_process:

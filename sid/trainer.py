@@ -57,6 +57,7 @@ from sid.runtime import (
     MetricsLogger,
     NonFiniteGuard,
     TrainingInterrupted,
+    any_process,
     best_record,
     check_launch,
     crossed,
@@ -69,6 +70,8 @@ from sid.runtime import (
     step_seed,
 )
 from sid.sampling import sample_teacher
+from sid.sharding import check_launch as check_sharding
+from sid.sharding import device_mesh, full_state, loaded, meta_copy, shard, split_optimizer_state
 from sid.teachers import Teacher, build_teacher, note_measured
 
 __all__ = ["Run", "TrainingInterrupted", "build", "iteration", "train"]
@@ -93,6 +96,7 @@ class Run:
     batch_gpu: int                       # per-process micro-batch
     rounds: int                          # micro-batches per update (gradient accumulation)
     shared: frozenset = frozenset()      # ids of the teacher's tensors (LoRA students share them, frozen)
+    template: torch.nn.Module | None = None  # sharded runs: the generator's architecture (meta), to gather into
     nimg: int = 0
     step: int = 0                        # iterations done
     seconds: float = 0.0                 # wall-clock seconds of the sessions before this one (resumed runs)
@@ -100,6 +104,10 @@ class Run:
     precision: str = ""                  # where the precision came from (the config, or Accelerate's launch)
     resumed: dict | None = None          # the restored state's logger and NaN-guard sums (resumed runs)
     changed: list[str] | None = None     # optimiser settings the config changed on resume
+
+    @property
+    def sharded(self) -> bool:
+        return self.template is not None
 
     def autocast(self):
         """The one mixed-precision policy: network forwards in bf16 under autocast, everything else fp32.
@@ -155,6 +163,9 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
     generator = OneStepGenerator(student(teacher, cfg.lora, cfg.lora.generator), teacher.shape,
                                  initial_sigma(cfg.generator, teacher))
     apply_perf(cfg.perf, bf16, teacher, [fake_score, generator])
+    sharding = sharding_of(accelerator)
+    if sharding is not None:
+        check_sharding(accelerator.num_processes, cfg.lora.fake_score or cfg.lora.generator)
     batch_gpu, rounds = micro_batches(cfg, accelerator.num_processes)
     loss = DistillationLoss.from_config(cfg.loss, teacher, per_process=batch_gpu * rounds)
 
@@ -162,16 +173,27 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         return torch.optim.Adam(own_parameters(module, shared), lr=lr, betas=tuple(betas), eps=cfg.optim.eps,
                                 fused=cfg.perf.fused_adam or None)
 
-    opt_fake = adam(fake_score, cfg.optim.fake_lr, cfg.optim.fake_betas)
-    opt_g = adam(generator, cfg.optim.g_lr, cfg.optim.g_betas)
     ema = EMA(generator, cfg.ema.halflife_nimg, cfg.ema.rampup, shared)
     nimg = step = 0
     seconds, resumed, changed = 0.0, None, []
     path = resolve_resume(resume, cfg.train.run_dir) if resume else None
-    if path is not None:
+    if path is not None:                        # the networks whole, before any sharding splits them
         state = load_training_state(path)
         restore(path, state, fake_score=Owned(fake_score, shared), generator=Owned(generator, shared),
-                ema=Owned(ema.model, shared), opt_fake=opt_fake, opt_g=opt_g)
+                ema=Owned(ema.model, shared))
+    ema.to(device)
+    template = None
+    if sharding is not None:                    # FSDP2: every network split over the processes, block by block
+        template = meta_copy(generator)
+        mesh = device_mesh(device, accelerator.num_processes)
+        offload = device.type != "cpu" and type(sharding.cpu_offload).__name__ == "CPUOffloadPolicy"
+        shard(teacher.denoiser, mesh, sharding.reshard_after_forward, offload=offload)
+        for net in (fake_score, generator, ema.model):
+            shard(net, mesh, sharding.reshard_after_forward)
+    opt_fake = adam(fake_score, cfg.optim.fake_lr, cfg.optim.fake_betas)
+    opt_g = adam(generator, cfg.optim.g_lr, cfg.optim.g_betas)
+    if path is not None:
+        restore(path, state, convert=split_optimizer_state if sharding else None, opt_fake=opt_fake, opt_g=opt_g)
         nimg, step, seconds = state["nimg"], state["step"], state.get("seconds", 0.0)
         conditions.load_state_dict(state.get("conditions"))
         resumed = {k: state[k] for k in ("metrics", "nonfinite") if k in state}
@@ -179,15 +201,38 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         changed = (apply_hyperparameters(opt_fake, "optim.fake", cfg.optim.fake_lr, cfg.optim.fake_betas, cfg.optim.eps)
                    + apply_hyperparameters(opt_g, "optim.g", cfg.optim.g_lr, cfg.optim.g_betas, cfg.optim.eps))
         accelerator.print(f"resumed from {path} at {nimg} images")
-    ema.to(device)
     if use_compile(cfg.perf.compile, device):   # in place: state_dict keys and the EMA copy stay uncompiled
         accelerator.print("torch.compile: the networks compile during the first iterations (perf.compile=false: eager)")
         for net in (teacher.denoiser, fake_score, generator):
             net.compile()
-    fake_ddp, generator_ddp, opt_fake, opt_g = accelerator.prepare(fake_score, generator, opt_fake, opt_g)
+    if sharding is None:                        # DDP on several processes; sharded networks synchronise themselves
+        fake_ddp, generator_ddp, opt_fake, opt_g = accelerator.prepare(fake_score, generator, opt_fake, opt_g)
+    else:
+        fake_ddp, generator_ddp = fake_score, generator
     return Run(cfg, accelerator, teacher, conditions, loss, fake_score, generator, fake_ddp, generator_ddp, opt_fake,
-               opt_g, ema, batch_gpu, rounds, shared, nimg, step, seconds, bf16=bf16, precision=precision,
+               opt_g, ema, batch_gpu, rounds, shared, template, nimg, step, seconds, bf16=bf16, precision=precision,
                resumed=resumed, changed=changed)
+
+
+def sharding_of(accelerator: Accelerator):
+    """Accelerate's FSDP plugin when the launch asks for sharding (``accelerate launch --use_fsdp``, or an
+    accelerate config file's ``distributed_type: FSDP``), else None. Its settings are read (``fsdp_version`` 2,
+    ``reshard_after_forward``, ``cpu_offload`` for the frozen teacher's shards); sid shards the networks itself
+    (``sid.sharding``), since Accelerate's wrapper prepares one trained model with its optimiser, where SiD has a
+    frozen teacher, two students and an EMA. On CPUs Accelerate launches gloo processes without sharding them:
+    the launcher's ``ACCELERATE_USE_FSDP`` is read then."""
+    import os
+
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if accelerator.distributed_type != DistributedType.FSDP and not launched:
+        return None
+    plugin = getattr(accelerator.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise SidError(f"accelerate's FSDP version {plugin.fsdp_version}: sid shards with FSDP2; launch with "
+                       "--fsdp_version 2 (or fsdp_version: 2 in the accelerate config file)")
+    return plugin
 
 
 def student(teacher: Teacher, lora, adapters: bool) -> torch.nn.Module:
@@ -238,7 +283,8 @@ def describe(run: Run) -> str:
     cfg, acc, params = run.cfg, run.accelerator, num_params(run.teacher.denoiser)
     size = f"{params / 1e6:.2f}M parameters, " if params else ""
     named = f" ({cfg.loss.lam})" if str(cfg.loss.lam) in LAMBDA_PRESETS else ""
-    processes = f"{acc.num_processes} {acc.device.type} process{'es' if acc.num_processes > 1 else ''}"
+    processes = (f"{acc.num_processes} {acc.device.type} process{'es' if acc.num_processes > 1 else ''}"
+                 f"{', sharded (FSDP2)' if run.sharded else ''}")
     budget = f"{cfg.train.total_nimg:,} images" + (f" or {cfg.train.max_seconds:g} s" if cfg.train.max_seconds else "")
     source = ""
     if isinstance(run.conditions, Prompts):
@@ -553,8 +599,8 @@ def build_evaluator(run: Run):
     if run.teacher.exact_samples:
         name, reference = "swd", run.teacher.sample(cfg.eval.num, torch.Generator().manual_seed(0))
 
-        def measure():
-            x = run.ema.model.sample_seeds(range(cfg.eval.num), device=acc.device).cpu()
+        def measure(generator):
+            x = generator.sample_seeds(range(cfg.eval.num), device=acc.device).cpu()
             return sliced_wasserstein(x, reference)
     elif run.teacher.text_to_image:                          # FID (and CLIP score) for prompts, decoded
         name, metric = "fid", make_fid(cfg.eval.fid_weights).to(acc.device) if acc.is_main_process else None
@@ -563,28 +609,29 @@ def build_evaluator(run: Run):
         if metric is not None:
             load_reference(metric, cfg.eval.fid_ref)
 
-        def measure():
-            sample = text_sampler(run.ema.model, run.teacher, acc.device)
+        def measure(generator):
+            sample = text_sampler(generator, run.teacher, acc.device)
             return prompt_fid(metric, sample, prompts, cfg.eval.num, resolution=cfg.eval.resolution, clip=clip)
     else:
         name, metric = "fid", make_fid(cfg.eval.fid_weights).to(acc.device) if acc.is_main_process else None
         if metric is not None:
             load_reference(metric, cfg.eval.fid_ref)
 
-        def measure():
-            return generator_fid(metric, run.ema.model, cfg.eval.num, decode=run.teacher.decode)
+        def measure(generator):
+            return generator_fid(metric, generator, cfg.eval.num, decode=run.teacher.decode)
 
     best = best_record(Path(cfg.train.run_dir) / "metrics.jsonl", name)
 
     def evaluate():
         nonlocal best
         result = {}
+        generator = ema_generator(run)                          # a sharded run's: gathered (every process)
         if acc.is_main_process:
-            measured = measure()
+            measured = measure(generator)
             result = measured if isinstance(measured, dict) else {name: measured}
         if result and result[name] < best:                      # NaN is never better
             best = result[name]
-            export(run, "generator-best", **result)
+            export(run, "generator-best", generator, **result)
         if result:                                              # the export of this step, if any, names it too
             note_measured(Path(cfg.train.run_dir) / "generator", run.nimg, result)
         acc.wait_for_everyone()
@@ -610,14 +657,22 @@ def save_sample_grid(run: Run) -> None:
     seeds, 35 evaluations, under the loss's teacher guidance, drawn once); for 2-D points a scatter over the
     teacher's (exact, or Heun) samples. A text-to-image run draws the first N prompts (``prompts.txt``) and
     decodes its latents through the teacher's VAE."""
-    if not run.accelerator.is_main_process:
+    acc = run.accelerator
+    if not (acc.is_main_process or run.sharded):
         return
-    cfg, generator, teacher, device = run.cfg, run.ema.model, run.teacher, run.accelerator.device
+    cfg, teacher, device = run.cfg, run.teacher, acc.device
+    generator = ema_generator(run)                              # a sharded run's: gathered (every process)
     folder = Path(cfg.train.run_dir) / "samples"
-    folder.mkdir(exist_ok=True)
-    points = generator.shape == (2,)
+    points = teacher.shape == (2,)
     n = 2000 if points else cfg.train.num_samples
     cond = run.conditions.fixed(n, device) if isinstance(run.conditions, Prompts) else None
+    teacher_png = folder / "teacher.png"
+    reference = None
+    if run.sharded and any_process(acc.is_main_process and not teacher_png.is_file(), acc):
+        reference = teacher_reference(run, n, cond)             # the sharded teacher: on every process
+    if not acc.is_main_process:
+        return
+    folder.mkdir(exist_ok=True)
     path = folder / f"samples-{run.nimg:012d}.png"
     x = teacher.decode(generator.sample_seeds(range(n), device=device, cond=cond))
     if points:                                                  # a scatter over the teacher's samples
@@ -631,11 +686,8 @@ def save_sample_grid(run: Run) -> None:
         return
     if not save_samples(x, path):                               # neither images nor 2-D points: nothing to draw
         return
-    teacher_png = folder / "teacher.png"
     if not teacher_png.is_file():
-        with run.autocast(), torch.compiler.set_stance("force_eager"):  # drawn once: not worth a compile
-            reference = sample_teacher(teacher.denoiser, teacher.shape, 18, "heun", range(len(x)), device=device,
-                                       cond=cond, guidance=run.loss.guide_teacher, null=teacher.null_condition)
+        reference = reference if reference is not None else teacher_reference(run, n, cond)
         save_image_grid(teacher.decode(reference), teacher_png)
         if cond is not None:
             (folder / "prompts.txt").write_text("\n".join(run.conditions.fixed_prompts(n)) + "\n")
@@ -646,35 +698,71 @@ def save_sample_grid(run: Run) -> None:
     log_picture(run, "samples", folder / "compare.png")
 
 
+def teacher_reference(run: Run, n: int, cond) -> torch.Tensor:
+    """The teacher's Heun samples (35 evaluations) at seeds 0..n-1, under the loss's teacher guidance: the grids'
+    reference, drawn once, eagerly (not worth a compile)."""
+    teacher = run.teacher
+    with run.autocast(), torch.compiler.set_stance("force_eager"):
+        return sample_teacher(teacher.denoiser, teacher.shape, 18, "heun", range(n), device=run.accelerator.device,
+                              cond=cond, guidance=run.loss.guide_teacher, null=teacher.null_condition)
+
+
 def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> None:
     """Training state (resumable: with the unfinished log interval's sums and the NaN guard's streak) and the
-    exported EMA generator (the deliverable), by the main process. Weights that are not finite are not saved
-    (one line): the states already written stay the last good ones."""
+    exported EMA generator (the deliverable), by the main process; a sharded run's networks are gathered for it
+    first. Weights that are not finite are not saved (one line): the states already written stay the last good
+    ones."""
     acc = run.accelerator
     metrics, nonfinite = logger.state_dict(), guard.state_dict()      # collectives: on every process
+    states = network_states(run)                                     # collectives when sharded
     acc.wait_for_everyone()
     if acc.is_main_process:
-        if not all_finite(run.generator, run.fake_score, run.ema.model):
+        if not all_finite(states["fake_score"], states["generator"], states["ema"]):
             print(f"warning: no training state at {run.nimg:,} images: the weights hold NaN or inf; the states "
                   f"already in {run.cfg.train.run_dir} stay the last finite ones", file=sys.stderr, flush=True)
         else:
-            state = {
-                "nimg": run.nimg, "step": run.step, "seconds": logger.elapsed(), "config": to_dict(run.cfg),
-                "fake_score": Owned(run.fake_score, run.shared).state_dict(),
-                "generator": Owned(run.generator, run.shared).state_dict(),
-                "ema": Owned(run.ema.model, run.shared).state_dict(),
-                "opt_fake": run.opt_fake.state_dict(), "opt_g": run.opt_g.state_dict(),
-                "metrics": metrics, "nonfinite": nonfinite, "conditions": run.conditions.state_dict(),
-            }
+            state = {"nimg": run.nimg, "step": run.step, "seconds": logger.elapsed(), "config": to_dict(run.cfg),
+                     **states, "metrics": metrics, "nonfinite": nonfinite, "conditions": run.conditions.state_dict()}
             save_training_state(run.cfg.train.run_dir, run.nimg, state, keep=run.cfg.train.keep_ckpts)
-            export(run, "generator")
+            export(run, "generator", plain_generator(run, states["ema"]))
     acc.wait_for_everyone()
 
 
-def export(run: Run, folder: str, **extra) -> None:
-    """The EMA generator to ``run_dir/folder``, its config naming the image count, λ and the run's config; a LoRA
-    generator merged into a full network (and, with ``lora.save_adapter``, its adapter alone in ``adapter/``)."""
-    generator, out = run.ema.model, Path(run.cfg.train.run_dir) / folder
+def network_states(run: Run) -> dict:
+    """What a training state holds of the networks and optimisers: the students' own tensors (a LoRA student's
+    adapters), the EMA's, Adam's moments by parameter index; a sharded run's gathered whole for the main process
+    (a collective: every process calls it; the others get empty states)."""
+    states = {"fake_score": Owned(run.fake_score, run.shared).state_dict(),
+              "generator": Owned(run.generator, run.shared).state_dict(),
+              "ema": Owned(run.ema.model, run.shared).state_dict(),
+              "opt_fake": run.opt_fake.state_dict(), "opt_g": run.opt_g.state_dict()}
+    if run.sharded:
+        states = {name: full_state(state, run.accelerator.is_main_process) for name, state in states.items()}
+    return states
+
+
+def ema_generator(run: Run) -> OneStepGenerator | None:
+    """The EMA generator as one module: itself, or for a sharded run a copy gathered whole on the main process (a
+    collective: every process calls it; None off the main process)."""
+    if not run.sharded:
+        return run.ema.model
+    return plain_generator(run, full_state(run.ema.model.state_dict(), run.accelerator.is_main_process))
+
+
+def plain_generator(run: Run, state: dict) -> OneStepGenerator | None:
+    """The EMA generator of a gathered ``state`` (sharded runs; on the main process), else the EMA itself."""
+    if not run.sharded:
+        return run.ema.model
+    if not run.accelerator.is_main_process:
+        return None
+    return loaded(run.template, state).to(run.accelerator.device).eval().requires_grad_(False)
+
+
+def export(run: Run, folder: str, generator: OneStepGenerator | None = None, **extra) -> None:
+    """The EMA generator (or ``generator``, a sharded run's gathered one) to ``run_dir/folder``, its config naming
+    the image count, λ and the run's config; a LoRA generator merged into a full network (and, with
+    ``lora.save_adapter``, its adapter alone in ``adapter/``)."""
+    generator, out = generator or run.ema.model, Path(run.cfg.train.run_dir) / folder
     if is_lora(generator):
         if run.cfg.lora.save_adapter:
             save_adapter(generator.denoiser, run.teacher, run.cfg.lora, out / "adapter")
