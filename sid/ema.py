@@ -18,7 +18,9 @@ def ema_beta(batch: int, cur_nimg: int, halflife_nimg: float, rampup: float | No
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """A sharded tensor's piece on this process (the EMA of a sharded generator is sharded alike), else itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class EMA(nn.Module):

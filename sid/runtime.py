@@ -162,9 +162,12 @@ def sanitize_grads(module: torch.nn.Module) -> torch.Tensor:
 
     The check is one foreach norm: a NaN or ±inf anywhere makes the total norm non-finite.
     """
+    from torch.distributed.tensor import DTensor
+
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     bad = torch.nn.utils.get_total_norm(grads).isfinite().logical_not()
-    bad = bad.full_tensor() if hasattr(bad, "full_tensor") else bad     # sharded gradients: the norm of them all
+    if isinstance(bad, DTensor):                       # sharded gradients: the norm of them all, on every process
+        bad = bad.full_tensor()
     for g in grads:
         torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
     return bad
