@@ -1,7 +1,7 @@
 """The memory plans of the big teachers, from their published architectures: Stable Diffusion 1.5, SDXL base and
 SD3 medium, each with the settings of its preset (SDXL: SiD-LSG's, the sd15_lsg preset, in bf16 with activation
-checkpointing, at its 1024 px), on one GPU and sharded over a node of eight, with full and LoRA students (whose rows
-hold the adapters where the full students' hold the weights).
+checkpointing, at its 1024 px): full students on one GPU and sharded over a node of eight, and LoRA students on one
+GPU (their rows hold the adapters where the full students' hold the weights).
 
     python -m eval.memory_plans --out runs/memory_plans
 
@@ -131,6 +131,8 @@ def plans(out: Path) -> str:
             header = None
             for students, extra in STUDENTS.items():
                 for launch, (processes, sharded) in LAUNCHES.items():
+                    if extra and sharded:                   # LoRA students share the teacher: not sharded
+                        continue
                     cfg = load_config([spec["preset"]], [f"teacher.diffusers.path={folder}", *overrides, *extra,
                                                          f"train.run_dir={tmp}/run"])
                     result = plan(cfg, processes, sharded)
@@ -138,7 +140,7 @@ def plans(out: Path) -> str:
                         header = [what for what, _ in result.rows]
                         lines.append(f"`--config {spec['preset']}`" + (f" with {' '.join(overrides)}" if overrides
                                                                        else "") + f", micro-batch "
-                                     f"{result.batch_gpu}; {result.notes[0]}.")
+                                     f"{result.batch_gpu}; {result.notes[0]}; {result.notes[1]}.")
                         lines += ["", "| | " + " | ".join(header) + " | total |",
                                   "|---" * (len(header) + 2) + "|"]
                     cells = [gib(b) for _, b in result.rows]          # the same rows in the same order

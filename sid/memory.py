@@ -94,7 +94,9 @@ def plan(cfg, processes: int = 1, sharded: bool = False, on_gpu: bool = True, tr
     rows.append(("activations, one generator step", per_step + per_sample * batch_gpu))
     if bf16:
         rows.append(("generator: bf16 copies of its trained weights (autocast)", trained["generator"] * 2))
-    notes = [f"activations measured at micro-batches 1 and 2: {gib(per_sample)} per sample + {gib(per_step)}"]
+    notes = [f"parameters: teacher {count(teacher.denoiser):,}, VAE and text encoders {codec:,}, trained "
+             f"{trained['fake_score']:,} (fake score) and {trained['generator']:,} (generator)",
+             f"activations measured at micro-batches 1 and 2: {gib(per_sample)} per sample + {gib(per_step)}"]
     if codec and cfg.perf.offload_codec:
         notes.append(f"VAE and text encoders ({gib(codec * frozen)}) wait in CPU memory (perf.offload_codec)")
     return Plan(rows, processes, sharded, batch_gpu, (per_sample, per_step), notes)
