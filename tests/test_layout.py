@@ -29,7 +29,7 @@ def test_train_py_is_sid_train_from_anywhere(tmp_path):
     assert out.returncode == 0 and "lam: '0.75'" in out.stdout
     out = run("loss.lamb=1")
     assert out.returncode == 2 and out.stderr.startswith("error: unknown config key 'loss.lamb'")
-    assert sid_process("train", "--config", "fmnist", "--dry-run", cwd=tmp_path).returncode == 0
+    assert sid_process("train", "--config", "toy_2d", "--dry-run", cwd=tmp_path).returncode == 0
 
 
 def test_a_clone_used_without_installing_finds_the_presets(monkeypatch):

@@ -1,8 +1,8 @@
 """The other latent text-to-image families (sid/teachers/latent.py): Stable Diffusion XL (two CLIPs, pooled
-embeddings, time ids), Stable Diffusion 3 (MM-DiT on flow matching, two CLIPs and T5, or no T5) and PixArt-α / Σ
-(T5 with its attention mask, learned variance), each on a tiny pipeline built from configs: sid's denoiser is the
-pipeline's own model, shown against the pipeline's own output; a short distillation resumes exactly and exports a
-pipeline that reloads."""
+embeddings, time ids), Stable Diffusion 3 (MM-DiT on flow matching, two CLIPs and T5, or no T5), PixArt-α / Σ
+(T5 with its attention mask, learned variance) and Sana (Gemma 2 after an instruction, a deep-compression VAE),
+each on a tiny pipeline built from configs: sid's denoiser is the pipeline's own model, shown against the
+pipeline's own output; a short distillation resumes exactly and exports a pipeline that reloads."""
 
 import numpy as np
 import pytest
@@ -19,8 +19,9 @@ diffusers = pytest.importorskip("diffusers")
 PROMPTS = ["a cat", "a red dog"]
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
              "sd3-without-t5": "StableDiffusion3Pipeline", "pixart": "PixArtAlphaPipeline",
-             "pixart-sigma": "PixArtSigmaPipeline"}
-FLOW_SIGMAS = [0.97, 0.8, 0.6, 0.4, 0.2, 0.05]          # SD3: flow times below 1 (σ = t / (1 − t) finite), shifted
+             "pixart-sigma": "PixArtSigmaPipeline", "sana": "SanaPipeline"}
+FLOW = ("sd3", "sd3-without-t5", "sana")
+FLOW_SIGMAS = [0.97, 0.8, 0.6, 0.4, 0.2, 0.05]          # flow times below 1 (σ = t / (1 − t) finite), shifted
 
 
 def pipeline_of(name, folder):
@@ -31,12 +32,14 @@ def pipeline_of(name, folder):
 def run_pipeline(name, pipe, z, guidance):
     """The pipeline's own latents for PROMPTS from ``z`` in 6 Euler steps at guidance κ, and the noise levels it
     stepped through in EDM units (ending at 0) with the start sid's sampler multiplies by the first."""
-    kwargs = {"use_resolution_binning": False, "clean_caption": False} if name.startswith("pixart") else {}
-    if name.startswith("sd3"):
+    kwargs = {"use_resolution_binning": False, "clean_caption": False} if name.startswith(("pixart", "sana")) else {}
+    if name == "sana":
+        kwargs.update(height=32, width=32)
+    if name in FLOW:
         kwargs["sigmas"] = FLOW_SIGMAS
     latents = pipe(PROMPTS, num_inference_steps=6, guidance_scale=guidance, latents=z.clone(), output_type="latent",
                    **kwargs).images
-    if name.startswith("sd3"):                                  # flow time t -> σ = t / (1 − t); x_t = (1 − t) x
+    if name in FLOW:                                            # flow time t -> σ = t / (1 − t); x_t = (1 − t) x
         t = pipe.scheduler.sigmas.double()
         sigmas = t / (1 - t)
         return latents, sigmas, z / t[0]                        # x = z / (1 − t0) = σ0 (z / t0)
@@ -102,13 +105,15 @@ def test_one_step_is_the_schedulers_own_prediction(tiny_pipeline, name):
 def test_prompts_are_encoded_as_the_pipeline_encodes_them_and_decode_through_its_vae(tiny_pipeline, name):
     """The condition and the null condition are the pipeline's encode_prompt outputs (SDXL's null: zeros, its
     force_zeros_for_empty_prompt; SDXL's time ids: the image size's); latents decode as the pipeline decodes them
-    (SD3's VAE: scaling and shift)."""
+    (SD3's VAE: scaling and shift; Sana's deep-compression VAE)."""
     folder = tiny_pipeline(name)
     teacher, pipe = teacher_of(folder), pipeline_of(name, folder)
     cond, null = teacher.encode(PROMPTS), teacher.null_condition(2)
-    if name.startswith("pixart"):
-        length = teacher.codec.max_sequence_length
-        text, mask, negative, negative_mask = pipe.encode_prompt(PROMPTS, device="cpu", max_sequence_length=length)
+    if name.startswith(("pixart", "sana")):
+        kwargs = {"max_sequence_length": teacher.codec.max_sequence_length}
+        if name == "sana":                                  # the instruction its __call__ passes by default
+            kwargs["complex_human_instruction"] = teacher.codec.instruction.split("\n")
+        text, mask, negative, negative_mask = pipe.encode_prompt(PROMPTS, device="cpu", **kwargs)
         expected = {"text": text, "mask": mask}, {"text": negative, "mask": negative_mask}
     else:
         kwargs = {"prompt_2": None, "prompt_3": None} if name.startswith("sd3") else {}
@@ -122,7 +127,7 @@ def test_prompts_are_encoded_as_the_pipeline_encodes_them_and_decode_through_its
     latents = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(3))
     vae = pipe.vae
     with torch.no_grad():
-        shift = vae.config.shift_factor or 0.0
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
         expected_images = vae.decode(latents / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
     torch.testing.assert_close(teacher.decode(latents), expected_images)
 
@@ -142,7 +147,7 @@ def family_overrides(folder, prompts, run_dir, total, flow, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sdxl", "sd3", "pixart"])
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "pixart", "sana"])
 def test_a_short_distillation_resumes_exactly_and_exports_a_pipeline_that_reloads(tiny_pipeline, tmp_path, name):
     """8 images straight equal 4, a stop, and 4 more (prompt position included); SiDPipeline.from_pretrained(export)
     (prompts) is the EMA generator's one step decoded by the teacher's VAE, and sid.load_generator reads the
@@ -153,7 +158,7 @@ def test_a_short_distillation_resumes_exactly_and_exports_a_pipeline_that_reload
 
     folder = tiny_pipeline(name)
     (tmp_path / "p.txt").write_text("a cat\na red dog\na blue bird\n")
-    flow = name == "sd3"
+    flow = name in FLOW
     whole = train(load_config([], family_overrides(folder, tmp_path / "p.txt", tmp_path / "whole", 8, flow)))
     train(load_config([], family_overrides(folder, tmp_path / "p.txt", tmp_path / "split", 4, flow)))
     resumed = train(load_config([], family_overrides(folder, tmp_path / "p.txt", tmp_path / "split", 8, flow)),

@@ -194,7 +194,40 @@ def save_tiny_pixart(root: Path, sigma: bool = False) -> Path:
     return root / "pixart"
 
 
+def save_tiny_sana(root: Path) -> Path:
+    """A SanaPipeline of random tiny components (a SanaTransformer2DModel on flow matching, a Gemma 2 encoder with a
+    Gemma tokenizer over single characters, a deep-compression AutoencoderDC; latents 4×16×16, images 32×32) in
+    ``root/sana``."""
+    import diffusers
+    import transformers
+
+    torch.manual_seed(0)
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for c in "abcdefghijklmnopqrstuvwxyz▁":
+        vocab[c] = len(vocab)
+    encoder = transformers.Gemma2Model(transformers.Gemma2Config(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=4096))
+    transformer = diffusers.SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=32,
+        sample_size=16)
+    vae = diffusers.AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407)
+    tokenizer = transformers.GemmaTokenizer(vocab=vocab, merges=[])
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    diffusers.SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer,
+                           scheduler=scheduler).save_pretrained(root / "sana")
+    return root / "sana"
+
+
 # The tiny latent pipelines by family (``tiny_pipeline`` in conftest builds each once per session).
 BUILDERS = {"sd": save_tiny_sd, "sdxl": save_tiny_sdxl, "sd3": save_tiny_sd3,
             "sd3-without-t5": lambda root: save_tiny_sd3(root, t5=False), "pixart": save_tiny_pixart,
-            "pixart-sigma": lambda root: save_tiny_pixart(root, sigma=True), "dit": save_tiny_dit}
+            "pixart-sigma": lambda root: save_tiny_pixart(root, sigma=True), "sana": save_tiny_sana,
+            "dit": save_tiny_dit}

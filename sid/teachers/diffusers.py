@@ -181,11 +181,11 @@ def model_of(denoiser: Preconditioned) -> nn.Module:
 
 def prediction_of(scheduler_config: dict | None) -> str:
     """What a model predicts, read from its scheduler's config: edm for EDM schedulers, flow for flow-matching
-    ones, else the config's prediction_type (ε by default)."""
+    ones (and DPM-Solver's ``flow_prediction``, as Sana's), else the config's prediction_type (ε by default)."""
     sched = scheduler_config or {}
     kind = sched.get("_class_name")
-    return "edm" if kind in EDM_SCHEDULERS else "flow" if kind in FLOW_SCHEDULERS else \
-        sched.get("prediction_type", "epsilon")
+    flow = kind in FLOW_SCHEDULERS or sched.get("prediction_type") == "flow_prediction"    # DPM-Solver on flows
+    return "edm" if kind in EDM_SCHEDULERS else "flow" if flow else sched.get("prediction_type", "epsilon")
 
 
 def spec_of(denoiser: Preconditioned, prediction_type: str, scheduler_config: dict | None) -> dict:

@@ -16,6 +16,8 @@ StableDiffusion3Pipeline        SD3Transformer2DModel     text: two CLIPs' penul
                                                           T5's (zeros without T5); pooled: both projections
 PixArtAlphaPipeline,            PixArtTransformer2DModel  text: T5's states; mask: its attention mask (120 /
 PixArtSigmaPipeline                                       300 tokens); resolution, aspect_ratio (1024-px α)
+SanaPipeline                    SanaTransformer2DModel    text, mask: Gemma 2's states of the prompt after the
+                                                          pipeline's instruction, its first and last 299 kept
 DiTPipeline                     DiTTransformer2DModel     one-hot class labels; the zero vector: null class
 ==============================  ========================  ====================================================
 
@@ -107,6 +109,22 @@ class PixArtBackbone(nn.Module):
         out = net(x_in.to(net.dtype), encoder_hidden_states=_context(cond, "text", net, "PixArt"),
                   encoder_attention_mask=_context(cond, "mask", net, "PixArt"), timestep=c_noise,
                   added_cond_kwargs=added, return_dict=False)[0]
+        return _eps_channels(out, x_in)
+
+
+class SanaBackbone(nn.Module):
+    """``F(x_in, c_noise, cond)`` over a ``SanaTransformer2DModel``: cond["text"] and cond["mask"] are Gemma 2's
+    states and attention mask; the time input is scaled by the model's ``timestep_scale``, as its pipeline does."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, cond: dict) -> torch.Tensor:
+        net = self.transformer
+        out = net(x_in.to(net.dtype), encoder_hidden_states=_context(cond, "text", net, "Sana"),
+                  encoder_attention_mask=_context(cond, "mask", net, "Sana"),
+                  timestep=c_noise * net.config.timestep_scale, return_dict=False)[0]
         return _eps_channels(out, x_in)
 
 
@@ -232,11 +250,12 @@ class TextCodec(ImageCodec):
         return {"text": self.run("text_encoder", self.tokens("tokenizer", prompts).input_ids)[0]}
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> dict:
-        """Prompts -> their conditions (floating values in float32), with the micro-conditioning constants."""
+    def encode(self, prompts: list[str], text=None) -> dict:
+        """Prompts -> their conditions (floating values in float32), with the micro-conditioning constants;
+        ``text``: the encoding to use (default: ``encode_text``)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         with self.working():
-            cond = self.encode_text(prompts)
+            cond = (text or self.encode_text)(prompts)
         cond = {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
         device = next(iter(cond.values())).device
         return {**cond, **{k: v.to(device).expand(len(prompts), -1) for k, v in self.micro.items()}}
@@ -362,6 +381,47 @@ class PixArtSigmaCodec(PixArtCodec):
     max_sequence_length = 300
 
 
+class SanaCodec(TextCodec):
+    """Sana's encoding (``SanaPipeline.encode_prompt``, captions as given): the prompt after the pipeline's own
+    complex human instruction (the default of its ``__call__``), padded on the right to the instruction's tokens +
+    298, through Gemma 2 with its attention mask, then the first token and the last 299 kept; the null condition is
+    the empty prompt alone over 300 tokens, as the pipeline encodes its negative prompt."""
+
+    max_sequence_length = 300                      # the pipeline's default
+
+    def __init__(self, vae, parts: dict, micro: dict | None = None, instruction: str = ""):
+        super().__init__(vae, parts, micro)
+        self.instruction = instruction
+        self.parts["tokenizer"].padding_side = "right"
+
+    @classmethod
+    def build(cls, vae, parts, model, index, image_size):
+        import inspect
+
+        import diffusers
+
+        default = inspect.signature(diffusers.SanaPipeline.__call__).parameters["complex_human_instruction"].default
+        return cls(vae, parts, instruction="\n".join(default or []))
+
+    def gemma(self, prompts: list[str], instruction: str = "") -> dict:
+        """Gemma 2's states and mask of ``instruction + prompt``, over the instruction's tokens + 298 (the prompt
+        alone: 300), as ``SanaPipeline._get_gemma_prompt_embeds`` computes them."""
+        tokenizer = self.parts["tokenizer"]
+        extra = len(tokenizer.encode(instruction)) - 2 if instruction else 0
+        tokens = self.tokens("tokenizer", [instruction + p for p in prompts], self.max_sequence_length + extra)
+        mask = tokens.attention_mask
+        text = self.run("text_encoder", tokens.input_ids, attention_mask=mask.to(self.parts["text_encoder"].device))
+        return {"text": text[0], "mask": mask.to(text[0].device)}
+
+    def encode_text(self, prompts: list[str]) -> dict:
+        cond = self.gemma(prompts, self.instruction)
+        keep = [0, *range(-self.max_sequence_length + 1, 0)]           # the first token and the last 299
+        return {k: v[:, keep] for k, v in cond.items()}
+
+    def null(self) -> dict:
+        return self.encode([""], text=self.gemma)
+
+
 class Family(NamedTuple):
     """What sid reads of a latent pipeline folder."""
 
@@ -387,6 +447,7 @@ FAMILIES = {
                                        optional=("text_encoder_3", "tokenizer_3")),
     "PixArtAlphaPipeline": Family("transformer", "PixArtTransformer2DModel", PixArtBackbone, PixArtCodec, _CLIP),
     "PixArtSigmaPipeline": Family("transformer", "PixArtTransformer2DModel", PixArtBackbone, PixArtSigmaCodec, _CLIP),
+    "SanaPipeline": Family("transformer", "SanaTransformer2DModel", SanaBackbone, SanaCodec, _CLIP),
     "DiTPipeline": Family("transformer", "DiTTransformer2DModel", ClassTransformerBackbone, ImageCodec),
 }
 # Pipelines this module reads (``diffusers.LATENT_PIPELINES``), each with the components it needs.
@@ -521,11 +582,16 @@ def load(root: Path, index: dict, resolution: int | None = None, meta: bool = Fa
 
 
 def _vae_factor(root: Path) -> int:
-    """How many pixels one latent spans: 2^(levels − 1) of the VAE's config, as the pipelines compute it."""
     from sid.teachers.diffusers import _read_json
 
-    config = _read_json(root / "vae" / "config.json") or {}
-    return 2 ** (len(config.get("block_out_channels") or [0] * 4) - 1)
+    return vae_factor(_read_json(root / "vae" / "config.json") or {})
+
+
+def vae_factor(config) -> int:
+    """How many pixels one latent spans: 2^(levels − 1) of the VAE's config (an AutoencoderKL's block channels,
+    an AutoencoderDC's encoder's), as the pipelines compute it."""
+    levels = config.get("block_out_channels") or config.get("encoder_block_out_channels") or [0] * 4
+    return 2 ** (len(levels) - 1)
 
 
 def latent_shape(model: nn.Module, factor: int, resolution: int | None = None) -> tuple[int, int, int]:
@@ -562,7 +628,7 @@ def load_codec(root: Path, index: dict, model: nn.Module | None = None, shape=No
     if family.encoders:
         with quiet():
             parts = {name: _component(root, name, index, meta) for name in family.encoders if held(index, name)}
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae.config)
     return family.codec.build(vae, parts, model, index, (shape[1] * factor, shape[2] * factor))
 
 
@@ -604,7 +670,7 @@ def quiet():
             transformers.utils.logging.enable_progress_bar()
 
 
-VAES = ("AutoencoderKL",)                                  # the VAE classes a latent folder may name
+VAES = ("AutoencoderKL", "AutoencoderDC")                 # the VAE classes a latent folder may name
 
 
 def _component(root: Path, name: str, index: dict, meta: bool = False):

@@ -21,7 +21,16 @@ from torch import nn
 from sid.precond import Preconditioned
 from sid.teachers.diffusers import denoiser_from_unet, edm_output, model_of
 from sid.teachers.latent import FAMILIES as LATENT_FAMILIES
-from sid.teachers.latent import ImageCodec, export_family, family_of, index_family, latent_denoiser, latent_shape, quiet
+from sid.teachers.latent import (
+    ImageCodec,
+    export_family,
+    family_of,
+    index_family,
+    latent_denoiser,
+    latent_shape,
+    quiet,
+    vae_factor,
+)
 
 TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
@@ -84,7 +93,7 @@ class SiDPipeline(DiffusionPipeline):
         if self.vae is None:
             return None
         parts = {name: getattr(self, name) for name in TEXT_PARTS if getattr(self, name) is not None}
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = vae_factor(self.vae.config)
         shape = self.sample_shape()
         return family_of(self.family).codec.build(self.vae, parts, self.network, dict(self.config),
                                                   (shape[1] * factor, shape[2] * factor))
