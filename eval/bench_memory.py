@@ -3,6 +3,8 @@
 
     python -m eval.bench_memory --config fmnist --out runs/bench_memory        # GPU: torch.cuda's peak
     python -m eval.bench_memory --smoke --out runs/bench_memory                # tiny UNet on the CPU (the suite's)
+    ACCELERATE_USE_CPU=1 ACCELERATE_USE_FSDP=true FSDP_VERSION=2 accelerate launch --multi_gpu --num_processes 2 \
+        -m eval.bench_memory --smoke --cases "as configured,activation checkpointing"      # sharded over two
 
 Each row is the config plus one change: as configured, activation checkpointing, LoRA students, both. The run is
 built (``sid.trainer.build``) and takes two iterations; measured are the bytes held after the build (the weights:
@@ -14,6 +16,7 @@ rows summed the same way. Writes memory.json and memory.md to --out and prints t
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -42,7 +45,8 @@ WEIGHTS = ("teacher", "VAE", "fake score: weights", "fake score: adapters", "gen
 
 
 def measure(cfg) -> dict:
-    """Bytes held after the build, after two iterations, and at the peak, of a real run of ``cfg``."""
+    """Bytes held after the build, after two iterations, and at the peak of those iterations, of a real run of
+    ``cfg`` on this process (under a launch of several: the largest over the processes)."""
     from accelerate import Accelerator
 
     from sid.memory import PeakBytes
@@ -51,18 +55,23 @@ def measure(cfg) -> dict:
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-    tracker = PeakBytes()
+    tracker = PeakBytes(devices=("cpu",))
     with tracker if not gpu else _nothing():
-        run = build(cfg, Accelerator(cpu=not gpu), resume=None)
+        accelerator = Accelerator(cpu=not gpu)
+        run = build(cfg, accelerator, resume=None)
         weights = torch.cuda.memory_allocated() - start if gpu else tracker.live
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        tracker.peak = tracker.live                 # the iterations' peak (a sharded build first holds it whole)
         for _ in range(2):
             iteration(run)
         states = torch.cuda.memory_allocated() - start if gpu else tracker.live
     peak = torch.cuda.max_memory_allocated() - start if gpu else tracker.peak
+    measured = torch.tensor([weights, states, peak], dtype=torch.float64, device=accelerator.device)
+    measured = accelerator.reduce(measured, reduction="max") if accelerator.num_processes > 1 else measured
     del run
-    return {"weights": weights, "states": states, "peak": peak}
+    return dict(zip(("weights", "states", "peak"), measured.tolist()))
 
 
 class _nothing:
@@ -74,10 +83,15 @@ class _nothing:
 
 
 def planned(cfg) -> dict:
-    """The plan's rows summed as ``measure`` measures: weights, + Adam's moments, everything."""
+    """The plan's rows summed as ``measure`` measures: weights, + Adam's moments, everything; for the launch this
+    runs under (its processes, and sharded where it is an FSDP launch)."""
+    import os
+
     from sid.memory import plan
 
-    result = plan(cfg, on_gpu=torch.cuda.is_available())
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    result = plan(cfg, processes, sharded, on_gpu=torch.cuda.is_available())
     weights = sum(b for what, b in result.rows if what.startswith(WEIGHTS))
     moments = sum(b for what, b in result.rows if "Adam" in what)
     return {"weights": weights, "states": weights + moments, "peak": result.total}
@@ -114,17 +128,25 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="the tiny UNet on the CPU, fp32 and bf16")
     p.add_argument("--precision", default=None, help="fp32 and/or bf16, comma-separated (default: bf16 on GPUs, "
                                                      "fp32 on CPUs; --smoke: both)")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     p.add_argument("--out", default="runs/bench_memory")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
         overrides = [*(SMOKE if args.smoke else []), *args.overrides]
         default = "fp32,bf16" if args.smoke else ("bf16" if torch.cuda.is_available() else "fp32")
-        rows = bench(args.config, overrides, CASES, (args.precision or default).split(","))
+        cases = {name: CASES[name] for name in args.cases.split(",")}
+        rows = bench(args.config, overrides, cases, (args.precision or default).split(","))
     except SidError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", 0)):                 # one writer under a launch of several processes
+        return 0
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        sharded = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+        device += f", {world} processes{', sharded' if sharded else ''}, per process (the largest)"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2))

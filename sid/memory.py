@@ -104,30 +104,63 @@ def plan(cfg, processes: int = 1, sharded: bool = False, on_gpu: bool = True, tr
 
 class PeakBytes(TorchDispatchMode):
     """The peak of the bytes held by the tensors created while it is active (meta tensors too): each storage
-    counted once, from its creation until it is freed; views and in-place results (their op's schema says they
-    alias an input) are not new memory."""
+    counted from its creation until it is freed, at its size (storages resized in place, as FSDP frees and refills
+    its gathered parameters, counted at their new size); views and in-place results (their op's schema says they
+    alias an input) are not new memory; a sharded tensor (DTensor) is its piece on this process."""
 
-    def __init__(self):
+    def __init__(self, devices: tuple[str, ...] | None = None):
+        """``devices``: count only tensors on these device types (None: all, the meta device's too)."""
         super().__init__()
         self.live = self.peak = 0
-        self.seen = weakref.WeakSet()
+        self.held = {}                                 # id(storage) -> the bytes counted for it
+        self.devices = devices
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
         out = func(*args, **(kwargs or {}))
         if any(r.alias_info is not None for r in func._schema.returns):
             return out                                 # a view or an in-place result: no new memory
         for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, DTensor):                 # a sharded tensor holds its piece on this process
+                t = t.to_local()
             if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                if storage not in self.seen:
-                    self.seen.add(storage)
-                    self.live += storage.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self.release, storage.nbytes())
+                self.count(t.untyped_storage())
         return out
 
-    def release(self, nbytes: int) -> None:
-        self.live -= nbytes
+    def count(self, storage) -> None:
+        """A storage at its present size, from now until it is freed (once; later sizes by ``resized``)."""
+        if id(storage) in self.held or (self.devices is not None and storage.device.type not in self.devices):
+            return
+        self.held[id(storage)] = 0
+        weakref.finalize(storage, self.release, id(storage))
+        self.resized(storage)
+
+    def resized(self, storage) -> None:
+        if id(storage) in self.held:
+            size = storage.nbytes()
+            self.live += size - self.held[id(storage)]
+            self.held[id(storage)] = size
+            self.peak = max(self.peak, self.live)
+
+    def release(self, key: int) -> None:
+        self.live -= self.held.pop(key, 0)
+
+    def __enter__(self):
+        resize = self._resize = torch.UntypedStorage.resize_
+
+        def resized(storage, size):                    # FSDP frees and refills storages in place
+            out = resize(storage, size)
+            self.count(storage)
+            self.resized(storage)
+            return out
+
+        torch.UntypedStorage.resize_ = resized
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
 
 
 class FusedAttention(torch.autograd.Function):

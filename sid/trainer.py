@@ -156,16 +156,16 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
     teacher = build_teacher(cfg.teacher, trust_code=trust_code)
     if cfg.perf.offload_codec:                  # before the move: the VAE and text encoder stay on the CPU
         teacher.offload_codec(device)
-    teacher.to(device)
+    sharding = sharding_of(accelerator)
+    if sharding is not None:
+        check_sharding(accelerator.num_processes, cfg.lora.fake_score or cfg.lora.generator)
+    teacher.to(device, denoiser=sharding is None)   # sharded: each process's shard reaches the device when split
     conditions = build_conditions(cfg, teacher, accelerator.process_index, accelerator.num_processes)
     shared = frozenset(shares(teacher.denoiser))
     fake_score = student(teacher, cfg.lora, cfg.lora.fake_score)
     generator = OneStepGenerator(student(teacher, cfg.lora, cfg.lora.generator), teacher.shape,
                                  initial_sigma(cfg.generator, teacher))
     apply_perf(cfg.perf, bf16, teacher, [fake_score, generator])
-    sharding = sharding_of(accelerator)
-    if sharding is not None:
-        check_sharding(accelerator.num_processes, cfg.lora.fake_score or cfg.lora.generator)
     batch_gpu, rounds = micro_batches(cfg, accelerator.num_processes)
     loss = DistillationLoss.from_config(cfg.loss, teacher, per_process=batch_gpu * rounds)
 
@@ -181,7 +181,8 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         state = load_training_state(path)
         restore(path, state, fake_score=Owned(fake_score, shared), generator=Owned(generator, shared),
                 ema=Owned(ema.model, shared))
-    ema.to(device)
+    if sharding is None:
+        ema.to(device)
     template = None
     if sharding is not None:                    # FSDP2: every network split over the processes, block by block
         template = meta_copy(generator)

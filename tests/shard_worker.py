@@ -1,7 +1,8 @@
 """Run by tests/test_sharding.py under `accelerate launch --num_processes 2` (gloo, CPU), the distillation config in
 argv: the same run unsharded (DDP) straight to its end in <out>/ddp, and sharded (FSDP2: the launcher's
 ACCELERATE_USE_FSDP, set here for the second) stopped halfway and resumed in <out>/fsdp. Then, on a sharded run's
-generator step, where gradients go: <out>/grads<rank>.json."""
+generator step, where gradients go: <out>/grads<rank>.json; and a sharded run's measured memory beside its plan:
+<out>/memory<rank>.json."""
 
 import json
 import os
@@ -75,4 +76,10 @@ cut_teacher = generator_grads(teacher=NoInputGrad(run.teacher.denoiser))
     "fake_takes_part": not torch.allclose(whole, cut_fake),
     "teacher_takes_part": not torch.allclose(whole, cut_teacher),
     "repeatable": bool(torch.equal(whole, generator_grads()))}))
+
+# The memory plan of a sharded run against its measured peak (eval/bench_memory.py's smoke configuration).
+from eval.bench_memory import SMOKE, measure, planned  # noqa: E402
+
+smoke = load_config([], [*SMOKE, "train.precision=fp32", f"train.run_dir={out / 'memory'}"])
+(out / f"memory{rank}.json").write_text(json.dumps({"measured": measure(smoke), "planned": planned(smoke)}))
 end_training(run.accelerator)

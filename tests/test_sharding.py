@@ -86,6 +86,18 @@ def test_a_sharded_runs_checkpoint_and_export_are_the_unsharded_ones(launched):
     assert resumed.nimg == 24 and not resumed.sharded
 
 
+def test_the_memory_plan_of_a_sharded_run_matches_its_measured_peak(launched):
+    """eval/bench_memory.py's tiny UNet sharded over the two processes: the planned shards of the weights and Adam's
+    moments are the measured ones, and the planned peak is within 20% of the measured one (the largest process's)."""
+    out, _, _ = launched
+    memory = json.loads((out / "memory0.json").read_text())
+    measured, planned = memory["measured"], memory["planned"]
+    print({k: round(planned[k] / measured[k], 3) for k in measured})
+    for key in ("weights", "states"):
+        assert planned[key] == pytest.approx(measured[key], rel=0.01), key
+    assert planned["peak"] == pytest.approx(measured["peak"], rel=0.2)
+
+
 def test_sharding_on_one_process_or_with_lora_students_is_one_line(tmp_path, monkeypatch):
     from sid.sharding import check_launch
 

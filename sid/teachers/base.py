@@ -43,9 +43,11 @@ class Teacher:
             return torch.zeros(n, self.label_dim)                      # moved to the batch's device where used
         return None
 
-    def to(self, device) -> Teacher:
-        """Move the teacher's networks (the denoiser, and a family's encoders) to ``device``."""
-        self.denoiser.to(device)
+    def to(self, device, denoiser: bool = True) -> Teacher:
+        """Move the teacher's networks (the denoiser, unless ``denoiser=False``: a sharded run splits it first, and
+        a family's encoders) to ``device``."""
+        if denoiser:
+            self.denoiser.to(device)
         return self
 
     def timestep_sigmas(self) -> torch.Tensor | None:

@@ -472,9 +472,10 @@ class LatentTeacher(Teacher):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(latents)
 
-    def to(self, device) -> LatentTeacher:
-        """The denoiser, and the codec unless it is offloaded (then it stays on the CPU between uses)."""
-        self.denoiser.to(device)
+    def to(self, device, denoiser: bool = True) -> LatentTeacher:
+        """The denoiser (unless ``denoiser=False``), and the codec unless it is offloaded (then it stays on the CPU
+        between uses)."""
+        super().to(device, denoiser)
         if self.codec.visit is None:
             self.codec.to(device)
         return self
