@@ -67,7 +67,7 @@ CASES = {
     "edm_pickle-edm": edm_pickle("EDMPrecond"),
     "python": python(),
     "python-classes": python(label_dim=3),
-    **{f"diffusers-{name}": pipeline(name) for name in ("sd", "sdxl", "sd3", "pixart", "dit")},
+    **{f"diffusers-{name}": pipeline(name) for name in ("sd", "sdxl", "sd3", "pixart", "sana", "dit")},
 }
 
 
