@@ -181,10 +181,10 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         state = load_training_state(path)
         restore(path, state, fake_score=Owned(fake_score, shared), generator=Owned(generator, shared),
                 ema=Owned(ema.model, shared))
+    template = None
     if sharding is None:
         ema.to(device)
-    template = None
-    if sharding is not None:                    # FSDP2: every network split over the processes, block by block
+    else:                                       # FSDP2: every network split over the processes, block by block
         template = meta_copy(generator)
         mesh = device_mesh(device, accelerator.num_processes)
         offload = device.type != "cpu" and type(sharding.cpu_offload).__name__ == "CPUOffloadPolicy"
