@@ -28,14 +28,14 @@ def config(run_dir, total):
     return load_config([], [*overrides, f"train.run_dir={out / run_dir}", f"train.total_nimg={total}"])
 
 
-ddp = train(config("ddp", 16))
+ddp = train(config("ddp", 8))
 os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
-train(config("fsdp", 8))
-fsdp = train(config("fsdp", 16), resume="auto")
+train(config("fsdp", 4))
+fsdp = train(config("fsdp", 8), resume="auto")
 rank = fsdp.accelerator.process_index
 assert fsdp.sharded and not ddp.sharded
 
-run = build(config("grads", 16), Accelerator(), resume=None)
+run = build(config("grads", 8), Accelerator(), resume=None)
 set_training(run.fake_score, False, run.shared)
 run.generator.train()
 

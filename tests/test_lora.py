@@ -102,3 +102,18 @@ def test_lora_targets_that_match_no_module_and_an_analytic_teacher_are_one_line(
     assert not (tmp_path / "run" / "generator").exists()
     with pytest.raises(SidError, match="an analytic teacher's students are MLPs fitted to it"):
         load_config(["toy_2d"], ["lora.generator=true"])
+
+
+@pytest.mark.slow
+def test_a_state_resumed_with_other_students_is_one_line(lora_runs):
+    """A LoRA run's state resumed with full students (or the other way) does not fit: one line, the state kept."""
+    from sid.checkpoint import list_training_states
+    from sid.trainer import train
+
+    root, _, _ = lora_runs
+    states = list_training_states(root / "split")
+    cfg = load_config([], lora_overrides(root / "split", 24, "lora.fake_score=false", "lora.generator=false"))
+    with pytest.raises(SidError, match="does not fit this config's networks .*resume with the settings it was saved "
+                                       "with"):
+        train(cfg, resume="auto")
+    assert list_training_states(root / "split") == states

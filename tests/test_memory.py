@@ -14,12 +14,11 @@ from sid.errors import SidError
 def test_the_plan_matches_the_measured_peak_within_a_fifth():
     """eval/bench_memory.py on the tiny UNet with attention: the planned weights and Adam moments are the measured
     ones (the counts are exact), and the planned peak (with the activations measured on the meta device) is within
-    20% of the peak of a real run's two iterations (fp32 as configured; bf16 with LoRA students and activation
-    checkpointing)."""
+    20% of the peak of a real run's two iterations, in bf16 with LoRA students and activation checkpointing (full
+    students in fp32: tests/test_sharding.py, sharded)."""
     from eval.bench_memory import CASES, SMOKE, bench
 
-    rows = [*bench([], SMOKE, {"as configured": CASES["as configured"]}, ["fp32"]),
-            *bench([], SMOKE, {"LoRA + checkpointing": CASES["LoRA + checkpointing"]}, ["bf16"])]
+    rows = bench([], SMOKE, {"LoRA + checkpointing": CASES["LoRA + checkpointing"]}, ["bf16"])
     for row in rows:
         measured, planned = row["measured"], row["planned"]
         print(row["case"], row["precision"], {k: round(planned[k] / measured[k], 3) for k in measured})

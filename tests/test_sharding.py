@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow                     # end-to-end runs
 
 def overrides(folder, prompts):
     return ["teacher.kind=diffusers", f"teacher.diffusers.path={folder}", f"conditions.prompts={prompts}",
-            "optim.batch=4", "optim.batch_gpu=1", "train.log_every_nimg=4", "train.ckpt_every_nimg=8",
-            "train.sample_every_nimg=16", "train.num_samples=2", "train.progress=false", "train.tracker=none",
+            "optim.batch=4", "optim.batch_gpu=1", "train.log_every_nimg=4", "train.ckpt_every_nimg=4",
+            "train.sample_every_nimg=8", "train.num_samples=2", "train.progress=false", "train.tracker=none",
             "loss.guide_teacher=1.5", "loss.guide_fake=1.5", "optim.g_lr=1e-3", "optim.fake_lr=1e-3",
             "ema.halflife_nimg=8", "perf.fused_adam=false"]
 
@@ -41,7 +41,7 @@ def launched(tiny_pipeline, tmp_path_factory):
 
 
 def test_a_sharded_run_stopped_and_resumed_equals_the_unsharded_one(launched):
-    """Two processes, 16 images: the unsharded (DDP) run straight, the sharded one stopped at 8 and resumed (its
+    """Two processes, 8 images: the unsharded (DDP) run straight, the sharded one stopped at 4 and resumed (its
     Adam moments split again from the full state); their last training states (full tensors both) agree to float
     tolerance: the gradients are summed in another order (a reduce-scatter instead of an all-reduce), which Adam's
     normalised steps (lr 1e-3 here) can carry into the weights at a tenth of a step."""
@@ -50,14 +50,14 @@ def test_a_sharded_run_stopped_and_resumed_equals_the_unsharded_one(launched):
     out, stdout, _ = launched
     assert "sharded (FSDP2)" in stdout and "resumed from" in stdout
     ddp, fsdp = (load_training_state(list_training_states(out / name)[-1]) for name in ("ddp", "fsdp"))
-    assert ddp["nimg"] == fsdp["nimg"] == 16
+    assert ddp["nimg"] == fsdp["nimg"] == 8
     for name in ("generator", "fake_score", "ema"):
         assert set(ddp[name]) == set(fsdp[name]), name
         for key in ddp[name]:
             torch.testing.assert_close(fsdp[name][key], ddp[name][key], rtol=1e-3, atol=1e-4)
     for index, moments in ddp["opt_g"]["state"].items():
-        torch.testing.assert_close(fsdp["opt_g"]["state"][index]["exp_avg_sq"], moments["exp_avg_sq"], rtol=1e-3,
-                                   atol=1e-9)
+        torch.testing.assert_close(fsdp["opt_g"]["state"][index]["exp_avg_sq"], moments["exp_avg_sq"], rtol=1e-2,
+                                   atol=1e-8)
 
 
 def test_the_generator_step_under_sharding_sends_no_gradient_to_the_teacher_or_fake_score(launched):
@@ -82,8 +82,8 @@ def test_a_sharded_runs_checkpoint_and_export_are_the_unsharded_ones(launched):
     exported = load_generator(out / "fsdp" / "generator")
     assert all(torch.equal(exported.state_dict()[k], v) for k, v in state["ema"].items())
     assert (out / "fsdp" / "samples" / "compare.png").is_file()
-    resumed = train(load_config([], [*common, f"train.run_dir={out / 'fsdp'}", "train.total_nimg=24"]), resume="auto")
-    assert resumed.nimg == 24 and not resumed.sharded
+    resumed = train(load_config([], [*common, f"train.run_dir={out / 'fsdp'}", "train.total_nimg=12"]), resume="auto")
+    assert resumed.nimg == 12 and not resumed.sharded
 
 
 def test_the_memory_plan_of_a_sharded_run_matches_its_measured_peak(launched):
