@@ -25,11 +25,18 @@ def shares(module: nn.Module) -> set[int]:
     return {id(t) for t in (*module.parameters(), *module.buffers())}
 
 
+def lora_config(section):
+    """peft's ``LoraConfig`` of the ``lora`` section: rank, scale α / r (α = r unless given), target modules."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=section.rank, lora_alpha=section.alpha or section.rank, target_modules=list(section.targets))
+
+
 def lora_student(teacher, section) -> nn.Module:
     """A trainable student of ``teacher`` whose base weights are the teacher's own tensors (frozen) and whose
     adapters, on the modules ``section.targets`` names inside ``teacher.lora_target``, are its only parameters."""
     try:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import inject_adapter_in_model
     except ImportError:
         raise SidError("lora.fake_score and lora.generator need peft: pip install 'sid-distill[lora]' (or peft)") \
             from None
@@ -37,9 +44,8 @@ def lora_student(teacher, section) -> nn.Module:
     memo = {id(t): t for t in (*teacher.denoiser.parameters(), *teacher.denoiser.buffers())}
     student = copy.deepcopy(teacher.denoiser, memo=memo)       # new modules around the very same tensors
     target = teacher.lora_target(student)
-    config = LoraConfig(r=section.rank, lora_alpha=section.alpha or section.rank, target_modules=list(section.targets))
     try:
-        inject_adapter_in_model(config, target)
+        inject_adapter_in_model(lora_config(section), target)
     except ValueError:                                          # peft: the targets matched no module
         names = sorted({name.rsplit(".", 1)[-1] for name, m in target.named_modules()
                         if isinstance(m, (nn.Linear, nn.Conv2d))})
@@ -78,13 +84,13 @@ def save_adapter(model: nn.Module, teacher, section, folder: Path) -> None:
     """The adapter of a LoRA generator alone in peft's format (``adapter_config.json``, ``adapter_model.safetensors``,
     keys relative to the teacher's network: ``inject_adapter_in_model`` + ``set_peft_model_state_dict`` on the
     teacher's network, or diffusers' ``load_lora_adapter``, rebuild the generator's network)."""
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     from sid.checkpoint import write_error
 
     state = get_peft_model_state_dict(teacher.lora_target(model))
-    config = LoraConfig(r=section.rank, lora_alpha=section.alpha or section.rank, target_modules=list(section.targets))
+    config = lora_config(section)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()},

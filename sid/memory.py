@@ -74,7 +74,9 @@ def plan(cfg, processes: int = 1, sharded: bool = False, on_gpu: bool = True, tr
     batch_gpu, _ = micro_batches(cfg, processes)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
     frozen = 2 if bf16 and cfg.perf.teacher_bf16 else 4
+    stored = "bf16" if frozen == 2 else "fp32"
     teacher = build_architecture(cfg.teacher, trust_code=trust_code)
+    network = count(teacher.denoiser)
     shared = frozenset(shares(teacher.denoiser))
     students = {name: lora_student(teacher, cfg.lora) if getattr(cfg.lora, name) else teacher.make_student()
                 for name in ("fake_score", "generator")}
@@ -82,9 +84,9 @@ def plan(cfg, processes: int = 1, sharded: bool = False, on_gpu: bool = True, tr
     codec = sum(count(part) for part in (teacher.components() or {}).values() if isinstance(part, torch.nn.Module))
     split = processes if sharded else 1
     kind = {name: "adapters" if getattr(cfg.lora, name) else "weights" for name in students}
-    rows = [(f"teacher, frozen ({'bf16' if frozen == 2 else 'fp32'})", count(teacher.denoiser) * frozen / split)]
+    rows = [(f"teacher, frozen ({stored})", network * frozen / split)]
     if codec and not cfg.perf.offload_codec:
-        rows.append((f"VAE and text encoders, frozen ({'bf16' if frozen == 2 else 'fp32'})", codec * frozen))
+        rows.append((f"VAE and text encoders, frozen ({stored})", codec * frozen))
     for name, label in (("fake_score", "fake score"), ("generator", "generator")):
         rows.append((f"{label}: {kind[name]} (fp32)", trained[name] * 4 / split))
         rows.append((f"{label}: Adam moments", ADAM_MOMENTS * trained[name] * 4 / split))
@@ -94,7 +96,7 @@ def plan(cfg, processes: int = 1, sharded: bool = False, on_gpu: bool = True, tr
     rows.append(("activations, one generator step", per_step + per_sample * batch_gpu))
     if bf16:
         rows.append(("generator: bf16 copies of its trained weights (autocast)", trained["generator"] * 2))
-    notes = [f"parameters: teacher {count(teacher.denoiser):,}, VAE and text encoders {codec:,}, trained "
+    notes = [f"parameters: teacher {network:,}, VAE and text encoders {codec:,}, trained "
              f"{trained['fake_score']:,} (fake score) and {trained['generator']:,} (generator)",
              f"activations measured at micro-batches 1 and 2: {gib(per_sample)} per sample + {gib(per_step)}"]
     if codec and cfg.perf.offload_codec:

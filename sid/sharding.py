@@ -70,10 +70,10 @@ def meta_copy(module: nn.Module) -> nn.Module:
 def full(t, keep: bool):
     """A tensor whole: a sharded one gathered from every process (a collective: every process calls it in the same
     order), on the CPU where ``keep``, else dropped (None); others as they are."""
-    if isinstance(t, torch.Tensor) and is_sharded(t):
-        t = t.full_tensor()
+    if isinstance(t, torch.Tensor):
+        t = t.full_tensor() if is_sharded(t) else t.detach()
         return t.cpu() if keep else None
-    return t.detach().cpu() if keep and isinstance(t, torch.Tensor) else (t if keep else None)
+    return t if keep else None
 
 
 def full_state(state: dict, keep: bool) -> dict:

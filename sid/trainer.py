@@ -763,7 +763,8 @@ def export(run: Run, folder: str, generator: OneStepGenerator | None = None, **e
     """The EMA generator (or ``generator``, a sharded run's gathered one) to ``run_dir/folder``, its config naming
     the image count, λ and the run's config; a LoRA generator merged into a full network (and, with
     ``lora.save_adapter``, its adapter alone in ``adapter/``)."""
-    generator, out = generator or run.ema.model, Path(run.cfg.train.run_dir) / folder
+    generator = run.ema.model if generator is None else generator
+    out = Path(run.cfg.train.run_dir) / folder
     if is_lora(generator):
         if run.cfg.lora.save_adapter:
             save_adapter(generator.denoiser, run.teacher, run.cfg.lora, out / "adapter")

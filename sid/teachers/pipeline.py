@@ -25,6 +25,7 @@ from sid.teachers.latent import (
     ImageCodec,
     export_family,
     family_of,
+    held,
     index_family,
     latent_denoiser,
     latent_shape,
@@ -197,16 +198,17 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
     folder = Path(folder)
     try:
         index = json.loads((folder / "model_index.json").read_text())
-        slot = "transformer" if (index.get("transformer") or [None])[0] else "unet"
+        slot = "transformer" if held(index, "transformer") else "unet"
         unet_lib, unet_name = index[slot]
         scheduler_lib, scheduler_name = index["scheduler"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SidError(f"{folder / 'model_index.json'} is not the index of a sid export ({type(e).__name__}); "
                        "export it again") from None
     scheduler_cls = getattr(diffusers, scheduler_name, None) if scheduler_lib == "diffusers" else None
+    family = index_family(index)
     if (index.get("_class_name") != "SiDPipeline" or unet_lib != "diffusers" or unet_name not in NETWORKS
             or not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin))
-            or index_family(index) not in (None, *LATENT_FAMILIES)):
+            or family not in (None, *LATENT_FAMILIES)):
         raise SidError(f"{folder} is a diffusers folder, but not a sid export (SiDPipeline with a diffusers network "
                        "and scheduler); give the folder sid exported")
     try:
@@ -216,7 +218,7 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
         raise SidError(f"{folder}: its unet/ or scheduler/ cannot be loaded ({type(e).__name__}: "
                        f"{(str(e).splitlines() or [''])[0][:160]}); export it again") from None
     settings = {k: index[k] for k in ("sigma_init", "prediction_type", "sigma_data", "sample_size") if k in index}
-    pipeline = SiDPipeline(**{slot: unet}, scheduler=scheduler, teacher_pipeline=index_family(index), **settings)
+    pipeline = SiDPipeline(**{slot: unet}, scheduler=scheduler, teacher_pipeline=family, **settings)
     return pipeline.denoiser(), pipeline.sample_shape(), float(pipeline.config.sigma_init)
 
 
