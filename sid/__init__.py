@@ -25,7 +25,7 @@ _API = {
     "Teacher": "sid.teachers",
     "Preconditioned": "sid.precond",
     "EDMRule": "sid.precond",
-    "SiDPipeline": "sid.teachers.pipeline",
+    "SiDPipeline": "sid.teachers.diffusers",
     "FlowRule": "sid.precond",
     "SidError": "sid.errors",
 }

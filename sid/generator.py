@@ -8,11 +8,14 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sid.checkpoint import fsync, tensors_checksum, write_error
 from sid.errors import SidError
+from sid.guidance import part
+from sid.teachers import backbone_values, denoiser_from_spec, export_native, load_native, note_native
 
 WEIGHTS, CONFIG = "generator.safetensors", "generator.json"
 
@@ -58,8 +61,6 @@ class OneStepGenerator(nn.Module):
     def sample_seeds(self, seeds, classes=None, device=None, batch: int = 256, cond=None) -> torch.Tensor:
         """One sample per seed (see ``inputs_for_seeds``), generated in batches; ``cond``: one condition per seed
         (e.g. encoded prompts) in place of the seeds' labels."""
-        from sid.guidance import part
-
         z, labels = self.inputs_for_seeds(list(seeds), classes, device)
         labels = labels if cond is None else cond
         return torch.cat([self(z[i:i + batch], part(labels, slice(i, i + batch))) for i in range(0, len(z), batch)])
@@ -72,9 +73,6 @@ def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Pat
     for a diffusers teacher also the diffusers pipeline folder (``unet/``, ``scheduler/``, ``model_index.json``)
     with a model card (``README.md``), and a latent teacher's frozen ``components`` (VAE, text encoder,
     tokenizer: ``Teacher.components()``)."""
-    from sid.checkpoint import fsync, tensors_checksum, write_error
-    from sid.teachers import export_native
-
     out_dir = Path(out_dir)
     config = {"format": "sid-generator/1", "denoiser": spec, "shape": list(generator.shape),
               "sigma_init": generator.sigma_init, "label_dim": generator.label_dim, **(extra or {})}
@@ -97,6 +95,17 @@ def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Pat
         raise SidError(f"could not export the generator to {out_dir} ({write_error(e)}); free space and resume") \
             from None
     return out_dir
+
+
+def note_measured(folder, nimg: int, measured: dict) -> None:
+    """Add what was measured at image ``nimg`` to what the export in ``folder`` says of itself in its family's own
+    form (its model card), where the export is of that image count (its weights and config stay as written)."""
+    try:
+        config = json.loads((Path(folder) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return
+    if config.get("nimg") == nimg:
+        note_native(folder, {**config, **measured})
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -140,25 +149,17 @@ def load_generator(path: str | Path, device=None, trust_code: bool = False) -> O
     ``trust_code``: a generator distilled from a ``teacher.kind=python`` teacher names the Python function that
     builds its architecture; it loads only when trusted, since loading runs that function.
     """
-    from sid.teachers import denoiser_from_spec
-
     path = Path(path)
     weights = path / WEIGHTS if path.is_dir() else path
     if path.is_dir() and not weights.is_file() and (path / "generator" / WEIGHTS).is_file():
         weights = path / "generator" / WEIGHTS                               # a run folder: its export
-    if path.is_dir() and not weights.is_file() and (path / "model_index.json").is_file():
-        from sid.teachers import load_native  # the diffusers form alone
-
-        denoiser, shape, sigma_init = load_native(path)
-        return OneStepGenerator(denoiser, shape, sigma_init).to(device).eval().requires_grad_(False)
+    native = load_native(path) if path.is_dir() and not weights.is_file() else None    # its family's form alone
+    if native is not None:
+        return OneStepGenerator(*native).to(device).eval().requires_grad_(False)
     if not weights.is_file():
         raise SidError(f"no exported generator at {path}: expected a run folder, a folder with {WEIGHTS} (or "
                        "a diffusers-form export), or the file itself")
-    from sid.checkpoint import tensors_checksum
-
     try:
-        from safetensors import safe_open
-
         with safe_open(str(weights), "pt") as f:
             metadata = f.metadata() or {}
         config = check_config(json.loads(metadata["sid_config"]))
@@ -196,8 +197,6 @@ def check_config(config) -> dict:
 def check_size(spec: dict, state: dict, weights: Path) -> None:
     """Before anything is allocated: the architecture a spec describes (built on the meta device, where it costs
     nothing) holds as many values as the weights file does; a file cannot ask for a network larger than itself."""
-    from sid.teachers import backbone_values
-
     try:
         values = backbone_values(spec)
     except SidError:

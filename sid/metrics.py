@@ -239,7 +239,7 @@ def _embeddings(out) -> torch.Tensor:
 def make_clip(model: str):
     """torchmetrics' ``CLIPScore`` with the transformers ``CLIPModel`` and ``CLIPProcessor`` in ``model`` (a local
     folder, or a hub id online; weights only, no code from the folder), or one line saying what is needed."""
-    from sid.teachers import load_clip
+    from sid.teachers.diffusers import load_clip  # imports diffusers: only for the CLIP score
 
     try:
         from torchmetrics.multimodal.clip_score import CLIPScore

@@ -38,7 +38,7 @@ from sid.conditions import Prompts, build_conditions, read_prompts
 from sid.config import LAMBDA_PRESETS, as_tuple, to_dict, to_yaml
 from sid.ema import EMA, ema_beta
 from sid.errors import SidError
-from sid.generator import OneStepGenerator, export_generator, num_params
+from sid.generator import OneStepGenerator, export_generator, note_measured, num_params
 from sid.generator import push_to_hub as upload  # the trainer's argument takes the name
 from sid.images import image_grid, save_image_grid, save_panels, save_samples
 from sid.lora import is_lora, lora_student, merged, save_adapter, shares
@@ -72,7 +72,7 @@ from sid.runtime import (
 from sid.sampling import sample_teacher
 from sid.sharding import check_launch as check_sharding
 from sid.sharding import device_mesh, full_state, loaded, meta_copy, shard, split_optimizer_state
-from sid.teachers import Teacher, build_teacher, note_measured
+from sid.teachers import Teacher, build_teacher
 
 __all__ = ["Run", "TrainingInterrupted", "build", "iteration", "train"]
 

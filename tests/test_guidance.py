@@ -11,7 +11,7 @@ from sid.guidance import concat, drop, guided, where
 from sid.losses import DistillationLoss
 from sid.precond import EDMRule, Preconditioned
 from sid.teachers.base import Teacher
-from sid.teachers.diffusers import DiscreteVPRule
+from sid.teachers.diffusers.rules import DiscreteVPRule
 
 
 class Conditioned(nn.Module):

@@ -381,7 +381,7 @@ def test_native_time_on_a_teacher_without_it_is_one_line():
         DistillationLoss.from_config(cfg.loss, teacher, per_process=4)
     with pytest.raises(SidError, match="generator.t_init=625: this python teacher has continuous time"):
         initial_sigma(load_config([], ["generator.t_init=625"]).generator, teacher)
-    from sid.teachers.diffusers import DiscreteVPRule
+    from sid.teachers.diffusers.rules import DiscreteVPRule
 
     discrete = Teacher(Preconditioned(torch.nn.Identity(), DiscreteVPRule(torch.linspace(0.999, 0.01, 100),
                                                                           "epsilon")), (1, 4, 4), {"kind": "diffusers"})

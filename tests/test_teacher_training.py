@@ -12,7 +12,7 @@ from conftest import TINY_UNET, sid_process
 from sid.config import TeacherTrainingConfig, load_config
 from sid.errors import SidError
 from sid.teacher_training import train_teacher
-from sid.teachers.diffusers import load_denoiser
+from sid.teachers.diffusers.unet import load_denoiser
 
 
 @pytest.fixture

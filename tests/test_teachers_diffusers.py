@@ -15,7 +15,10 @@ from sid.errors import SidError
 from sid.precond import FlowRule, Preconditioned
 from sid.teachers import build_teacher
 from sid.teachers.analytic import GaussianMixture
-from sid.teachers.diffusers import ASSETS, DiscreteVPRule, denoiser_from_spec, load_denoiser
+from sid.teachers.diffusers import denoiser_from_spec
+from sid.teachers.diffusers.files import ASSETS
+from sid.teachers.diffusers.rules import DiscreteVPRule
+from sid.teachers.diffusers.unet import load_denoiser
 
 GMM = GaussianMixture([0.2, 0.5, 0.3], torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0)),
                       [0.3, 0.5, 0.8])
@@ -110,7 +113,7 @@ def test_class_conditional_unets_take_one_hot_labels():
         norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
         mid_block_type=None, cross_attention_dim=8, num_class_embeds=10,
     )
-    from sid.teachers.diffusers import denoiser_from_unet
+    from sid.teachers.diffusers.unet import denoiser_from_unet
 
     denoiser = denoiser_from_unet(unet, "epsilon", None, 0.5)
     assert denoiser(x, torch.tensor([0.5, 3.0]), labels).shape == x.shape
@@ -223,7 +226,7 @@ def test_a_cached_hub_model_loads_from_the_cache_first(tmp_path, monkeypatch):
     import huggingface_hub
     from diffusers import EDMEulerScheduler, UNet2DModel
 
-    import sid.teachers.diffusers as adapter
+    import sid.teachers.diffusers.unet as adapter
 
     revision = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "models--owner--tiny"

@@ -1,5 +1,6 @@
-"""Class-conditional latent teachers (DiTPipeline, sid/teachers/latent.py) on a tiny pipeline built from configs:
-the pipeline's own output reproduced, distillation with guidance inside the loss, the export as a pipeline."""
+"""Class-conditional latent teachers (DiTPipeline, sid/teachers/diffusers/families/dit.py) on a tiny pipeline built
+from configs: the pipeline's own output reproduced, distillation with guidance inside the loss, the export as a
+pipeline."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
-"""Latent text-to-image teachers (sid/teachers/latent.py) on a tiny Stable Diffusion pipeline built from configs
-(UNet2DConditionModel, AutoencoderKL, a CLIP text encoder, a CLIP tokenizer written here): sid's denoiser is the
+"""Latent text-to-image teachers (sid/teachers/diffusers/latent.py) on a tiny Stable Diffusion pipeline built from
+configs (UNet2DConditionModel, AutoencoderKL, a CLIP text encoder, a CLIP tokenizer written here): sid's denoiser is the
 pipeline's own model, shown against the pipeline's own output."""
 
 import numpy as np
@@ -298,7 +298,7 @@ def test_text_to_image_fid_and_clip_score_offline_and_in_the_loop(sd_folder, tex
     from sid.cli import main as sid
     from sid.generator import load_generator
     from sid.metrics import resize, text_sampler, to_uint8_nchw
-    from sid.teachers import load_codec
+    from sid.teachers.diffusers import export_codec
     from sid.trainer import train
 
     root, _, _ = text_runs
@@ -315,7 +315,7 @@ def test_text_to_image_fid_and_clip_score_offline_and_in_the_loop(sd_folder, tex
     assert "32×32 (bicubic, antialiased)" in result["what"] and f"CLIP score by {clip}" in result["what"]
     assert np.isfinite(result["mean"]) and -1 <= result["clip"][0] <= 1
 
-    generator, codec = load_generator(root / "whole"), load_codec(root / "whole")
+    generator, codec = load_generator(root / "whole"), export_codec(root / "whole")
     prompts = (root / "prompts.txt").read_text().split("\n")[:5]
     sample = text_sampler(generator, codec)
     def clip_score():                                    # the projected embeddings, cosine by hand

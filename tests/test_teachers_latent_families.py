@@ -1,4 +1,4 @@
-"""The other latent text-to-image families (sid/teachers/latent.py): Stable Diffusion XL (two CLIPs, pooled
+"""The other latent text-to-image families (sid/teachers/diffusers/families/): Stable Diffusion XL (two CLIPs, pooled
 embeddings, time ids), Stable Diffusion 3 (MM-DiT on flow matching, two CLIPs and T5, or no T5), PixArt-α / Σ
 (T5 with its attention mask, learned variance) and Sana (Gemma 2 after an instruction, a deep-compression VAE),
 each on a tiny pipeline built from configs: sid's denoiser is the pipeline's own model, shown against the

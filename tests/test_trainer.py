@@ -170,7 +170,7 @@ def test_teacher_reference_samples(tmp_path):
 
 def test_a_diffusers_teacher_samples_without_a_config(tmp_path):
     """--teacher takes a diffusers folder or builtin:<name> directly, as the config naming it would."""
-    from sid.teachers.diffusers import ASSETS
+    from sid.teachers.diffusers.files import ASSETS
 
     for teacher in ("builtin:fmnist", ASSETS / "fmnist", "fmnist"):                  # the last: the preset
         assert sid(["sample", "--teacher", str(teacher), "--steps", "2", "--seeds", "0-1",

@@ -42,7 +42,6 @@ from sid.metrics import (
     teacher_fid,
     text_sampler,
 )
-from sid.teachers import load_codec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -84,7 +83,9 @@ def measured(args, run) -> tuple[list[float], dict]:
 
 def cmd_gen(args) -> dict:
     generator = load_generator(args.generator, device=DEVICE, trust_code=args.trust_code)
-    codec = load_codec(args.generator)                       # a latent generator's VAE (and text encoder)
+    from sid.teachers.diffusers import export_codec  # diffusers loads for generators only
+
+    codec = export_codec(args.generator)                     # a latent generator's VAE (and text encoder)
     codec = codec.to(DEVICE) if codec is not None else None
     if codec is not None and codec.text_to_image:
         return text_gen(args, generator, codec)

@@ -24,7 +24,7 @@ from sid.generator import load_generator
 from sid.images import save_image_grid, save_samples, to_uint8
 from sid.metrics import text_sampler
 from sid.sampling import sample_teacher
-from sid.teachers import Teacher, build_teacher, load_codec, teacher_from_path
+from sid.teachers import Teacher, build_teacher, teacher_from_path
 
 
 def parse_ints(text: str) -> list[int]:
@@ -98,7 +98,9 @@ def main(argv=None, prog=None) -> int:
             return teacher.decode(latents).cpu()
     else:
         generator = load_generator(args.generator, device=args.device, trust_code=args.trust_code)
-        codec = load_codec(args.generator)                   # a latent generator's VAE (and text encoder)
+        from sid.teachers.diffusers import export_codec  # diffusers loads for generators only
+
+        codec = export_codec(args.generator)                 # a latent generator's VAE (and text encoder)
         text = codec is not None and codec.text_to_image
         if prompts and not text:
             raise SidError("--prompt given, but this generator takes no text (its teacher was not text-to-image)")

@@ -16,22 +16,19 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import DiffusionPipeline, EDMEulerScheduler, SchedulerMixin
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
+from sid.errors import SidError
 from sid.precond import Preconditioned
-from sid.teachers.diffusers import denoiser_from_unet, edm_output, model_of
-from sid.teachers.latent import FAMILIES as LATENT_FAMILIES
-from sid.teachers.latent import (
-    ImageCodec,
-    export_family,
-    family_of,
-    held,
-    index_family,
-    latent_denoiser,
-    latent_shape,
-    quiet,
-    vae_factor,
-)
+from sid.teachers.diffusers.codecs import ImageCodec, vae_factor
+from sid.teachers.diffusers.families import FAMILIES, family_of
+from sid.teachers.diffusers.files import held, quiet
+from sid.teachers.diffusers.latent import export_family, index_family, latent_denoiser
+from sid.teachers.diffusers.models import model_of, own_shape
+from sid.teachers.diffusers.rules import edm_output
+from sid.teachers.diffusers.unet import denoiser_from_unet
 
 TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
@@ -69,7 +66,7 @@ class SiDPipeline(DiffusionPipeline):
 
     @property
     def text_to_image(self) -> bool:
-        return self.family in LATENT_FAMILIES and bool(LATENT_FAMILIES[self.family].encoders)
+        return self.family in FAMILIES and FAMILIES[self.family].text_to_image
 
     @property
     def network(self) -> nn.Module:
@@ -86,8 +83,10 @@ class SiDPipeline(DiffusionPipeline):
 
     def sample_shape(self) -> tuple[int, ...]:
         """One sample's shape: the network's channels at the export's latent size (else the network's own)."""
-        size, config = self.config.sample_size, self.network.config
-        return (config.in_channels, *size) if size else latent_shape(self.network, 1)
+        size, network = self.config.sample_size, self.network
+        if size:
+            return (network.config.in_channels, *size)
+        return own_shape(network) if self.family is None else family_of(self.family).latent_shape(network, 1)
 
     def codec(self) -> ImageCodec | None:
         """The VAE (and the text encoders and tokenizers), as the teacher used them (latent generators), or None."""
@@ -106,9 +105,6 @@ class SiDPipeline(DiffusionPipeline):
         """``prompt``: one prompt per image (a text-to-image generator; a single one is used ``batch_size`` times);
         ``latents``: the noise z ~ N(0, I) itself, instead of drawing it from ``generator``; ``output_type``:
         ``pil``, ``np``, ``pt`` (images in [-1, 1]) or ``latent`` (a latent generator's latents)."""
-        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-        from diffusers.utils.torch_utils import randn_tensor
-
         denoiser, codec = self.denoiser(), self.codec()
         cond = None
         if self.text_to_image:
@@ -154,7 +150,7 @@ def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_d
         cls = cls if isinstance(cls, type) and issubclass(cls, SchedulerMixin) else diffusers.DDPMScheduler
         scheduler = cls.from_config(schedule)
     family = spec.get("pipeline")
-    slot = LATENT_FAMILIES[family].network if family in LATENT_FAMILIES else "unet"
+    slot = FAMILIES[family].network if family in FAMILIES else "unet"
     latent = {"teacher_pipeline": family, "sample_size": list(config["shape"][1:])} if family else {}
     pipeline = SiDPipeline(**{slot: model}, scheduler=scheduler, **(components or {}), sigma_init=sigma_init,
                            prediction_type=spec["prediction_type"], sigma_data=denoiser.sigma_data, **latent)
@@ -185,17 +181,17 @@ def save_components(pipeline: DiffusionPipeline, names: list[str], folder: Path)
             module.save_pretrained(folder / name)
 
 
-NETWORKS = ("UNet2DModel", "UNet2DConditionModel", *sorted({f.model for f in LATENT_FAMILIES.values()}))
+NETWORKS = ("UNet2DModel", "UNet2DConditionModel", *sorted({f.model for f in FAMILIES.values()}))
 
 
-def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
+def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float] | None:
     """(denoiser, sample shape, σ_init) of a diffusers-form export alone (``model_index.json``, ``unet/`` or
-    ``transformer/``, ``scheduler/``), for ``sid.load_generator``. Its components are loaded by the classes its
-    index names only where those are diffusers' own networks and schedulers: an index cannot make this import or
-    run other code."""
-    from sid.errors import SidError
-
+    ``transformer/``, ``scheduler/``), for ``sid.load_generator``; None for a folder without ``model_index.json``.
+    Its components are loaded by the classes its index names only where those are diffusers' own networks and
+    schedulers: an index cannot make this import or run other code."""
     folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        return None
     try:
         index = json.loads((folder / "model_index.json").read_text())
         slot = "transformer" if held(index, "transformer") else "unet"
@@ -208,7 +204,7 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
     family = index_family(index)
     if (index.get("_class_name") != "SiDPipeline" or unet_lib != "diffusers" or unet_name not in NETWORKS
             or not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin))
-            or family not in (None, *LATENT_FAMILIES)):
+            or family not in (None, *FAMILIES)):
         raise SidError(f"{folder} is a diffusers folder, but not a sid export (SiDPipeline with a diffusers network "
                        "and scheduler); give the folder sid exported")
     try:
@@ -220,6 +216,13 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float]:
     settings = {k: index[k] for k in ("sigma_init", "prediction_type", "sigma_data", "sample_size") if k in index}
     pipeline = SiDPipeline(**{slot: unet}, scheduler=scheduler, teacher_pipeline=family, **settings)
     return pipeline.denoiser(), pipeline.sample_shape(), float(pipeline.config.sigma_init)
+
+
+def note_native(folder: Path, config: dict) -> None:
+    """The model card of the diffusers form in ``folder`` rewritten from ``config`` (with what was measured), where
+    the export has that form."""
+    if (Path(folder) / "model_index.json").is_file():
+        write_card(folder, config)
 
 
 def write_card(folder: Path, config: dict) -> None:
@@ -240,8 +243,8 @@ def model_card(config: dict) -> str:
         measured = (f"FID-{evaluation.get('num', '?')} {config['fid']:.4g} (EMA generator, seeds from 0, against "
                     f"`{evaluation.get('fid_ref')}`, measured in training as `sid fid gen` measures)")
     shape, unet = ", ".join(map(str, config["shape"])), spec.get("class_name")
-    family = LATENT_FAMILIES.get(spec.get("pipeline"))
-    call = ('"a photo of a cat", batch_size=4' if family and family.encoders else
+    family = FAMILIES.get(spec.get("pipeline"))
+    call = ('"a photo of a cat", batch_size=4' if family and family.text_to_image else
             "class_labels=[207, 360, 387, 974]" if family else "batch_size=4")
     pipeline = ("```python\nfrom sid import SiDPipeline\n\n"
                 f'images = SiDPipeline.from_pretrained("path/to/this/folder")({call}).images      # PIL images\n'

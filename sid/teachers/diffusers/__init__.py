@@ -1,0 +1,72 @@
+"""``teacher.kind=diffusers``: diffusers models and pipelines as teachers, and generators exported in diffusers'
+own form. The wing's face; its rooms:
+
+==================  ==========================================================================================
+``rules``           coefficient rules from scheduler configs (VP ε / v / x0 on a discrete schedule, EDM, flow)
+``files``           reading folders, hub ids and the components a pipeline's index names (weights only)
+``models``          the diffusers model inside a denoiser, its spec, ``DiffusersTeacher``
+``unet``            pixel-space UNets (and the teacher ``sid teacher`` trains)
+``codecs``          a latent pipeline's frozen VAE and text encoders
+``family``          what a latent family module gives: its ``Family`` row
+``families/``       one module per latent family (SD, SDXL, SD3, PixArt, Sana, DiT), registered there
+``latent``          latent pipeline folders as teachers
+``export``          ``SiDPipeline``: the export in diffusers' form, its model card
+==================  ==========================================================================================
+
+Loading reads weights only (safetensors, or torch files read weights-only, as diffusers does) and runs no code from
+a folder, so ``trust_code`` is not needed here.
+"""
+
+from __future__ import annotations
+
+import diffusers
+from torch import nn
+
+from sid.teachers.base import Teacher
+from sid.teachers.diffusers import latent, unet
+from sid.teachers.diffusers.export import SiDPipeline, export_native, load_native, note_native
+from sid.teachers.diffusers.families import FAMILIES
+from sid.teachers.diffusers.files import load_clip, names_a_teacher
+from sid.teachers.diffusers.latent import export_codec
+from sid.teachers.diffusers.unet import denoiser_from_config, sample_shape, save_teacher
+
+
+def build(section, trust_code: bool = False) -> Teacher:
+    """The teacher of ``teacher.diffusers``: a latent pipeline folder or hub id (``FAMILIES``) with its VAE and text
+    encoders, else a pixel-space UNet (a folder, a hub id, ``builtin:<name>``, or a random one from its config)."""
+    found = latent.latent_pipeline(section)
+    if found is not None:
+        return latent.load(*found, section.resolution)
+    return unet.build(section)
+
+
+def architecture(section) -> Teacher | None:
+    """A latent pipeline's teacher on the meta device, for the memory plan: its networks built from their configs
+    alone (nothing allocated, no weights read; a hub id's configs and tokenizers fetched, not its weights); None for
+    a UNet, which is small enough to build as it is."""
+    found = latent.latent_pipeline(section, weights=False)
+    return None if found is None else latent.load(*found, section.resolution, meta=True).to("meta")
+
+
+def denoiser_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:
+    """An exported generator's architecture (random weights): the network class and config its spec names, under
+    its latent family's backbone where it has one."""
+    network = backbone_from_spec(spec)
+    if spec.get("pipeline") in FAMILIES:
+        return latent.latent_denoiser(spec["pipeline"], network, spec["prediction_type"], spec["scheduler_config"],
+                                      spec["sigma_data"])
+    return unet.denoiser_from_unet(network, spec["prediction_type"], spec["scheduler_config"], spec["sigma_data"])
+
+
+def backbone_from_spec(spec: dict) -> nn.Module:
+    """The network alone (no schedule), e.g. on the meta device to size it before anything is allocated: a
+    latent pipeline's network of its family's class only, else a UNet."""
+    family = FAMILIES.get(spec.get("pipeline"))
+    if family is not None and spec["class_name"] == family.model:
+        return getattr(diffusers, family.model).from_config(spec["unet_config"])
+    return unet.unet_class(spec["class_name"]).from_config(spec["unet_config"])
+
+
+__all__ = ["SiDPipeline", "architecture", "backbone_from_spec", "build", "denoiser_from_config", "denoiser_from_spec",
+           "export_codec", "export_native", "load_clip", "load_native", "names_a_teacher", "note_native",
+           "sample_shape", "save_teacher"]
