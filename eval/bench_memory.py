@@ -7,7 +7,7 @@
         -m eval.bench_memory --smoke --cases "as configured,activation checkpointing"      # sharded over two
 
 Each row is the config plus one change: as configured, activation checkpointing, LoRA students, both. The run is
-built (``sid.trainer.build``) and takes two iterations; measured are the bytes held after the build (the weights:
+built (``sid.run.build``) and takes two iterations; measured are the bytes held after the build (the weights:
 teacher, codec, students, EMA), after the iterations (+ Adam's moments) and at the peak (+ gradients and
 activations). On a GPU they are ``torch.cuda``'s allocated bytes; on the CPU the tensors' bytes as the plan's own
 tracker counts them (``sid.memory.PeakBytes``): allocator slack is in neither. The planned columns are the plan's
@@ -50,7 +50,8 @@ def measure(cfg) -> dict:
     from accelerate import Accelerator
 
     from sid.memory import PeakBytes
-    from sid.trainer import build, iteration
+    from sid.run import build
+    from sid.trainer import iteration
 
     gpu = torch.cuda.is_available()
     if gpu:

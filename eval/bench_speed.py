@@ -91,7 +91,7 @@ def build_run(cfg):
     """A training run of ``cfg`` in this process (one device), as the trainer builds it."""
     from accelerate import Accelerator
 
-    from sid.trainer import build
+    from sid.run import build
 
     return build(cfg, Accelerator(), resume=None)
 

@@ -198,7 +198,8 @@ def print_plan(cfg, args) -> None:
 def load_for_command(files, overrides, schema_class):
     """``load_config``; when it fails on files written for the other trainer (distillation or teacher), the
     error says which command they are for."""
-    from sid.config import Config, TeacherTrainingConfig, load_config
+    from sid.config import load_config
+    from sid.schema import Config, TeacherTrainingConfig
 
     try:
         return load_config(files, overrides, schema_class=schema_class)

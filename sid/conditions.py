@@ -1,9 +1,10 @@
 """Data-free conditions: what the generator is asked for at each draw, since no images are used to train.
 
 A ``Conditions`` source gives ``draw(n, device)``, a batch of conditions of the denoiser contract (``None``,
-one-hot class labels, or a teacher family's encoded prompts), and ``fixed(n)``, the same ``n`` conditions every
-time (sample grids). Sources with a position (prompts) put it in the training state, so a resumed run continues
-where it stopped, on any number of processes.
+one-hot class labels, or a teacher family's encoded prompts), ``fixed(n)``, the same ``n`` conditions every time,
+and what the trainer asks of it: ``grid(n)`` (the conditions of a sample grid, where the seeds do not draw their
+own), ``grid_prompts(n)`` and ``describe()``. Sources with a position (prompts) put it in the training state, so a
+resumed run continues where it stopped, on any number of processes.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sid.checkpoint import fsync, write_error
 from sid.errors import SidError
 
 
@@ -27,6 +31,19 @@ class Unconditional:
 
     def fixed(self, n: int, device=None):
         return None
+
+    def grid(self, n: int, device=None):
+        """The conditions of a sample grid's ``n`` images, or None where each seed draws its own (class labels: from
+        the seed, as ``sid sample`` draws them, so the teacher's grid at the same seeds has the same ones)."""
+        return None
+
+    def grid_prompts(self, n: int) -> list[str] | None:
+        """The prompts of a sample grid's images, where they have prompts."""
+        return None
+
+    def describe(self) -> str:
+        """Where the conditions come from, for the run's first line ("" where there is nothing to say)."""
+        return ""
 
     def state_dict(self) -> dict:
         return {}
@@ -129,8 +146,14 @@ class Prompts(Unconditional):
         """The first ``n`` prompts of the list, in its order (cycled when it is shorter)."""
         return self.condition([i % len(self.prompts) for i in range(n)], device)
 
-    def fixed_prompts(self, n: int) -> list[str]:
+    def grid(self, n: int, device=None) -> dict:
+        return self.fixed(n, device)
+
+    def grid_prompts(self, n: int) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(n)]
+
+    def describe(self) -> str:
+        return f" from {len(self.prompts):,} prompts{' (embeddings cached)' if self.cache is not None else ''}"
 
     def state_dict(self) -> dict:
         return {"drawn": self.drawn}
@@ -155,11 +178,6 @@ def load_cache(path: str | Path, prompts: list[str], encode: Callable[[list[str]
     """The embeddings cache at ``path``: read when it was made for these prompts by this ``encoder`` (a
     fingerprint of the teacher's text encoder), else one error line; made and written (atomically) when the file
     does not exist yet."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file, save_file
-
-    from sid.checkpoint import fsync, write_error
-
     path, made_for = Path(path), {"prompts_sha256": text_digest(prompts), "encoder": encoder}
     if path.is_file():
         try:

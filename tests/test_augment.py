@@ -84,7 +84,8 @@ def test_augmentation_reaches_the_fake_score_only_and_needs_augment_labels(edm_s
     from accelerate import Accelerator
 
     from edm_pickles import write_snapshot
-    from sid.trainer import build, iteration
+    from sid.run import build
+    from sid.trainer import iteration
 
     write_snapshot(tmp_path / "aug.pkl", edm_side.VPPrecond(8, 1, augment_dim=9))
     overrides = ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={tmp_path / 'aug.pkl'}", "loss.augment=0.5",

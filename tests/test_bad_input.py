@@ -153,7 +153,7 @@ def test_sigterm_before_the_loop_and_while_sampling_is_one_line(where, toy_run, 
 
     handler = signal.getsignal(signal.SIGTERM)
     if where == "build":
-        monkeypatch.setattr("sid.trainer.build_teacher", terminate)
+        monkeypatch.setattr("sid.run.build_teacher", terminate)
         err = one_line(capsys, ["train", "--config", "toy_2d", f"train.run_dir={tmp_path / 'run'}"], code=130)
         assert "--resume continues the run" in err
     else:

@@ -61,7 +61,7 @@ def test_drawn_and_fixed_conditions_are_the_prompts_encodings():
     order = Prompts(PROMPTS, fake_encode, seed=1).indices(3)
     torch.testing.assert_close(source.draw(3)["text"], fake_encode([PROMPTS[i] for i in order])["text"])
     torch.testing.assert_close(source.fixed(9)["text"], fake_encode([PROMPTS[i % 7] for i in range(9)])["text"])
-    assert source.fixed_prompts(2) == PROMPTS[:2]
+    assert source.grid_prompts(2) == PROMPTS[:2]
 
 
 def test_class_labels_are_uniform_as_before_or_follow_the_given_probabilities():

@@ -42,7 +42,8 @@ def test_the_trainer_updates_the_ema_with_the_count_before_each_iteration(tmp_pa
     from accelerate import Accelerator
 
     from sid.config import load_config
-    from sid.trainer import build, iteration
+    from sid.run import build
+    from sid.trainer import iteration
 
     cfg = load_config([], ["teacher.analytic.student_width=16", "teacher.analytic.student_fit_steps=5",
                            "optim.batch=64", "optim.g_lr=1e-2", "ema.halflife_nimg=1000", "ema.rampup=0.5",

@@ -372,8 +372,8 @@ def test_the_teachers_own_timesteps_and_their_range():
 def test_native_time_on_a_teacher_without_it_is_one_line():
     from sid.config import load_config
     from sid.losses import DistillationLoss
+    from sid.run import initial_sigma
     from sid.teachers.base import Teacher
-    from sid.trainer import initial_sigma
 
     teacher = Teacher(Preconditioned(torch.nn.Identity(), EDMRule(0.5, 0.002, 80.0)), (1, 4, 4), {"kind": "python"})
     cfg = load_config([], ["loss.time=timesteps"])

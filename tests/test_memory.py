@@ -78,7 +78,7 @@ def test_the_plan_counts_what_training_allocates(tmp_path):
 
     from eval.bench_memory import SMOKE
     from sid.memory import plan
-    from sid.trainer import build
+    from sid.run import build
 
     cfg = load_config([], [*SMOKE, f"train.run_dir={tmp_path}", "train.precision=fp32", "lora.generator=true"])
     rows = dict(plan(cfg, on_gpu=False).rows)

@@ -195,12 +195,12 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
 
 
 def test_a_sample_grid_that_fails_is_a_warning_after_the_checkpoint(tmp_path, monkeypatch, capsys):
-    import sid.trainer
+    import sid.maintenance
 
     def broken(run):
         raise ValueError("cannot draw this")
 
-    monkeypatch.setattr(sid.trainer, "save_sample_grid", broken)
+    monkeypatch.setattr(sid.maintenance, "save_sample_grid", broken)
     run = train(load_config([], toy(tmp_path / "run", 256, "train.sample_every_nimg=128")))
     assert run.nimg == 256 and (tmp_path / "run" / "training-state-000000000256").is_dir()
     assert "warning: no sample grid at 128 images (ValueError: cannot draw this); training goes on" in \

@@ -11,7 +11,9 @@ from conftest import TINY_UNET
 from eval import bench_speed
 from sid.config import load_config
 from sid.errors import SidError
-from sid.trainer import build, iteration, save_sample_grid, train, use_compile
+from sid.maintenance import save_sample_grid
+from sid.run import build, use_compile
+from sid.trainer import iteration, train
 
 TINY = ["teacher.kind=diffusers", f"teacher.diffusers.unet_config={json.dumps(TINY_UNET).replace(' ', '')}",
         "teacher.diffusers.prediction_type=edm", "optim.batch=16", "train.progress=false", "train.tracker=none"]

@@ -112,7 +112,7 @@ def test_the_dit_preset_builds_its_recipe(dit_folder, tmp_path):
     σ_440 ≈ 2.5, timesteps 20..979, ε-MSE fake loss, κ = 1.5 everywhere, α = 1."""
     from accelerate import Accelerator
 
-    from sid.trainer import build
+    from sid.run import build
 
     cfg = load_config(["dit_xl2_256"], [f"teacher.diffusers.path={dit_folder}", "optim.batch=4", "optim.batch_gpu=2",
                                         f"train.run_dir={tmp_path / 'run'}"])

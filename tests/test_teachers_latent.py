@@ -273,7 +273,7 @@ def test_the_sid_lsg_presets_build_their_recipe(sd_folder, tmp_path, preset):
     lr 1e-6, micro-batches of 1 accumulated to the batch."""
     from accelerate import Accelerator
 
-    from sid.trainer import build
+    from sid.run import build
 
     (tmp_path / "p.txt").write_text("a cat\n")
     cfg = load_config([preset], [f"teacher.diffusers.path={sd_folder}", f"conditions.prompts={tmp_path / 'p.txt'}",

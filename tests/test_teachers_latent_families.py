@@ -230,7 +230,7 @@ def test_the_sd3_preset_builds_sid_dits_recipe(tiny_pipeline, tmp_path):
 
     from accelerate import Accelerator
 
-    from sid.trainer import build
+    from sid.run import build
 
     (tmp_path / "p.txt").write_text("a cat\n")
     overrides = [f"teacher.diffusers.path={tiny_pipeline('sd3')}", f"conditions.prompts={tmp_path / 'p.txt'}",

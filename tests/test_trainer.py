@@ -292,11 +292,11 @@ def test_reuse_counts_the_extra_first_fake_step_in_the_statistics(tmp_path, monk
 def test_the_best_evaluation_exports_its_generator(tmp_path, monkeypatch):
     """generator-best/ holds the EMA generator of the run's lowest in-loop value (NaN never counts); a resumed
     run reads the best so far back from metrics.jsonl."""
-    import sid.trainer
+    import sid.maintenance
     from sid.checkpoint import load_training_state
 
     values = iter([0.5, 0.3, float("nan"), 0.4, 0.35, 0.2])                 # at 128, 256, ..., 768 images
-    monkeypatch.setattr(sid.trainer, "sliced_wasserstein", lambda a, b: next(values))
+    monkeypatch.setattr(sid.maintenance, "sliced_wasserstein", lambda a, b: next(values))
     run_dir = tmp_path / "best"
 
     def best(total, resume=None):
@@ -370,7 +370,8 @@ def test_reused_generator_batch_saves_one_generator_forward(tmp_path, monkeypatc
     from accelerate import Accelerator
 
     import sid.losses
-    from sid.trainer import build, iteration
+    from sid.run import build
+    from sid.trainer import iteration
 
     cfg = load_config([], toy_overrides(tmp_path, "r", 1024) + ["optim.batch=32", "optim.batch_gpu=16",
                                                                f"loss.reuse_generator_batch={reuse}"])
@@ -391,7 +392,7 @@ def test_reused_generator_batch_saves_one_generator_forward(tmp_path, monkeypatc
 def test_a_tracker_that_is_not_installed_is_one_line(monkeypatch):
     import accelerate.tracking
 
-    from sid.trainer import choose_tracker
+    from sid.maintenance import choose_tracker
 
     assert choose_tracker("none") == (None, None)
     assert choose_tracker("auto") == ("tensorboard", None)                     # installed with the test extra

@@ -6,7 +6,7 @@
 """
 
 from sid.cli import run
-from sid.config import TeacherTrainingConfig
+from sid.schema import TeacherTrainingConfig
 
 
 def teacher_trainer():

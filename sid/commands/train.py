@@ -10,7 +10,7 @@
 """
 
 from sid.cli import run
-from sid.config import Config
+from sid.schema import Config
 
 
 def trainer():

@@ -1,7 +1,7 @@
 """Teacher adapters: any pretrained model -> the denoiser contract (``sid/precond.py``), behind one face.
 
 Each kind of teacher is one adapter, ``sid/teachers/<kind>.py`` or ``sid/teachers/<kind>/``, named by its section of
-the config (``sid.config.TEACHER_KINDS``, the only list). Every adapter exposes ``build(section, trust_code=False) ->
+the config (``sid.schema.TEACHER_KINDS``, the only list). Every adapter exposes ``build(section, trust_code=False) ->
 Teacher`` and ``denoiser_from_spec(spec, trust_code=False)`` (an export's architecture), and may expose what only
 some kinds can do (``ability``): ``backbone_from_spec``, ``architecture`` (the memory plan's meta teacher),
 ``names_a_teacher``, and a form of its own for exports (``export_native``, ``note_native``, ``load_native``). An
@@ -16,8 +16,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from sid.config import TEACHER_KINDS
 from sid.errors import SidError
+from sid.schema import TEACHER_KINDS
 from sid.teachers.base import Teacher
 
 LEGACY_SPEC_KINDS = {"mlp": "analytic"}          # exports written before the spec was named by its teacher kind

@@ -34,6 +34,11 @@ class Teacher:
     def label_dim(self) -> int:
         return self.denoiser.label_dim
 
+    @property
+    def points(self) -> bool:
+        """Whether one sample is a 2-D point (pictured as a scatter over the teacher's samples), not an image."""
+        return self.shape == (2,)
+
     def null_condition(self, n: int):
         """The family's null condition for ``n`` samples, which guidance's unconditional half sees, or None
         where the teacher has none (unconditional, or never trained without its condition). For one-hot class
