@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -8,9 +9,42 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# CI's two threads (OMP_NUM_THREADS, where it is set, says how many: the suite must pass with 1 and with 2).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or min(2, os.cpu_count() or 1))
 
 from edm_pickles import edm_side  # noqa: E402, F401  (a fixture: EDM's modules while a test writes pickles)
+
+
+def assert_float32_close(actual: torch.Tensor, expected: torch.Tensor, ulps: int = 128) -> None:
+    """Two float32 computations of the same values whose sums run in another order (another batch composition, another
+    CPU's vector width or GEMM blocking): equal within ``ulps`` float32 epsilons of the values' scale, their largest
+    magnitude. Reordering a sum of n terms moves it by about √n ε of the terms' scale; these tiny networks reduce over
+    at most a few hundred terms (√n ≈ 16) through a few layers, which 2^7 ε covers on any CPU, while a real difference
+    (a wrong condition, coefficient or scale) is 1e-3 of the scale or more."""
+    scale = float(torch.maximum(actual.detach().abs().max(), expected.detach().abs().max()))
+    torch.testing.assert_close(actual, expected, rtol=0, atol=ulps * torch.finfo(torch.float32).eps * scale)
+
+
+def _fused_bf16_attention() -> bool:
+    q = torch.zeros(2, 2, 64, 8, dtype=torch.bfloat16)
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return True
+    except RuntimeError:
+        return False
+
+
+# torch's fused bf16 attention on the CPU packs its operands for AVX-512 where the hardware has it, and refuses
+# ("pack_vnni2 is only supported when avx512 is supported") where ATEN_CPU_CAPABILITY holds the kernels below the
+# hardware's: a limit of that setting, not of a CPU.
+FUSED_BF16_ATTENTION = _fused_bf16_attention()
+
+
+def bf16_attention():
+    """Where bf16 attention runs here: torch's fused kernel, or its unfused one where the fused one refuses."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return contextlib.nullcontext() if FUSED_BF16_ATTENTION else sdpa_kernel([SDPBackend.MATH])
 
 
 def sid_process(*args, cwd=ROOT, timeout=300, **kwargs) -> subprocess.CompletedProcess:

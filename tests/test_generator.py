@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT
+from conftest import ROOT, assert_float32_close
 from sid.errors import SidError
 from sid.generator import CONFIG, WEIGHTS, OneStepGenerator, export_generator, load_generator
 from sid.networks import MLP
@@ -35,7 +35,7 @@ def test_the_generator_is_the_denoiser_at_sigma_init():
 def test_a_sample_depends_on_its_seed_alone():
     g = generator()
     whole = g.sample_seeds(range(10), batch=3)
-    torch.testing.assert_close(g.sample_seeds([7, 2]), whole[[7, 2]])
+    assert_float32_close(g.sample_seeds([7, 2]), whole[[7, 2]])        # batches of 2, not 3: another summation order
     fixed = g.sample_seeds([1, 2], classes=[3, 3])
     z, _ = g.inputs_for_seeds([1, 2])
     torch.testing.assert_close(fixed, g(z, torch.eye(4)[[3, 3]]))

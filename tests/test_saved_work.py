@@ -18,8 +18,6 @@ from sid.config import load_config
 from sid.errors import SidError
 from sid.trainer import train
 
-pytestmark = pytest.mark.slow                     # end-to-end runs
-
 
 def toy(run_dir, total, *extra):
     return ["teacher.analytic.student_width=32", "teacher.analytic.student_fit_steps=20", "optim.batch=64",
@@ -50,6 +48,7 @@ def fill(disk, leave: int):
         f.write(b"\0" * max(free, 0))
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_keeps_the_states(small_disk, tmp_path, capsys, monkeypatch):
     """On a real full file system: the state is one error line (not safetensors' traceback), no temporary
     folder stays, the earlier state is kept and the run resumes once there is space. Where no file system can be
@@ -110,6 +109,7 @@ def test_a_state_is_on_disk_before_it_is_renamed(tmp_path, monkeypatch):
     assert events[4] == ("fsync", tmp_path.name)                                   # the folder's new entry
 
 
+@pytest.mark.slow
 def test_damaged_and_mismatched_states_are_one_line(tmp_path):
     run_dir = tmp_path / "run"
     train(load_config([], toy(run_dir, 256)))
@@ -147,6 +147,7 @@ def test_damaged_and_mismatched_states_are_one_line(tmp_path):
         train(load_config([], toy(run_dir, 512)), resume="auto")
 
 
+@pytest.mark.slow
 def test_a_failing_resume_keeps_the_config_and_each_start_keeps_its_own(tmp_path):
     run_dir = tmp_path / "run"
     train(load_config([], toy(run_dir, 256)))
@@ -162,6 +163,7 @@ def test_a_failing_resume_keeps_the_config_and_each_start_keeps_its_own(tmp_path
     assert all(group["lr"] == 3e-6 for group in run.opt_g.param_groups)              # the config's, not the state's
 
 
+@pytest.mark.slow
 def test_resume_says_which_optimiser_settings_the_config_changed(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert sid(["train", *toy(run_dir, 256)]) == 0
@@ -172,6 +174,7 @@ def test_resume_says_which_optimiser_settings_the_config_changed(tmp_path, capsy
            "optim.g_lr 1e-05 -> 3e-06" in out
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
     """Weights gone NaN after the state at 256: no state and no export at 512 (one warning), the finite state
     and export stay."""
@@ -194,6 +197,7 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch, capsys):
     assert json.loads((run_dir / "generator" / "generator.json").read_text())["nimg"] == 256
 
 
+@pytest.mark.slow
 def test_a_sample_grid_that_fails_is_a_warning_after_the_checkpoint(tmp_path, monkeypatch, capsys):
     import sid.maintenance
 
@@ -207,6 +211,7 @@ def test_a_sample_grid_that_fails_is_a_warning_after_the_checkpoint(tmp_path, mo
         capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_two_dimensional_network_teacher_draws_scatter_plots(tmp_path, monkeypatch):
     """A python teacher with 2-D samples (no exact samples): the generator's points over the teacher's Heun
     samples, not a crash in the image grid."""
@@ -221,6 +226,7 @@ def test_a_two_dimensional_network_teacher_draws_scatter_plots(tmp_path, monkeyp
     assert (tmp_path / "run" / "samples" / "samples-000000000032.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_folder_of_someone_elses_files_is_never_written_over(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -233,6 +239,7 @@ def test_a_folder_of_someone_elses_files_is_never_written_over(tmp_path):
     assert out.returncode == 2 and "is a file" in out.stderr
 
 
+@pytest.mark.slow
 def test_one_training_process_per_run_folder(tmp_path):
     run_dir = tmp_path / "run"
     train(load_config([], toy(run_dir, 128)))
@@ -244,6 +251,7 @@ def test_one_training_process_per_run_folder(tmp_path):
     assert not (run_dir / LOCK).exists()                                                          # released
 
 
+@pytest.mark.slow
 def test_a_dropped_sample_alone_is_not_a_non_finite_step(tmp_path, monkeypatch):
     """A sample whose loss is infinite while every gradient stays finite is dropped and counted, and the step is
     not counted non-finite (so it cannot abort the run or block a checkpoint)."""

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_UNET
+from conftest import TINY_UNET, assert_float32_close, bf16_attention
 from sid.config import load_config
 from sid.guidance import part
 from sid.teachers import build_teacher, denoiser_from_spec
@@ -97,9 +97,10 @@ def test_the_denoiser_meets_the_contract(teacher):
     with torch.no_grad():
         out = d(x, sigma, labels)
         assert out.shape == x.shape and out.dtype == torch.float32 and out.isfinite().all()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), bf16_attention():
             assert d(x, sigma, labels).dtype == torch.float32                      # float32 at the boundary
-        torch.testing.assert_close(d(x, 2.5, labels)[:1], d(x[:1], torch.tensor([2.5]), part(labels, slice(1))))
+        # a sample's output is its own, whatever the batch (whose size changes the kernels' order of summation)
+        assert_float32_close(d(x, 2.5, labels)[:1], d(x[:1], torch.tensor([2.5]), part(labels, slice(1))))
         if labels is not None:                                                      # a scalar σ is every sample's
             assert not torch.allclose(out, d(x, sigma, part(labels, [1, 2, 3, 0])))  # conditions are used
 

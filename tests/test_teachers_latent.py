@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_pipelines import save_tiny_sd, teacher_of
 
+from conftest import assert_float32_close
 from sid.config import load_config
 from sid.errors import SidError
 from sid.guidance import guided
@@ -65,12 +66,14 @@ def test_prompts_are_encoded_as_the_pipeline_encodes_them_and_decode_through_its
     teacher = teacher_of(sd_folder)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd_folder, safety_checker=None)
     embeds, negative = pipe.encode_prompt(PROMPTS, "cpu", 1, True)
-    torch.testing.assert_close(teacher.encode(PROMPTS)["text"], embeds)
-    torch.testing.assert_close(teacher.null_condition(2)["text"], negative)
+    # float32 in both, and the pipeline encodes the empty prompt once per image where sid encodes it once for all:
+    # the same computations, rounded as each call's kernels sum (another batch composition, another CPU)
+    assert_float32_close(teacher.encode(PROMPTS)["text"], embeds)
+    assert_float32_close(teacher.null_condition(2)["text"], negative)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
-    torch.testing.assert_close(teacher.decode(latents), expected)
+    assert_float32_close(teacher.decode(latents), expected)
     assert teacher.shape == (4, 8, 8) and teacher.spec["pipeline"] == "StableDiffusionPipeline"
 
 
@@ -84,7 +87,9 @@ def test_sid_sample_draws_the_teacher_for_prompts(sd_folder, tmp_path):
     images = np.load(tmp_path / "t.npz")["images"]
     assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
     assert sid([*common, "--seeds", "2-3", "--out", str(tmp_path / "u.npz")]) == 0
-    assert (np.load(tmp_path / "u.npz")["images"] == images[2:]).all()      # a seed's image: its seed and prompt
+    # a seed's image is its seed's and prompt's: within one level of 255, since a batch of 2 sums in another order
+    # than a batch of 4 and float32 rounding may carry a pixel across a level (a wrong seed moves most of them)
+    assert np.abs(np.load(tmp_path / "u.npz")["images"].astype(np.int16) - images[2:]).max() <= 1
 
 
 @pytest.mark.slow
