@@ -125,6 +125,7 @@ def test_a_damaged_edm_pickle_is_one_line_whatever_the_byte(edm_side, tmp_path):
         # anything else propagates and fails the test
 
 
+@pytest.mark.slow                                             # a child process
 def test_hostile_files_in_a_sweep_folder_skip_that_run(toy_run, tmp_path, capsys):
     import shutil
 

@@ -140,6 +140,7 @@ def run_cli(*args, cwd=ROOT):
     return sid_process("train", *args, cwd=cwd)
 
 
+@pytest.mark.slow                                             # a child process
 def test_dry_run_prints_the_resolved_config():
     out = run_cli("--config", "toy_2d", "loss.lam=fgm", "--dry-run")
     assert out.returncode == 0

@@ -53,6 +53,7 @@ def test_lora_and_sharding_shrink_the_plan_as_the_counts_say(tmp_path):
     assert sharded["activations, one generator step"] == per_step + 2 * per_sample
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_of_a_latent_pipeline_without_reading_its_weights(tiny_pipeline, tmp_path,
                                                                                    capsys):
     """`sid train --dry-run` on an SD3 folder whose weight files are garbage: the networks are built from their

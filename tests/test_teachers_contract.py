@@ -71,10 +71,15 @@ CASES = {
 }
 
 
+BUILT = {}                                  # each case's teacher, built once: the tests read it, students are copies
+
+
 @pytest.fixture(params=list(CASES))
 def teacher(request):
-    torch.manual_seed(0)
-    return build_teacher(load_config([], CASES[request.param](request)).teacher, trust_code=True)
+    if request.param not in BUILT:
+        torch.manual_seed(0)
+        BUILT[request.param] = build_teacher(load_config([], CASES[request.param](request)).teacher, trust_code=True)
+    return BUILT[request.param]
 
 
 def inputs(teacher, n=4):

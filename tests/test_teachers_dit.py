@@ -45,6 +45,7 @@ def test_euler_under_guidance_reproduces_the_pipelines_own_images(dit_folder, gu
     assert teacher.label_dim == 1000 and teacher.shape == (4, 8, 8) and teacher.spec["pipeline"] == "DiTPipeline"
 
 
+@pytest.mark.slow
 def test_a_dit_distils_with_guidance_resumes_exactly_and_exports_a_pipeline(dit_folder, tmp_path):
     """class labels drawn from conditions.class_probs, κ inside the loss, SiD-LSG-style timesteps; a resumed run
     ends bit-identical; SiDPipeline.from_pretrained(export)(class_labels=...) is the EMA generator, decoded."""
@@ -75,6 +76,7 @@ def test_a_dit_distils_with_guidance_resumes_exactly_and_exports_a_pipeline(dit_
     torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sid_sample_and_fid_decode_a_dit_generator(dit_folder, tmp_path):
     """`sid sample --classes` and `sid fid gen` on a DiT export: images through the VAE, one per seed."""
     import json

@@ -147,6 +147,7 @@ def text_runs(sd_folder, tmp_path_factory):
     return root, whole, resumed
 
 
+@pytest.mark.slow
 def test_a_text_to_image_teacher_distils_from_prompts_and_resumes_exactly(text_runs):
     """The prompt stream's position travels in the training state: the resumed run draws the prompts the
     uninterrupted one drew and ends bit-identical to it."""
@@ -165,6 +166,7 @@ def test_a_text_to_image_teacher_distils_from_prompts_and_resumes_exactly(text_r
         ["a cat", "a red dog", "a blue bird", "a green frog"]
 
 
+@pytest.mark.slow
 def test_the_export_is_a_text_to_image_pipeline_that_diffusers_loads(text_runs, tmp_path):
     """SiDPipeline.from_pretrained(export)(prompts) is the trained EMA generator's one step, decoded by the
     teacher's VAE; `sid sample` on the run folder draws the same images for its seeds."""
@@ -192,6 +194,7 @@ def test_the_export_is_a_text_to_image_pipeline_that_diffusers_loads(text_runs, 
     assert sid(["sample", str(root / "whole"), "--out", str(tmp_path / "t.npz")]) == 2
 
 
+@pytest.mark.slow
 def test_an_embeddings_cache_trains_the_same_and_refuses_another_encoder(sd_folder, text_runs, tmp_path):
     """conditions.cache: encoded once, read on the next run, and the same numbers as encoding on the fly (here with
     the VAE and text encoder offloaded between uses); a cache made by another text encoder is one line, with the
@@ -292,6 +295,7 @@ def test_the_sid_lsg_presets_build_their_recipe(sd_folder, tmp_path, preset):
     assert load_config([preset]).teacher.diffusers.path.count("/") == 1 and cfg.optim.batch_gpu == 1
 
 
+@pytest.mark.slow
 def test_text_to_image_fid_and_clip_score_offline_and_in_the_loop(sd_folder, text_runs, tmp_path):
     """`sid fid gen` on a text-to-image export: FID for the prompts of a file at the named resolution and the CLIP
     score (the mean cosine of CLIP's image and prompt embeddings of the same images, as computed here by hand),
