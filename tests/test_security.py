@@ -144,3 +144,60 @@ def test_the_python_api_takes_the_flag_in_the_call(tmp_path, monkeypatch, edm_si
         with pytest.raises(SidError, match="trust_code=True"):
             load_generator(gen)
         assert not marker.exists()
+
+
+def custom_code_pipeline(tiny_pipeline, folder, part, marker):
+    """The tiny Stable Diffusion pipeline with its text encoder or tokenizer as a transformers ``Auto`` class whose
+    config maps it (``auto_map``) to a module beside it, on a model type transformers does not know: the module's
+    import writes ``marker``."""
+    import shutil
+
+    shutil.copytree(tiny_pipeline("sd"), folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    base = "CLIPTextModel" if part == "text_encoder" else "CLIPTokenizer"
+    index[part] = ["transformers", "AutoModel" if part == "text_encoder" else "AutoTokenizer"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    module = f"custom_{part}"
+    (folder / part / f"{module}.py").write_text(
+        f"open({str(marker)!r}, 'w').write('imported')\n"
+        f"from transformers import CLIPTextConfig, {base}\n"
+        "class CustomConfig(CLIPTextConfig):\n    model_type = 'sid-test-custom'\n"
+        f"class Custom({base}):\n    config_class = CustomConfig\n")
+    if part == "text_encoder":
+        config = json.loads((folder / part / "config.json").read_text())
+        config.update(model_type="sid-test-custom", auto_map={"AutoConfig": f"{module}.CustomConfig",
+                                                               "AutoModel": f"{module}.Custom"})
+        (folder / part / "config.json").write_text(json.dumps(config))
+    else:
+        config = json.loads((folder / part / "tokenizer_config.json").read_text())
+        config.update(auto_map={"AutoTokenizer": [f"{module}.Custom", None]})
+        (folder / part / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("part", ["text_encoder", "tokenizer"])
+def test_a_pipelines_own_text_encoder_or_tokenizer_code_runs_only_with_the_flag(part, tiny_pipeline, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """transformers would ask on stdin whether to run the folder's code, and `yes | sid ...` would answer: sid tells
+    it (trust_remote_code) and refuses in one line without --trust-code, whatever stdin says; with it, the code
+    runs."""
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 100))
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    marker = tmp_path / "marker"
+    folder = custom_code_pipeline(tiny_pipeline, tmp_path / "pipeline", part, marker)
+    sample = ["sample", "--teacher", str(folder), "--prompt", "a cat", "--steps", "2", "--seeds", "0-1",
+              "--out", str(tmp_path / "t.png")]
+    train = ["train", "teacher.kind=diffusers", f"teacher.diffusers.path={folder}",
+             f"conditions.prompts={tmp_path / 'prompts.txt'}", "optim.batch=2", "train.total_nimg=2",
+             f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "train.tracker=none"]
+    for argv in (sample, train):
+        capsys.readouterr()
+        assert sid(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"its {part} names code of its own" in err and "--trust-code" in err, err
+    assert sid([*train, "--dry-run"]) == 0                                   # the config, and why no plan
+    assert f"# memory plan: not made: {folder}: its {part} names code of its own" in capsys.readouterr().out
+    assert not marker.exists()
+    assert sid([*sample, "--trust-code"]) == 0 and marker.exists()

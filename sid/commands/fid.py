@@ -85,7 +85,7 @@ def cmd_gen(args) -> dict:
     generator = load_generator(args.generator, device=DEVICE, trust_code=args.trust_code)
     from sid.teachers.diffusers import export_codec  # diffusers loads for generators only
 
-    codec = export_codec(args.generator)                     # a latent generator's VAE (and text encoder)
+    codec = export_codec(args.generator, args.trust_code)    # a latent generator's VAE (and text encoder)
     codec = codec.to(DEVICE) if codec is not None else None
     if codec is not None and codec.text_to_image:
         return text_gen(args, generator, codec)

@@ -57,7 +57,7 @@ def build_teacher(cfg, trust_code: bool = False) -> Teacher:
 
 def build_architecture(cfg, trust_code: bool = False) -> Teacher:
     """The teacher on the meta device (the memory plan): its adapter's ``architecture``, else built and moved."""
-    teacher = ability(cfg.kind, "architecture")(cfg[cfg.kind])
+    teacher = ability(cfg.kind, "architecture")(cfg[cfg.kind], trust_code=trust_code)
     return teacher if teacher is not None else build_teacher(cfg, trust_code=trust_code).to("meta")
 
 

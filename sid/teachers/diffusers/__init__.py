@@ -13,8 +13,8 @@ own form. The wing's face; its rooms:
 ``export``          ``SiDPipeline``: the export in diffusers' form, its model card
 ==================  ==========================================================================================
 
-Loading reads weights only (safetensors, or torch files read weights-only, as diffusers does) and runs no code from
-a folder, so ``trust_code`` is not needed here.
+Loading reads weights only (safetensors, or torch files read weights-only, as diffusers does) and runs code from a
+folder only where a text encoder or tokenizer names its own (``auto_map``) and ``trust_code`` allows it.
 """
 
 from __future__ import annotations
@@ -36,16 +36,18 @@ def build(section, trust_code: bool = False) -> Teacher:
     encoders, else a pixel-space UNet (a folder, a hub id, ``builtin:<name>``, or a random one from its config)."""
     found = latent.latent_pipeline(section)
     if found is not None:
-        return latent.load(*found, section.resolution)
+        return latent.load(*found, section.resolution, trust_code=trust_code)
     return unet.build(section)
 
 
-def architecture(section) -> Teacher | None:
+def architecture(section, trust_code: bool = False) -> Teacher | None:
     """A latent pipeline's teacher on the meta device, for the memory plan: its networks built from their configs
     alone (nothing allocated, no weights read; a hub id's configs and tokenizers fetched, not its weights); None for
     a UNet, which is small enough to build as it is."""
     found = latent.latent_pipeline(section, weights=False)
-    return None if found is None else latent.load(*found, section.resolution, meta=True).to("meta")
+    if found is None:
+        return None
+    return latent.load(*found, section.resolution, meta=True, trust_code=trust_code).to("meta")
 
 
 def denoiser_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:

@@ -1,6 +1,8 @@
 """Reading diffusers folders: JSON configs, the shipped teachers, hub ids, and the components a pipeline's index
 names, each by its own class from diffusers or transformers only (weights as safetensors, or torch files read
-weights-only, as those libraries do): nothing here runs code from a folder."""
+weights-only, as those libraries do). A component that names code of its own (``auto_map``: a transformers ``Auto``
+class on a model type it does not know) is read only with ``trust_code``, which transformers is always told
+(``trust_remote_code``), so it never asks on stdin."""
 
 from __future__ import annotations
 
@@ -84,9 +86,17 @@ def read_model(cls, folder: Path, meta: bool = False):
         return cls.from_config(config)
 
 
-def read_component(root: Path, name: str, index: dict, meta: bool = False):
+def names_code(folder: Path) -> bool:
+    """Whether a component folder asks for code of its own: an ``auto_map`` in its model, tokenizer or processor
+    config (transformers then imports the ``.py`` files beside them)."""
+    configs = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+    return any("auto_map" in (read_json(folder / config) or {}) for config in configs)
+
+
+def read_component(root: Path, name: str, index: dict, meta: bool = False, trust_code: bool = False):
     """A VAE (diffusers), text encoder or tokenizer (transformers) by the class its index names, from those
-    libraries only (no other code); ``meta``: a network from its config alone, on the meta device."""
+    libraries only, and code of the folder's own only with ``trust_code``; ``meta``: a network from its config
+    alone, on the meta device."""
     library, cls = (index.get(name) or [None, None])[:2]
     if name == "vae":
         if library != "diffusers" or cls not in VAES:
@@ -98,9 +108,12 @@ def read_component(root: Path, name: str, index: dict, meta: bool = False):
     if model is None:
         raise SidError(f"{root}: its {name} is {library}.{cls}; a transformers text encoder and tokenizer are "
                        "needed")
+    if names_code(root / name) and not trust_code:
+        raise SidError(f"{root}: its {name} names code of its own (auto_map in its config), which would run as it "
+                       "loads: pass --trust-code (trust_code=True in Python) for a folder you trust")
     if not meta or not (isinstance(model, type) and issubclass(model, transformers.PreTrainedModel)):
-        return model.from_pretrained(root / name)                  # a tokenizer: always read
-    config = model.config_class.from_pretrained(root / name)
+        return model.from_pretrained(root / name, trust_remote_code=trust_code)    # a tokenizer: always read
+    config = model.config_class.from_pretrained(root / name, trust_remote_code=trust_code)
     with torch.device("meta"):
         return model(config)
 
@@ -110,5 +123,6 @@ def load_clip(model: str):
     score's model (``sid.metrics.make_clip``)."""
     import transformers  # optional: the CLIP score only
 
-    with quiet():
-        return transformers.CLIPModel.from_pretrained(model).eval(), transformers.CLIPProcessor.from_pretrained(model)
+    with quiet():                        # CLIP's own classes: no code of the folder's, and none asked for
+        return (transformers.CLIPModel.from_pretrained(model, trust_remote_code=False).eval(),
+                transformers.CLIPProcessor.from_pretrained(model, trust_remote_code=False))

@@ -124,11 +124,13 @@ def hub_pipeline(path: str, weights: bool = True) -> tuple[Path, dict] | None:
                    f"cache ({type(error).__name__}); go online once, or give a local folder")
 
 
-def load(root: Path, index: dict, resolution: int | None = None, meta: bool = False) -> LatentTeacher:
+def load(root: Path, index: dict, resolution: int | None = None, meta: bool = False,
+         trust_code: bool = False) -> LatentTeacher:
     """The teacher of a latent pipeline folder: its network with its VAE and text encoders, for square images of
     ``resolution`` pixels (default: the network's own sample size); one line for a missing or unreadable
     component. ``meta`` (the memory plan): each network built from its config alone on the meta device (sizes, no
-    memory, no weights read), the tokenizers read as they are."""
+    memory, no weights read), the tokenizers read as they are. ``trust_code``: a text encoder or tokenizer may run
+    code of the folder's own (``files.read_component``)."""
     name = index.get("_class_name")
     family = family_of(name)
     if family.text_to_image:
@@ -152,7 +154,7 @@ def load(root: Path, index: dict, resolution: int | None = None, meta: bool = Fa
         model = read_model(getattr(diffusers, family.model), root / family.network, meta)
         denoiser = latent_denoiser(name, model, prediction_type, scheduler_config)
         shape = family.latent_shape(model, vae_factor(read_json(root / "vae" / "config.json") or {}), resolution)
-        codec = load_codec(root, index, model, shape, meta)
+        codec = load_codec(root, index, model, shape, meta, trust_code)
     except (OSError, ValueError, RuntimeError) as e:
         raise SidError(f"cannot load the {name} in {root}: {(str(e).splitlines() or [''])[0][:200]}") from None
     spec = spec_of(denoiser, prediction_type, scheduler_config, pipeline=name)
@@ -161,7 +163,8 @@ def load(root: Path, index: dict, resolution: int | None = None, meta: bool = Fa
     return LatentTeacher(denoiser, shape, spec, codec, zero_label_is_null=True)
 
 
-def load_codec(root: Path, index: dict, model: nn.Module | None = None, shape=None, meta: bool = False) -> ImageCodec:
+def load_codec(root: Path, index: dict, model: nn.Module | None = None, shape=None, meta: bool = False,
+               trust_code: bool = False) -> ImageCodec:
     """The VAE (with the text encoders and tokenizers its family reads) of a pipeline folder (a teacher's, or a
     latent generator's export, whose index names its teacher's pipeline) around its network ``model``, for latents
     of ``shape``; each component by the class its index names, from diffusers and transformers only. Without
@@ -176,12 +179,13 @@ def load_codec(root: Path, index: dict, model: nn.Module | None = None, shape=No
     parts = {}
     if family.text_to_image:
         with quiet():
-            parts = {part: read_component(root, part, index, meta) for part in family.encoders if held(index, part)}
+            parts = {part: read_component(root, part, index, meta, trust_code)
+                     for part in family.encoders if held(index, part)}
     factor = vae_factor(vae.config)
     return family.codec.build(vae, parts, model, index, (shape[1] * factor, shape[2] * factor))
 
 
-def export_codec(folder) -> ImageCodec | None:
+def export_codec(folder, trust_code: bool = False) -> ImageCodec | None:
     """The VAE (and text encoder and tokenizer) an export of a latent generator carries (its teacher's), or None
     for an export of a pixel-space one: ``folder`` is the export, its run folder, or a file in it."""
     folder = Path(folder)
@@ -194,7 +198,7 @@ def export_codec(folder) -> ImageCodec | None:
     if not held(index, "vae"):
         return None
     try:
-        return load_codec(folder, index)
+        return load_codec(folder, index, trust_code=trust_code)
     except (OSError, ValueError, RuntimeError) as e:
         raise SidError(f"{folder}: its vae/, text_encoder/ or tokenizer/ cannot be loaded ({type(e).__name__}: "
                        f"{(str(e).splitlines() or [''])[0][:160]}); export it again") from None
