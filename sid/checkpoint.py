@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sid.errors import SidError
+from sid.errors import SidError, described, first_line
 
 PREFIX = "training-state-"
 MARKER, LOCK = ".sid-run", ".sid-lock"          # "sid made this folder"; "a sid process is writing it"
@@ -44,9 +44,9 @@ def file_sha256(path: Path) -> str:
 def write_error(e: Exception) -> str:
     """What a failed write says: the OS's reason (a full disk, a lost mount), from OSError or safetensors'."""
     if isinstance(e, OSError):
-        return e.strerror or str(e)
+        return e.strerror or first_line(e)
     text = str(e)
-    return "No space left on device" if "os error 28" in text or "StorageFull" in text else text.splitlines()[0][:160]
+    return "No space left on device" if "os error 28" in text or "StorageFull" in text else first_line(e)
 
 
 def fsync(path: Path) -> None:
@@ -184,7 +184,7 @@ def restore(path: str | Path, state: dict, convert=None, **targets) -> None:
         for name, target in targets.items():
             target.load_state_dict(convert(target, state[name]) if convert else state[name])
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
-        raise SidError(f"checkpoint {path} does not fit this config's networks ({str(e).splitlines()[0][:200]}); "
+        raise SidError(f"checkpoint {path} does not fit this config's networks ({first_line(e, 200)}); "
                        "resume with the settings it was saved with (the run folder's config.yaml)") from None
 
 
@@ -232,7 +232,7 @@ def load_training_state(path: str | Path) -> dict:
         check_counters(state)
     except (SafetensorError, OSError, json.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError) as e:
         raise SidError(
-            f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            f"checkpoint {path} is unreadable ({described(e, 120)}); "
             f"delete it to resume from the previous one, or pass --resume with another checkpoint"
         ) from None
     return state

@@ -15,7 +15,7 @@ from typing import NamedTuple
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from sid.errors import SidError
+from sid.errors import SidError, described, first_line
 from sid.schema import TEACHER_KINDS, Config, TeacherTrainingConfig
 
 # λ of the generator loss L_λ = w <f_φ - f_ψ, (f_φ - x_g) - λ (f_φ - f_ψ)> by name (docs/losses.md); λ is SiD's α.
@@ -205,7 +205,7 @@ def _friendly(e: OmegaConfBaseException, schema: DictConfig, source: str, moved:
     if isinstance(e, ConfigKeyError):
         node = OmegaConf.select(schema, parent) if parent else schema
         return SidError(f"unknown config key {key!r} in {source}; {_valid_keys(node, parent)}")
-    return SidError(f"bad value for config key {key!r} in {source}: {str(e).splitlines()[0]}")
+    return SidError(f"bad value for config key {key!r} in {source}: {first_line(e, 1000)}")
 
 
 # Keys that are gone, each with what to do instead (one line when a file or the command line names one).
@@ -276,11 +276,12 @@ def read_yaml(path: Path) -> DictConfig:
             raise ValueError(f"its aliases expand to more than {MAX_YAML_VALUES:,} values")
         node = OmegaConf.load(io.StringIO(text))
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        reason = described(e)
         if isinstance(e, yaml.MarkedYAMLError) and e.problem:       # what is wrong, and where
             mark = e.problem_mark
-            reason = f"{e.problem}" + (f", line {mark.line + 1} column {mark.column + 1}" if mark else "")
-        raise SidError(f"config {path} is not a readable YAML file ({type(e).__name__}: {reason})") from None
+            reason = f"{type(e).__name__}: {e.problem}" + (f", line {mark.line + 1} column {mark.column + 1}"
+                                                           if mark else "")
+        raise SidError(f"config {path} is not a readable YAML file ({reason})") from None
     if not isinstance(node, DictConfig):
         raise SidError(f"config {path} holds a {type(node).__name__.replace('Config', '').lower() or 'value'}, not "
                        "a mapping of settings (key: value)")
@@ -332,7 +333,7 @@ def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or "?"
-        raise SidError(f"config key {key!r} cannot be resolved ({str(e).splitlines()[0][:160]}): give it a value") \
+        raise SidError(f"config key {key!r} cannot be resolved ({first_line(e)}): give it a value") \
             from None
     validate(cfg, schema_class)
     OmegaConf.set_readonly(cfg, True)  # after merging: read-only nodes do not merge (omegaconf#1102)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sid.errors import SidError
+from sid.errors import SidError, described
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"   # apt-get install dataset-fashion-mnist
 FASHION_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
@@ -55,7 +55,7 @@ def load_images(source: str) -> torch.Tensor:
             with np.load(path) as f:                            # allow_pickle=False: object arrays refused
                 array = f["images"] if "images" in f else f[f.files[0]]
         except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as e:
-            raise SidError(f"{path} is not an .npz of images ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            raise SidError(f"{path} is not an .npz of images ({described(e, 120)}); "
                            "expected uint8 images [N, H, W, C] or [N, C, H, W] under 'images'") from None
         if array.dtype != np.uint8 or array.ndim != 4:
             raise SidError(f"{path}: expected uint8 images [N, H, W, C] or [N, C, H, W], got {array.dtype} "

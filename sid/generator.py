@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sid.checkpoint import fsync, tensors_checksum, write_error
-from sid.errors import SidError
+from sid.errors import SidError, described, first_line
 from sid.guidance import part
 from sid.teachers import backbone_values, denoiser_from_spec, export_native, load_native, note_native
 
@@ -136,9 +136,8 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, token: 
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           commit_message=f"sid export of {folder.resolve().parent.name}")
     except (OSError, ValueError, HfHubHTTPError) as e:        # offline, no login, no permission
-        raise SidError(f"could not push {folder} to the Hub as {repo_id} ({type(e).__name__}: "
-                       f"{(str(e).splitlines() or [''])[0][:160]}); the export stays where it is: check the network "
-                       "and `huggingface-cli login`, then push it again") from None
+        raise SidError(f"could not push {folder} to the Hub as {repo_id} ({described(e)}); the export stays where it "
+                       "is: check the network and `huggingface-cli login`, then push it again") from None
     return str(url)
 
 
@@ -167,8 +166,8 @@ def load_generator(path: str | Path, device=None, trust_code: bool = False) -> O
         if "sid_tensors_sha256" in metadata and tensors_checksum(state) != metadata["sid_tensors_sha256"]:
             raise ValueError("its weights do not match their checksum: the file was changed or damaged")
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError, TypeError) as e:
-        reason = "no sid_config in its metadata" if isinstance(e, KeyError) else (str(e).splitlines() or [""])[0][:160]
-        raise SidError(f"{weights} is not a readable exported generator ({type(e).__name__}: {reason}); "
+        reason = f"{type(e).__name__}: no sid_config in its metadata" if isinstance(e, KeyError) else described(e)
+        raise SidError(f"{weights} is not a readable exported generator ({reason}); "
                        "export it again") from None
     check_size(config["denoiser"], state, weights)
     generator = OneStepGenerator(denoiser_from_spec(config["denoiser"], trust_code), config["shape"],
@@ -177,7 +176,7 @@ def load_generator(path: str | Path, device=None, trust_code: bool = False) -> O
         generator.denoiser.load_state_dict(state)
     except RuntimeError as e:
         raise SidError(f"the weights in {weights} do not fit the architecture its config names "
-                       f"({str(e).splitlines()[0][:160]}); export it again") from None
+                       f"({first_line(e)}); export it again") from None
     return generator.to(device).eval().requires_grad_(False)
 
 
@@ -202,8 +201,8 @@ def check_size(spec: dict, state: dict, weights: Path) -> None:
     except SidError:
         raise
     except Exception as e:                                             # a spec diffusers or the MLP cannot build
-        raise SidError(f"{weights}: its config names an architecture that cannot be built ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:160] if str(e) else ''}); export it again") from None
+        raise SidError(f"{weights}: its config names an architecture that cannot be built ({described(e)}); "
+                       "export it again") from None
     if values is None:                                                 # sizes come from a trusted pickle or function
         return
     held = sum(t.numel() for k, t in state.items() if k.startswith("net."))   # the backbone's (the rule's aside)

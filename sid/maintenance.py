@@ -15,7 +15,7 @@ from PIL import Image
 from sid.checkpoint import Owned, all_finite, save_training_state
 from sid.conditions import read_prompts
 from sid.config import as_tuple, to_dict
-from sid.errors import SidError
+from sid.errors import SidError, described
 from sid.generator import OneStepGenerator, export_generator, note_measured
 from sid.images import image_grid, save_image_grid, save_panels, save_samples
 from sid.lora import is_lora, merged, save_adapter
@@ -141,8 +141,7 @@ def draw_samples(run: Run) -> None:
     try:
         save_sample_grid(run)
     except Exception as e:                                # pictures are never worth the run
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"warning: no sample grid at {run.nimg:,} images ({type(e).__name__}: {first}); training goes on",
+        print(f"warning: no sample grid at {run.nimg:,} images ({described(e, 200)}); training goes on",
               file=sys.stderr, flush=True)
 
 

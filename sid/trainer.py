@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from sid.checkpoint import check_fresh_start, claimed, write_config
 from sid.config import to_dict, to_yaml
 from sid.ema import ema_beta
-from sid.errors import SidError
+from sid.errors import SidError, described
 from sid.generator import push_to_hub as upload  # the trainer's argument takes the name
 from sid.maintenance import build_evaluator, choose_tracker, draw_samples, flat, save_checkpoint, start_tracker
 from sid.run import Run, build, describe, set_training, use_compile
@@ -239,8 +239,7 @@ def run_training(cfg, accelerator: Accelerator, resume: str | None, trust_code: 
     except Exception as e:
         if use_compile(cfg.perf.compile, accelerator.device) and type(e).__module__.startswith("torch._dynamo"):
             cause = getattr(e, "inner_exception", None) or e.__cause__ or e     # a backend's own error, if any
-            first = (str(cause).strip().splitlines() or [""])[0][:200]
-            raise SidError(f"torch.compile failed ({type(cause).__name__}: {first}); "
+            raise SidError(f"torch.compile failed ({described(cause, 200)}); "
                            "set perf.compile=false to train without it") from None
         raise
     accelerator.end_training()

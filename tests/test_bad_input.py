@@ -161,3 +161,93 @@ def test_sigterm_before_the_loop_and_while_sampling_is_one_line(where, toy_run, 
         monkeypatch.setattr("sid.commands.sample.write", terminate)
         one_line(capsys, ["sample", str(toy_run / "generator"), "--out", str(tmp_path / "s.npz")], code=130)
     assert signal.getsignal(signal.SIGTERM) is handler                             # restored
+
+
+def foreign_pickle(path, source, class_name="EDMPrecond"):
+    """An EDM-format pickle of an object of ``class_name`` from ``source``, its state restored on unpickling."""
+    import pickle
+
+    from edm_pickles import _reconstruct_persistent_obj
+
+    class Persistent:
+        def __reduce__(self):
+            meta = dict(type="class", version=6, module_src=source, class_name=class_name, state={"x": 1})
+            return _reconstruct_persistent_obj, (meta,)
+
+    path.write_bytes(pickle.dumps({"ema": Persistent()}))
+    return path
+
+
+@pytest.mark.parametrize("raised", ["ValueError()", "KeyError()", "OSError()", "ZeroDivisionError()",
+                                    "EOFError()"])
+@pytest.mark.parametrize("where", ["import", "setstate"])
+def test_a_trusted_pickle_that_fails_in_any_way_is_one_line(raised, where, edm_side, tmp_path):
+    """Its code raising an exception without text, or one of any type, as it is imported or restored."""
+    from sid.teachers import build_teacher
+
+    body = f"raise {raised}\n"
+    source = (body if where == "import" else "") + \
+        ("import torch\nclass EDMPrecond(torch.nn.Module):\n    def __setstate__(self, state):\n        " +
+         (body if where == "setstate" else "self.__dict__.update(state)\n"))
+    path = foreign_pickle(tmp_path / "net.pkl", source)
+    cfg = load_config([], ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={path}"])
+    with pytest.raises(SidError, match=raised.split("(")[0]) as e:
+        build_teacher(cfg.teacher, trust_code=True)
+    assert "\n" not in str(e.value)
+
+
+def test_a_pickled_network_that_is_not_an_edm_network_is_one_line(edm_side, tmp_path):
+    """An EDMPrecond without its .model, and one whose attributes are not numbers."""
+    from sid.teachers import build_teacher
+
+    for state in ("{'sigma_data': 0.5}", "{'sigma_data': 'half', 'model': None}"):
+        source = ("import torch\nclass EDMPrecond(torch.nn.Module):\n    def __setstate__(self, state):\n"
+                  f"        torch.nn.Module.__init__(self)\n        self.__dict__.update({state})\n")
+        path = foreign_pickle(tmp_path / "net.pkl", source)
+        cfg = load_config([], ["teacher.kind=edm_pickle", f"teacher.edm_pickle.path={path}"])
+        with pytest.raises(SidError, match=r"\(EDMPrecond\) is not an EDM network sid can use"):
+            build_teacher(cfg.teacher, trust_code=True)
+
+
+def test_an_exception_without_text_is_quoted_by_its_type():
+    """Every error line quotes another exception through sid.errors: by its first line, or its type's name where
+    it has no text (str(e).splitlines()[0] would raise IndexError on those)."""
+    from sid.errors import described, first_line
+
+    assert first_line(EOFError()) == "EOFError" and described(KeyError()) == "KeyError"
+    assert described(ValueError("bad\nworse")) == "ValueError: bad"
+    assert first_line(ValueError("x" * 500), 10) == "x" * 10
+    assert described(OSError("  ")) == "OSError"
+
+
+def test_sites_that_quote_an_exception_survive_one_without_text(tmp_path, monkeypatch, capsys):
+    """Each entry's error line when the library under it raises an exception without text: an .npz (sid fid ref),
+    a config file, a training state, an export."""
+    from sid import checkpoint, data, generator
+    from sid import config as configs
+    from sid.checkpoint import load_training_state, save_training_state
+
+    def bare(error):
+        def raises(*args, **kwargs):
+            raise error()
+        return raises
+
+    np.savez(tmp_path / "x.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    monkeypatch.setattr(data.np, "load", bare(EOFError))                  # a zip member that ends early
+    assert sid(["fid", "ref", "--source", str(tmp_path / "x.npz"), "--out", str(tmp_path / "r.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(EOFError)" in err, err
+    (tmp_path / "c.yaml").write_text("loss: {lam: 1}\n")
+    monkeypatch.setattr(configs.OmegaConf, "load", bare(ValueError))
+    with pytest.raises(SidError, match=r"not a readable YAML file \(ValueError\)"):
+        load_config([tmp_path / "c.yaml"])
+    monkeypatch.undo()
+    save_training_state(tmp_path / "run", 8, {"nimg": 8, "step": 1, "w": torch.ones(2)})
+    monkeypatch.setattr(checkpoint, "load_file", bare(KeyError))
+    with pytest.raises(SidError, match=r"unreadable \(KeyError\)"):
+        load_training_state(tmp_path / "run" / "training-state-000000000008")
+    monkeypatch.setattr(generator, "safe_open", bare(ValueError))
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "generator.safetensors").write_bytes(b"x")
+    with pytest.raises(SidError, match=r"not a readable exported generator \(ValueError\)"):
+        generator.load_generator(tmp_path / "gen")

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sid.checkpoint import file_sha256 as sha256
-from sid.errors import SidError
+from sid.errors import SidError, described
 from sid.precond import ContinuousVPRule, EDMRule, Preconditioned, VERule
 from sid.teachers.base import Teacher
 
@@ -101,7 +101,7 @@ def _reconstruct(meta: dict):
     try:
         cls = getattr(_module_from_source(meta["module_src"]), meta["class_name"])
     except Exception as e:                                          # any failure of foreign code, reported later
-        return Unavailable(meta.get("class_name", "?"), f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        return Unavailable(meta.get("class_name", "?"), described(e))
     obj = cls.__new__(cls)
     state = EasyDict(meta["state"])
     if callable(getattr(obj, "__setstate__", None)):
@@ -149,10 +149,8 @@ def read_pickle(path: Path) -> nn.Module:
     try:
         with open(path, "rb") as f:
             data = _Unpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, RuntimeError, TypeError,
-            OverflowError, MemoryError, IndexError, KeyError, UnicodeDecodeError) as e:   # a damaged file's many ways
-        raise SidError(f"{path} is not a readable EDM pickle ({type(e).__name__}: {str(e).splitlines()[0][:160]})") \
-            from None
+    except Exception as e:               # a damaged file, or the pickle's own code failing: any exception at all
+        raise SidError(f"{path} is not a readable EDM pickle ({described(e)})") from None
     net = data.get("ema") if isinstance(data, dict) else data
     if isinstance(net, Unavailable):
         raise SidError(f"the network in {path} ({net.class_name}) could not be rebuilt from its code: {net.error}")
@@ -221,13 +219,20 @@ def load_denoiser(path: str | Path, trust: bool, sigma_data: float = 0.5, dropou
 
 
 def denoiser_from_pickle(path: Path, sigma_data: float, dropout: float | None = None):
-    """The pickled network as a ``Preconditioned`` denoiser, and its sample shape (C, H, W)."""
+    """The pickled network as a ``Preconditioned`` denoiser, and its sample shape (C, H, W); one line where the
+    object is not the EDM network it names (a damaged file, another class under its name)."""
     net = read_pickle(path)
-    rule = coefficient_rule(net, sigma_data)
-    if dropout is not None:
-        set_dropout(net.model, dropout, path)
-    denoiser = Preconditioned(EDMBackbone(net.model), rule, label_dim=int(net.label_dim)).float()
-    return denoiser, (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+    try:
+        rule = coefficient_rule(net, sigma_data)
+        if dropout is not None:
+            set_dropout(net.model, dropout, path)
+        denoiser = Preconditioned(EDMBackbone(net.model), rule, label_dim=int(net.label_dim)).float()
+        return denoiser, (int(net.img_channels), int(net.img_resolution), int(net.img_resolution))
+    except SidError:
+        raise
+    except Exception as e:               # foreign code's object: any attribute may be missing or fail
+        raise SidError(f"the network in {path} ({type(net).__name__}) is not an EDM network sid can use "
+                       f"({described(e)}); give an EDM snapshot (network-snapshot-*.pkl)") from None
 
 
 def set_dropout(model: nn.Module, rate: float, path: Path) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sid.config import plain
-from sid.errors import SidError
+from sid.errors import SidError, described
 from sid.teachers.base import Teacher
 
 CONTRACT = ("sigma_min", "sigma_max", "sigma_data", "label_dim")
@@ -90,8 +90,7 @@ def load_denoiser(factory: str, kwargs: dict, shape) -> tuple[nn.Module, dict]:
     try:
         denoiser = function(**kwargs)
     except Exception as e:                  # the user's code: its error, in one line (the chain keeps the rest)
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise SidError(f"{factory} with arguments {kwargs} failed: {type(e).__name__}: {first}") from e
+        raise SidError(f"{factory} with arguments {kwargs} failed: {described(e, 300)}") from e
     check_contract(denoiser, shape, factory)
     return denoiser, {"kind": "python", "factory": factory, "kwargs": kwargs, "shape": list(shape)}
 

@@ -20,7 +20,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from sid.errors import SidError
+from sid.errors import SidError, described
 from sid.precond import Preconditioned
 from sid.teachers.diffusers.codecs import ImageCodec, vae_factor
 from sid.teachers.diffusers.families import FAMILIES, family_of
@@ -211,8 +211,8 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float] |
         unet = getattr(diffusers, unet_name).from_pretrained(folder / slot, use_safetensors=True)
         scheduler = scheduler_cls.from_pretrained(folder / "scheduler")
     except (OSError, ValueError, RuntimeError) as e:
-        raise SidError(f"{folder}: its unet/ or scheduler/ cannot be loaded ({type(e).__name__}: "
-                       f"{(str(e).splitlines() or [''])[0][:160]}); export it again") from None
+        raise SidError(f"{folder}: its unet/ or scheduler/ cannot be loaded ({described(e)}); "
+                       "export it again") from None
     settings = {k: index[k] for k in ("sigma_init", "prediction_type", "sigma_data", "sample_size") if k in index}
     pipeline = SiDPipeline(**{slot: unet}, scheduler=scheduler, teacher_pipeline=family, **settings)
     return pipeline.denoiser(), pipeline.sample_shape(), float(pipeline.config.sigma_init)

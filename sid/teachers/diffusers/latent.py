@@ -15,7 +15,7 @@ import diffusers
 import torch
 from torch import nn
 
-from sid.errors import SidError
+from sid.errors import SidError, described, first_line
 from sid.precond import Preconditioned
 from sid.teachers.diffusers.codecs import ImageCodec, vae_factor
 from sid.teachers.diffusers.families import FAMILIES, family_of
@@ -156,7 +156,7 @@ def load(root: Path, index: dict, resolution: int | None = None, meta: bool = Fa
         shape = family.latent_shape(model, vae_factor(read_json(root / "vae" / "config.json") or {}), resolution)
         codec = load_codec(root, index, model, shape, meta, trust_code)
     except (OSError, ValueError, RuntimeError) as e:
-        raise SidError(f"cannot load the {name} in {root}: {(str(e).splitlines() or [''])[0][:200]}") from None
+        raise SidError(f"cannot load the {name} in {root}: {first_line(e, 200)}") from None
     spec = spec_of(denoiser, prediction_type, scheduler_config, pipeline=name)
     if family.text_to_image:
         return LatentTextTeacher(denoiser, shape, spec, codec)
@@ -200,8 +200,8 @@ def export_codec(folder, trust_code: bool = False) -> ImageCodec | None:
     try:
         return load_codec(folder, index, trust_code=trust_code)
     except (OSError, ValueError, RuntimeError) as e:
-        raise SidError(f"{folder}: its vae/, text_encoder/ or tokenizer/ cannot be loaded ({type(e).__name__}: "
-                       f"{(str(e).splitlines() or [''])[0][:160]}); export it again") from None
+        raise SidError(f"{folder}: its vae/, text_encoder/ or tokenizer/ cannot be loaded ({described(e)}); "
+                       "export it again") from None
 
 
 def export_family(named: str | None, transformer: bool, text_encoder: bool) -> str | None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sid.config import plain
-from sid.errors import SidError
+from sid.errors import SidError, first_line
 from sid.precond import FlowRule, Preconditioned
 from sid.teachers.diffusers.families import FAMILIES
 from sid.teachers.diffusers.files import is_hub_id, read_json, resolve_path
@@ -112,7 +112,7 @@ def _load_local(root: Path):
     try:
         unet = unet_class(config.get("_class_name", "UNet2DModel")).from_pretrained(unet_dir)
     except (OSError, ValueError, RuntimeError) as e:
-        raise SidError(f"cannot load the teacher weights in {unet_dir}: {str(e).splitlines()[0]}") from None
+        raise SidError(f"cannot load the teacher weights in {unet_dir}: {first_line(e, 1000)}") from None
     return unet, scheduler_config
 
 
@@ -192,7 +192,7 @@ def denoiser_from_config(unet_config: dict, prediction_type: str, sigma_data: fl
     try:
         return load_denoiser(None, unet_config, prediction_type, sigma_data)[0]
     except (TypeError, ValueError) as e:
-        raise SidError(f"unet config rejected by diffusers: {str(e).splitlines()[0][:200]}") from None
+        raise SidError(f"unet config rejected by diffusers: {first_line(e, 200)}") from None
 
 
 def save_teacher(denoiser: Preconditioned, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
