@@ -283,8 +283,8 @@ class MetricsLogger:
         steps, processes = max(sums[-1], 1), self.acc.num_processes
         now = time.time()
         record = {"nimg": nimg, "step": step}
-        for (key, how), total in zip(self.reductions.items(), sums):
-            record[key] = {"mean": total / steps, "sum": int(total), "steps": int(total / processes)}[how]
+        for (key, how), total in zip(self.reductions.items(), sums):          # a diverged mean stays ±inf
+            record[key] = total / steps if how == "mean" else int(total if how == "sum" else total / processes)
         record.update({"img_per_s": (nimg - self.last_nimg) / max(now - self.last_time, 1e-9),
                        "seconds": now - self.start_time, **extra})
         self.sums.zero_()

@@ -49,7 +49,7 @@ class Update(NamedTuple):
 
     loss: torch.Tensor                   # the summed per-sample losses of the process's micro-batches
     dropped: torch.Tensor                # samples whose loss was not finite
-    bad: torch.Tensor                    # whether any gradient was not finite
+    bad: torch.Tensor                    # a non-finite gradient, or most samples' losses non-finite
     samples: list                        # the (x_g detached, labels) of each micro-batch
 
 
@@ -92,7 +92,7 @@ def iteration(run: Run) -> Stats:
     run.step += 1
 
     dropped = sum((u.dropped for u in fake_updates), g.dropped)
-    bad = g.bad                          # non-finite gradients; a dropped sample alone is not a non-finite step
+    bad = g.bad                          # a dropped sample alone is not a non-finite step; most of them are
     for u in fake_updates:
         bad = bad | u.bad
     return Stats(fake_updates[-1].loss, g.loss, dropped, bad)
@@ -130,7 +130,9 @@ def generator_micro_loss(run: Run, r: int) -> tuple[torch.Tensor, tuple]:
 def update(run: Run, module: torch.nn.Module, ddp: torch.nn.Module, optimizer: torch.optim.Optimizer,
            micro_loss: Callable[[int], tuple[torch.Tensor, tuple]]) -> Update:
     """One optimiser step of ``module``: gradients accumulated over the micro-batches (all-reduced on the last
-    one only), non-finite samples dropped and gradients sanitised (SiD's NaN policy), the step, cleared grads."""
+    one only), non-finite samples dropped and gradients sanitised (SiD's NaN policy), the step, cleared grads.
+    A step that dropped more than half of its samples is counted non-finite, as one with a non-finite gradient is
+    (a run whose every loss has diverged must not train on nothing and report success)."""
     total, dropped, samples = 0.0, 0, []
     for r in range(run.rounds):
         sync = contextlib.nullcontext() if r == run.rounds - 1 else run.accelerator.no_sync(ddp)
@@ -140,7 +142,7 @@ def update(run: Run, module: torch.nn.Module, ddp: torch.nn.Module, optimizer: t
             run.accelerator.backward(per_sample.sum())
         total, dropped = total + per_sample.detach().sum(), dropped + n_bad
         samples.append(sample)
-    bad = sanitize_grads(module)
+    bad = sanitize_grads(module) | (2 * dropped > run.batch_gpu * run.rounds)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return Update(total, dropped, bad, samples)

@@ -59,6 +59,16 @@ def test_an_interval_reports_means_sums_and_step_counts(tmp_path):
     logger.close()
 
 
+def test_a_diverged_mean_is_written_as_it_is(tmp_path):
+    """A loss that reached ±inf is the interval's mean as it is, while the counts stay counts."""
+    logger = MetricsLogger(Accelerator(cpu=True), tmp_path, {"loss": "mean", "dropped": "sum", "bad": "steps"},
+                           total_nimg=100, progress=False)
+    logger.add(loss=torch.tensor(float("inf")), dropped=torch.tensor(3), bad=torch.tensor(True))
+    record = logger.flush(16, 1)
+    assert record["loss"] == float("inf") and (record["dropped"], record["bad"]) == (3, 1)
+    logger.close()
+
+
 def test_records_past_a_restart_and_torn_lines_are_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"nimg": 16, "fid": 3.0}\n{"nimg": 32, "fid": 2.0}\n{"nimg": 48, "fid": 1.0}\n{"nimg": 6')

@@ -268,3 +268,18 @@ def test_a_dropped_sample_alone_is_not_a_non_finite_step(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["dropped_samples"] for r in records] == [2, 2] and [r["nonfinite_steps"] for r in records] == [0, 0]
     assert list_training_states(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_a_run_whose_every_sample_is_dropped_stops_in_one_line(tmp_path, monkeypatch):
+    """Every generator loss non-finite (a diverged run, e.g. optim.g_lr=1e6): each step drops all its samples and
+    trains on nothing, so it counts as a non-finite step; the run stops in one line, its last good state kept."""
+    import sid.losses
+
+    run_dir = tmp_path / "run"
+    train(load_config([], toy(run_dir, 256)))
+    real = sid.losses.generator_loss
+    monkeypatch.setattr(sid.losses, "generator_loss", lambda *a, **k: real(*a, **k) * float("inf"))
+    with pytest.raises(SidError, match=r"aborting: \d+ consecutive steps had non-finite losses"):
+        train(load_config([], toy(run_dir, 1024, "train.max_nonfinite_steps=2")), resume="auto")
+    assert [p.name for p in list_training_states(run_dir)][-1] == "training-state-000000000256"
