@@ -256,9 +256,10 @@ def all_finite(*states: dict) -> bool:
 
 # The run folder ---------------------------------------------------------------------------------------------------
 
-def check_fresh_start(run_dir: str | Path, resume: str | None, key: str = "train.run_dir") -> None:
-    """A run started without ``--resume`` must not write over the training states of an earlier run, nor over a
-    folder of files that ``sid`` did not write."""
+def check_fresh_start(run_dir: str | Path, resume: str | None, key: str = "train.run_dir",
+                      exports: tuple[str, ...] = ("generator", "generator-best", "teacher")) -> None:
+    """A run started without ``--resume`` must not write over the training states or the exports of an earlier
+    run (its states deleted to save space, its ``exports`` kept), nor over a folder of files ``sid`` did not write."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise SidError(f"{key}={run_dir} is a file; give a folder for the run")
@@ -266,6 +267,10 @@ def check_fresh_start(run_dir: str | Path, resume: str | None, key: str = "train
     if resume is None and states:
         raise SidError(f"{run_dir} already holds a run (up to {states[-1].name}): add --resume to continue it, "
                        f"or set {key} to a new folder (or delete this one) to start over")
+    finished = [name for name in exports if (run_dir / name).is_dir() and any((run_dir / name).iterdir())]
+    if resume is None and finished:
+        raise SidError(f"{run_dir} holds the export of an earlier run ({finished[0]}/) and no training state to "
+                       f"continue it: set {key} to a new folder, or move {finished[0]}/ away to start over there")
     foreign = [p for p in run_dir.iterdir()] if run_dir.is_dir() and not (run_dir / MARKER).exists() else []
     if foreign and not states:
         raise SidError(f"{run_dir} holds files that sid did not write (e.g. {foreign[0].name}): set {key} to an "

@@ -283,3 +283,19 @@ def test_a_run_whose_every_sample_is_dropped_stops_in_one_line(tmp_path, monkeyp
     with pytest.raises(SidError, match=r"aborting: \d+ consecutive steps had non-finite losses"):
         train(load_config([], toy(run_dir, 1024, "train.max_nonfinite_steps=2")), resume="auto")
     assert [p.name for p in list_training_states(run_dir)][-1] == "training-state-000000000256"
+
+
+@pytest.mark.slow
+def test_a_finished_run_whose_states_were_deleted_is_not_written_over(tmp_path):
+    """Its training states deleted to save space, its export kept: the same command again is one line, and the
+    export, metrics and config stay as they were; --resume (nothing to continue: a start over) is the user's say."""
+    run_dir = tmp_path / "run"
+    train(load_config([], toy(run_dir, 256)))
+    for state in list_training_states(run_dir):
+        shutil.rmtree(state)
+    kept = {p: p.read_bytes() for p in (run_dir / "generator" / "generator.json", run_dir / "metrics.jsonl",
+                                        run_dir / "config.yaml")}
+    with pytest.raises(SidError, match=r"holds the export of an earlier run \(generator/\) and no training state"):
+        train(load_config([], toy(run_dir, 256)))
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert train(load_config([], toy(run_dir, 256)), resume="auto").nimg == 256
