@@ -242,7 +242,7 @@ def check_counters(state) -> None:
     if not isinstance(state, dict):
         raise TypeError("the state is not a mapping")
     for key in ("nimg", "step"):
-        if not isinstance(state.get(key), int) or isinstance(state[key], bool) or state[key] < 0:
+        if not isinstance(state.get(key), int) or isinstance(state[key], bool) or not 0 <= state[key] < 2**63:
             raise ValueError(f"{key}={state.get(key)!r} is not a count")
     seconds = state.get("seconds", 0.0)
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) or seconds < 0:

@@ -131,12 +131,13 @@ def run(doc: str, schema_class, entry: Callable[[], Callable], argv=None, prog=N
                        help="when the run ends, upload its generator/ (sid's files, the diffusers form, the model "
                             "card) to this Hugging Face Hub model repository (online; `huggingface-cli login`)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.lam=1.0 optim.batch=128")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)                    # flags between the overrides too
     if getattr(args, "push_to_hub", None):                   # before the run: a typo costs no training
         from sid.generator import check_repo_id
 
         check_repo_id(args.push_to_hub)
-    if args.resume is not None and "=" in args.resume:       # `--resume key=value`: an override, not a path
+    # `--resume key=value` is an override (and --resume alone): unless that is a path, as a sweep's `lam=0.5/` is
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
         args.overrides.insert(0, args.resume)
         args.resume = "auto"
     from sid.config import to_yaml

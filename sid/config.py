@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -318,7 +319,7 @@ def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
         except OmegaConfBaseException as e:
             raise _friendly(e, schema, str(path), moved, removed) from None
     try:
-        command_line = OmegaConf.from_dotlist(list(overrides))
+        command_line = OmegaConf.merge(*(dotted(item) for item in overrides)) if overrides else OmegaConf.create()
         cfg = OmegaConf.merge(cfg, command_line)
     except OmegaConfBaseException as e:
         raise _friendly(e, schema, "the command line", moved, removed) from None
@@ -335,9 +336,30 @@ def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
         key = getattr(e, "full_key", "") or "?"
         raise SidError(f"config key {key!r} cannot be resolved ({first_line(e)}): give it a value") \
             from None
+    for key in PATH_KEYS:                # ~ is the home folder, as in a shell (not a folder named ~)
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value.startswith("~"):
+            OmegaConf.update(cfg, key, os.path.expanduser(value))
     validate(cfg, schema_class)
     OmegaConf.set_readonly(cfg, True)  # after merging: read-only nodes do not merge (omegaconf#1102)
     return cfg
+
+
+# The keys that name files or folders (of either schema).
+PATH_KEYS = ("train.run_dir", "teacher.diffusers.path", "teacher.edm_pickle.path", "conditions.prompts",
+             "conditions.cache", "eval.fid_ref", "eval.prompts", "eval.clip", "eval.fid_weights", "data.source")
+
+
+def dotted(item: str) -> DictConfig:
+    """One ``key=value`` override as a config (the value read as YAML), or one line saying what is wrong with it."""
+    import yaml
+
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or first_line(e)
+        raise SidError(f"the override {item!r} has a value that is not YAML ({problem}): balance its brackets, or "
+                       "quote it (key='...')") from None
 
 
 def gpu_visible() -> bool:

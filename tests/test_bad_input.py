@@ -3,7 +3,9 @@ paths of long jobs are checked before the work starts. One table of command line
 file damaged first."""
 
 import json
+import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -251,3 +253,44 @@ def test_sites_that_quote_an_exception_survive_one_without_text(tmp_path, monkey
     (tmp_path / "gen" / "generator.safetensors").write_bytes(b"x")
     with pytest.raises(SidError, match=r"not a readable exported generator \(ValueError\)"):
         generator.load_generator(tmp_path / "gen")
+
+
+def test_the_command_line_reads_as_it_is_written(toy_run, tmp_path, capsys):
+    """An override whose YAML does not parse is one line (sid train, sid sweep run); flags may stand between the
+    overrides; a --resume path with '=' in it (a sweep's grid folder) is a path; ~ is the home folder."""
+    for argv in (["train", "--config", "toy_2d", "optim.g_betas=[0.0,0.9", "--dry-run"],
+                 ["sweep", "run", "--config", "toy_2d", "--out", str(tmp_path / "sw"), "optim.g_betas=[0.0,0.9"]):
+        assert "the override 'optim.g_betas=[0.0,0.9' has a value that is not YAML" in one_line(capsys, argv)
+    assert sid(["train", "--config", "toy_2d", "loss.lam=1", "--trust-code", "optim.batch=64", "--dry-run"]) == 0
+    assert "batch: 64" in capsys.readouterr().out
+    assert sid(["sweep", "run", "--config", "toy_2d", "--out", str(tmp_path / "sw"), "loss.lam=0.5,1.0",
+                "--trust-code", "train.total_nimg=64", "--dry-run"]) == 0
+    assert "train.total_nimg=64" in capsys.readouterr().out
+    assert "unrecognized arguments: --bogus" in one_line(capsys, ["sweep", "run", "--config", "toy_2d", "--out",
+                                                                  str(tmp_path / "sw"), "--bogus"])
+    grid = tmp_path / "lam=0.5"
+    shutil.copytree(toy_run, grid)
+    assert sid(["train", "--config", "toy_2d", "--resume", str(grid), f"train.run_dir={grid}", "--dry-run"]) == 0
+    assert f"run_dir: {grid}" in capsys.readouterr().out
+    assert load_config([], ["train.run_dir=~/runs/x"]).train.run_dir == str(Path.home() / "runs" / "x")
+
+
+def test_a_state_counting_past_any_run_is_refused(tmp_path):
+    from sid.checkpoint import load_training_state, save_training_state
+
+    save_training_state(tmp_path, 8, {"nimg": 8, "step": 1, "w": torch.ones(2)})
+    path = tmp_path / "training-state-000000000008" / "state.json"
+    saved = json.loads(path.read_text())
+    saved["state"]["nimg"] = 10**30
+    path.write_text(json.dumps(saved))
+    with pytest.raises(SidError, match="nimg=10+ is not a count"):
+        load_training_state(path.parent)
+
+
+def test_a_damaged_feature_extractor_of_ones_own_is_named_as_such(tmp_path, capsys):
+    from sid.metrics import feature_extractor
+
+    (tmp_path / "mine.pt").write_bytes(b"not torchscript")
+    with pytest.raises(SidError, match=r"cannot load the feature extractor .*mine.pt .*give --weights") as e:
+        feature_extractor(str(tmp_path / "mine.pt"))
+    assert "fid-helper" not in str(e.value)

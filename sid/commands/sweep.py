@@ -51,7 +51,12 @@ def main(argv=None, prog=None) -> int:
                         help="a reference value drawn as a horizontal line and listed, e.g. 'teacher, 35 NFE=31.25'")
     report.add_argument("--trust-code", action="store_true",
                         help="allow teacher.kind=python runs' generators to run the function building them")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)                   # overrides after a flag too (not intermixed: a
+    options = [a for a in extra if a.startswith("-")]        # subcommand's parser cannot be)
+    if options or (extra and not hasattr(args, "overrides")):
+        p.error(f"unrecognized arguments: {' '.join(options or extra)}")
+    if extra:
+        args.overrides += extra
     from sid.sweep import plan, run_one, run_sweep, single_run
 
     try:
