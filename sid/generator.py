@@ -15,7 +15,15 @@ from torch import nn
 from sid.checkpoint import fsync, tensors_checksum, write_error
 from sid.errors import SidError, described, first_line
 from sid.guidance import part
-from sid.teachers import backbone_values, denoiser_from_spec, export_native, load_native, note_native
+from sid.teachers import (
+    ability,
+    backbone_values,
+    denoiser_from_spec,
+    export_native,
+    load_native,
+    note_native,
+    spec_kind,
+)
 
 WEIGHTS, CONFIG = "generator.safetensors", "generator.json"
 
@@ -170,8 +178,9 @@ def load_generator(path: str | Path, device=None, trust_code: bool = False) -> O
         raise SidError(f"{weights} is not a readable exported generator ({reason}); "
                        "export it again") from None
     check_size(config["denoiser"], state, weights)
-    generator = OneStepGenerator(denoiser_from_spec(config["denoiser"], trust_code), config["shape"],
-                                 config["sigma_init"])
+    denoiser = denoiser_from_spec(config["denoiser"], trust_code)            # a function or pickle: if trusted
+    check_shape(config, weights)
+    generator = OneStepGenerator(denoiser, config["shape"], config["sigma_init"])
     try:
         generator.denoiser.load_state_dict(state)
     except RuntimeError as e:
@@ -191,6 +200,17 @@ def check_config(config) -> dict:
     if not isinstance(sigma_init, (int, float)) or isinstance(sigma_init, bool) or not 0 < sigma_init < math.inf:
         raise ValueError(f"sigma_init={sigma_init!r} is not a noise level")
     return config
+
+
+def check_shape(config: dict, weights: Path) -> None:
+    """The sample shape an export records is one its network takes: each size its spec fixes (``spec_shape`` of
+    the teacher kind; None where any size does) is the recorded one."""
+    taken = ability(spec_kind(config["denoiser"]), "spec_shape")(config["denoiser"])
+    shape = config["shape"]
+    if taken is not None and (len(taken) != len(shape) or any(t not in (None, s) for t, s in zip(taken, shape))):
+        fixed = "×".join("any" if t is None else str(t) for t in taken)
+        raise SidError(f"{weights}: its config records samples of shape {'×'.join(map(str, shape))}, its network "
+                       f"takes {fixed}; export it again")
 
 
 def check_size(spec: dict, state: dict, weights: Path) -> None:

@@ -294,3 +294,19 @@ def test_a_damaged_feature_extractor_of_ones_own_is_named_as_such(tmp_path, caps
     with pytest.raises(SidError, match=r"cannot load the feature extractor .*mine.pt .*give --weights") as e:
         feature_extractor(str(tmp_path / "mine.pt"))
     assert "fid-helper" not in str(e.value)
+
+
+def test_an_export_recording_a_shape_its_network_does_not_take_is_one_line(toy_run, tmp_path, capsys):
+    """The 2-D MLP's export with shape [3] in its metadata: one line at load, not a matmul error in sid sample."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    source = toy_run / "generator" / WEIGHTS
+    with safe_open(str(source), "pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["sid_config"])
+    (tmp_path / "gen").mkdir()
+    save_file(load_file(source), tmp_path / "gen" / WEIGHTS,
+              metadata={**metadata, "sid_config": json.dumps({**config, "shape": [3]})})
+    err = one_line(capsys, ["sample", str(tmp_path / "gen"), "--seeds", "0-3", "--out", str(tmp_path / "s.npz")])
+    assert "records samples of shape 3, its network takes 2; export it again" in err

@@ -3,9 +3,9 @@
 Each kind of teacher is one adapter, ``sid/teachers/<kind>.py`` or ``sid/teachers/<kind>/``, named by its section of
 the config (``sid.schema.TEACHER_KINDS``, the only list). Every adapter exposes ``build(section, trust_code=False) ->
 Teacher`` and ``denoiser_from_spec(spec, trust_code=False)`` (an export's architecture), and may expose what only
-some kinds can do (``ability``): ``backbone_from_spec``, ``architecture`` (the memory plan's meta teacher),
-``names_a_teacher``, and a form of its own for exports (``export_native``, ``note_native``, ``load_native``). An
-adapter runs foreign code (a pickle, a factory function) only with ``trust_code``.
+some kinds can do (``ability``): ``backbone_from_spec``, ``spec_shape``, ``architecture`` (the memory plan's meta
+teacher), ``names_a_teacher``, and a form of its own for exports (``export_native``, ``note_native``,
+``load_native``). An adapter runs foreign code (a pickle, a factory function) only with ``trust_code``.
 """
 
 from __future__ import annotations

@@ -117,6 +117,11 @@ def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
     return Preconditioned(backbone_from_spec(spec), EDMRule(spec["sigma_data"]), label_dim=spec["label_dim"])
 
 
+def spec_shape(spec: dict) -> tuple[int, ...]:
+    """The sample shape the spec's MLP takes."""
+    return tuple(spec["shape"])
+
+
 def backbone_from_spec(spec: dict) -> nn.Module:
     """The MLP alone, e.g. on the meta device to size it before anything is allocated."""
     return MLP(spec["shape"], spec["width"], spec["depth"], spec["label_dim"])

@@ -95,6 +95,11 @@ def load_denoiser(factory: str, kwargs: dict, shape) -> tuple[nn.Module, dict]:
     return denoiser, {"kind": "python", "factory": factory, "kwargs": kwargs, "shape": list(shape)}
 
 
+def spec_shape(spec: dict) -> tuple[int, ...]:
+    """The sample shape the run's function was built for."""
+    return tuple(spec["shape"])
+
+
 def denoiser_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:
     """An exported generator's architecture, rebuilt by the function its run was distilled with."""
     if not trust_code:

@@ -60,6 +60,12 @@ def denoiser_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:
     return unet.denoiser_from_unet(network, spec["prediction_type"], spec["scheduler_config"], spec["sigma_data"])
 
 
+def spec_shape(spec: dict) -> tuple:
+    """The sample shape the spec's network takes: its input channels, at any height and width (a latent export
+    records the size it was distilled at)."""
+    return spec["unet_config"].get("in_channels"), None, None
+
+
 def backbone_from_spec(spec: dict) -> nn.Module:
     """The network alone (no schedule), e.g. on the meta device to size it before anything is allocated: a
     latent pipeline's network of its family's class only, else a UNet."""
