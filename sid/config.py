@@ -340,12 +340,18 @@ def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, str) and value.startswith("~"):
             OmegaConf.update(cfg, key, os.path.expanduser(value))
+        long = [part for part in Path(str(value or "")).parts if len(os.fsencode(part)) > NAME_MAX]
+        if long:
+            raise SidError(f"{key}: its part {long[0][:40]}... is {len(os.fsencode(long[0]))} bytes long, and file "
+                           f"systems take at most {NAME_MAX} per name: give a shorter path")
     validate(cfg, schema_class)
     OmegaConf.set_readonly(cfg, True)  # after merging: read-only nodes do not merge (omegaconf#1102)
     return cfg
 
 
-# The keys that name files or folders (of either schema).
+# The keys that name files or folders (of either schema), and the longest name of one part of a path (Linux's,
+# macOS's and Windows' file systems alike).
+NAME_MAX = 255
 PATH_KEYS = ("train.run_dir", "teacher.diffusers.path", "teacher.edm_pickle.path", "conditions.prompts",
              "conditions.cache", "eval.fid_ref", "eval.prompts", "eval.clip", "eval.fid_weights", "data.source")
 

@@ -137,15 +137,21 @@ class GracefulStop:
 
 @contextlib.contextmanager
 def out_of_memory_advice(advice: str, run_dir: Path):
-    """A CUDA out-of-memory error becomes one line saying what to lower (``advice``); the checkpoints already
-    written stay, so the run resumes with the smaller setting."""
+    """An out-of-memory error, CUDA's or the CPU allocator's, becomes one line saying what to lower (``advice``);
+    the checkpoints already written stay, so the run resumes with the smaller setting."""
     try:
         yield
-    except torch.cuda.OutOfMemoryError as e:
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+        cpu = re.search(r"DefaultCPUAllocator: (?:not enough memory|can't allocate memory): you tried to allocate "
+                        r"(\d+) bytes", str(e))
+        if not isinstance(e, torch.cuda.OutOfMemoryError) and cpu is None:
+            raise
         asked = re.search(r"Tried to allocate ([\d.]+ \w+)", str(e))
-        size = f" (tried to allocate {asked[1]})" if asked else ""
-        raise SidError(f"out of GPU memory{size} {advice}; the checkpoints already in {run_dir} are kept "
-                       "(--resume)") from None
+        size = ""
+        if asked or cpu:
+            size = f" (tried to allocate {asked[1] if asked else f'{int(cpu[1]) / 2**30:,.1f} GiB'})"
+        raise SidError(f"out of {'CPU' if cpu else 'GPU'} memory{size} {advice}; the checkpoints already in {run_dir} "
+                       "are kept (--resume)") from None
 
 
 # The NaN policy of the official code (SiD, training/sid_loss.py and the loop): per step, samples whose loss is

@@ -310,3 +310,23 @@ def test_an_export_recording_a_shape_its_network_does_not_take_is_one_line(toy_r
               metadata={**metadata, "sid_config": json.dumps({**config, "shape": [3]})})
     err = one_line(capsys, ["sample", str(tmp_path / "gen"), "--seeds", "0-3", "--out", str(tmp_path / "s.npz")])
     assert "records samples of shape 3, its network takes 2; export it again" in err
+
+
+def test_a_path_part_too_long_for_any_file_system_is_one_line():
+    with pytest.raises(SidError, match=r"train.run_dir: its part x+\.\.\. is 300 bytes long.*at most 255"):
+        load_config([], [f"train.run_dir=runs/{'x' * 300}"])
+
+
+def test_running_out_of_cpu_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    """optim.batch=10^12 passes the config (a number) and then asks the allocator for terabytes: one line saying
+    what to lower (the allocation itself simulated here: a real one may be granted lazily and killed later)."""
+    import sid.trainer
+
+    def huge(run):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 8000000000000 bytes. Error code 12")
+
+    monkeypatch.setattr(sid.trainer, "iteration", huge)
+    err = one_line(capsys, ["train", "--config", "toy_2d", "optim.batch=1000000000000", "train.progress=false",
+                            "teacher.analytic.student_fit_steps=5", f"train.run_dir={tmp_path / 'run'}"])
+    assert "out of CPU memory (tried to allocate 7,450.6 GiB) at optim.batch_gpu=1000000000000" in err
