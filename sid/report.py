@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure  # no pyplot: no global backend, nothing to close
+from omegaconf import OmegaConf
 
 from sid.config import read_yaml
 from sid.errors import SidError, described
@@ -28,6 +29,8 @@ def read_run(run_dir: Path) -> dict:
     if not isinstance(status, dict):
         raise ValueError("status.json is not a mapping")
     config = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    if config is not None and not isinstance(OmegaConf.select(config, "loss.lam"), (str, int, float)):
+        raise ValueError("its config.yaml names no loss.lam")
     quality = [(r["nimg"], r[k]) for r in records for k in ("fid", "swd") if _number(r.get(k))]
     metric = next((k for r in records for k in ("fid", "swd") if k in r), None)
     losses = [(r["nimg"], r["loss_g"], r["loss_fake"]) for r in records
@@ -105,35 +108,46 @@ def write_report(sweep_dir: str | Path, rise: float = 2.0, num_samples: int = 64
               "gives the final losses instead", file=sys.stderr)
         lines += loss_table(groups)
 
-    colors = {key: f"C{i}" for i, key in enumerate(groups)}
-    if metric:
-        quality_figure(runs, groups, colors, metric, baselines, sweep_dir / "quality.png")
-    else:
-        (sweep_dir / "quality.png").unlink(missing_ok=True)    # a figure of an earlier report, now without data
+    try:                                                         # a full disk, a folder in the way: one line
+        colors = {key: f"C{i}" for i, key in enumerate(groups)}
+        if metric:
+            quality_figure(runs, groups, colors, metric, baselines, sweep_dir / "quality.png")
+        else:
+            (sweep_dir / "quality.png").unlink(missing_ok=True)    # a figure of an earlier report, now without data
 
+        loss_figure(runs, colors, sweep_dir / "losses.png")
+        save_sample_panels(groups, sweep_dir / "samples.png", num_samples, trust_code)
+        lines += ["", *(["![quality vs images](quality.png)", ""] if metric else []), "![losses](losses.png)", "",
+                  f"Samples of each grid point's first run at seeds 0–{num_samples - 1}:", "",
+                  "![samples](samples.png)", ""]
+        (sweep_dir / "report.md").write_text("\n".join(lines))
+    except OSError as e:
+        raise SidError(f"could not write the report in {sweep_dir} ({e.strerror or described(e)}: "
+                       f"{e.filename or ''}); free space, or move what stands in its way") from None
+    return sweep_dir / "report.md"
+
+
+def loss_figure(runs, colors, path: Path) -> None:
+    """losses.png: each run's generator and fake-score losses against images (the latter on a log scale, where
+    it has finite positive values)."""
     fig = Figure(figsize=(10, 3.5), dpi=120)
     axes = fig.subplots(1, 2)
     for run in runs:
-        if run["losses"]:
-            n, g, f = zip(*run["losses"])
+        finite = [(n, g, f) for n, g, f in run["losses"] if math.isfinite(g) and math.isfinite(f)]
+        if finite:
+            n, g, f = zip(*finite)
             axes[0].plot(n, g, color=colors[group_key(run)], label=group_key(run))
             axes[1].plot(n, f, color=colors[group_key(run)], label=group_key(run))
     for ax, title in zip(axes, ("generator loss", "fake-score loss")):
         ax.set_xscale("log")
         ax.set_xlabel("generator images")
         ax.set_title(title, fontsize=9)
-    axes[1].set_yscale("log")
+    if any(f > 0 for run in runs for _, _, f in run["losses"] if math.isfinite(f)):
+        axes[1].set_yscale("log")
     handles, labels = axes[0].get_legend_handles_labels()
     axes[0].legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=7)
     fig.tight_layout()
-    fig.savefig(sweep_dir / "losses.png")
-
-    save_sample_panels(groups, sweep_dir / "samples.png", num_samples, trust_code)
-    lines += ["", *(["![quality vs images](quality.png)", ""] if metric else []), "![losses](losses.png)", "",
-              f"Samples of each grid point's first run at seeds 0–{num_samples - 1}:", "",
-              "![samples](samples.png)", ""]
-    (sweep_dir / "report.md").write_text("\n".join(lines))
-    return sweep_dir / "report.md"
+    fig.savefig(path)
 
 
 def quality_table(groups: dict[str, list[dict]], metric: str, rise: float, baselines: dict[str, float]) -> list[str]:
@@ -179,16 +193,18 @@ def quality_figure(runs, groups, colors, metric, baselines, path: Path) -> None:
     ax = fig.subplots()
     names = {key: key + (" (diverged)" if any(r["diverged"] for r in members) else "")
              for key, members in groups.items()}
+    shown = {run["name"]: [(n, v) for n, v in run["quality"] if math.isfinite(v) and v > 0] for run in runs}
     for run in runs:
-        if run["quality"]:
-            x, y = zip(*run["quality"])
+        if shown[run["name"]]:                                   # a log scale: finite, positive values only
+            x, y = zip(*shown[run["name"]])
             ax.plot(x, y, color=colors[group_key(run)], label=names[group_key(run)], marker="o", markersize=3,
                     linestyle="--" if run["diverged"] else "-")
     for i, (name, value) in enumerate(baselines.items()):
         ax.axhline(value, color="0.3", linestyle=(0, (1, 1 + i)), linewidth=1, label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    kept = [v for run in runs if not run["diverged"] for _, v in run["quality"] if math.isfinite(v)]
+    if any(shown.values()):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    kept = [v for run in runs if not run["diverged"] for _, v in shown[run["name"]]]
     if kept and len(kept) < sum(len(run["quality"]) for run in runs):    # diverged runs leave through the top
         ax.set_ylim(top=3 * max([*kept, *baselines.values()]))
     ax.set_xlabel("generator images")

@@ -77,8 +77,10 @@ def status(run_dir: Path, total_nimg: int) -> str:
     if marker.is_file():
         try:
             state = json.loads(marker.read_text())
-            state.get("state")
+            nimg = state.get("nimg", 0)
         except (OSError, ValueError, AttributeError):
+            return "broken"
+        if not isinstance(nimg, int) or isinstance(nimg, bool):                   # a file sid did not write
             return "broken"
         if state.get("state") == "finished" and (state.get("nimg", 0) >= total_nimg or state.get("stopped_by")):
             return "finished"

@@ -330,3 +330,30 @@ def test_running_out_of_cpu_memory_is_one_line(tmp_path, capsys, monkeypatch):
     err = one_line(capsys, ["train", "--config", "toy_2d", "optim.batch=1000000000000", "train.progress=false",
                             "teacher.analytic.student_fit_steps=5", f"train.run_dir={tmp_path / 'run'}"])
     assert "out of CPU memory (tried to allocate 7,450.6 GiB) at optim.batch_gpu=1000000000000" in err
+
+
+def test_one_bad_run_of_a_sweep_is_reported_and_skipped(toy_run, tmp_path, capsys):
+    """A diverged run's own log ending in NaN (nothing left for a log scale), a config without loss:, a status.json
+    with a string for nimg: that run is marked or skipped, the rest reported; report.md taken by a folder is one
+    line."""
+    sweep = tmp_path / "sweep"
+    shutil.copytree(toy_run, sweep / "lam=good")
+    shutil.copytree(toy_run, sweep / "lam=nan")
+    (sweep / "lam=nan" / "metrics.jsonl").write_text('{"nimg": 64, "loss_g": NaN, "loss_fake": NaN}\n'
+                                                     '{"nimg": 64, "swd": NaN}\n')
+    shutil.copytree(toy_run, sweep / "lam=noloss")
+    (sweep / "lam=noloss" / "config.yaml").write_text("train: {seed: 0}\n")
+    capsys.readouterr()
+    assert sid(["sweep", "report", str(sweep)]) == 0
+    assert f"skipping {sweep / 'lam=noloss'}: ValueError: its config.yaml names no loss.lam" in capsys.readouterr().err
+    report = (sweep / "report.md").read_text()
+    assert "lam=good" in report and "lam=nan: non-finite" in report
+    (sweep / "report.md").unlink()
+    (sweep / "report.md").mkdir()
+    assert sid(["sweep", "report", str(sweep)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: could not write the report")
+    (sweep / "lam=0.5").mkdir()
+    (sweep / "lam=0.5" / "status.json").write_text('{"state": "finished", "nimg": "lots"}')
+    assert sid(["sweep", "run", "--config", "toy_2d", "--out", str(sweep), "loss.lam=0.5,1.0", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert "broken" in out.out and "its status.json is unreadable" in out.err
