@@ -357,3 +357,33 @@ def test_one_bad_run_of_a_sweep_is_reported_and_skipped(toy_run, tmp_path, capsy
     assert sid(["sweep", "run", "--config", "toy_2d", "--out", str(sweep), "loss.lam=0.5,1.0", "--dry-run"]) == 0
     out = capsys.readouterr()
     assert "broken" in out.out and "its status.json is unreadable" in out.err
+
+
+@pytest.mark.parametrize("why", ["offline mode", "no answer"])
+def test_an_unreachable_hub_is_said_at_once_and_nothing_else_is_guessed(why, monkeypatch, capsys):
+    """A hub id not in the cache while the hub cannot be reached (HF_HUB_OFFLINE, or a request that gets no answer):
+    one probe, no half-minute retries, and the plan says so instead of guessing another cause."""
+    import time
+
+    import huggingface_hub
+
+    from sid.teachers.diffusers import files
+
+    class NoAnswer:
+        def head(self, *args, **kwargs):
+            raise ConnectionError("[Errno -2] Name or service not known")
+
+    files.hub_unreachable.cache_clear()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", why == "offline mode")
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: NoAnswer())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", "/nonexistent-cache")
+    start = time.time()
+    try:
+        assert sid(["train", "--config", "sd3_medium_dit", "--dry-run"]) == 0
+    finally:
+        files.hub_unreachable.cache_clear()
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("# memory plan: not made: teacher 'stabilityai/stable-diffusion-3-medium-diffusers' is "
+                           "neither a local folder nor a reachable hub model: not in the Hugging Face cache"), line
+    assert ("HF_HUB_OFFLINE" if why == "offline mode" else "ConnectionError") in line and "pixel-space" not in line
+    assert time.time() - start < 30                                      # the hub client's retries take a minute

@@ -16,7 +16,7 @@ from sid.precond import FlowRule, Preconditioned
 from sid.teachers import build_teacher
 from sid.teachers.analytic import GaussianMixture
 from sid.teachers.diffusers import denoiser_from_spec
-from sid.teachers.diffusers.files import ASSETS
+from sid.teachers.diffusers.files import ASSETS, hub_unreachable
 from sid.teachers.diffusers.rules import DiscreteVPRule
 from sid.teachers.diffusers.unet import load_denoiser
 
@@ -220,7 +220,8 @@ def test_missing_or_broken_teacher_paths_say_what_to_do(tmp_path):
 
 def test_a_cached_hub_model_loads_from_the_cache_first(tmp_path, monkeypatch):
     """A hub id whose files are all in the Hugging Face cache loads from there without asking the hub (offline,
-    the hub client retries for half a minute before it falls back to the cache); otherwise the hub is asked."""
+    the hub client retries for half a minute before it falls back to the cache); otherwise the hub is asked where
+    it answers, and where it does not (found once), the cache's UNet alone is taken or the miss is one line."""
     import socket
 
     import huggingface_hub
@@ -244,6 +245,7 @@ def test_a_cached_hub_model_loads_from_the_cache_first(tmp_path, monkeypatch):
         return fetch(repo_id, revision, local_files_only)
 
     monkeypatch.setattr(adapter, "_fetch_hub", recorded)
+    hub_unreachable.cache_clear()
 
     denoiser, spec = load_denoiser("owner/tiny", None, None, 0.5)
     assert passes == [True] and spec["prediction_type"] == "edm"                # the cached scheduler was read
@@ -252,14 +254,26 @@ def test_a_cached_hub_model_loads_from_the_cache_first(tmp_path, monkeypatch):
     with pytest.raises(SidError, match="'owner/tiny@v2' is neither a local folder nor a reachable hub model"):
         load_denoiser("owner/tiny@v2", None, None, 0.5)               # a revision the cache lacks
     passes.clear()
-    shutil.rmtree(repo / "snapshots" / revision / "scheduler")                     # the UNet alone: ask the hub,
+    shutil.rmtree(repo / "snapshots" / revision / "scheduler")                     # the UNet alone: the hub is
+    passes.clear()                                                                 # offline, so take it as it is
+    denoiser, spec = load_denoiser("owner/tiny", None, None, 0.5)
+    assert passes == [True] and spec["prediction_type"] == "epsilon"
     passes.clear()
-    denoiser, spec = load_denoiser("owner/tiny", None, None, 0.5)        # then take what the cache has
-    assert passes == [True, False] and spec["prediction_type"] == "epsilon"
-    passes.clear()
+    with pytest.raises(SidError, match="neither a local folder nor a reachable hub model: not in the Hugging Face "
+                                       "cache, and the hub cannot be reached \\(offline mode"):
+        load_denoiser("owner/other", None, None, 0.5)
+    assert passes == [True]
+    def answering(repo_id, revision, local_files_only):                          # a hub that answers: asked
+        passes.append(local_files_only)
+        if not local_files_only:
+            raise OSError("owner/other does not appear to have a file named model_index.json")
+        return fetch(repo_id, revision, local_files_only)
+
+    monkeypatch.setattr(adapter, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(adapter, "_fetch_hub", answering)
     with pytest.raises(SidError, match="neither a local folder nor a reachable hub model"):
         load_denoiser("owner/other", None, None, 0.5)
-    assert passes == [True, False]
+    assert passes == [True, True, False]
 
 
 def test_unreachable_hub_id_is_a_clear_error(monkeypatch):

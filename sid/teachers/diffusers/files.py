@@ -7,13 +7,15 @@ class on a model type it does not know) is read only with ``trust_code``, which 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import warnings
 from pathlib import Path
 
 import diffusers
 import torch
 
-from sid.errors import SidError
+from sid.errors import SidError, described
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"          # teachers shipped inside the package
 BUILTIN = "builtin:"                                               # teacher.diffusers.path=builtin:<name>
@@ -43,6 +45,32 @@ def is_hub_id(path: str) -> bool:
     """``owner/name[@revision]`` that is not a local path (``runs/mine`` with ``runs/`` here: a mistyped folder)."""
     return not (path.startswith((".", "/", "~")) or path.partition("@")[0].count("/") != 1
                 or Path(path.split("/")[0]).is_dir())
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (offline mode, or no answer to one request), asked once per process
+    and without retries: huggingface_hub's own client retries each file for half a minute before it gives up, and
+    diffusers then reports the file as missing. None where the hub answers."""
+    import huggingface_hub  # online use only
+    from huggingface_hub.utils import get_session
+
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return "offline mode: HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(huggingface_hub.constants.ENDPOINT, timeout=5)
+    except Exception as e:               # the client's connection errors come in many types: all mean no answer
+        return described(e)
+    return None
+
+
+@contextlib.contextmanager
+def hub_calls():
+    """Calls into diffusers' hub loading, without the deprecation warning its own (deprecated) arguments raise in
+    huggingface_hub on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        yield
 
 
 def read_json(path: Path) -> dict | None:

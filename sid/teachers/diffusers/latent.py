@@ -19,7 +19,17 @@ from sid.errors import SidError, described, first_line
 from sid.precond import Preconditioned
 from sid.teachers.diffusers.codecs import ImageCodec, vae_factor
 from sid.teachers.diffusers.families import FAMILIES, family_of
-from sid.teachers.diffusers.files import held, is_hub_id, quiet, read_component, read_json, read_model, resolve_path
+from sid.teachers.diffusers.files import (
+    held,
+    hub_calls,
+    hub_unreachable,
+    is_hub_id,
+    quiet,
+    read_component,
+    read_json,
+    read_model,
+    resolve_path,
+)
 from sid.teachers.diffusers.models import DiffusersTeacher, spec_of
 from sid.teachers.diffusers.rules import prediction_of, rule_of
 
@@ -98,14 +108,19 @@ def hub_pipeline(path: str, weights: bool = True) -> tuple[Path, dict] | None:
     from huggingface_hub import snapshot_download  # online use only
 
     repo_id, _, revision = path.partition("@")
-    index = None
-    for local in (True, False):                        # the cache first: no request when it is there
+    index, offline = None, hub_unreachable()
+    for local in (True,) if offline else (True, False):     # the cache first: no request when it is there
         try:
-            index = dict(diffusers.DiffusionPipeline.load_config(repo_id, revision=revision or None,
-                                                                 local_files_only=local))
+            with hub_calls():
+                index = dict(diffusers.DiffusionPipeline.load_config(repo_id, revision=revision or None,
+                                                                     local_files_only=local))
             break
-        except Exception:                              # not cached, offline, or not a pipeline: the UNet path decides
+        except Exception:                              # not cached, or not a pipeline: the UNet path decides
             continue
+    if index is None and offline:
+        raise SidError(f"teacher {path!r} is neither a local folder nor a reachable hub model: not in the "
+                       f"Hugging Face cache, and the hub cannot be reached ({offline}); go online once to fetch it, or "
+                       "give a local folder")
     name = (index or {}).get("_class_name")
     if name not in FAMILIES:
         return None
@@ -114,7 +129,7 @@ def hub_pipeline(path: str, weights: bool = True) -> tuple[Path, dict] | None:
         files += ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model-*-of-*"
                   ".safetensors", "model-*-of-*.safetensors")
     patterns = ["model_index.json", *(f"{c}/{f}" for c in FAMILIES[name].components() for f in files)]
-    for local in (False, True):
+    for local in (True,) if offline else (False, True):
         try:
             return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns,
                                           local_files_only=local)), index

@@ -17,7 +17,7 @@ from sid.config import plain
 from sid.errors import SidError, first_line
 from sid.precond import FlowRule, Preconditioned
 from sid.teachers.diffusers.families import FAMILIES
-from sid.teachers.diffusers.files import is_hub_id, read_json, resolve_path
+from sid.teachers.diffusers.files import hub_calls, hub_unreachable, is_hub_id, read_json, resolve_path
 from sid.teachers.diffusers.models import DiffusersTeacher, model_of, own_shape, spec_of
 from sid.teachers.diffusers.rules import prediction_of, rule_of
 
@@ -128,6 +128,13 @@ def _load_hub(path: str):
         cached = None
     if cached is not None and cached[1] is not None:
         return cached
+    offline = hub_unreachable()
+    if offline and cached is not None:          # the UNet was cached, without a scheduler: use it as it is
+        return cached
+    if offline:
+        raise SidError(f"teacher {path!r} is neither a local folder nor a reachable hub model: not in the "
+                       f"Hugging Face cache, and the hub cannot be reached ({offline}); go online once to fetch it, or "
+                       "give a local folder")
     try:
         return _fetch_hub(repo_id, revision or None, local_files_only=False)
     except SidError:
@@ -145,22 +152,23 @@ def _fetch_hub(repo_id: str, revision: str | None, local_files_only: bool):
     """The UNet of a hub repository (its own class, as its config names it) and its scheduler's config; a
     pipeline this adapter does not distil is refused as a local folder is."""
     where = {"revision": revision, "local_files_only": local_files_only}
-    try:
-        index = dict(diffusers.DiffusionPipeline.load_config(repo_id, **where))
-    except (OSError, EnvironmentError, ValueError):
-        index = None
-    try:
-        scheduler_config = dict(diffusers.DDPMScheduler.load_config(repo_id, subfolder="scheduler", **where))
-    except (OSError, EnvironmentError):
-        scheduler_config = None
-    check_pipeline(index, scheduler_config, f"hub model {repo_id}")
-    try:
-        subfolder, config = "unet", diffusers.UNet2DModel.load_config(repo_id, subfolder="unet", **where)
-    except (OSError, EnvironmentError):
-        subfolder, config = None, diffusers.UNet2DModel.load_config(repo_id, **where)
-    cls = unet_class(dict(config).get("_class_name", "UNet2DModel"))
-    unet = cls.from_pretrained(repo_id, **({"subfolder": subfolder} if subfolder else {}), **where)
-    return unet, scheduler_config
+    with hub_calls():
+        try:
+            index = dict(diffusers.DiffusionPipeline.load_config(repo_id, **where))
+        except (OSError, EnvironmentError, ValueError):
+            index = None
+        try:
+            scheduler_config = dict(diffusers.DDPMScheduler.load_config(repo_id, subfolder="scheduler", **where))
+        except (OSError, EnvironmentError):
+            scheduler_config = None
+        check_pipeline(index, scheduler_config, f"hub model {repo_id}")
+        try:
+            subfolder, config = "unet", diffusers.UNet2DModel.load_config(repo_id, subfolder="unet", **where)
+        except (OSError, EnvironmentError):
+            subfolder, config = None, diffusers.UNet2DModel.load_config(repo_id, **where)
+        cls = unet_class(dict(config).get("_class_name", "UNet2DModel"))
+        return cls.from_pretrained(repo_id, **({"subfolder": subfolder} if subfolder else {}), **where), \
+            scheduler_config
 
 
 def load_denoiser(path: str | None, unet_config: dict | None, prediction_type: str | None, sigma_data: float):
