@@ -53,7 +53,7 @@ def main(argv=None, prog=None) -> int:
                         help="allow teacher.kind=python runs' generators to run the function building them")
     args, extra = p.parse_known_args(argv)                   # overrides after a flag too (not intermixed: a
     options = [a for a in extra if a.startswith("-")]        # subcommand's parser cannot be)
-    if options or (extra and not hasattr(args, "overrides")):
+    if options or (extra and "overrides" not in vars(args)):
         p.error(f"unrecognized arguments: {' '.join(options or extra)}")
     if extra:
         args.overrides += extra
