@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -171,29 +172,43 @@ def print_plan(cfg, args) -> None:
     from sid.config import load_config
 
     trust = getattr(args, "trust_code", False)
-    if cfg.teacher.kind == "analytic":
-        print("# memory plan: none for an analytic teacher (its students are small MLPs)")
-        return
     if cfg.teacher.kind in ("edm_pickle", "python") and not trust:
         print(f"# memory plan: add --trust-code to plan a {cfg.teacher.kind} teacher (building it runs its code)")
         return
+    on_gpu = bool(args.gpu_memory) or torch.cuda.is_available()     # else the run trains on this machine's CPU
     try:
-        result = memory.plan(cfg, args.processes, args.shard, trust_code=trust)
+        result = memory.plan(cfg, args.processes, args.shard, on_gpu=on_gpu, trust_code=trust)
     except SidError as e:                              # the config is printed all the same
         print(f"# memory plan: not made: {e}")
         return
     lines = result.table().splitlines()
-    capacity = args.gpu_memory * 2**30 if args.gpu_memory else (
-        torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None)
-    if capacity is None:
-        lines.append("  (no GPU visible: give --gpu-memory GIB for advice on fitting it)")
+    if args.gpu_memory:
+        capacity = args.gpu_memory * 2**30
+    elif on_gpu:
+        capacity = torch.cuda.get_device_properties(0).total_memory
     else:
-        def replan(extra, processes, sharded):
-            return memory.plan(load_config(args.config, [*args.overrides, *extra]), processes, sharded,
-                               trust_code=trust)
+        capacity = machine_memory()
+        lines.append(f"  (no GPU visible: planned for this machine's CPU and its {capacity / 2**30:.1f} GiB; "
+                     "--gpu-memory GIB plans for a GPU of that size)" if capacity else
+                     "  (no GPU visible: planned for this machine's CPU; --gpu-memory GIB plans for a GPU)")
+        if not capacity:
+            print("\n".join(f"# {line}" for line in lines))
+            return
 
-        lines += memory.advice(cfg, result, capacity, args.processes, replan)
+    def replan(extra, processes, sharded):
+        return memory.plan(load_config(args.config, [*args.overrides, *extra]), processes, sharded, on_gpu=on_gpu,
+                           trust_code=trust)
+
+    lines += memory.advice(cfg, result, capacity, args.processes, replan)
     print("\n".join(f"# {line}" for line in lines))
+
+
+def machine_memory() -> int | None:
+    """This machine's memory in bytes, where the system says (POSIX), else None."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def load_for_command(files, overrides, schema_class):

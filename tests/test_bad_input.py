@@ -387,3 +387,12 @@ def test_an_unreachable_hub_is_said_at_once_and_nothing_else_is_guessed(why, mon
                            "neither a local folder nor a reachable hub model: not in the Hugging Face cache"), line
     assert ("HF_HUB_OFFLINE" if why == "offline mode" else "ConnectionError") in line and "pixel-space" not in line
     assert time.time() - start < 30                                      # the hub client's retries take a minute
+
+
+def test_the_dry_run_refuses_a_micro_batch_that_cannot_fit(capsys):
+    """optim.batch=10^12 on the toy: the plan (for this machine's CPU, no GPU being visible) exceeds its memory and
+    says what fits; an analytic teacher is planned too (its students unfitted: sizes only)."""
+    assert sid(["train", "--config", "toy_2d", "optim.batch=1000000000000", "--dry-run", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "# memory plan, per process (1 process; micro-batch 1000000000000):" in out
+    assert "# exceeds 80.00 GiB by" in out and "optim.batch_gpu=1: " in out and "<- fits" in out

@@ -112,6 +112,15 @@ def build(section, trust_code: bool = False) -> AnalyticTeacher:
     return AnalyticTeacher(mixture.eval(), spec, section.student_fit_steps)
 
 
+def architecture(section, trust_code: bool = False) -> AnalyticTeacher:
+    """The teacher on the meta device for the memory plan, its students' MLP unfitted: the plan counts sizes, and
+    fitting is the one part of building that costs time."""
+    teacher = build(section).to("meta")
+    with torch.device("meta"):
+        teacher._fitted = denoiser_from_spec(teacher.spec)
+    return teacher
+
+
 def denoiser_from_spec(spec: dict, trust_code: bool = False) -> Preconditioned:
     """An analytic run's student architecture: an EDM-preconditioned MLP (random weights)."""
     return Preconditioned(backbone_from_spec(spec), EDMRule(spec["sigma_data"]), label_dim=spec["label_dim"])
