@@ -180,15 +180,30 @@ def validate(cfg: DictConfig, schema_class=Config) -> None:
 
 
 
-def _numbers(node, prefix: str = ""):
-    """(dotted key, number) for every number in a nested container."""
+def _leaves(node, prefix: str = ""):
+    """(dotted key, value) for every value in a nested container that is not a container."""
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
     for k, v in items:
         key = f"{prefix}.{k}" if prefix else str(k)
         if isinstance(v, (dict, list)):
-            yield from _numbers(v, key)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield from _leaves(v, key)
+        else:
             yield key, v
+
+
+def _numbers(node):
+    """(dotted key, number) for every number in a nested container."""
+    return ((k, v) for k, v in _leaves(node) if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def unresolvable(cfg: DictConfig) -> str:
+    """The first key whose value cannot be resolved, for an error that names none."""
+    for key, _ in _leaves(OmegaConf.to_container(cfg, resolve=False)):
+        try:
+            OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+        except OmegaConfBaseException:
+            return key
+    return "?"
 
 
 def _valid_keys(node, prefix: str) -> str:
@@ -333,7 +348,7 @@ def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
     try:                                 # every ${...} now, not at the first save an interval later
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "") or "?"
+        key = getattr(e, "full_key", "") or unresolvable(cfg)
         raise SidError(f"config key {key!r} cannot be resolved ({first_line(e)}): give it a value") \
             from None
     for key in PATH_KEYS:                # ~ is the home folder, as in a shell (not a folder named ~)

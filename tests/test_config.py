@@ -159,3 +159,13 @@ def test_the_tracker_choices_are_accelerates():
     from sid.config import TRACKERS
 
     assert set(TRACKERS) == {str(t) for t in LoggerType} - {"all"}
+
+
+def test_an_unresolvable_value_is_named_by_its_key_even_where_the_error_names_none():
+    """OmegaConf's resolution errors usually carry their key; where one does not, the key is found by resolving
+    each value in turn, so the error line never names '?'."""
+    from sid.config import unresolvable
+
+    cfg = OmegaConf.create({"a": {"b": [1, "${nope}"]}, "c": "${a.b}"})
+    assert unresolvable(cfg) == "a.b.1"
+    assert unresolvable(OmegaConf.create({"a": 1})) == "?"
