@@ -182,24 +182,18 @@ def print_plan(cfg, args) -> None:
         print(f"# memory plan: not made: {e}")
         return
     lines = result.table().splitlines()
-    if args.gpu_memory:
-        capacity = args.gpu_memory * 2**30
-    elif on_gpu:
-        capacity = torch.cuda.get_device_properties(0).total_memory
-    else:
-        capacity = machine_memory()
-        lines.append(f"  (no GPU visible: planned for this machine's CPU and its {capacity / 2**30:.1f} GiB; "
-                     "--gpu-memory GIB plans for a GPU of that size)" if capacity else
-                     "  (no GPU visible: planned for this machine's CPU; --gpu-memory GIB plans for a GPU)")
-        if not capacity:
-            print("\n".join(f"# {line}" for line in lines))
-            return
+    capacity = (args.gpu_memory * 2**30 if args.gpu_memory else
+                torch.cuda.get_device_properties(0).total_memory if on_gpu else machine_memory())
+    if not on_gpu:
+        size = f" and its {capacity / 2**30:.1f} GiB" if capacity else ""
+        lines.append(f"  (no GPU visible: planned for this machine's CPU{size}; --gpu-memory GIB plans for a GPU)")
 
     def replan(extra, processes, sharded):
         return memory.plan(load_config(args.config, [*args.overrides, *extra]), processes, sharded, on_gpu=on_gpu,
                            trust_code=trust)
 
-    lines += memory.advice(cfg, result, capacity, args.processes, replan)
+    if capacity:
+        lines += memory.advice(cfg, result, capacity, args.processes, replan)
     print("\n".join(f"# {line}" for line in lines))
 
 
