@@ -68,6 +68,8 @@ RANGES = [
     ("eval.resolution", lambda v: v is None or 8 <= v <= 4096, "in [8, 4096], or null for the generated size"),
     ("teacher.diffusers.resolution", lambda v: v is None or 8 <= v <= 8192,
      "in [8, 8192] pixels, or null for the network's own size"),
+    ("teacher.diffusers.max_sequence_length", lambda v: v is None or 1 <= v <= 8192,
+     "in [1, 8192] tokens, or null for the pipeline's own"),
     ("generator.t_init", lambda v: v is None or v >= 0, "a timestep >= 0, or null for generator.sigma_init"),
     ("loss.augment", lambda v: 0 <= v <= 1, "in [0, 1] (a probability per transform; 0: off)"),
     *((f"loss.{key}", lambda v: 0 <= v <= 100, "in [0, 100] (a guidance scale; 1: none)")
@@ -156,6 +158,7 @@ class Rules(NamedTuple):
     checks: tuple = ()
 
 
+UNBOUNDED = ("generator.sigma_init",)      # the numbers that may be +∞ (σ_init: pure noise, a flow teacher's t = 1)
 RULES = {Config: Rules(CHOICES, RANGES, (check_lambda, check_pairs, check_teacher)),
          TeacherTrainingConfig: Rules(TEACHER_CHOICES, TEACHER_RANGES)}
 
@@ -168,7 +171,7 @@ def validate(cfg: DictConfig, schema_class=Config) -> None:
         if OmegaConf.select(cfg, key) not in allowed:
             raise SidError(f"{key}={OmegaConf.select(cfg, key)!r} is invalid; choose one of {allowed}")
     for key, value in _numbers(OmegaConf.to_container(cfg, resolve=True)):
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value) and not (value == math.inf and key in UNBOUNDED):
             raise SidError(f"{key}={value} must be a finite number")
     for key, test, valid in rules.ranges:
         value = OmegaConf.select(cfg, key)

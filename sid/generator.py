@@ -1,5 +1,5 @@
-"""The one-step generator G_θ(z, labels) = D_θ(σ_init z; σ_init, labels) (SiD, Zhou et al. 2024: σ_init = 2.5), and its
-export."""
+"""The one-step generator G_θ(z, labels) = D_θ(σ_init z; σ_init, labels) (SiD, Zhou et al. 2024: σ_init = 2.5; σ_init =
+∞ is pure noise, a flow teacher's t = 1 as SiD-DiT's generator), and its export."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch import nn
 from sid.checkpoint import fsync, tensors_checksum, write_error
 from sid.errors import SidError, described, first_line
 from sid.guidance import part
+from sid.precond import check_pure_noise, from_noise
 from sid.teachers import (
     ability,
     backbone_values,
@@ -34,14 +35,15 @@ class OneStepGenerator(nn.Module):
     def __init__(self, denoiser: nn.Module, shape, sigma_init: float = 2.5):
         super().__init__()
         self.denoiser, self.shape, self.sigma_init = denoiser, tuple(shape), float(sigma_init)
+        if math.isinf(self.sigma_init):                        # pure noise: one line now where it has no meaning
+            check_pure_noise(denoiser)
 
     @property
     def label_dim(self) -> int:
         return self.denoiser.label_dim
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = torch.full((z.shape[0],), self.sigma_init, device=z.device)
-        return self.denoiser(self.sigma_init * z, sigma, labels)
+        return from_noise(self.denoiser, z, self.sigma_init, labels)
 
     def random_inputs(self, n: int, device=None, generator: torch.Generator | None = None):
         """z ~ N(0, I) and, for class-conditional generators, uniformly drawn one-hot labels."""
@@ -197,7 +199,7 @@ def check_config(config) -> dict:
     if (not isinstance(shape, list) or not shape
             or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= 2**20 for s in shape)):
         raise ValueError(f"shape={shape!r} is not a sample shape")
-    if not isinstance(sigma_init, (int, float)) or isinstance(sigma_init, bool) or not 0 < sigma_init < math.inf:
+    if not isinstance(sigma_init, (int, float)) or isinstance(sigma_init, bool) or not 0 < sigma_init <= math.inf:
         raise ValueError(f"sigma_init={sigma_init!r} is not a noise level")
     return config
 

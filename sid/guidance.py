@@ -69,6 +69,16 @@ def guided(denoiser: Callable, scale: float, null: Callable[[int], object]) -> C
     return denoise
 
 
+def embedded(denoiser: Callable, scale: float) -> Callable:
+    """A guidance-distilled ``denoiser`` (FLUX.1-dev) guided by its own input: the strength κ given in each
+    condition's "guidance" (one forward, the network's guidance embedding), not two halves."""
+
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, cond: dict, **kwargs) -> torch.Tensor:
+        return denoiser(x, sigma, {**cond, "guidance": torch.full((len(x),), float(scale), device=x.device)}, **kwargs)
+
+    return denoise
+
+
 def drop(cond, rate: float, null: Callable[[int], object], generator: torch.Generator | None = None):
     """Each sample's condition replaced by the null one with probability ``rate`` (SiD-LSG's prompt dropout in
     the fake-score step); rate 0 returns ``cond`` itself."""

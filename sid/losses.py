@@ -134,6 +134,7 @@ class DistillationLoss:
     guide_teacher: float = 1.0
     drop_cond: float = 0.0              # the fake step's conditions → the null one at this rate (0: never)
     null: Callable | None = None        # n -> the teacher family's null condition for n samples
+    guide: Callable | None = None       # (f_φ, κ4) -> f_φ guided as the teacher is (``Teacher.guide``); None: CFG
     time: str = "karras"                # karras | timesteps | logit_normal: the σ samplers of both steps
     timestep_sigmas: torch.Tensor | None = None   # time=timesteps: the teacher's σ_k, k = 0..K-1
     timesteps: tuple[int, int] = (20, 979)        # ... and the range of k, both ends included
@@ -178,7 +179,7 @@ class DistillationLoss:
                    rho=loss.rho, p_mean=loss.p_mean, p_std=loss.p_std, sigma_data=d.sigma_data,
                    g_scale=loss.g_scale / per_process, fake_scale=loss.fake_scale / per_process,
                    augment=GeometricAugment(loss.augment) if loss.augment else None, **scales,
-                   drop_cond=loss.drop_cond if guides_fake else 0.0, null=null, **native)
+                   drop_cond=loss.drop_cond if guides_fake else 0.0, null=null, guide=teacher.guide, **native)
 
     def fake_conditions(self, cond):
         """The fake step's conditions: each replaced by the null one at rate ``drop_cond`` (SiD-LSG drops 10% of
@@ -190,7 +191,7 @@ class DistillationLoss:
         timesteps), weighted by λ_EDM or the teacher's own loss (``fake_weight``); with augmentation, on the
         augmented samples, the network given the augment labels (SiD, training/sid_loss.py: σ drawn, then the
         augmentation, then the noise)."""
-        sigma = self.fake_sigma(len(x_g), x_g.device)
+        sigma = self.fake_sigma(len(x_g), x_g.device, x_g.dtype)
         x0, net = x_g.detach(), guided(fake_score, self.guide_fake_train, self.null)
         if self.augment is not None:
             x0, augment_labels = self.augment(x0)
@@ -199,23 +200,26 @@ class DistillationLoss:
             return fake_score_loss(net, x0, sigma, labels, sigma_data=self.sigma_data) * self.fake_scale
         return self.fake_weight(sigma) * _squared_error(net, x0, sigma, labels) * self.fake_scale
 
-    def fake_sigma(self, n: int, device=None) -> torch.Tensor:
-        """The fake-score loss's σ: log-normal (SiD; SiD-DiT's logit-normal t), or the teacher's timesteps."""
+    def fake_sigma(self, n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """The fake-score loss's σ: log-normal (SiD; SiD-DiT's logit-normal t), or the teacher's timesteps (its
+        float64 table rounded to the samples' ``dtype``)."""
         if self.time == "timesteps":
-            return sample_timestep_sigma(n, self.timestep_sigmas, *self.timesteps).to(device)
+            return sample_timestep_sigma(n, self.timestep_sigmas, *self.timesteps).to(device, dtype)
         return sample_lognormal_sigma(n, self.p_mean, self.p_std, device=device)
 
-    def generator_sigma(self, n: int, device=None) -> torch.Tensor:
-        """The generator loss's σ: SiD's Karras σ below t_max, the teacher's timesteps, or log-normal."""
+    def generator_sigma(self, n: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """The generator loss's σ: SiD's Karras σ below t_max, the teacher's timesteps (in ``dtype``, as
+        ``fake_sigma``), or log-normal."""
         if self.time == "timesteps":
-            return sample_timestep_sigma(n, self.timestep_sigmas, *self.timesteps).to(device)
+            return sample_timestep_sigma(n, self.timestep_sigmas, *self.timesteps).to(device, dtype)
         if self.time == "logit_normal":
             return sample_lognormal_sigma(n, self.p_mean, self.p_std, device=device)
         return sample_sid_sigma(n, self.t_max, self.sigma_min, self.sigma_max, self.rho, device=device)
 
     def generator(self, teacher: Callable, fake_score: Callable, x_g: torch.Tensor, labels=None) -> torch.Tensor:
         """The generator loss w · L_λ at ``generator_sigma``."""
-        sigma = self.generator_sigma(len(x_g), x_g.device)
-        return generator_loss(guided(teacher, self.guide_teacher, self.null),
+        sigma = self.generator_sigma(len(x_g), x_g.device, x_g.dtype)
+        guide = self.guide or (lambda net, scale: guided(net, scale, self.null))
+        return generator_loss(guide(teacher, self.guide_teacher),
                               guided(fake_score, self.guide_fake, self.null), x_g, sigma, labels, lam=self.lam,
                               weighting=self.weighting) * self.g_scale

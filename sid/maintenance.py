@@ -197,7 +197,7 @@ def teacher_reference(run: Run, n: int, cond) -> torch.Tensor:
     teacher = run.teacher
     with run.autocast(), torch.compiler.set_stance("force_eager"):
         return sample_teacher(teacher.denoiser, teacher.shape, 18, "heun", range(n), device=run.accelerator.device,
-                              cond=cond, guidance=run.loss.guide_teacher, null=teacher.null_condition)
+                              cond=cond, guidance=run.loss.guide_teacher, guide=teacher.guide)
 
 
 def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> None:

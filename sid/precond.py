@@ -8,11 +8,14 @@ diffusers' discrete ones, live with their adapter in ``sid/teachers/``.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Protocol
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
+
+from sid.errors import SidError
 
 
 class Denoiser(Protocol):
@@ -108,6 +111,12 @@ class FlowRule(Rule):
         """1/t²: velocity MSE, since v̂ − v = (x0 − D) / t (SD3's and SiD-DiT's unweighted flow matching)."""
         return ((1 + sigma) / sigma) ** 2
 
+    def pure_noise(self, ones: torch.Tensor) -> Coefficients:
+        """The coefficients of ``D(σ z; σ)`` in z (not x = σ z) as σ → ∞ (``ones``: [B, 1, ..., 1] to shape them),
+        which only flows have. t = 1: x_t = (1 − t) σ z = t z = z, so D = z − v(z; 1) (SiD-DiT's generator at
+        init_timestep 999)."""
+        return Coefficients(c_skip=ones, c_out=-ones, c_in=ones, c_noise=ones * self.timestep_scale)
+
 
 def broadcast_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """A per-sample sigma ([], [B] or [B, 1, ...]) as [B, 1, ..., 1] in x's dtype."""
@@ -137,7 +146,10 @@ class Preconditioned(nn.Module):
         """``augment_labels``: for backbones conditioned on how their input was augmented (EDM's CIFAR-10
         networks; the fake-score step with ``loss.augment``), passed on only when given."""
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-        c = self.rule(broadcast_sigma(sigma, x))
+        return self.evaluate(self.rule(broadcast_sigma(sigma, x)), x, labels, augment_labels)
+
+    def evaluate(self, c: Coefficients, x: torch.Tensor, labels=None, augment_labels=None) -> torch.Tensor:
+        """``c_skip x + c_out F(c_in x, c_noise)`` for given coefficients."""
         inputs = (c.c_in * x, c.c_noise.flatten(), labels)
         extra = {} if augment_labels is None else {"augment_labels": augment_labels}
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -145,6 +157,28 @@ class Preconditioned(nn.Module):
         else:
             out = self.net(*inputs, **extra)
         return c.c_skip * x + c.c_out * out.to(x.dtype)
+
+    def from_pure_noise(self, z: torch.Tensor, labels=None) -> torch.Tensor:
+        """``D(σ z; σ)`` as σ → ∞, where the rule has that limit (``Rule.pure_noise``)."""
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        return self.evaluate(self.rule.pure_noise(broadcast_sigma(1.0, z)), z, labels)
+
+
+def from_noise(denoiser, z: torch.Tensor, sigma: float, labels=None) -> torch.Tensor:
+    """``D(σ z; σ, labels)``: the denoiser at noise z scaled to the level σ (a generator's step). σ = ∞ is pure
+    noise, defined where the denoiser's rule has that limit (flows: t = 1)."""
+    if math.isfinite(sigma):
+        return denoiser(sigma * z, torch.full((len(z),), sigma, device=z.device), labels)
+    check_pure_noise(denoiser)
+    return denoiser.from_pure_noise(z, labels)
+
+
+def check_pure_noise(denoiser) -> None:
+    """One line where ``from_noise`` at σ = ∞ has no meaning for this denoiser: its rule has no such limit."""
+    if getattr(getattr(denoiser, "rule", None), "pure_noise", None) is None:
+        rule = type(getattr(denoiser, "rule", denoiser)).__name__
+        raise SidError(f"generator.sigma_init=inf (pure noise, t = 1) has a limit only for flow teachers; this "
+                       f"teacher's {rule} has none: give a finite generator.sigma_init")
 
 
 def _renamed_rule(module, state_dict, prefix, *args) -> None:

@@ -40,14 +40,15 @@ def heun_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels=Non
 
 @torch.no_grad()
 def sample_teacher(denoiser, shape, steps: int, solver: str, seeds, classes=None, device=None, batch=256,
-                   cond=None, guidance: float = 1.0, null=None):
+                   cond=None, guidance: float = 1.0, guide=None):
     """The teacher's probability-flow ODE (Heun: 2·steps − 1 evaluations, or Euler: steps) from the same
     per-seed noise a one-step generator gets for those seeds (``OneStepGenerator.inputs_for_seeds``).
-    ``cond``: one condition per seed (e.g. encoded prompts), in place of ``classes``; ``guidance``: classifier-free
-    guidance of that strength against the null condition ``null(n)`` (``sid.guidance.guided``)."""
+    ``cond``: one condition per seed (e.g. encoded prompts), in place of ``classes``; ``guidance``: guidance of that
+    strength as ``guide(denoiser, guidance)`` applies it (``Teacher.guide``; default: none possible but κ = 1)."""
     z, labels = OneStepGenerator(denoiser, shape).inputs_for_seeds(list(seeds), classes, device)
     labels = labels if cond is None else cond
     sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, device=device)
-    sampler, net = heun_sampler if solver == "heun" else euler_sampler, guided(denoiser, guidance, null)
+    net = (guide or (lambda d, scale: guided(d, scale, None)))(denoiser, guidance)
+    sampler = heun_sampler if solver == "heun" else euler_sampler
     return torch.cat([sampler(net, z[i:i + batch], sigmas, part(labels, slice(i, i + batch)))
                       for i in range(0, len(z), batch)]).cpu()

@@ -30,6 +30,9 @@ class DiffusersTeacherConfig:
     sigma_data: float = 0.5              # data std assumed by EDM preconditioning and the fake-score weight
     resolution: Optional[int] = None     # latent pipelines: square images of this many pixels (SiD-DiT: SD3 at
                                          # 512); null: the network's own sample size
+    max_sequence_length: Optional[int] = None  # families with T5 or Gemma: the prompt's tokens it encodes (SiD-DiT:
+                                         # SD3 at 77); null: the pipeline's own (SD3 256, FLUX 512, PixArt-α 120,
+                                         # PixArt-Σ and Sana 300)
 
 
 @dataclass
@@ -57,7 +60,8 @@ class TeacherConfig:
 
 @dataclass
 class GeneratorConfig:
-    sigma_init: float = 2.5              # G(z) = D_θ(sigma_init z, sigma_init)
+    sigma_init: float = 2.5              # G(z) = D_θ(sigma_init z, sigma_init); inf: pure noise, a flow teacher's
+                                         # t = 1 (SiD-DiT), D = z − v(z; 1)
     t_init: Optional[int] = None         # discrete teachers: sigma_init = σ of this timestep (SiD-LSG: 625 = σ 2.5017)
 
 

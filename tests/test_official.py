@@ -185,3 +185,107 @@ def test_the_cifar10_preset_is_the_official_run(gpu, monkeypatch):
         got = OmegaConf.to_container(node) if OmegaConf.is_config(node := OmegaConf.select(cfg, key)) else node
         assert got == value, (key, got, value, source)
     assert cfg.train.precision == "auto" and cfg.teacher.kind == "edm_pickle"
+
+
+# SiD-LSG: the same losses on a discrete VP (ε) teacher at its own integer timesteps ------------------------------
+#
+# The oracle transcribes ``sid_sd_denoise`` (training/sid_sd_util.py) and the two steps of
+# ``training/sid_training_loop.py`` of github.com/mingyuanzhou/SiD-LSG at commit 04f768a1 (κ = 1): t ~ U{tmin .. tmax
+# − 1} (``torch.randint(20, 980)``), x_t = sqrt(ā_t) x0 + sqrt(1 − ā_t) n (``add_noise``), the UNet fed the integer
+# t, x0 = (x_t − sqrt(1 − ā_t) ε) / sqrt(ā_t) (``step(...).pred_original_sample``), the generator loss as SiD's, the
+# fake loss the plain ε-MSE, both summed and scaled over the per-process batch. It draws t, then the noise, as sid
+# does (the official loop draws the noise first: an order of draws, not a formula). All in float64: ā from SD's
+# scaled-linear β, the networks and images float64, so the two sides must agree to float64 rounding (1e-12).
+
+SD_BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2        # "scaled_linear"
+ALPHAS_CUMPROD = torch.cumprod(1 - SD_BETAS, 0)
+
+
+class EpsNet(torch.nn.Module):
+    """A small ε-network in float64 of (x_t, timestep) that changes by a percent when its timestep moves by 1e-5,
+    and records the timesteps it is fed."""
+
+    def __init__(self, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.a = torch.nn.Parameter(torch.randn(SHAPE, generator=g, dtype=torch.float64) * 0.3)
+        self.fed = []
+
+    def forward(self, x_t, timestep, labels=None):
+        self.fed.append(timestep.detach().clone())
+        k = timestep.reshape(-1, 1, 1, 1)
+        return torch.tanh(self.a * x_t) * (1 + 0.1 * torch.sin(1000 * k))
+
+
+def official_lsg_x0(net, images, noise, timesteps):
+    ac = ALPHAS_CUMPROD[timesteps].reshape(-1, 1, 1, 1)
+    x_t = ac.sqrt() * images + (1 - ac).sqrt() * noise
+    return (x_t - (1 - ac).sqrt() * net(x_t, timesteps.double())) / ac.sqrt()
+
+
+def official_lsg_generator_loss(true_score, fake_score, images, alpha, lsg=1.0, batch_gpu_total=B):
+    timesteps = torch.randint(20, 980, (images.shape[0],))
+    noise = torch.randn_like(images)
+    y_fake = official_lsg_x0(fake_score, images, noise, timesteps)
+    y_real = official_lsg_x0(true_score, images, noise, timesteps)
+    with torch.no_grad():
+        weight_factor = abs(images - y_real).mean(dim=[1, 2, 3], keepdim=True).clip(min=0.00001)
+    loss = (y_real - y_fake) * ((y_real - images) - alpha * (y_real - y_fake)) / weight_factor
+    return loss.sum().mul(lsg / batch_gpu_total)
+
+
+def official_lsg_fake_score_loss(fake_score, images, ls=1.0, batch_gpu_total=B):
+    timesteps = torch.randint(20, 980, (images.shape[0],))
+    noise = torch.randn_like(images)
+    ac = ALPHAS_CUMPROD[timesteps].reshape(-1, 1, 1, 1)
+    noise_fake = fake_score(ac.sqrt() * images + (1 - ac).sqrt() * noise, timesteps.double())
+    return ((noise_fake - noise) ** 2).sum().mul(ls / batch_gpu_total)
+
+
+def lsg_denoiser(net):
+    from diffusers import DDPMScheduler
+
+    from sid.precond import Preconditioned
+    from sid.teachers.diffusers.rules import DiscreteVPRule
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    rule = DiscreteVPRule(scheduler.alphas_cumprod, "epsilon")
+    rule.log_sigmas = ((1 - ALPHAS_CUMPROD) / ALPHAS_CUMPROD).sqrt().log()       # ā in float64, as the oracle's
+    return Preconditioned(lambda x_in, c_noise, labels: net(x_in, c_noise), rule)
+
+
+def lsg_loss(lam):
+    cfg = load_config([], [f"loss.lam={lam}", "loss.weighting=sid", "loss.time=timesteps", "loss.fake_loss=native",
+                           "loss.g_scale=1", "loss.fake_scale=1"])
+    return DistillationLoss.from_config(cfg.loss, Teacher(lsg_denoiser(EpsNet(0)), SHAPE, {"kind": "diffusers"}),
+                                        per_process=B)
+
+
+@pytest.mark.parametrize("lam", [1.0, 1.2])
+def test_the_sid_lsg_losses_are_the_official_ones_at_integer_timesteps(lam):
+    """On a float64 ε-teacher at its own timesteps, both of sid's losses and their gradients equal SiD-LSG's to
+    float64 rounding, and the networks are fed the integer timesteps."""
+    true_net, fake_net = EpsNet(1).requires_grad_(False), EpsNet(2)
+    x_official, x_ours = images(), images()
+    torch.manual_seed(3)
+    official = official_lsg_generator_loss(true_net, fake_net.requires_grad_(False), x_official, alpha=lam)
+    torch.manual_seed(3)
+    loss = lsg_loss(lam)
+    ours = loss.generator(lsg_denoiser(true_net), lsg_denoiser(fake_net), x_ours).sum()
+    torch.testing.assert_close(ours, official, rtol=1e-12, atol=0)
+    (g_official,) = torch.autograd.grad(official, x_official)
+    (g_ours,) = torch.autograd.grad(ours, x_ours)
+    assert relative(g_ours, g_official) < 1e-12
+    fed = torch.cat(true_net.fed)
+    assert torch.equal(fed, fed.round()) and fed.min() >= 20 and fed.max() <= 979
+
+    official_net, our_net = EpsNet(2), EpsNet(2)
+    x = images().detach()
+    torch.manual_seed(4)
+    official = official_lsg_fake_score_loss(official_net, x)
+    torch.manual_seed(4)
+    ours = loss.fake_score(lsg_denoiser(our_net), x).sum()
+    torch.testing.assert_close(ours, official, rtol=1e-12, atol=0)
+    official.backward()
+    ours.backward()
+    assert relative(our_net.a.grad, official_net.a.grad) < 1e-12

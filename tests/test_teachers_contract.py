@@ -41,10 +41,10 @@ def python(label_dim=0):
                             "teacher.python.shape=[1,8,8]", f"teacher.python.kwargs.label_dim={label_dim}"]
 
 
-def pipeline(name):
+def pipeline(name, *extra):
     """A tiny latent pipeline folder of that family (tests/tiny_pipelines.py), built once per session."""
     return lambda request: ["teacher.kind=diffusers",
-                            f"teacher.diffusers.path={request.getfixturevalue('tiny_pipeline')(name)}"]
+                            f"teacher.diffusers.path={request.getfixturevalue('tiny_pipeline')(name)}", *extra]
 
 
 def analytic(shape):
@@ -68,6 +68,7 @@ CASES = {
     "python": python(),
     "python-classes": python(label_dim=3),
     **{f"diffusers-{name}": pipeline(name) for name in ("sd", "sdxl", "sd3", "pixart", "sana", "dit")},
+    "diffusers-flux": pipeline("flux", "teacher.diffusers.resolution=16", "teacher.diffusers.max_sequence_length=16"),
 }
 
 

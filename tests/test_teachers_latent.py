@@ -226,7 +226,8 @@ def test_an_embeddings_cache_trains_the_same_and_refuses_another_encoder(sd_fold
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_the_native_fake_loss_is_the_pipelines_own_training_loss(tmp_path, prediction_type):
     """loss.fake_loss=native at the teacher's own timesteps is the loss diffusers' training scripts compute:
-    ε-MSE, or v-MSE × snr/(snr + 1) (SiD-LSG), on add_noise(x0, ε, k) at integer k."""
+    ε-MSE, or v-MSE × snr/(snr + 1) (SiD-LSG), on add_noise(x0, ε, k) at integer k (σ_k drawn in float32 is fed as
+    k: ``DiscreteVPRule.sigma_to_t``)."""
     from diffusers.training_utils import compute_snr
 
     folder = save_tiny_sd(tmp_path, prediction_type)
@@ -244,10 +245,11 @@ def test_the_native_fake_loss_is_the_pipelines_own_training_loss(tmp_path, predi
         if prediction_type == "v_prediction":
             snr = compute_snr(scheduler, k)
             expected = expected * snr / (snr + 1)
-        sigma = teacher.timestep_sigmas()[k]
+        sigma = teacher.timestep_sigmas()[k].float()                       # as training draws it
         ours = teacher.training_weight(sigma) * ((teacher.denoiser(x0 + sigma[:, None, None, None] * noise, sigma,
                                                                    cond) - x0) ** 2).flatten(1).sum(1)
-    torch.testing.assert_close(ours, expected, rtol=2e-4, atol=0)
+    # the UNet on the same integer k and x_t reached two ways (sqrt(ā) x0 + sqrt(1 − ā) ε and (x0 + σ ε) / sqrt(1 + σ²))
+    assert_float32_close(ours, expected)
     assert abs(float(teacher.timestep_sigmas()[625]) - 2.5017) < 1e-4          # SiD-LSG's t_init: σ_init 2.5
 
 
@@ -378,3 +380,27 @@ def test_an_offloaded_codec_visits_its_device_only_to_work(sd_folder):
     assert moves == [("AutoencoderKL", "cpu"), ("CLIPTextModel", "cpu")] * 2              # there, and back
     torch.testing.assert_close(teacher.decode(latents), reference.decode(latents))
     assert len(moves) == 8
+
+
+def test_the_unet_is_fed_its_own_integer_timesteps(sd_folder):
+    """In float32 training at the teacher's timesteps (SiD-LSG) and in the generator at t_init 625, the UNet
+    receives the integer k, as SiD-LSG feeds it, not k ± 3e-5 (its σ_k rounded to float32 and mapped back)."""
+    from sid.generator import OneStepGenerator
+    from sid.losses import DistillationLoss
+
+    teacher = teacher_of(sd_folder)
+    fed = []
+    teacher.denoiser.net.unet.register_forward_pre_hook(lambda m, args, kw: fed.append(kw.get("timestep", args[1])),
+                                                       with_kwargs=True)
+    cfg = load_config([], ["loss.time=timesteps", "loss.fake_loss=native"])
+    loss = DistillationLoss.from_config(cfg.loss, teacher, per_process=8)
+    cond = teacher.encode(PROMPTS * 4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        x_g = OneStepGenerator(teacher.denoiser, teacher.shape, float(teacher.timestep_sigmas()[625]))(
+            torch.randn(8, *teacher.shape), cond)
+        loss.generator(teacher.denoiser, teacher.denoiser, x_g, cond)
+        loss.fake_score(teacher.denoiser, x_g, cond)
+    fed = torch.cat([torch.as_tensor(t).reshape(-1) for t in fed]).double()
+    assert fed[:8].eq(625).all() and len(fed) == 8 * 4
+    assert torch.equal(fed, fed.round()) and 20 <= fed[8:].min() and fed[8:].max() <= 979

@@ -195,7 +195,8 @@ def test_a_short_distillation_resumes_exactly_and_exports_a_pipeline_that_reload
 
 def test_bad_latent_input_is_one_line(tiny_pipeline, tmp_path):
     """A folder lacking a component its family needs, a pipeline class no family reads (the line lists those
-    read), a resolution the VAE and patches cannot make, a resolution for a pixel-space teacher."""
+    read), a resolution the VAE and patches cannot make, a resolution for a pixel-space teacher, a T5 length for a
+    family without T5 (or out of range)."""
     import json
     import shutil
 
@@ -209,9 +210,9 @@ def test_bad_latent_input_is_one_line(tiny_pipeline, tmp_path):
                                        "text_encoder, tokenizer, text_encoder_2, tokenizer_2 "):
         teacher_of(broken)
     index = json.loads((broken / "model_index.json").read_text())
-    (broken / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(SidError, match="a FluxPipeline with .* this version does not read .*StableDiffusion3Pipeline, "
-                                       "PixArtAlphaPipeline"):
+    (broken / "model_index.json").write_text(json.dumps({**index, "_class_name": "HunyuanDiTPipeline"}))
+    with pytest.raises(SidError, match="a HunyuanDiTPipeline with .* this version does not read "
+                                       ".*StableDiffusion3Pipeline, PixArtAlphaPipeline"):
         teacher_of(broken)
     with pytest.raises(SidError, match="teacher.diffusers.resolution=18 must be a multiple of 4 for this pipeline"):
         build_with(tiny_pipeline("sd3"), "teacher.diffusers.resolution=18")
@@ -219,6 +220,13 @@ def test_bad_latent_input_is_one_line(tiny_pipeline, tmp_path):
         build_with("builtin:fmnist", "teacher.diffusers.resolution=32")
     wider = build_with(tiny_pipeline("pixart"), "teacher.diffusers.resolution=32")
     assert wider.shape == (4, 16, 16)
+    with pytest.raises(SidError, match="^teacher.diffusers.max_sequence_length=77: a StableDiffusionXLPipeline has no "
+                                       "T5 or Gemma whose length can be set"):
+        build_with(tiny_pipeline("sdxl"), "teacher.diffusers.max_sequence_length=77")
+    with pytest.raises(SidError, match="max_sequence_length=0 is out of range"):
+        build_with(tiny_pipeline("pixart"), "teacher.diffusers.max_sequence_length=0")
+    longer = build_with(tiny_pipeline("pixart"), "teacher.diffusers.max_sequence_length=7")
+    assert longer.encode(["a cat"])["text"].shape[1] == 7
 
 
 def build_with(folder, *overrides):
@@ -229,9 +237,10 @@ def build_with(folder, *overrides):
 
 
 def test_the_sd3_preset_builds_sid_dits_recipe(tiny_pipeline, tmp_path):
-    """configs/sd3_medium_dit.yaml with the tiny SD3 pipeline in its place: the generator at t = 0.999, logit-normal
-    flow time (ln 2, 1.6) in both steps, the velocity fake loss, 1 − t weighting, κ = 4.5 in all four places, α = 1,
-    lr 1e-6, micro-batches of 8, no EMA, activation checkpointing, the teacher at its 512-px latents."""
+    """configs/sd3_medium_dit.yaml with the tiny SD3 pipeline in its place: the generator at t = 1 exactly, logit-
+    normal flow time (ln 2, 1.6) in both steps, the velocity fake loss, 1 − t weighting, κ = 4.5 in all four places
+    with no prompt dropped, α = 1, lr 1e-6, micro-batches of 8, no EMA, activation checkpointing, the teacher at its
+    512-px latents, T5 over 77 tokens."""
     import math
 
     from accelerate import Accelerator
@@ -243,9 +252,43 @@ def test_the_sd3_preset_builds_sid_dits_recipe(tiny_pipeline, tmp_path):
                  "optim.batch=16", f"train.run_dir={tmp_path / 'run'}"]
     run = build(load_config(["sd3_medium_dit"], overrides), Accelerator(cpu=True), resume=None)
     loss = run.loss
-    assert run.generator.sigma_init == 999 and run.teacher.shape == (4, 256, 256)
+    assert run.generator.sigma_init == math.inf and run.teacher.shape == (4, 256, 256)
+    tokens = run.teacher.encode(["a cat"])["text"].shape[1]
+    assert run.teacher.codec.max_sequence_length == 77 and tokens == 16 + 77      # the tiny CLIPs' 16, then T5's
+    assert run.loss.drop_cond == 0
     assert (loss.time, loss.p_mean, loss.p_std, loss.weighting) == ("logit_normal", math.log(2), 1.6, "one_minus_t")
     assert loss.fake_weight is not None and loss.lam == 1.0 and (loss.g_scale, loss.fake_scale) == (100 / 16, 1 / 16)
     assert loss.guide_fake_train == loss.guide_fake == loss.guide_teacher == 4.5
     assert (run.batch_gpu, run.opt_g.param_groups[0]["lr"], run.ema.halflife_nimg) == (8, 1e-6, 0)
     assert load_config(["sd3_medium_dit"]).teacher.diffusers.path == "stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+def test_a_flow_generator_starts_at_pure_noise_and_its_export_reloads(tiny_pipeline, tmp_path):
+    """generator.sigma_init=inf on a flow teacher is SiD-DiT's generator at t = 1: G(z) = z − v(z; t = 1), the
+    transformer fed z itself at timestep 1000; the export (σ_init ∞ and T5's length in its config) gives the same
+    images. A teacher
+    without that limit (ε on a discrete schedule) refuses it in one line."""
+    from sid import SiDPipeline
+    from sid.errors import SidError
+    from sid.generator import OneStepGenerator, export_generator, load_generator
+
+    teacher = build_with(tiny_pipeline("sd3"), "teacher.diffusers.max_sequence_length=7")
+    generator = OneStepGenerator(teacher.denoiser, teacher.shape, float("inf"))
+    z = torch.randn(2, *teacher.shape, generator=torch.Generator().manual_seed(5))
+    cond = teacher.encode(PROMPTS)
+    with torch.no_grad():
+        ours = generator(z, cond)
+        v = teacher.denoiser.net.transformer(hidden_states=z, timestep=torch.full((2,), 1000.0),
+                                             encoder_hidden_states=cond["text"],
+                                             pooled_projections=cond["pooled"]).sample
+    torch.testing.assert_close(ours, z - v, rtol=0, atol=0)
+    export_generator(generator, teacher.spec, tmp_path / "g", components=teacher.components())
+    with torch.no_grad():
+        torch.testing.assert_close(load_generator(tmp_path / "g")(z, cond), ours)
+        pipe = SiDPipeline.from_pretrained(tmp_path / "g")
+        images = pipe(PROMPTS, latents=z, output_type="latent").images
+    torch.testing.assert_close(images, ours)
+    assert pipe.codec().max_sequence_length == 7 and pipe.config.sigma_init == float("inf")
+    sd = teacher_of(tiny_pipeline("sd"))
+    with pytest.raises(SidError, match="^generator.sigma_init=inf .* has a limit only for flow teachers"):
+        OneStepGenerator(sd.denoiser, sd.shape, float("inf"))

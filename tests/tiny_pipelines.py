@@ -226,8 +226,30 @@ def save_tiny_sana(root: Path) -> Path:
     return root / "sana"
 
 
+def save_tiny_flux(root: Path, dev: bool = True) -> Path:
+    """A FluxPipeline of random tiny components (a FluxTransformer2DModel over 2×2-packed latents, with a guidance
+    embedding as FLUX.1-dev, or without as FLUX.1-schnell; CLIP's pooled output and a T5; a VAE with FLUX's scaling and
+    shift; the dev scheduler's resolution-dependent shift; latents 4×8×8, images 16×16) in ``root/flux``."""
+    import diffusers
+
+    torch.manual_seed(0)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=dev, axes_dims_rope=(2, 2, 4))
+    encoder_2, tokenizer_2 = tiny_t5(root / "t5")
+    scheduler = (diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                           max_shift=1.15, base_image_seq_len=256,
+                                                           max_image_seq_len=4096)
+                 if dev else diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0))
+    diffusers.FluxPipeline(
+        transformer=transformer, vae=tiny_vae(shift_factor=0.1159, scaling_factor=0.3611), scheduler=scheduler,
+        text_encoder=tiny_clip_encoder(seed=1), tokenizer=tiny_tokenizer(root / "vocab"), text_encoder_2=encoder_2,
+        tokenizer_2=tokenizer_2).save_pretrained(root / "flux")
+    return root / "flux"
+
+
 # The tiny latent pipelines by family (``tiny_pipeline`` in conftest builds each once per session).
 BUILDERS = {"sd": save_tiny_sd, "sdxl": save_tiny_sdxl, "sd3": save_tiny_sd3,
             "sd3-without-t5": lambda root: save_tiny_sd3(root, t5=False), "pixart": save_tiny_pixart,
             "pixart-sigma": lambda root: save_tiny_pixart(root, sigma=True), "sana": save_tiny_sana,
-            "dit": save_tiny_dit}
+            "dit": save_tiny_dit, "flux": save_tiny_flux, "flux-schnell": lambda root: save_tiny_flux(root, dev=False)}

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sid.errors import SidError
+from sid.guidance import guided
 from sid.precond import Preconditioned
 
 
@@ -47,6 +48,11 @@ class Teacher:
         if self.label_dim and self.zero_label_is_null:
             return torch.zeros(n, self.label_dim)                      # moved to the batch's device where used
         return None
+
+    def guide(self, denoiser, scale: float):
+        """``denoiser`` (the teacher's, or a student of its architecture) under guidance of strength κ as this
+        teacher is guided: classifier-free guidance against its null condition (``guidance.guided``)."""
+        return guided(denoiser, scale, self.null_condition)
 
     def to(self, device, denoiser: bool = True) -> Teacher:
         """Move the teacher's networks (the denoiser, unless ``denoiser=False``: a sharded run splits it first, and

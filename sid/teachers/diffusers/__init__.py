@@ -8,7 +8,7 @@ own form. The wing's face; its rooms:
 ``unet``            pixel-space UNets (and the teacher ``sid teacher`` trains)
 ``codecs``          a latent pipeline's frozen VAE and text encoders
 ``family``          what a latent family module gives: its ``Family`` row
-``families/``       one module per latent family (SD, SDXL, SD3, PixArt, Sana, DiT), registered there
+``families/``       one module per latent family (SD, SDXL, SD3, PixArt, Sana, DiT, FLUX), registered there
 ``latent``          latent pipeline folders as teachers
 ``export``          ``SiDPipeline``: the export in diffusers' form, its model card
 ==================  ==========================================================================================
@@ -36,7 +36,8 @@ def build(section, trust_code: bool = False) -> Teacher:
     encoders, else a pixel-space UNet (a folder, a hub id, ``builtin:<name>``, or a random one from its config)."""
     found = latent.latent_pipeline(section)
     if found is not None:
-        return latent.load(*found, section.resolution, trust_code=trust_code)
+        return latent.load(*found, section.resolution, trust_code=trust_code,
+                           max_sequence_length=section.max_sequence_length)
     return unet.build(section)
 
 
@@ -47,7 +48,8 @@ def architecture(section, trust_code: bool = False) -> Teacher | None:
     found = latent.latent_pipeline(section, weights=False)
     if found is None:
         return None
-    return latent.load(*found, section.resolution, meta=True, trust_code=trust_code).to("meta")
+    return latent.load(*found, section.resolution, meta=True, trust_code=trust_code,
+                       max_sequence_length=section.max_sequence_length).to("meta")
 
 
 def denoiser_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:
@@ -63,7 +65,8 @@ def denoiser_from_spec(spec: dict, trust_code: bool = False) -> nn.Module:
 def spec_shape(spec: dict) -> tuple:
     """The sample shape the spec's network takes: its input channels, at any height and width (a latent export
     records the size it was distilled at)."""
-    return spec["unet_config"].get("in_channels"), None, None
+    family = FAMILIES.get(spec.get("pipeline"))
+    return (family.channels(spec["unet_config"]) if family else spec["unet_config"].get("in_channels")), None, None
 
 
 def backbone_from_spec(spec: dict) -> nn.Module:

@@ -89,6 +89,7 @@ class TextCodec(ImageCodec):
     """
 
     text_to_image = True
+    max_sequence_length: int | None = None         # families with T5 or Gemma: the tokens of a prompt they encode
 
     def __init__(self, vae, parts: dict, micro: dict | None = None):
         super().__init__(vae)

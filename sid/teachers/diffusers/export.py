@@ -21,11 +21,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from sid.errors import SidError, described
-from sid.precond import Preconditioned
+from sid.precond import Preconditioned, from_noise
 from sid.teachers.diffusers.codecs import ImageCodec, vae_factor
 from sid.teachers.diffusers.families import FAMILIES, family_of
 from sid.teachers.diffusers.files import held, quiet
-from sid.teachers.diffusers.latent import export_family, index_family, latent_denoiser
+from sid.teachers.diffusers.latent import export_family, index_family, latent_denoiser, with_length
 from sid.teachers.diffusers.models import model_of, own_shape
 from sid.teachers.diffusers.rules import edm_output
 from sid.teachers.diffusers.unet import denoiser_from_unet
@@ -50,14 +50,16 @@ class SiDPipeline(DiffusionPipeline):
     def __init__(self, scheduler, unet=None, vae=None, text_encoder=None, tokenizer=None, transformer=None,
                  text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
                  sigma_init: float = 2.5, prediction_type: str = "edm", sigma_data: float = 0.5,
-                 teacher_pipeline: str | None = None, sample_size: list[int] | None = None):
+                 teacher_pipeline: str | None = None, sample_size: list[int] | None = None,
+                 max_sequence_length: int | None = None):
         super().__init__()
         teacher_pipeline = export_family(teacher_pipeline, transformer is not None, text_encoder is not None)
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, transformer=transformer,
                               text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                               tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         self.register_to_config(sigma_init=sigma_init, prediction_type=prediction_type, sigma_data=sigma_data,
-                                teacher_pipeline=teacher_pipeline, sample_size=sample_size)
+                                teacher_pipeline=teacher_pipeline, sample_size=sample_size,
+                                max_sequence_length=max_sequence_length)
 
     @property
     def family(self) -> str | None:
@@ -85,7 +87,9 @@ class SiDPipeline(DiffusionPipeline):
         """One sample's shape: the network's channels at the export's latent size (else the network's own)."""
         size, network = self.config.sample_size, self.network
         if size:
-            return (network.config.in_channels, *size)
+            channels = network.config.in_channels if self.family is None else family_of(self.family).channels(
+                network.config)
+            return (channels, *size)
         return own_shape(network) if self.family is None else family_of(self.family).latent_shape(network, 1)
 
     def codec(self) -> ImageCodec | None:
@@ -95,8 +99,9 @@ class SiDPipeline(DiffusionPipeline):
         parts = {name: getattr(self, name) for name in TEXT_PARTS if getattr(self, name) is not None}
         factor = vae_factor(self.vae.config)
         shape = self.sample_shape()
-        return family_of(self.family).codec.build(self.vae, parts, self.network, dict(self.config),
-                                                  (shape[1] * factor, shape[2] * factor))
+        codec = family_of(self.family).codec.build(self.vae, parts, self.network, dict(self.config),
+                                                   (shape[1] * factor, shape[2] * factor))
+        return with_length(codec, self.config.max_sequence_length, self.family)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, batch_size: int = 1,
@@ -120,8 +125,7 @@ class SiDPipeline(DiffusionPipeline):
         if class_labels is not None:
             classes = torch.as_tensor(class_labels, device=self.device).reshape(-1).expand(len(z))
             cond = nn.functional.one_hot(classes, denoiser.label_dim).float()
-        sigma = torch.full((len(z),), float(self.config.sigma_init), device=self.device)
-        images = denoiser(self.config.sigma_init * z, sigma, cond)
+        images = from_noise(denoiser, z, float(self.config.sigma_init), cond)
         if codec is not None and output_type != "latent":
             images = codec.decode(images)
         if output_type in ("pt", "latent"):
@@ -151,7 +155,8 @@ def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_d
         scheduler = cls.from_config(schedule)
     family = spec.get("pipeline")
     slot = FAMILIES[family].network if family in FAMILIES else "unet"
-    latent = {"teacher_pipeline": family, "sample_size": list(config["shape"][1:])} if family else {}
+    latent = ({"teacher_pipeline": family, "sample_size": list(config["shape"][1:]),
+               "max_sequence_length": spec.get("max_sequence_length")} if family else {})
     pipeline = SiDPipeline(**{slot: model}, scheduler=scheduler, **(components or {}), sigma_init=sigma_init,
                            prediction_type=spec["prediction_type"], sigma_data=denoiser.sigma_data, **latent)
     written = [slot, "scheduler", *(name for name in (components or {}) if not (out_dir / name).is_dir())]

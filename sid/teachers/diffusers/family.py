@@ -33,6 +33,10 @@ class Family:
         """The components a folder of this pipeline needs (hub ids: the ones fetched)."""
         return (self.network, "scheduler", "vae", *self.encoders)
 
+    def channels(self, config) -> int:
+        """The latents' channels, from the network's config."""
+        return config.get("in_channels")
+
     def latent_shape(self, model: nn.Module, factor: int, resolution: int | None = None) -> tuple[int, int, int]:
         """One latent's shape: (channels, height, width) at the network's own sample size, or for square images of
         ``resolution`` pixels (a multiple of the VAE's ``factor`` × the network's patch size)."""
@@ -43,7 +47,7 @@ class Family:
         if resolution % step:
             raise SidError(f"teacher.diffusers.resolution={resolution} must be a multiple of {step} for this "
                            f"pipeline (its VAE's factor {factor} × its patch size)")
-        return (config.in_channels, resolution // factor, resolution // factor)
+        return (self.channels(config), resolution // factor, resolution // factor)
 
 
 def encoder(n: int = 1) -> tuple[str, str]:

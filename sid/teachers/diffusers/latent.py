@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sid.errors import SidError, described, first_line
+from sid.guidance import embedded
 from sid.precond import Preconditioned
 from sid.teachers.diffusers.codecs import ImageCodec, vae_factor
 from sid.teachers.diffusers.families import FAMILIES, family_of
@@ -30,7 +31,7 @@ from sid.teachers.diffusers.files import (
     read_model,
     resolve_path,
 )
-from sid.teachers.diffusers.models import DiffusersTeacher, spec_of
+from sid.teachers.diffusers.models import DiffusersTeacher, model_of, spec_of
 from sid.teachers.diffusers.rules import prediction_of, rule_of
 
 
@@ -42,6 +43,8 @@ class LatentTeacher(DiffusersTeacher):
     def __init__(self, denoiser: Preconditioned, shape, spec: dict, codec: ImageCodec, zero_label_is_null=False):
         super().__init__(denoiser, shape, spec, zero_label_is_null=zero_label_is_null)
         self.codec = codec
+        # guidance-distilled: its guidance a scalar input (FLUX.1-dev's guidance_embeds), not two forwards
+        self.guidance_embedded = bool(getattr(model_of(denoiser).config, "guidance_embeds", False))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(latents)
@@ -77,6 +80,11 @@ class LatentTextTeacher(LatentTeacher):
 
     def null_condition(self, n: int) -> dict:
         return self.codec.null_condition(n)
+
+    def guide(self, denoiser, scale: float):
+        """A guidance-distilled network is told κ through its guidance embedding (``guidance.embedded``); any other
+        is guided classifier-free."""
+        return embedded(denoiser, scale) if self.guidance_embedded else super().guide(denoiser, scale)
 
     def encoder_fingerprint(self) -> str:
         return self.codec.fingerprint()
@@ -139,13 +147,14 @@ def hub_pipeline(path: str, weights: bool = True) -> tuple[Path, dict] | None:
                    f"cache ({type(error).__name__}); go online once, or give a local folder")
 
 
-def load(root: Path, index: dict, resolution: int | None = None, meta: bool = False,
-         trust_code: bool = False) -> LatentTeacher:
+def load(root: Path, index: dict, resolution: int | None = None, meta: bool = False, trust_code: bool = False,
+         max_sequence_length: int | None = None) -> LatentTeacher:
     """The teacher of a latent pipeline folder: its network with its VAE and text encoders, for square images of
     ``resolution`` pixels (default: the network's own sample size); one line for a missing or unreadable
     component. ``meta`` (the memory plan): each network built from its config alone on the meta device (sizes, no
     memory, no weights read), the tokenizers read as they are. ``trust_code``: a text encoder or tokenizer may run
-    code of the folder's own (``files.read_component``)."""
+    code of the folder's own (``files.read_component``). ``max_sequence_length``: the tokens of a prompt its T5 or
+    Gemma encodes (default: the pipeline's own)."""
     name = index.get("_class_name")
     family = family_of(name)
     if family.text_to_image:
@@ -169,10 +178,12 @@ def load(root: Path, index: dict, resolution: int | None = None, meta: bool = Fa
         model = read_model(getattr(diffusers, family.model), root / family.network, meta)
         denoiser = latent_denoiser(name, model, prediction_type, scheduler_config)
         shape = family.latent_shape(model, vae_factor(read_json(root / "vae" / "config.json") or {}), resolution)
-        codec = load_codec(root, index, model, shape, meta, trust_code)
+        codec = load_codec(root, {**index, "max_sequence_length": max_sequence_length}, model, shape, meta, trust_code)
     except (OSError, ValueError, RuntimeError) as e:
         raise SidError(f"cannot load the {name} in {root}: {first_line(e, 200)}") from None
     spec = spec_of(denoiser, prediction_type, scheduler_config, pipeline=name)
+    if max_sequence_length:                                    # an export encodes prompts as the teacher did
+        spec["max_sequence_length"] = max_sequence_length
     if family.text_to_image:
         return LatentTextTeacher(denoiser, shape, spec, codec)
     return LatentTeacher(denoiser, shape, spec, codec, zero_label_is_null=True)
@@ -190,14 +201,26 @@ def load_codec(root: Path, index: dict, model: nn.Module | None = None, shape=No
     if model is None:
         model = read_model(getattr(diffusers, family.model), root / family.network, meta=True)
         size = index.get("sample_size")
-        shape = (model.config.in_channels, *size) if size else family.latent_shape(model, 1)
+        shape = (family.channels(model.config), *size) if size else family.latent_shape(model, 1)
     parts = {}
     if family.text_to_image:
         with quiet():
             parts = {part: read_component(root, part, index, meta, trust_code)
                      for part in family.encoders if held(index, part)}
     factor = vae_factor(vae.config)
-    return family.codec.build(vae, parts, model, index, (shape[1] * factor, shape[2] * factor))
+    codec = family.codec.build(vae, parts, model, index, (shape[1] * factor, shape[2] * factor))
+    return with_length(codec, index.get("max_sequence_length"), family.pipeline)
+
+
+def with_length(codec: ImageCodec, length: int | None, pipeline: str) -> ImageCodec:
+    """The codec encoding prompts over ``length`` tokens of its T5 or Gemma (None: the pipeline's own length); one
+    line for a family whose encoders have no such length."""
+    if length:
+        if getattr(codec, "max_sequence_length", None) is None:
+            raise SidError(f"teacher.diffusers.max_sequence_length={length}: a {pipeline} has no T5 or Gemma whose "
+                           "length can be set (its CLIP tokenizers have their own); leave it null")
+        codec.max_sequence_length = int(length)
+    return codec
 
 
 def export_codec(folder, trust_code: bool = False) -> ImageCodec | None:

@@ -41,10 +41,16 @@ class DiscreteVPRule(nn.Module):
         self.sigma_min, self.sigma_max = float(self.log_sigmas[0].exp()), float(self.log_sigmas[-1].exp())
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The fractional timestep of σ; exactly k where σ is the table's σ_k in σ's own precision (a float32 σ_k
+        would otherwise land within 3e-5 of k, and the network be fed k ± 3e-5 where SiD-LSG feeds k)."""
         log_sigma = sigma.double().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
         hi = torch.searchsorted(self.log_sigmas, log_sigma.contiguous()).clamp(1, len(self.log_sigmas) - 1)
         lo_val, hi_val = self.log_sigmas[hi - 1], self.log_sigmas[hi]
-        return (hi - 1 + (log_sigma - lo_val) / (hi_val - lo_val)).to(sigma.dtype)
+        t = hi - 1 + (log_sigma - lo_val) / (hi_val - lo_val)
+        table = self.timestep_sigmas().to(sigma.dtype)
+        for k in (hi - 1, hi):                                   # σ_k is one of the two ends of its interval
+            t = torch.where(table[k] == sigma, k.double(), t)
+        return t.to(sigma.dtype)
 
     def t_to_sigma(self, t: torch.Tensor) -> torch.Tensor:
         t = t.double().clamp(0, len(self.log_sigmas) - 1)
@@ -58,8 +64,9 @@ class DiscreteVPRule(nn.Module):
         return torch.ones_like(sigma) if self.prediction_type == "sample" else sigma**-2
 
     def timestep_sigmas(self) -> torch.Tensor:
-        """σ_k = sqrt((1 − ā_k) / ā_k), k = 0 .. K − 1 (float32, on the rule's device)."""
-        return self.log_sigmas.exp().float()
+        """σ_k = sqrt((1 − ā_k) / ā_k), k = 0 .. K − 1 (float64, on the rule's device; a σ drawn from it and rounded
+        to the sample's precision is still fed to the network as the integer k: ``sigma_to_t``)."""
+        return self.log_sigmas.exp()
 
     def forward(self, sigma: torch.Tensor) -> Coefficients:
         total = 1 + sigma**2

@@ -15,6 +15,9 @@ PixArtSigmaPipeline (pixart)                              300 tokens); resolutio
 SanaPipeline (sana)             SanaTransformer2DModel    text, mask: Gemma 2's states of the prompt after the
                                                           pipeline's instruction, its first and last 299 kept
 DiTPipeline (dit)               DiTTransformer2DModel     one-hot class labels; the zero vector: null class
+FluxPipeline (flux)             FluxTransformer2DModel    text: T5's states; pooled: CLIP's pooled output;
+                                                          guidance: FLUX.1-dev's guidance embedding's input;
+                                                          latents packed 2×2 into tokens inside the backbone
 ==============================  ========================  ====================================================
 
 The null condition of text families is the empty prompt's encoding (SDXL: zeros, where its pipeline's
@@ -24,10 +27,10 @@ The null condition of text families is the empty prompt's encoding (SDXL: zeros,
 from __future__ import annotations
 
 from sid.errors import SidError
-from sid.teachers.diffusers.families import dit, pixart, sana, sd, sd3, sdxl
+from sid.teachers.diffusers.families import dit, flux, pixart, sana, sd, sd3, sdxl
 from sid.teachers.diffusers.family import Family
 
-MODULES = (sd, sdxl, sd3, pixart, sana, dit)
+MODULES = (sd, sdxl, sd3, pixart, sana, dit, flux)
 FAMILIES = {family.pipeline: family for module in MODULES for family in module.FAMILIES}
 
 
