@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from sid.errors import SidError, described, first_line
-from sid.schema import TEACHER_KINDS, Config, TeacherTrainingConfig
+from sid.schema import MAX_STEPS, RENOISE, TEACHER_KINDS, Config, TeacherTrainingConfig
 
 # λ of the generator loss L_λ = w <f_φ - f_ψ, (f_φ - x_g) - λ (f_φ - f_ψ)> by name (docs/losses.md); λ is SiD's α.
 LAMBDA_PRESETS = {
@@ -44,6 +44,7 @@ CHOICES = {
     "teacher.kind": TEACHER_KINDS,
     "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm", "flow"),
     "loss.weighting": ("sid", "x0", "eps", "one_minus_t", "velocity"),
+    "generator.renoise": RENOISE,
     "loss.time": ("karras", "timesteps", "logit_normal"),
     "loss.fake_loss": ("edm", "native"),
     "train.precision": ("auto", "fp32", "bf16"),
@@ -70,6 +71,7 @@ RANGES = [
      "in [8, 8192] pixels, or null for the network's own size"),
     ("teacher.diffusers.max_sequence_length", lambda v: v is None or 1 <= v <= 8192,
      "in [1, 8192] tokens, or null for the pipeline's own"),
+    ("generator.steps", lambda v: 1 <= v <= MAX_STEPS, f"in [1, {MAX_STEPS}]"),
     ("generator.t_init", lambda v: v is None or v >= 0, "a timestep >= 0, or null for generator.sigma_init"),
     ("loss.augment", lambda v: 0 <= v <= 1, "in [0, 1] (a probability per transform; 0: off)"),
     *((f"loss.{key}", lambda v: 0 <= v <= 100, "in [0, 100] (a guidance scale; 1: none)")

@@ -16,6 +16,8 @@ from sid.checkpoint import fsync, tensors_checksum, write_error
 from sid.errors import SidError, described, first_line
 from sid.guidance import part
 from sid.precond import check_pure_noise, from_noise
+from sid.schema import MAX_STEPS, RENOISE
+from sid.steps import few_step, step_sigmas
 from sid.teachers import (
     ability,
     backbone_values,
@@ -30,11 +32,13 @@ WEIGHTS, CONFIG = "generator.safetensors", "generator.json"
 
 
 class OneStepGenerator(nn.Module):
-    """Owns σ_init, the sample shape and the label convention: callers pass only z (and one-hot labels)."""
+    """Owns σ_init, its steps (K, and how it re-noises between them: ``sid.steps``), the sample shape and the
+    label convention: callers pass only z (and one-hot labels). K = 1 is SiD's one-step generator."""
 
-    def __init__(self, denoiser: nn.Module, shape, sigma_init: float = 2.5):
+    def __init__(self, denoiser: nn.Module, shape, sigma_init: float = 2.5, steps: int = 1, renoise: str = "fresh"):
         super().__init__()
         self.denoiser, self.shape, self.sigma_init = denoiser, tuple(shape), float(sigma_init)
+        self.steps, self.renoise = int(steps), renoise
         if math.isinf(self.sigma_init):                        # pure noise: one line now where it has no meaning
             check_pure_noise(denoiser)
 
@@ -42,8 +46,15 @@ class OneStepGenerator(nn.Module):
     def label_dim(self) -> int:
         return self.denoiser.label_dim
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return from_noise(self.denoiser, z, self.sigma_init, labels)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None, steps: int | None = None,
+                first: int | None = None, noise: list | None = None) -> torch.Tensor:
+        """G(z): its K steps, or ``steps`` on their own schedule; ``first``: only the first that many of them (SiD-DiT
+        trains on a step count drawn each iteration); ``noise``: the fresh noise of the later steps."""
+        steps = steps or self.steps
+        if steps == 1:
+            return from_noise(self.denoiser, z, self.sigma_init, labels)
+        sigmas = step_sigmas(self.denoiser, self.sigma_init, steps)[:first or steps]
+        return few_step(self.denoiser, z, sigmas, self.renoise, labels, noise)
 
     def random_inputs(self, n: int, device=None, generator: torch.Generator | None = None):
         """z ~ N(0, I) and, for class-conditional generators, uniformly drawn one-hot labels."""
@@ -67,13 +78,29 @@ class OneStepGenerator(nn.Module):
         labels = torch.cat(labels).to(device) if self.label_dim else None
         return torch.cat(zs).to(device), labels
 
+    def fresh_noise_for_seeds(self, seeds, count: int, device=None) -> list[torch.Tensor]:
+        """The fresh noise of ``count`` later steps for each seed, drawn from its own generator after its z and
+        label, so that a few-step image too depends only on its seed."""
+        draws = []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(int(seed))
+            self.random_inputs(1, generator=g)
+            draws.append(torch.randn(count, 1, *self.shape, generator=g))
+        return list(torch.cat(draws, dim=1).to(device)) if draws else []
+
     @torch.no_grad()
-    def sample_seeds(self, seeds, classes=None, device=None, batch: int = 256, cond=None) -> torch.Tensor:
+    def sample_seeds(self, seeds, classes=None, device=None, batch: int = 256, cond=None,
+                     steps: int | None = None) -> torch.Tensor:
         """One sample per seed (see ``inputs_for_seeds``), generated in batches; ``cond``: one condition per seed
-        (e.g. encoded prompts) in place of the seeds' labels."""
-        z, labels = self.inputs_for_seeds(list(seeds), classes, device)
+        (e.g. encoded prompts) in place of the seeds' labels; ``steps``: other than the generator's K."""
+        seeds, steps = list(seeds), steps or self.steps
+        z, labels = self.inputs_for_seeds(seeds, classes, device)
         labels = labels if cond is None else cond
-        return torch.cat([self(z[i:i + batch], part(labels, slice(i, i + batch))) for i in range(0, len(z), batch)])
+        fresh = steps > 1 and self.renoise == "fresh"
+        noise = self.fresh_noise_for_seeds(seeds, steps - 1, device) if fresh else None
+        return torch.cat([self(z[i:i + batch], part(labels, slice(i, i + batch)), steps,
+                               noise=None if noise is None else [n[i:i + batch] for n in noise])
+                          for i in range(0, len(z), batch)])
 
 
 def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Path, extra: dict | None = None,
@@ -85,7 +112,8 @@ def export_generator(generator: OneStepGenerator, spec: dict, out_dir: str | Pat
     tokenizer: ``Teacher.components()``)."""
     out_dir = Path(out_dir)
     config = {"format": "sid-generator/1", "denoiser": spec, "shape": list(generator.shape),
-              "sigma_init": generator.sigma_init, "label_dim": generator.label_dim, **(extra or {})}
+              "sigma_init": generator.sigma_init, "steps": generator.steps, "renoise": generator.renoise,
+              "label_dim": generator.label_dim, **(extra or {})}
     state = {k: v.detach().contiguous().cpu() for k, v in generator.denoiser.state_dict().items()}
     tmp_weights, tmp_config = out_dir / (WEIGHTS + ".tmp"), out_dir / (CONFIG + ".tmp")
     try:
@@ -182,7 +210,8 @@ def load_generator(path: str | Path, device=None, trust_code: bool = False) -> O
     check_size(config["denoiser"], state, weights)
     denoiser = denoiser_from_spec(config["denoiser"], trust_code)            # a function or pickle: if trusted
     check_shape(config, weights)
-    generator = OneStepGenerator(denoiser, config["shape"], config["sigma_init"])
+    generator = OneStepGenerator(denoiser, config["shape"], config["sigma_init"], config.get("steps", 1),
+                                 config.get("renoise", "fresh"))
     try:
         generator.denoiser.load_state_dict(state)
     except RuntimeError as e:
@@ -201,6 +230,11 @@ def check_config(config) -> dict:
         raise ValueError(f"shape={shape!r} is not a sample shape")
     if not isinstance(sigma_init, (int, float)) or isinstance(sigma_init, bool) or not 0 < sigma_init <= math.inf:
         raise ValueError(f"sigma_init={sigma_init!r} is not a noise level")
+    steps = config.get("steps", 1)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps={steps!r} is not a step count in [1, {MAX_STEPS}]")
+    if config.get("renoise", "fresh") not in RENOISE:
+        raise ValueError(f"renoise={config.get('renoise')!r} is not one of {RENOISE}")
     return config
 
 

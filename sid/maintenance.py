@@ -28,7 +28,7 @@ from sid.metrics import (
     sliced_wasserstein,
     text_sampler,
 )
-from sid.run import Run
+from sid.run import Run, kind_of
 from sid.runtime import MetricsLogger, NonFiniteGuard, any_process, best_record
 from sid.sampling import sample_teacher
 from sid.sharding import full_state, loaded
@@ -185,7 +185,7 @@ def save_sample_grid(run: Run) -> None:
         if prompts := run.conditions.grid_prompts(n):
             (folder / "prompts.txt").write_text("\n".join(prompts) + "\n")
     guided = f", κ = {run.loss.guide_teacher:g}" if run.loss.guide_teacher != 1 else ""
-    save_panels([(image_grid(x), f"one-step generator, {run.nimg:,} images, λ={run.loss.lam:g}"),
+    save_panels([(image_grid(x), f"{kind_of(run.generator)} generator, {run.nimg:,} images, λ={run.loss.lam:g}"),
                  (np.asarray(Image.open(teacher_png)), f"teacher, Heun, 35 evaluations{guided}")],
                 folder / "compare.png")
     log_picture(run, "samples", folder / "compare.png")

@@ -293,11 +293,12 @@ def prompt_fid(metric: FrechetInceptionDistance, sample, prompts: list[str], num
     return seed_batched(metric, sample, num, seed, batch, features, progress, prompts, resolution, clip)
 
 
-def text_sampler(generator, codec, device=None):
-    """``sample(seeds, prompts)`` of a text-to-image generator: one step from each seed's noise, decoded."""
+def text_sampler(generator, codec, device=None, steps: int | None = None):
+    """``sample(seeds, prompts)`` of a text-to-image generator: its steps (or ``steps``) from each seed's noise,
+    decoded."""
     def sample(seeds, prompts):
         cond = codec.encode(prompts)
-        return codec.decode(generator.sample_seeds(seeds, device=device, cond=cond))
+        return codec.decode(generator.sample_seeds(seeds, device=device, cond=cond, steps=steps))
 
     return sample
 

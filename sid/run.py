@@ -117,7 +117,7 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
     shared = frozenset(shares(teacher.denoiser))
     fake_score = student(teacher, cfg.lora, cfg.lora.fake_score)
     generator = OneStepGenerator(student(teacher, cfg.lora, cfg.lora.generator), teacher.shape,
-                                 initial_sigma(cfg.generator, teacher))
+                                 initial_sigma(cfg.generator, teacher), cfg.generator.steps, cfg.generator.renoise)
     apply_perf(cfg.perf, bf16, teacher, [fake_score, generator])
     batch_gpu, rounds = micro_batches(cfg, accelerator.num_processes)
     loss = DistillationLoss.from_config(cfg.loss, teacher, per_process=batch_gpu * rounds)
@@ -203,6 +203,14 @@ def set_training(module: torch.nn.Module, on: bool, shared: frozenset) -> None:
         p.requires_grad_(on)
 
 
+def kind_of(generator: OneStepGenerator, random_steps: bool = False) -> str:
+    """"one-step", or "4-step (fresh noise, 1..4 steps drawn each iteration)"."""
+    if generator.steps == 1:
+        return "one-step"
+    drawn = f", 1..{generator.steps} steps drawn each iteration" if random_steps else ""
+    return f"{generator.steps}-step ({generator.renoise} noise{drawn})"
+
+
 def initial_sigma(section, teacher: Teacher) -> float:
     """The generator's σ_init: ``generator.sigma_init``, or the σ of the teacher's timestep ``generator.t_init``
     (SiD-LSG's 625: the VP image of σ_init = 2.5)."""
@@ -237,7 +245,7 @@ def describe(run: Run) -> str:
                  f"{', sharded (FSDP2)' if run.sharded else ''}")
     budget = f"{cfg.train.total_nimg:,} images" + (f" or {cfg.train.max_seconds:g} s" if cfg.train.max_seconds else "")
     return (f"distilling the {cfg.teacher.kind} teacher ({size}samples {'×'.join(map(str, run.teacher.shape))}) "
-            f"into a one-step generator{run.conditions.describe()}: "
+            f"into a {kind_of(run.generator, cfg.generator.random_steps)} generator{run.conditions.describe()}: "
             f"λ = {run.loss.lam:g}{named}, weighting {cfg.loss.weighting}{native(run.loss)}, "
             f"{adapters(run)}batch {cfg.optim.batch} on {processes}, "
             f"{'bf16 autocast' if run.bf16 else 'fp32'} ({run.precision})"

@@ -63,6 +63,9 @@ class GeneratorConfig:
     sigma_init: float = 2.5              # G(z) = D_θ(sigma_init z, sigma_init); inf: pure noise, a flow teacher's
                                          # t = 1 (SiD-DiT), D = z − v(z; 1)
     t_init: Optional[int] = None         # discrete teachers: sigma_init = σ of this timestep (SiD-LSG: 625 = σ 2.5017)
+    steps: int = 1                       # K: SiD-DiT's few-step generator on t_i = t_init (1 − i/K) (sid/steps.py)
+    renoise: str = "fresh"               # between steps: fresh | fixed | ddim noise (SiD-DiT's noise_type)
+    random_steps: bool = False           # train on k ~ U{1..K} steps each iteration, the k-th trained (SiD-DiT)
 
 
 @dataclass
@@ -203,6 +206,8 @@ class Config:
 
 
 # The teacher kinds: one section of TeacherConfig each (and one adapter module, sid/teachers/<kind>.py).
+RENOISE = ("fresh", "fixed", "ddim")      # generator.renoise: how a few-step generator re-noises (sid/steps.py)
+MAX_STEPS = 64                            # generator.steps at most
 TEACHER_KINDS = tuple(f.name for f in fields(TeacherConfig) if f.name != "kind")
 
 

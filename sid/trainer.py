@@ -66,6 +66,7 @@ def iteration(run: Run) -> Stats:
     torch.manual_seed(step_seed(run.cfg.train.seed, run.accelerator.process_index, run.step))
     reuse = run.cfg.loss.reuse_generator_batch
     fake_updates = []
+    first = drawn_steps(run)
 
     # Update fake score: f_ψ fits fresh samples of the current generator, drawn with G in eval mode. With
     # loss.reuse_generator_batch only the first iteration does; later ones fit the generator step's samples.
@@ -73,18 +74,18 @@ def iteration(run: Run) -> Stats:
         run.generator.eval()
         set_training(run.fake_score, True, run.shared)
         fake_updates.append(update(run, run.fake_score, run.fake_ddp, run.opt_fake,
-                                   partial(fake_score_micro_loss, run, None)))
+                                   partial(fake_score_micro_loss, run, None, first)))
 
     # Update generator: f_φ and f_ψ frozen in their parameters, differentiable in their inputs.
     set_training(run.fake_score, False, run.shared)
     run.generator.train()
-    g = update(run, run.generator, run.generator_ddp, run.opt_g, partial(generator_micro_loss, run))
+    g = update(run, run.generator, run.generator_ddp, run.opt_g, partial(generator_micro_loss, run, first))
 
     if reuse:                            # f_ψ fits the samples of the generator step just taken (detached)
         run.generator.eval()
         set_training(run.fake_score, True, run.shared)
         fake_updates.append(update(run, run.fake_score, run.fake_ddp, run.opt_fake,
-                                   partial(fake_score_micro_loss, run, g.samples)))
+                                   partial(fake_score_micro_loss, run, g.samples, first)))
 
     # Update EMA, its ramp-up counting the images before this iteration's (as SiD's and EDM's loops).
     run.ema.update(run.generator, run.nimg, run.cfg.optim.batch)
@@ -98,6 +99,17 @@ def iteration(run: Run) -> Stats:
     return Stats(fake_updates[-1].loss, g.loss, dropped, bad)
 
 
+def drawn_steps(run: Run) -> int | None:
+    """With ``generator.random_steps``, the generator runs the first k of its K steps this iteration, k ~ U{1..K},
+    the same k in both steps and on every process (SiD-DiT draws it once per iteration and broadcasts it), drawn
+    from (seed, step) alone, so a resumed run draws it again; else None (all K)."""
+    steps = run.generator.steps
+    if not run.cfg.generator.random_steps or steps == 1:
+        return None
+    draw = torch.Generator().manual_seed(step_seed(run.cfg.train.seed, 0, run.step))
+    return int(torch.randint(1, steps + 1, (1,), generator=draw))
+
+
 def draw_inputs(run: Run) -> tuple[torch.Tensor, object]:
     """A micro-batch of generator inputs: z ~ N(0, I) and conditions from the run's source."""
     device = run.accelerator.device
@@ -105,7 +117,7 @@ def draw_inputs(run: Run) -> tuple[torch.Tensor, object]:
     return z, run.conditions.draw(run.batch_gpu, device)
 
 
-def fake_score_micro_loss(run: Run, samples: list | None, r: int) -> tuple[torch.Tensor, tuple]:
+def fake_score_micro_loss(run: Run, samples: list | None, first: int | None, r: int) -> tuple[torch.Tensor, tuple]:
     """Micro-batch ``r`` of the fake-score loss: on ``samples[r]``, or (None) on fresh generator samples. With
     guidance on the fake score, a share of the conditions becomes the null one before the samples are drawn, as
     SiD-LSG drops prompts (on reused samples, only the fake score's conditions are replaced)."""
@@ -113,17 +125,18 @@ def fake_score_micro_loss(run: Run, samples: list | None, r: int) -> tuple[torch
         z, labels = draw_inputs(run)
         labels = run.loss.fake_conditions(labels)
         with torch.no_grad():
-            x_g = run.generator(z, labels)
+            x_g = run.generator(z, labels, first=first)
     else:
         x_g, labels = samples[r]
         labels = run.loss.fake_conditions(labels)
     return run.loss.fake_score(run.fake_ddp, x_g, labels), (x_g, labels)
 
 
-def generator_micro_loss(run: Run, r: int) -> tuple[torch.Tensor, tuple]:
-    """Micro-batch ``r`` of the generator loss, through the frozen teacher and fake score."""
+def generator_micro_loss(run: Run, first: int | None, r: int) -> tuple[torch.Tensor, tuple]:
+    """Micro-batch ``r`` of the generator loss, through the frozen teacher and fake score (the generator's first
+    ``first`` steps; None: all)."""
     z, labels = draw_inputs(run)
-    x_g = run.generator_ddp(z, labels)
+    x_g = run.generator_ddp(z, labels, first=first)
     return run.loss.generator(run.teacher.denoiser, run.fake_score, x_g, labels), (x_g.detach(), labels)
 
 

@@ -25,6 +25,20 @@ def assert_float32_close(actual: torch.Tensor, expected: torch.Tensor, ulps: int
     torch.testing.assert_close(actual, expected, rtol=0, atol=ulps * torch.finfo(torch.float32).eps * scale)
 
 
+def assert_resumed_exactly(whole, resumed) -> None:
+    """A run stopped and resumed ends bit-identical to an uninterrupted one: generator, fake score and EMA."""
+    for a, b in ((whole.generator, resumed.generator), (whole.fake_score, resumed.fake_score),
+                 (whole.ema.model, resumed.ema.model)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def assert_trained(run) -> None:
+    """Training moved the generator away from the teacher it started as."""
+    start = run.teacher.denoiser.state_dict()
+    assert any(not torch.equal(start[k], v) for k, v in run.generator.denoiser.state_dict().items())
+
+
 def _fused_bf16_attention() -> bool:
     q = torch.zeros(2, 2, 64, 8, dtype=torch.bfloat16)
     try:

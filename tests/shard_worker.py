@@ -61,7 +61,7 @@ def generator_grads(**replace):
     if "fake_score" in replace:
         run.fake_score = replace["fake_score"]
     torch.manual_seed(7)
-    partial(generator_micro_loss, run)(0)[0].sum().backward()
+    partial(generator_micro_loss, run, None)(0)[0].sum().backward()
     run.fake_score = saved.get("fake_score", run.fake_score)
     if "teacher" in saved:
         run.teacher.denoiser = saved["teacher"]

@@ -137,7 +137,7 @@ def test_the_fake_step_draws_its_samples_with_the_conditions_the_fake_score_sees
     class Generator:
         shape = (1, 4, 4)
 
-        def __call__(self, z, c):
+        def __call__(self, z, c, first=None):
             seen["generator"] = c
             return torch.randn(len(z), 1, 4, 4)
 
@@ -147,7 +147,7 @@ def test_the_fake_step_draws_its_samples_with_the_conditions_the_fake_score_sees
     run = SimpleNamespace(generator=Generator(), batch_gpu=64, loss=loss, fake_ddp=None, conditions=ClassLabels(3),
                           accelerator=SimpleNamespace(device=torch.device("cpu")))
     torch.manual_seed(1)
-    fake_score_micro_loss(run, None, 0)
+    fake_score_micro_loss(run, None, None, 0)
     assert seen["generator"] is seen["fake score"]
     assert 0.3 < 1 - seen["generator"].sum(1).mean().item() < 0.7
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_UNET, assert_float32_close
+from conftest import TINY_UNET, assert_float32_close, assert_resumed_exactly
 from sid.config import load_config
 from sid.errors import SidError
 
@@ -69,10 +69,7 @@ def test_lora_runs_resume_exactly_and_export_base_plus_adapter(lora_runs):
     from sid.generator import load_generator
 
     root, whole, resumed = lora_runs
-    for a, b in ((whole.generator, resumed.generator), (whole.fake_score, resumed.fake_score),
-                 (whole.ema.model, resumed.ema.model)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_resumed_exactly(whole, resumed)
 
     exported = load_generator(root / "whole" / "generator")
     z = torch.randn(3, *whole.generator.shape, generator=torch.Generator().manual_seed(0))

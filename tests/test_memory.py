@@ -96,3 +96,20 @@ def test_the_plan_counts_what_training_allocates(tmp_path):
         plan(cfg, processes=3)
     assert json.dumps(rows)
     assert torch.is_grad_enabled()
+
+
+def test_a_plan_after_a_text_teacher_was_loaded_in_the_same_process(tiny_pipeline):
+    """In a fresh process whose first device-context construction happens inside transformers' model loading (which
+    fixes torch's set of device-aware constructors to wrapped ones), a later plan still builds every network on the
+    meta device (``teachers.base.on_meta``)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("from sid.config import load_config\nfrom sid.memory import plan\nfrom tiny_pipelines import teacher_of\n"
+              f"teacher_of({str(tiny_pipeline('sd'))!r})\n"
+              "print(plan(load_config(['toy_2d'], [])).total > 0)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert out.returncode == 0 and out.stdout.strip().endswith("True"), out.stderr[-2000:]

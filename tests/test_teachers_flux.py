@@ -6,7 +6,7 @@ pipeline's own output; a short guided distillation resumes exactly and its expor
 import pytest
 import torch
 
-from conftest import assert_float32_close
+from conftest import assert_float32_close, assert_resumed_exactly, assert_trained
 from sid.config import load_config
 from sid.sampling import euler_sampler
 
@@ -136,11 +136,8 @@ def test_a_guided_distillation_resumes_exactly_and_exports_a_pipeline_that_reloa
     whole = train(load_config([], flux_overrides(folder, tmp_path / "p.txt", tmp_path / "whole", 8)))
     train(load_config([], flux_overrides(folder, tmp_path / "p.txt", tmp_path / "split", 4)))
     resumed = train(load_config([], flux_overrides(folder, tmp_path / "p.txt", tmp_path / "split", 8)), resume="auto")
-    for a, b in ((whole.generator, resumed.generator), (whole.fake_score, resumed.fake_score)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    start = whole.teacher.denoiser.state_dict()
-    assert any(not torch.equal(start[k], v) for k, v in whole.generator.denoiser.state_dict().items())
+    assert_resumed_exactly(whole, resumed)
+    assert_trained(whole)
 
     export = tmp_path / "whole" / "generator"
     pipe = SiDPipeline.from_pretrained(export)
@@ -175,6 +172,7 @@ def test_the_flux_preset_builds_sid_dits_recipe(tiny_pipeline, tmp_path):
     assert loss.fake_weight is not None and loss.lam == 1.0 and loss.drop_cond == 0
     assert loss.guide_fake_train == loss.guide_fake == loss.guide_teacher == 4.5 and run.teacher.guidance_embedded
     assert run.teacher.codec.max_sequence_length == 512 and run.opt_g.param_groups[0]["lr"] == 1e-6
+    assert (run.generator.steps, run.generator.renoise, run.cfg.generator.random_steps) == (4, "fresh", True)
     assert load_config(["flux_dev_sid_dit"]).teacher.diffusers.path == "black-forest-labs/FLUX.1-dev"
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_pipelines import teacher_of
 
-from conftest import assert_float32_close
+from conftest import assert_float32_close, assert_resumed_exactly, assert_trained
 from sid.config import load_config
 from sid.guidance import guided
 from sid.sampling import euler_sampler
@@ -170,11 +170,8 @@ def test_a_short_distillation_resumes_exactly_and_exports_a_pipeline_that_reload
     resumed = train(load_config([], family_overrides(folder, tmp_path / "p.txt", tmp_path / "split", 8, flow)),
                     resume="auto")
     assert whole.conditions.drawn == resumed.conditions.drawn == 2 * 8
-    for a, b in ((whole.generator, resumed.generator), (whole.fake_score, resumed.fake_score)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    start = whole.teacher.denoiser.state_dict()
-    assert any(not torch.equal(start[k], v) for k, v in whole.generator.denoiser.state_dict().items())
+    assert_resumed_exactly(whole, resumed)
+    assert_trained(whole)
 
     export = tmp_path / "whole" / "generator"
     pipe = SiDPipeline.from_pretrained(export)
@@ -256,6 +253,7 @@ def test_the_sd3_preset_builds_sid_dits_recipe(tiny_pipeline, tmp_path):
     tokens = run.teacher.encode(["a cat"])["text"].shape[1]
     assert run.teacher.codec.max_sequence_length == 77 and tokens == 16 + 77      # the tiny CLIPs' 16, then T5's
     assert run.loss.drop_cond == 0
+    assert (run.generator.steps, run.generator.renoise, run.cfg.generator.random_steps) == (4, "fresh", True)
     assert (loss.time, loss.p_mean, loss.p_std, loss.weighting) == ("logit_normal", math.log(2), 1.6, "one_minus_t")
     assert loss.fake_weight is not None and loss.lam == 1.0 and (loss.g_scale, loss.fake_scale) == (100 / 16, 1 / 16)
     assert loss.guide_fake_train == loss.guide_fake == loss.guide_teacher == 4.5

@@ -49,7 +49,9 @@ def main(argv=None, prog=None) -> int:
     p.add_argument("--teacher", metavar="CONFIG",
                    help="sample a teacher instead (Heun/Euler): a config's (a file or a preset name), a diffusers "
                         "folder, or builtin:<name>")
-    p.add_argument("--steps", type=int, default=18, help="teacher: noise levels (Heun: 2 * steps - 1 evaluations)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="teacher: noise levels (Heun: 2 * steps - 1 evaluations; default 18); generator: its steps on "
+                        "their own schedule (default: the generator's own, 1 for one-step generators)")
     p.add_argument("--solver", choices=("heun", "euler"), default="heun")
     p.add_argument("--seeds", default="0-63", type=parse_ints, help="one sample per seed, e.g. 0-63 or 1,5,9")
     p.add_argument("--classes", default=None, type=parse_ints,
@@ -79,7 +81,7 @@ def main(argv=None, prog=None) -> int:
         raise SidError("give either an exported generator or --teacher CONFIG")
     prompts = read_prompts(args.prompt, args.prompts_file)
     if args.teacher:
-        teacher = load_teacher(args.teacher, args.device, args.trust_code)
+        teacher, steps = load_teacher(args.teacher, args.device, args.trust_code), args.steps or 18
         if teacher.text_to_image and not prompts:
             raise SidError(f"{args.teacher} is a text-to-image teacher: give --prompt or --prompts-file")
         if prompts and not teacher.text_to_image:
@@ -90,10 +92,10 @@ def main(argv=None, prog=None) -> int:
 
         def draw(seeds, classes):
             if not prompts:                                  # decoded through a latent teacher's VAE
-                return teacher.decode(sample_teacher(teacher.denoiser, teacher.shape, args.steps, args.solver, seeds,
+                return teacher.decode(sample_teacher(teacher.denoiser, teacher.shape, steps, args.solver, seeds,
                                                      classes, args.device, **guide)).cpu()
             cond = teacher.encode([prompts[seed % len(prompts)] for seed in seeds])    # a seed's own prompt
-            latents = sample_teacher(teacher.denoiser, teacher.shape, args.steps, args.solver, seeds, None,
+            latents = sample_teacher(teacher.denoiser, teacher.shape, steps, args.solver, seeds, None,
                                      args.device, cond=cond, **guide)
             return teacher.decode(latents).cpu()
     else:
@@ -109,12 +111,12 @@ def main(argv=None, prog=None) -> int:
         if classes is not None and not generator.label_dim:
             raise SidError("--classes given, but this generator is unconditional")
         codec = codec.to(args.device) if codec is not None else None
-        sample_text = text_sampler(generator, codec, args.device) if text else None
+        sample_text = text_sampler(generator, codec, args.device, args.steps) if text else None
 
         def draw(seeds, classes):
             if text:                                         # a seed's own prompt
                 return sample_text(seeds, [prompts[seed % len(prompts)] for seed in seeds]).cpu()
-            x = generator.sample_seeds(seeds, classes, device=args.device)
+            x = generator.sample_seeds(seeds, classes, device=args.device, steps=args.steps)
             return (x if codec is None else codec.decode(x)).cpu()
     x = in_batches(draw, seeds, classes, args.batch, args.progress)
     with writing(args.out):

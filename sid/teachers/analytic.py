@@ -17,7 +17,7 @@ from torch import nn
 from sid.config import plain
 from sid.networks import MLP
 from sid.precond import EDMRule, Preconditioned
-from sid.teachers.base import Teacher
+from sid.teachers.base import Teacher, on_meta
 
 
 class GaussianMixture(nn.Module):
@@ -116,8 +116,7 @@ def architecture(section, trust_code: bool = False) -> AnalyticTeacher:
     """The teacher on the meta device for the memory plan, its students' MLP unfitted: the plan counts sizes, and
     fitting is the one part of building that costs time."""
     teacher = build(section).to("meta")
-    with torch.device("meta"):
-        teacher._fitted = denoiser_from_spec(teacher.spec)
+    teacher._fitted = on_meta(lambda: denoiser_from_spec(teacher.spec))
     return teacher
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -10,6 +11,15 @@ from torch import nn
 from sid.errors import SidError
 from sid.guidance import guided
 from sid.precond import Preconditioned
+
+
+def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` on the meta device: made under torch's meta device context, then moved there. The move catches
+    buffers the context leaves on the CPU once transformers (5.x) has built a model inside a device context while
+    torch's constructors were wrapped: torch fixes its set of device-aware constructors at its first use in a
+    process, and from then on ``torch.linspace`` and others ignore a device context."""
+    with torch.device("meta"):
+        return build().to("meta")
 
 
 class Teacher:

@@ -22,6 +22,7 @@ from torch import nn
 
 from sid.errors import SidError, described
 from sid.precond import Preconditioned, from_noise
+from sid.steps import few_step, step_sigmas
 from sid.teachers.diffusers.codecs import ImageCodec, vae_factor
 from sid.teachers.diffusers.families import FAMILIES, family_of
 from sid.teachers.diffusers.files import held, quiet
@@ -51,7 +52,7 @@ class SiDPipeline(DiffusionPipeline):
                  text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
                  sigma_init: float = 2.5, prediction_type: str = "edm", sigma_data: float = 0.5,
                  teacher_pipeline: str | None = None, sample_size: list[int] | None = None,
-                 max_sequence_length: int | None = None):
+                 max_sequence_length: int | None = None, steps: int = 1, renoise: str = "fresh"):
         super().__init__()
         teacher_pipeline = export_family(teacher_pipeline, transformer is not None, text_encoder is not None)
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, transformer=transformer,
@@ -59,7 +60,7 @@ class SiDPipeline(DiffusionPipeline):
                               tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
         self.register_to_config(sigma_init=sigma_init, prediction_type=prediction_type, sigma_data=sigma_data,
                                 teacher_pipeline=teacher_pipeline, sample_size=sample_size,
-                                max_sequence_length=max_sequence_length)
+                                max_sequence_length=max_sequence_length, steps=steps, renoise=renoise)
 
     @property
     def family(self) -> str | None:
@@ -106,10 +107,11 @@ class SiDPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, batch_size: int = 1,
                  generator: torch.Generator | None = None, class_labels=None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True):
+                 output_type: str = "pil", return_dict: bool = True, num_inference_steps: int | None = None):
         """``prompt``: one prompt per image (a text-to-image generator; a single one is used ``batch_size`` times);
         ``latents``: the noise z ~ N(0, I) itself, instead of drawing it from ``generator``; ``output_type``:
-        ``pil``, ``np``, ``pt`` (images in [-1, 1]) or ``latent`` (a latent generator's latents)."""
+        ``pil``, ``np``, ``pt`` (images in [-1, 1]) or ``latent`` (a latent generator's latents);
+        ``num_inference_steps``: other than the generator's own step count (its config's ``steps``; ``sid.steps``)."""
         denoiser, codec = self.denoiser(), self.codec()
         cond = None
         if self.text_to_image:
@@ -125,7 +127,12 @@ class SiDPipeline(DiffusionPipeline):
         if class_labels is not None:
             classes = torch.as_tensor(class_labels, device=self.device).reshape(-1).expand(len(z))
             cond = nn.functional.one_hot(classes, denoiser.label_dim).float()
-        images = from_noise(denoiser, z, float(self.config.sigma_init), cond)
+        steps, sigma_init = num_inference_steps or self.config.steps, float(self.config.sigma_init)
+        if steps == 1:
+            images = from_noise(denoiser, z, sigma_init, cond)
+        else:
+            noise = [randn_tensor(z.shape, generator=generator, device=self.device) for _ in range(steps - 1)]
+            images = few_step(denoiser, z, step_sigmas(denoiser, sigma_init, steps), self.config.renoise, cond, noise)
         if codec is not None and output_type != "latent":
             images = codec.decode(images)
         if output_type in ("pt", "latent"):
@@ -155,10 +162,11 @@ def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_d
         scheduler = cls.from_config(schedule)
     family = spec.get("pipeline")
     slot = FAMILIES[family].network if family in FAMILIES else "unet"
-    latent = ({"teacher_pipeline": family, "sample_size": list(config["shape"][1:]),
-               "max_sequence_length": spec.get("max_sequence_length")} if family else {})
+    settings = ({"teacher_pipeline": family, "sample_size": list(config["shape"][1:]),
+                 "max_sequence_length": spec.get("max_sequence_length")} if family else {})
+    settings.update(steps=config.get("steps", 1), renoise=config.get("renoise", "fresh"))
     pipeline = SiDPipeline(**{slot: model}, scheduler=scheduler, **(components or {}), sigma_init=sigma_init,
-                           prediction_type=spec["prediction_type"], sigma_data=denoiser.sigma_data, **latent)
+                           prediction_type=spec["prediction_type"], sigma_data=denoiser.sigma_data, **settings)
     written = [slot, "scheduler", *(name for name in (components or {}) if not (out_dir / name).is_dir())]
     tmp = out_dir / ".tmp-diffusers"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -218,9 +226,11 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float] |
     except (OSError, ValueError, RuntimeError) as e:
         raise SidError(f"{folder}: its unet/ or scheduler/ cannot be loaded ({described(e)}); "
                        "export it again") from None
-    settings = {k: index[k] for k in ("sigma_init", "prediction_type", "sigma_data", "sample_size") if k in index}
+    named = ("sigma_init", "prediction_type", "sigma_data", "sample_size", "steps", "renoise")
+    settings = {k: index[k] for k in named if k in index}
     pipeline = SiDPipeline(**{slot: unet}, scheduler=scheduler, teacher_pipeline=family, **settings)
-    return pipeline.denoiser(), pipeline.sample_shape(), float(pipeline.config.sigma_init)
+    config = pipeline.config
+    return pipeline.denoiser(), pipeline.sample_shape(), float(config.sigma_init), config.steps, config.renoise
 
 
 def note_native(folder: Path, config: dict) -> None:
@@ -235,6 +245,15 @@ def write_card(folder: Path, config: dict) -> None:
     tmp = Path(folder) / ".README.md.tmp"
     tmp.write_text(model_card(config))
     os.replace(tmp, Path(folder) / "README.md")
+
+
+def evaluations(config: dict) -> str:
+    """How many network evaluations a sample takes, as the model card says it."""
+    steps = config.get("steps", 1)
+    if steps == 1:
+        return ": one network evaluation per sample"
+    return (f", then {steps - 1} more steps re-noised ({config.get('renoise', 'fresh')}) on SiD-DiT's schedule: "
+            f"{steps} network evaluations per sample")
 
 
 def model_card(config: dict) -> str:
@@ -254,7 +273,7 @@ def model_card(config: dict) -> str:
     pipeline = ("```python\nfrom sid import SiDPipeline\n\n"
                 f'images = SiDPipeline.from_pretrained("path/to/this/folder")({call}).images      # PIL images\n'
                 "```\n")
-    if spec.get("prediction_type") == "edm":
+    if spec.get("prediction_type") == "edm" and config.get("steps", 1) == 1:
         use = ("With diffusers alone (the scheduler is a one-step `EDMEulerScheduler`, σ_min = σ_max = σ_init):\n\n"
                "```python\nimport torch\n"
                f"from diffusers import EDMEulerScheduler, {unet}\n\n"
@@ -272,6 +291,6 @@ def model_card(config: dict) -> str:
             f"diffusers teacher `{source}` ({unet}, prediction type `{spec.get('prediction_type')}`) with the "
             f"identity-based loss at λ = {config.get('lam')}, after {config.get('nimg', 0):,} generator images"
             f"{'; measured: ' + measured if measured else ''}. G(z) = D(σ_init z; σ_init) with σ_init = "
-            f"{config['sigma_init']}: one network evaluation per sample.\n\n{use}\n"
+            f"{config['sigma_init']}{evaluations(config)}.\n\n{use}\n"
             "`generator.safetensors` and `generator.json` beside it hold the same weights for `sid.load_generator`; "
             "the run's whole config is in `generator.json`.\n")

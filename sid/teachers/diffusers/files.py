@@ -13,9 +13,9 @@ import warnings
 from pathlib import Path
 
 import diffusers
-import torch
 
 from sid.errors import SidError, described
+from sid.teachers.base import on_meta
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"          # teachers shipped inside the package
 BUILTIN = "builtin:"                                               # teacher.diffusers.path=builtin:<name>
@@ -110,8 +110,7 @@ def read_model(cls, folder: Path, meta: bool = False):
     if not meta:
         return cls.from_pretrained(folder)
     config = cls.load_config(folder)
-    with torch.device("meta"):
-        return cls.from_config(config)
+    return on_meta(lambda: cls.from_config(config))
 
 
 def names_code(folder: Path) -> bool:
@@ -142,8 +141,7 @@ def read_component(root: Path, name: str, index: dict, meta: bool = False, trust
     if not meta or not (isinstance(model, type) and issubclass(model, transformers.PreTrainedModel)):
         return model.from_pretrained(root / name, trust_remote_code=trust_code)    # a tokenizer: always read
     config = model.config_class.from_pretrained(root / name, trust_remote_code=trust_code)
-    with torch.device("meta"):
-        return model(config)
+    return on_meta(lambda: model(config))
 
 
 def load_clip(model: str):

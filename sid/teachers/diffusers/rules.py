@@ -68,6 +68,18 @@ class DiscreteVPRule(nn.Module):
         to the sample's precision is still fed to the network as the integer k: ``sigma_to_t``)."""
         return self.log_sigmas.exp()
 
+    def step_sigmas(self, sigma_init: float, steps: int) -> list[float]:
+        """σ of a K-step generator's steps at timesteps t_init (1 − i / K) (``sid.steps``): where σ_init is timestep
+        k's σ, each truncated to an integer as SiD-LSG's sampler computes it (``(k * (1 − i / K)).to(long)`` in
+        float32); else at the fractional ones."""
+        t_init = float(self.sigma_to_t(torch.tensor([sigma_init])))          # as the generator feeds σ: float32
+        if t_init != round(t_init):
+            t = torch.tensor([t_init * (1 - i / steps) for i in range(1, steps)], dtype=torch.float64)
+            return [float(sigma_init), *map(float, self.t_to_sigma(t))]
+        k = torch.tensor(int(t_init))
+        table = self.timestep_sigmas()
+        return [float(sigma_init), *(float(table[(k * (1 - i / steps)).to(torch.long)]) for i in range(1, steps))]
+
     def forward(self, sigma: torch.Tensor) -> Coefficients:
         total = 1 + sigma**2
         c_in, t = total.rsqrt(), self.sigma_to_t(sigma)
