@@ -379,11 +379,12 @@ def test_an_unreachable_hub_is_said_at_once_and_nothing_else_is_guessed(why, mon
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", "/nonexistent-cache")
     start = time.time()
     try:
-        assert sid(["train", "--config", "sd3_medium_dit", "--dry-run"]) == 0
+        assert sid(["train", "--config", "sd3_medium_dit", "teacher.diffusers.path=owner/unshipped-sd3",
+                    "--dry-run"]) == 0                     # a hub id whose architecture sid does not ship
     finally:
         files.hub_unreachable.cache_clear()
     line = capsys.readouterr().out.splitlines()[-1]
-    assert line.startswith("# memory plan: not made: teacher 'stabilityai/stable-diffusion-3-medium-diffusers' is "
+    assert line.startswith("# memory plan: not made: teacher 'owner/unshipped-sd3' is "
                            "neither a local folder nor a reachable hub model: not in the Hugging Face cache"), line
     assert ("HF_HUB_OFFLINE" if why == "offline mode" else "ConnectionError") in line and "pixel-space" not in line
     assert time.time() - start < 30                                      # the hub client's retries take a minute

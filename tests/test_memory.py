@@ -113,3 +113,45 @@ def test_a_plan_after_a_text_teacher_was_loaded_in_the_same_process(tiny_pipelin
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
     assert out.returncode == 0 and out.stdout.strip().endswith("True"), out.stderr[-2000:]
+
+
+# Published sizes of the networks (parameters), which the shipped configs must build: SD 1.5's UNet 859.52M,
+# SD 2.1's 865.91M, SDXL base's 2.567B, SD3 medium's MM-DiT 2.03B, SD3.5 large's 8.1B, FLUX.1's 11.9B.
+PUBLISHED = {"stable-diffusion-v1-5/stable-diffusion-v1-5": 859_520_964,
+             "stabilityai/stable-diffusion-2-1-base": 865_910_724,
+             "stabilityai/stable-diffusion-xl-base-1.0": 2_567_463_684,
+             "stabilityai/stable-diffusion-3-medium-diffusers": 2.03e9, "stabilityai/stable-diffusion-3.5-large": 8.1e9,
+             "black-forest-labs/FLUX.1-dev": 11.9e9, "black-forest-labs/FLUX.1-schnell": 11.9e9}
+
+
+@pytest.mark.parametrize("hub_id", sorted(PUBLISHED))
+def test_shipped_architectures_build_the_published_networks_offline(hub_id, monkeypatch):
+    """A hub id whose architecture ships with sid plans from it, never asking the hub (here: none to ask): its
+    network has the published size (exact where the count is published, else to 1%)."""
+    from sid.teachers import build_architecture
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", "/nonexistent-cache")
+    cfg = load_config([], ["teacher.kind=diffusers", f"teacher.diffusers.path={hub_id}"])
+    size = sum(p.numel() for p in build_architecture(cfg.teacher).denoiser.parameters())
+    assert size == PUBLISHED[hub_id] if isinstance(PUBLISHED[hub_id], int) else abs(size / PUBLISHED[hub_id] - 1) < 0.01
+
+
+def test_every_preset_with_a_hub_teacher_plans_offline(capsys, monkeypatch):
+    """`sid train --config P --dry-run` for each shipped preset whose teacher is a hub id names a shipped
+    architecture; DiT-XL/2's plan is made offline (a large GPU: the plan alone, no advice)."""
+    from sid.cli import main as sid
+    from sid.config import preset_names
+    from sid.teachers.diffusers.published import shipped
+
+    presets = [name for name in preset_names() if "/" not in name]          # not speed/ and teacher/ configs
+    hub_teachers = {name: load_config([name]).teacher for name in presets}
+    hub_teachers = {k: t.diffusers.path for k, t in hub_teachers.items() if t.kind == "diffusers" and t.diffusers.path
+                    and not t.diffusers.path.startswith("builtin:")}
+    assert set(hub_teachers) >= {"sd15_lsg", "sd21_lsg", "sd3_medium_dit", "flux_dev_sid_dit", "dit_xl2_256"}
+    assert set(hub_teachers.values()) <= set(shipped())
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", "/nonexistent-cache")
+    assert sid(["train", "--config", "dit_xl2_256", "--dry-run", "--gpu-memory", "10000"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan, per process" in out and "parameters: teacher 749,826,464" in out and "not made" not in out

@@ -9,6 +9,7 @@ own form. The wing's face; its rooms:
 ``codecs``          a latent pipeline's frozen VAE and text encoders
 ``family``          what a latent family module gives: its ``Family`` row
 ``families/``       one module per latent family (SD, SDXL, SD3, PixArt, Sana, DiT, FLUX), registered there
+``published``       the published architectures sid ships, as folders of configs (the memory plan, offline)
 ``latent``          latent pipeline folders as teachers
 ``export``          ``SiDPipeline``: the export in diffusers' form, its model card
 ==================  ==========================================================================================

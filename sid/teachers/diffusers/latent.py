@@ -32,6 +32,7 @@ from sid.teachers.diffusers.files import (
     resolve_path,
 )
 from sid.teachers.diffusers.models import DiffusersTeacher, model_of, spec_of
+from sid.teachers.diffusers.published import published
 from sid.teachers.diffusers.rules import prediction_of, rule_of
 
 
@@ -101,8 +102,11 @@ def latent_denoiser(pipeline: str, model: nn.Module, prediction_type: str, sched
 
 def latent_pipeline(section, weights: bool = True) -> tuple[Path, dict] | None:
     """(folder, index) of the latent pipeline ``teacher.diffusers.path`` names (a folder, or a hub id fetched with
-    or without its weights), or None for any other teacher of this adapter."""
+    or without its weights; without, a hub id whose architecture is shipped is read from it: ``published``), or None
+    for any other teacher of this adapter."""
     root = Path(resolve_path(section.path)) if section.path else None
+    if not weights and root is not None and not root.exists() and (found := published(section.path)):
+        return found                                          # the plan: a shipped architecture, offline
     index = read_json(root / "model_index.json") if root is not None and root.is_dir() else None
     if root is not None and not root.exists() and is_hub_id(section.path):
         root, index = hub_pipeline(section.path, weights) or (root, None)
