@@ -17,7 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from sid.errors import SidError, described, first_line
-from sid.schema import MAX_STEPS, RENOISE, TEACHER_KINDS, Config, TeacherTrainingConfig
+from sid.schema import MAX_STEPS, RENOISE, TEACHER_KINDS, Config, LossConfig, TeacherTrainingConfig
 
 # λ of the generator loss L_λ = w <f_φ - f_ψ, (f_φ - x_g) - λ (f_φ - f_ψ)> by name (docs/losses.md); λ is SiD's α.
 LAMBDA_PRESETS = {
@@ -43,6 +43,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvc
 CHOICES = {
     "teacher.kind": TEACHER_KINDS,
     "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm", "flow"),
+    "loss.kind": ("sid", "dmd"),
     "loss.weighting": ("sid", "x0", "eps", "one_minus_t", "velocity"),
     "generator.renoise": RENOISE,
     "loss.time": ("karras", "timesteps", "logit_normal"),
@@ -72,6 +73,7 @@ RANGES = [
     ("teacher.diffusers.max_sequence_length", lambda v: v is None or 1 <= v <= 8192,
      "in [1, 8192] tokens, or null for the pipeline's own"),
     ("generator.steps", lambda v: 1 <= v <= MAX_STEPS, f"in [1, {MAX_STEPS}]"),
+    ("optim.fake_updates", lambda v: 1 <= v <= 100, "in [1, 100] (fake-score updates per generator update)"),
     ("generator.t_init", lambda v: v is None or v >= 0, "a timestep >= 0, or null for generator.sigma_init"),
     ("loss.augment", lambda v: 0 <= v <= 1, "in [0, 1] (a probability per transform; 0: off)"),
     *((f"loss.{key}", lambda v: 0 <= v <= 100, "in [0, 100] (a guidance scale; 1: none)")
@@ -103,6 +105,9 @@ RANGES = [
 def check_lambda(cfg: DictConfig) -> None:
     if not math.isfinite(resolve_lam(cfg.loss.lam)):
         raise SidError(f"loss.lam={cfg.loss.lam} must be a finite number")
+    if cfg.optim.fake_updates > 1 and cfg.loss.reuse_generator_batch:
+        raise SidError(f"optim.fake_updates={cfg.optim.fake_updates} needs fresh samples for each fake-score update; "
+                       "loss.reuse_generator_batch=true fits the generator step's one batch: set one of them back")
 
 
 def check_pairs(cfg: DictConfig) -> None:
@@ -323,6 +328,17 @@ def _expanded_size(node, limit: int = MAX_YAML_VALUES) -> int:
     return count
 
 
+def set_aside_lambda(cfg: DictConfig, command_line: DictConfig) -> None:
+    """λ has no meaning for ``loss.kind=dmd`` (its gradient, ω (f_ψ − f_φ) through x_g alone, is the same for every
+    λ): a λ asked for on the command line is refused in one line; a preset's is set back to the default."""
+    if cfg.loss.kind != "dmd" or str(cfg.loss.lam) == LossConfig.lam:
+        return
+    if OmegaConf.select(command_line, "loss.lam") is not None:
+        raise SidError(f"loss.lam={cfg.loss.lam} has no meaning for loss.kind=dmd: its generator gradient, "
+                       "ω (f_ψ − f_φ) through x_g alone, is the same for every λ; leave loss.lam unset")
+    cfg.loss.lam = LossConfig.lam
+
+
 def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
     """Schema defaults, then each YAML file or preset (``find_config``), then (no GPU visible) the ``on_cpu``
     settings, then ``key=value`` overrides; validated and read-only.
@@ -364,6 +380,8 @@ def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
         if long:
             raise SidError(f"{key}: its part {long[0][:40]}... is {len(os.fsencode(long[0]))} bytes long, and file "
                            f"systems take at most {NAME_MAX} per name: give a shorter path")
+    if schema_class is Config:
+        set_aside_lambda(cfg, command_line)
     validate(cfg, schema_class)
     OmegaConf.set_readonly(cfg, True)  # after merging: read-only nodes do not merge (omegaconf#1102)
     return cfg

@@ -108,6 +108,20 @@ def generator_loss(
     return loss_weight(weighting, sigma, x_g, f_teacher) * identity_loss(f_teacher, f_fake, x_g, lam)
 
 
+def dmd_loss(teacher: Callable, fake_score: Callable, x_g: torch.Tensor, sigma: torch.Tensor, labels=None, *,
+             weighting: str = "sid") -> torch.Tensor:
+    """DMD / VSD (Yin et al. 2024; Wang et al. 2023): ½ Σ_j (x_g − sg[x_g − w (f_ψ − f_φ)])_j², whose gradient
+    w.r.t. x_g is w (f_ψ − f_φ), through x_g alone: SiD's loss with both outputs detached, for any λ. The networks
+    run without a graph (no activations kept), which is the member's saving."""
+    s = sigma.reshape(-1, *[1] * (x_g.ndim - 1))
+    x_t = x_g.detach() + s * torch.randn_like(x_g)
+    with torch.no_grad():
+        f_teacher, f_fake = teacher(x_t, sigma, labels), fake_score(x_t, sigma, labels)
+        w = loss_weight(weighting, sigma, x_g, f_teacher).reshape(s.shape)
+        target = x_g - w * (f_fake - f_teacher)
+    return 0.5 * _sum_per_sample((x_g - target) ** 2)
+
+
 @dataclass(frozen=True)
 class DistillationLoss:
     """Both losses of one run with every constant bound: the σ samplers, λ, the weighting and the reduction.
@@ -139,6 +153,7 @@ class DistillationLoss:
     timestep_sigmas: torch.Tensor | None = None   # time=timesteps: the teacher's σ_k, k = 0..K-1
     timesteps: tuple[int, int] = (20, 979)        # ... and the range of k, both ends included
     fake_weight: Callable | None = None  # σ -> the fake-score loss weight; None: λ_EDM(σ) with sigma_data
+    kind: str = "sid"                   # sid: ``generator_loss`` (SiD, FGM by λ) | dmd: ``dmd_loss``
 
     @classmethod
     def from_config(cls, loss, teacher, per_process: int) -> DistillationLoss:
@@ -174,7 +189,7 @@ class DistillationLoss:
                 raise SidError(f"loss.timesteps={list(loss.timesteps)} goes past the teacher's {len(sigmas)} "
                                f"timesteps (0..{len(sigmas) - 1})")
             native.update(timestep_sigmas=sigmas, timesteps=(int(first), int(last)))
-        return cls(lam=resolve_lam(loss.lam), weighting=loss.weighting, t_max=loss.t_max,
+        return cls(lam=resolve_lam(loss.lam), kind=loss.kind, weighting=loss.weighting, t_max=loss.t_max,
                    sigma_min=loss.sigma_min or d.sigma_min, sigma_max=loss.sigma_max or d.sigma_max,
                    rho=loss.rho, p_mean=loss.p_mean, p_std=loss.p_std, sigma_data=d.sigma_data,
                    g_scale=loss.g_scale / per_process, fake_scale=loss.fake_scale / per_process,
@@ -220,6 +235,8 @@ class DistillationLoss:
         """The generator loss w · L_λ at ``generator_sigma``."""
         sigma = self.generator_sigma(len(x_g), x_g.device, x_g.dtype)
         guide = self.guide or (lambda net, scale: guided(net, scale, self.null))
-        return generator_loss(guide(teacher, self.guide_teacher),
-                              guided(fake_score, self.guide_fake, self.null), x_g, sigma, labels, lam=self.lam,
+        teacher, fake_score = guide(teacher, self.guide_teacher), guided(fake_score, self.guide_fake, self.null)
+        if self.kind == "dmd":
+            return dmd_loss(teacher, fake_score, x_g, sigma, labels, weighting=self.weighting) * self.g_scale
+        return generator_loss(teacher, fake_score, x_g, sigma, labels, lam=self.lam,
                               weighting=self.weighting) * self.g_scale

@@ -244,9 +244,12 @@ def describe(run: Run) -> str:
     processes = (f"{acc.num_processes} {acc.device.type} process{'es' if acc.num_processes > 1 else ''}"
                  f"{', sharded (FSDP2)' if run.sharded else ''}")
     budget = f"{cfg.train.total_nimg:,} images" + (f" or {cfg.train.max_seconds:g} s" if cfg.train.max_seconds else "")
+    member = "DMD (outputs detached)" if cfg.loss.kind == "dmd" else f"λ = {run.loss.lam:g}{named}"
+    if cfg.optim.fake_updates > 1:
+        member += f", {cfg.optim.fake_updates} fake-score updates per generator update"
     return (f"distilling the {cfg.teacher.kind} teacher ({size}samples {'×'.join(map(str, run.teacher.shape))}) "
             f"into a {kind_of(run.generator, cfg.generator.random_steps)} generator{run.conditions.describe()}: "
-            f"λ = {run.loss.lam:g}{named}, weighting {cfg.loss.weighting}{native(run.loss)}, "
+            f"{member}, weighting {cfg.loss.weighting}{native(run.loss)}, "
             f"{adapters(run)}batch {cfg.optim.batch} on {processes}, "
             f"{'bf16 autocast' if run.bf16 else 'fp32'} ({run.precision})"
             f"{', compiled' if use_compile(cfg.perf.compile, acc.device) else ''}; "

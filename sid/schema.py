@@ -70,7 +70,9 @@ class GeneratorConfig:
 
 @dataclass
 class LossConfig:
-    lam: str = "sid"                     # λ: sid (1.2) | lambda1 (1.0) | fgm (0.5) | l2 (0) | any number
+    kind: str = "sid"                    # the member of the identity family: sid (SiD and FGM, by λ) | dmd (DMD /
+                                         # VSD: both networks' outputs detached, the gradient ω (f_ψ − f_φ))
+    lam: str = "sid"                     # λ: sid (1.2) | lambda1 (1.0) | fgm (0.5) | l2 (0) | any number (kind sid)
     weighting: str = "sid"               # sid: 1/mean|x_g - f_φ| | x0: 1 | eps: 1/σ² | one_minus_t: 1 − t (SiD-DiT)
                                          # | velocity: 2/t² (λ = ½: FGM's velocity loss), t = σ / (1 + σ)
     time: str = "karras"                 # σ of both steps: karras (SiD: generator Karras u < t_max, fake score
@@ -134,6 +136,7 @@ class OptimConfig:
     g_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     fake_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     eps: float = 1e-8
+    fake_updates: int = 1                # fake-score updates per generator update (DMD2's two time-scale rule: 5)
 
 
 @dataclass

@@ -68,13 +68,15 @@ def iteration(run: Run) -> Stats:
     fake_updates = []
     first = drawn_steps(run)
 
-    # Update fake score: f_ψ fits fresh samples of the current generator, drawn with G in eval mode. With
-    # loss.reuse_generator_batch only the first iteration does; later ones fit the generator step's samples.
+    # Update fake score: f_ψ fits fresh samples of the current generator, drawn with G in eval mode (optim.
+    # fake_updates times: DMD2's two time-scale rule). With loss.reuse_generator_batch only the first iteration
+    # does; later ones fit the generator step's samples.
     if not reuse or run.step == 0:
         run.generator.eval()
         set_training(run.fake_score, True, run.shared)
-        fake_updates.append(update(run, run.fake_score, run.fake_ddp, run.opt_fake,
-                                   partial(fake_score_micro_loss, run, None, first)))
+        for _ in range(run.cfg.optim.fake_updates):
+            fake_updates.append(update(run, run.fake_score, run.fake_ddp, run.opt_fake,
+                                       partial(fake_score_micro_loss, run, None, first)))
 
     # Update generator: f_φ and f_ψ frozen in their parameters, differentiable in their inputs.
     set_training(run.fake_score, False, run.shared)

@@ -289,3 +289,66 @@ def test_the_sid_lsg_losses_are_the_official_ones_at_integer_timesteps(lam):
     official.backward()
     ours.backward()
     assert relative(our_net.a.grad, official_net.a.grad) < 1e-12
+
+
+# DMD / VSD: the generator's gradient ω (f_ψ − f_φ) through x_g alone -------------------------------------------
+
+def dmd_loss_of(**extra):
+    cfg = load_config([], ["loss.kind=dmd", "loss.weighting=sid", "loss.t_max=0.8", *extra])
+    teacher = Teacher(GaussianMixture([1.0], torch.zeros(1, *SHAPE), [0.5]), SHAPE, {"kind": "analytic"})
+    return DistillationLoss.from_config(cfg.loss, teacher, per_process=B)
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0, 1.2])
+def test_dmd_is_the_identity_loss_with_both_outputs_detached_and_dmd2s_formula(lam):
+    """loss.kind=dmd: its gradient w.r.t. x_g equals (a) DMD2's ½‖x_g − sg[x_g − ω(f_ψ − f_φ)]‖² (ω = 1 / mean
+    |x_g − f_φ|, DMD's normalisation), written here from the paper, and (b) SiD's identity loss at any λ with both
+    networks' outputs detached; the networks keep no graph, so their parameters get no gradient."""
+    from sid.losses import generator_loss
+
+    teacher, fake = Net(1), Net(2)
+    x_ours, x_formula, x_sid = images(), images(), images()
+    torch.manual_seed(3)
+    ours = dmd_loss_of().generator(teacher, fake, x_ours).sum()
+    (g_ours,) = torch.autograd.grad(ours, x_ours)
+    assert all(p.grad is None for p in (*teacher.parameters(), *fake.parameters()))
+
+    torch.manual_seed(3)                                        # the same σ and noise: drawn in the same order
+    sigma = dmd_loss_of().generator_sigma(B, dtype=torch.float64)
+    x_t = x_formula.detach() + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x_formula)
+    with torch.no_grad():
+        f_real, f_fake = teacher(x_t, sigma), fake(x_t, sigma)
+        omega = 1 / (x_formula - f_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
+    formula = 0.5 * ((x_formula - (x_formula - omega * (f_fake - f_real)).detach()) ** 2).sum() * 100 / B
+    (g_formula,) = torch.autograd.grad(formula, x_formula)
+    assert relative(g_ours, g_formula) < 1e-12
+
+    def detached(net):
+        return lambda x, s, c=None: net(x, s).detach()
+
+    torch.manual_seed(3)
+    sigma = dmd_loss_of().generator_sigma(B, dtype=torch.float64)
+    sid = generator_loss(detached(teacher), detached(fake), x_sid, sigma, lam=lam).sum() * 100 / B
+    (g_sid,) = torch.autograd.grad(sid, x_sid)
+    assert relative(g_sid, g_formula) < 1e-12
+
+
+def test_dmd_refuses_a_lambda_and_two_time_scales_update_the_fake_score_k_times(tmp_path):
+    """λ has no meaning for DMD: asked for, one line; a preset's, set aside. optim.fake_updates=5 (DMD2) takes
+    five fake-score steps per generator step, each on fresh generator samples."""
+    from sid.errors import SidError
+    from sid.trainer import train
+
+    with pytest.raises(SidError, match="^loss.lam=1 has no meaning for loss.kind=dmd"):
+        load_config([], ["loss.kind=dmd", "loss.lam=1"])
+    assert load_config(["toy_2d"], ["loss.kind=dmd"]).loss.lam == "sid"         # a preset's λ is set aside
+    with pytest.raises(SidError, match="loss.kind='gan' is invalid; choose one of"):
+        load_config([], ["loss.kind=gan"])
+    cfg = load_config([], ["loss.kind=dmd", "optim.fake_updates=5", "optim.batch=32", "train.total_nimg=64",
+                           "teacher.analytic.student_width=16", "teacher.analytic.student_fit_steps=10",
+                           "train.log_every_nimg=64", "train.sample_every_nimg=100000", "train.ckpt_every_nimg=64",
+                           f"train.run_dir={tmp_path / 'run'}", "train.progress=false", "train.tracker=none"])
+    run = train(cfg)
+    steps = {name: int(next(iter(opt.state.values()))["step"]) for name, opt in (("fake", run.opt_fake),
+                                                                                  ("g", run.opt_g))}
+    assert steps == {"fake": 10, "g": 2}
