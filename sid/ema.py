@@ -9,6 +9,20 @@ import torch
 from torch import nn
 
 
+def holders(module: nn.Module) -> list[nn.Module]:
+    """The modules that hold parameters themselves (linear, convolution and norm layers, ...)."""
+    return [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def sharing_memo(module: nn.Module, shared) -> dict:
+    """A ``copy.deepcopy`` memo under which a copy of ``module`` keeps the ``shared`` tensors (ids) and the very
+    modules that hold only those: sharding such a module (``sid.sharding.shard_holders``) then shards it in every
+    network that holds it."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers()) if id(t) in shared}
+    memo.update({id(m): m for m in holders(module) if all(id(p) in shared for p in m.parameters(recurse=False))})
+    return memo
+
+
 def ema_beta(batch: int, cur_nimg: int, halflife_nimg: float, rampup: float | None) -> float:
     """β = 0.5^(batch / halflife), halflife = min(halflife_nimg, rampup * cur_nimg) (SiD / EDM), where
     ``cur_nimg`` counts the images seen before this step's were added."""
@@ -36,8 +50,7 @@ class EMA(nn.Module):
         """``shared``: ids of tensors the model shares with the frozen teacher (a LoRA student's base weights): the
         copy shares them too, and only the model's own tensors are averaged."""
         super().__init__()
-        memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) in shared}
-        self.model = copy.deepcopy(model, memo=memo).eval().requires_grad_(False)
+        self.model = copy.deepcopy(model, memo=sharing_memo(model, shared)).eval().requires_grad_(False)
         self.halflife_nimg, self.rampup, self.shared = halflife_nimg, rampup, shared
 
     @torch.no_grad()

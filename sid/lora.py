@@ -1,8 +1,9 @@
 """Students as LoRA adapters over the frozen teacher's weights (``lora.fake_score``, ``lora.generator``; peft).
 
 A LoRA student is the teacher's network with low-rank adapters, W x + (α / r) B A x, on the modules ``lora.targets``
-names. Its base weights *are* the teacher's: the same tensors, frozen, never copied, so the teacher, a LoRA fake
-score and a LoRA generator cost one network plus adapters instead of three networks. B starts at zero (peft's
+names. Its base weights *are* the teacher's: the same layers holding the same tensors, frozen, never copied, so the
+teacher, a LoRA fake score and a LoRA generator cost one network plus adapters instead of three networks (and a
+sharded run shards each such layer once for all three). B starts at zero (peft's
 default), so a student starts as the teacher, as a full copy does. The export merges the adapters into a full
 network (``merged``), which loads like any generator; ``save_adapter`` also writes the adapter alone, in peft's
 format, for the teacher's network.
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from sid.checkpoint import write_error
+from sid.ema import sharing_memo
 from sid.errors import SidError
 
 
@@ -42,8 +44,7 @@ def lora_student(teacher, section) -> nn.Module:
         raise SidError("lora.fake_score and lora.generator need peft: pip install 'sid-distill[lora]' (or peft)") \
             from None
 
-    memo = {id(t): t for t in (*teacher.denoiser.parameters(), *teacher.denoiser.buffers())}
-    student = copy.deepcopy(teacher.denoiser, memo=memo)       # new modules around the very same tensors
+    student = copy.deepcopy(teacher.denoiser, memo=sharing_memo(teacher.denoiser, shares(teacher.denoiser)))
     target = teacher.lora_target(student)
     try:
         inject_adapter_in_model(lora_config(section), target)

@@ -26,7 +26,7 @@ from sid.lora import lora_student, shares
 from sid.losses import DistillationLoss
 from sid.runtime import micro_batches, precision_policy
 from sid.sharding import check_launch as check_sharding
-from sid.sharding import device_mesh, meta_copy, shard, split_optimizer_state
+from sid.sharding import device_mesh, meta_copy, shard, shard_holders, split_optimizer_state
 from sid.teachers import Teacher, build_teacher
 
 
@@ -111,7 +111,7 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         teacher.offload_codec(device)
     sharding = sharding_of(accelerator)
     if sharding is not None:
-        check_sharding(accelerator.num_processes, cfg.lora.fake_score or cfg.lora.generator)
+        check_sharding(accelerator.num_processes)
     teacher.to(device, denoiser=sharding is None)   # sharded: each process's shard reaches the device when split
     conditions = build_conditions(cfg, teacher, accelerator.process_index, accelerator.num_processes)
     shared = frozenset(shares(teacher.denoiser))
@@ -141,9 +141,14 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         template = meta_copy(generator)
         mesh = device_mesh(device, accelerator.num_processes)
         offload = device.type != "cpu" and type(sharding.cpu_offload).__name__ == "CPUOffloadPolicy"
-        shard(teacher.denoiser, mesh, sharding.reshard_after_forward, offload=offload)
-        for net in (fake_score, generator, ema.model):
-            shard(net, mesh, sharding.reshard_after_forward)
+        # LoRA students hold the teacher's own layers: each such layer is one unit, sharded once for all three
+        by_layer = cfg.lora.fake_score or cfg.lora.generator
+        (shard_holders if by_layer else shard)(teacher.denoiser, mesh, sharding.reshard_after_forward, offload)
+        for net, adapters in ((fake_score, cfg.lora.fake_score), (generator, cfg.lora.generator),
+                              (ema.model, cfg.lora.generator)):
+            (shard_holders if adapters else shard)(net, mesh, sharding.reshard_after_forward)
+        shared = frozenset(shares(teacher.denoiser))       # the sharded layers hold new (sharded) tensors
+        ema.shared = shared
     opt_fake = adam(fake_score, cfg.optim.fake_lr, cfg.optim.fake_betas)
     opt_g = adam(generator, cfg.optim.g_lr, cfg.optim.g_betas)
     if path is not None:

@@ -6,6 +6,10 @@ model's block lists, then the whole), so that a forward gathers one block at a t
 generator through the frozen teacher and fake score, whose parameters take none. The precision policy stays sid's
 own (bf16 autocast, fp32 masters): no FSDP mixed-precision policy is set, so the masters are gathered in fp32.
 
+With LoRA students, which hold the teacher's own layers, each layer that holds parameters is its own unit instead
+(``shard_holders``): sharded once, gathered by whichever network calls it; the adapters are sharded as units of
+their own, their gradients reduce-scattered and their Adam moments split like any student's.
+
 The files stay what they are without sharding: a training state holds every network's full tensors and Adam's
 moments by parameter index (gathered for the main process to write; read by every process and split again), so
 a run resumes on any number of processes, sharded or not, and the export is a plain generator.
@@ -18,6 +22,7 @@ import copy
 import torch
 from torch import nn
 
+from sid.ema import holders
 from sid.errors import SidError
 
 
@@ -56,6 +61,20 @@ def shard(module: nn.Module, mesh, reshard: bool = True, offload: bool = False) 
     for block in blocks(module):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, offload_policy=policy)
     fully_shard(module, mesh=mesh, reshard_after_forward=reshard, offload_policy=policy)
+    return module
+
+
+def shard_holders(module: nn.Module, mesh, reshard: bool = True, offload: bool = False) -> nn.Module:
+    """``fully_shard`` each module that holds parameters itself and is not sharded yet, each its own unit (in
+    place). For networks that share layers (LoRA students: the teacher's frozen layers, wrapped by their adapters):
+    a shared layer is one unit, sharded once and gathered by whichever network calls it; a unit nests in no other,
+    so no network's root claims the layers the others share."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+
+    policy = CPUOffloadPolicy() if offload else OffloadPolicy()
+    for holder in holders(module):
+        if not isinstance(holder, FSDPModule):
+            fully_shard(holder, mesh=mesh, reshard_after_forward=reshard, offload_policy=policy)
     return module
 
 
@@ -112,12 +131,8 @@ def split_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict
     return {**state, "state": per_param}
 
 
-def check_launch(processes: int, lora: bool) -> None:
-    """Sharding needs two processes or more, and full students (LoRA students share the teacher's tensors)."""
+def check_launch(processes: int) -> None:
+    """Sharding needs two processes or more."""
     if processes < 2:
         raise SidError("a sharded launch (accelerate's FSDP) runs one process here: sharding splits the networks "
                        "over 2 or more processes; launch with --num_processes 2 or more, or without --use_fsdp")
-    if lora:
-        raise SidError("LoRA students share the teacher's own tensors, which sharding would split apart: set "
-                       "lora.fake_score=false lora.generator=false, or launch without --use_fsdp (LoRA students are "
-                       "small enough without it)")

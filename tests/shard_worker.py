@@ -1,6 +1,7 @@
 """Run by tests/test_sharding.py under `accelerate launch --num_processes 2` (gloo, CPU), the distillation config in
 argv: the same run unsharded (DDP) straight to its end in <out>/ddp, and sharded (FSDP2: the launcher's
-ACCELERATE_USE_FSDP, set here for the second) stopped halfway and resumed in <out>/fsdp. Then, on a sharded run's
+ACCELERATE_USE_FSDP, set here for the second) stopped halfway and resumed in <out>/fsdp; the same with LoRA students
+in <out>/ddp-lora and <out>/fsdp-lora. Then, on a sharded run's
 generator step, where gradients go: <out>/grads<rank>.json; and a sharded run's measured memory beside its plan:
 <out>/memory<rank>.json."""
 
@@ -25,14 +26,22 @@ end_training = Accelerator.end_training
 Accelerator.end_training = lambda self: None      # one process group for the several runs here, closed at the end
 
 
-def config(run_dir, total):
-    return load_config([], [*overrides, f"train.run_dir={out / run_dir}", f"train.total_nimg={total}"])
+# LoRA students, with an Adam eps that keeps gradients at rounding level (B starts at 0, so A's are) from being
+# normalised into whole steps, which would carry the two runs' summation orders into the weights
+LORA = ["lora.fake_score=true", "lora.generator=true", "lora.rank=4", "optim.eps=1e-3"]
+
+
+def config(run_dir, total, *extra):
+    return load_config([], [*overrides, f"train.run_dir={out / run_dir}", f"train.total_nimg={total}", *extra])
 
 
 ddp = train(config("ddp", 8))
+train(config("ddp-lora", 8, *LORA))
 os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
 train(config("fsdp", 4))
 fsdp = train(config("fsdp", 8), resume="auto")
+train(config("fsdp-lora", 4, *LORA))
+assert train(config("fsdp-lora", 8, *LORA), resume="auto").sharded
 rank = fsdp.accelerator.process_index
 assert fsdp.sharded and not ddp.sharded
 
