@@ -98,6 +98,7 @@ def test_the_plan_counts_what_training_allocates(tmp_path):
     assert torch.is_grad_enabled()
 
 
+@pytest.mark.slow                                   # a fresh process / the command line
 def test_a_plan_after_a_text_teacher_was_loaded_in_the_same_process(tiny_pipeline):
     """In a fresh process whose first device-context construction happens inside transformers' model loading (which
     fixes torch's set of device-aware constructors to wrapped ones), a later plan still builds every network on the
@@ -137,6 +138,7 @@ def test_shipped_architectures_build_the_published_networks_offline(hub_id, monk
     assert size == PUBLISHED[hub_id] if isinstance(PUBLISHED[hub_id], int) else abs(size / PUBLISHED[hub_id] - 1) < 0.01
 
 
+@pytest.mark.slow                                   # a fresh process / the command line
 def test_every_preset_with_a_hub_teacher_plans_offline(capsys, monkeypatch):
     """`sid train --config P --dry-run` for each shipped preset whose teacher is a hub id names a shipped
     architecture; DiT-XL/2's plan is made offline (a large GPU: the plan alone, no advice)."""
