@@ -173,7 +173,8 @@ def save_sample_grid(run: Run) -> None:
             reference = teacher.sample(2000, torch.Generator().manual_seed(0))
         else:
             with run.autocast(), torch.compiler.set_stance("force_eager"):
-                reference = sample_teacher(teacher.denoiser, teacher.shape, 18, "heun", range(2000), device=device)
+                reference = sample_teacher(teacher.denoiser, teacher.shape, 18, "heun", range(2000), device=device,
+                                           sigmas=teacher.sampling_sigmas(18))
         save_samples(x, path, reference, title=f"{run.nimg} images, lam={cfg.loss.lam}")
         log_picture(run, "samples", path)
         return
@@ -197,7 +198,8 @@ def teacher_reference(run: Run, n: int, cond) -> torch.Tensor:
     teacher = run.teacher
     with run.autocast(), torch.compiler.set_stance("force_eager"):
         return sample_teacher(teacher.denoiser, teacher.shape, 18, "heun", range(n), device=run.accelerator.device,
-                              cond=cond, guidance=run.loss.guide_teacher, guide=teacher.guide)
+                              cond=cond, guidance=run.loss.guide_teacher, guide=teacher.guide,
+                              sigmas=teacher.sampling_sigmas(18))
 
 
 def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> None:

@@ -318,7 +318,7 @@ def teacher_fid(metric: FrechetInceptionDistance, teacher, steps: int, num: int,
     """FID of a teacher's Heun samples (2·steps − 1 evaluations, ``sample_teacher``) at the generator's seeds."""
     def sample(seeds):                                     # decoded through a latent teacher's VAE
         return teacher.decode(sample_teacher(teacher.denoiser, teacher.shape, steps, "heun", seeds, device=device,
-                                             batch=batch))
+                                             batch=batch, sigmas=teacher.sampling_sigmas(steps)))
 
     return sample_fid(metric, sample, num, seed, batch, features, progress)
 

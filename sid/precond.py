@@ -146,7 +146,12 @@ class Preconditioned(nn.Module):
         """``augment_labels``: for backbones conditioned on how their input was augmented (EDM's CIFAR-10
         networks; the fake-score step with ``loss.augment``), passed on only when given."""
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-        return self.evaluate(self.rule(broadcast_sigma(sigma, x)), x, labels, augment_labels)
+        sigma = broadcast_sigma(sigma, x)
+        c = self.rule(sigma)
+        limit = getattr(self.rule, "pure_noise", None)
+        if limit is not None:           # σ = ∞ (flows: t = 1): x is the noise z itself, x / σ (no host sync here)
+            c = Coefficients(*(torch.where(sigma.isinf(), a, b) for a, b in zip(limit(torch.ones_like(sigma)), c)))
+        return self.evaluate(c, x, labels, augment_labels)
 
     def evaluate(self, c: Coefficients, x: torch.Tensor, labels=None, augment_labels=None) -> torch.Tensor:
         """``c_skip x + c_out F(c_in x, c_noise)`` for given coefficients."""
@@ -158,19 +163,14 @@ class Preconditioned(nn.Module):
             out = self.net(*inputs, **extra)
         return c.c_skip * x + c.c_out * out.to(x.dtype)
 
-    def from_pure_noise(self, z: torch.Tensor, labels=None) -> torch.Tensor:
-        """``D(σ z; σ)`` as σ → ∞, where the rule has that limit (``Rule.pure_noise``)."""
-        z = z.to(torch.promote_types(z.dtype, torch.float32))
-        return self.evaluate(self.rule.pure_noise(broadcast_sigma(1.0, z)), z, labels)
-
 
 def from_noise(denoiser, z: torch.Tensor, sigma: float, labels=None) -> torch.Tensor:
     """``D(σ z; σ, labels)``: the denoiser at noise z scaled to the level σ (a generator's step). σ = ∞ is pure
-    noise, defined where the denoiser's rule has that limit (flows: t = 1)."""
+    noise, defined where the denoiser's rule has that limit (flows: t = 1): the denoiser is given z itself."""
     if math.isfinite(sigma):
         return denoiser(sigma * z, torch.full((len(z),), sigma, device=z.device), labels)
     check_pure_noise(denoiser)
-    return denoiser.from_pure_noise(z, labels)
+    return denoiser(z, torch.full((len(z),), sigma, device=z.device), labels)
 
 
 def check_pure_noise(denoiser) -> None:

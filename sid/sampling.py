@@ -12,9 +12,14 @@ from sid.guidance import guided, part
 from sid.schedules import karras_sigmas
 
 
+def denoise(denoiser, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
+    """D(x; σ) of the float64 state, the denoiser called in float32."""
+    return denoiser(x.float(), sigma.float().expand(x.shape[0]), labels).double()
+
+
 def slope(denoiser, x: torch.Tensor, sigma: torch.Tensor, labels) -> torch.Tensor:
     """dx/dσ = (x - D(x; σ)) / σ of the probability-flow ODE (Karras et al. 2022, Eq. 3)."""
-    return (x - denoiser(x.float(), sigma.float().expand(x.shape[0]), labels).double()) / sigma
+    return (x - denoise(denoiser, x, sigma, labels)) / sigma
 
 
 @torch.no_grad()
@@ -27,7 +32,12 @@ def euler_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels=No
 def heun_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels=None, second_order=True) -> torch.Tensor:
     """EDM's deterministic Heun sampler (Algorithm 1): 2N - 1 network evaluations for N noise levels."""
     sigmas = sigmas.to(torch.float64)
-    x = noise.to(torch.float64) * sigmas[0]
+    if torch.isinf(sigmas[0]):          # t = 1 (a flow's own schedules start there): the first step is Euler's from
+        z = noise.to(torch.float64)     # pure noise, x_1 = D(z; ∞) + σ_1 z (the denoiser is given z itself at σ = ∞)
+        x = denoise(denoiser, z, sigmas[0], labels) + sigmas[1] * z
+        sigmas = sigmas[1:]
+    else:
+        x = noise.to(torch.float64) * sigmas[0]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         d = slope(denoiser, x, sigma, labels)                                              # dx/dσ at σ
         x_next = x + (sigma_next - sigma) * d
@@ -40,14 +50,16 @@ def heun_sampler(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, labels=Non
 
 @torch.no_grad()
 def sample_teacher(denoiser, shape, steps: int, solver: str, seeds, classes=None, device=None, batch=256,
-                   cond=None, guidance: float = 1.0, guide=None):
+                   cond=None, guidance: float = 1.0, guide=None, sigmas=None):
     """The teacher's probability-flow ODE (Heun: 2·steps − 1 evaluations, or Euler: steps) from the same
     per-seed noise a one-step generator gets for those seeds (``OneStepGenerator.inputs_for_seeds``).
     ``cond``: one condition per seed (e.g. encoded prompts), in place of ``classes``; ``guidance``: guidance of that
-    strength as ``guide(denoiser, guidance)`` applies it (``Teacher.guide``; default: none possible but κ = 1)."""
+    strength as ``guide(denoiser, guidance)`` applies it (``Teacher.guide``; default: none possible but κ = 1);
+    ``sigmas``: the noise levels, ending with 0 (default: EDM's Karras schedule of ``steps``)."""
     z, labels = OneStepGenerator(denoiser, shape).inputs_for_seeds(list(seeds), classes, device)
     labels = labels if cond is None else cond
-    sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, device=device)
+    if sigmas is None:
+        sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, device=device)
     net = (guide or (lambda d, scale: guided(d, scale, None)))(denoiser, guidance)
     sampler = heun_sampler if solver == "heun" else euler_sampler
     return torch.cat([sampler(net, z[i:i + batch], sigmas, part(labels, slice(i, i + batch)))

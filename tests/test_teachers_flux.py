@@ -190,3 +190,23 @@ def test_lora_students_train_on_flux(tiny_pipeline, tmp_path):
     cond = run.teacher.encode(["a cat"])
     with torch.no_grad():                       # the export's merged weights: the same values, rounded once more
         assert_float32_close(load_generator(tmp_path / "run" / "generator")(z, cond), run.ema.model(z, cond))
+
+
+def test_the_teachers_own_schedule_is_the_pipelines_default_call(flux):
+    """`sid sample --teacher` (sample_teacher on Teacher.sampling_sigmas, Euler) from each seed's noise equals the
+    pipeline's plain call with 6 steps (FLUX.1-dev: sigmas linspace(1, 1/6) shifted by the resolution's μ, from t = 1,
+    pure noise; κ = 3 through the embedding; schnell: its unshifted schedule, κ = 1), to 1e-4 relative."""
+    from sid.generator import OneStepGenerator
+    from sid.sampling import sample_teacher
+
+    name, _, teacher, pipe = flux
+    kappa = 3.0 if name == "flux" else 1.0
+    sigmas = teacher.sampling_sigmas(6)
+    assert torch.isinf(sigmas[0]) and sigmas[-1] == 0 and len(sigmas) == 7
+    ours = sample_teacher(teacher.denoiser, teacher.shape, 6, "euler", [0, 1], cond=teacher.encode(PROMPTS),
+                          guidance=kappa, guide=teacher.guide, sigmas=sigmas)
+    z, _ = OneStepGenerator(teacher.denoiser, teacher.shape).inputs_for_seeds([0, 1])
+    packed = pipe(PROMPTS, height=RESOLUTION, width=RESOLUTION, num_inference_steps=6, guidance_scale=kappa,
+                  latents=diffusers.FluxPipeline._pack_latents(z, 2, *teacher.shape), output_type="latent").images
+    expected = diffusers.FluxPipeline._unpack_latents(packed, RESOLUTION, RESOLUTION, 2)
+    assert (ours - expected).abs().max() / expected.abs().max() < 1e-4

@@ -290,3 +290,20 @@ def test_a_flow_generator_starts_at_pure_noise_and_its_export_reloads(tiny_pipel
     sd = teacher_of(tiny_pipeline("sd"))
     with pytest.raises(SidError, match="^generator.sigma_init=inf .* has a limit only for flow teachers"):
         OneStepGenerator(sd.denoiser, sd.shape, float("inf"))
+
+
+def test_sd3s_own_schedule_is_the_pipelines_default_call(tiny_pipeline):
+    """sample_teacher on Teacher.sampling_sigmas (Euler, 6 steps, κ = 3 classifier-free) from each seed's noise equals
+    StableDiffusion3Pipeline's plain call: its scheduler's shifted times from t = 1 (pure noise), to 1e-4 relative."""
+    from sid.generator import OneStepGenerator
+    from sid.sampling import sample_teacher
+
+    folder = tiny_pipeline("sd3")
+    teacher, pipe = teacher_of(folder), pipeline_of("sd3", folder)
+    ours = sample_teacher(teacher.denoiser, teacher.shape, 6, "euler", [0, 1], cond=teacher.encode(PROMPTS),
+                          guidance=3.0, guide=teacher.guide, sigmas=teacher.sampling_sigmas(6))
+    z, _ = OneStepGenerator(teacher.denoiser, teacher.shape).inputs_for_seeds([0, 1])
+    expected = pipe(PROMPTS, num_inference_steps=6, guidance_scale=3.0, latents=z, output_type="latent").images
+    assert torch.isinf(teacher.sampling_sigmas(6)[0])
+    assert (ours - expected).abs().max() / expected.abs().max() < 1e-4
+    assert teacher_of(tiny_pipeline("sd")).sampling_sigmas(6) is None                # discrete: EDM's Karras schedule

@@ -88,7 +88,7 @@ def main(argv=None, prog=None) -> int:
             raise SidError("--prompt given, but this teacher takes no text")
         if args.guidance != 1 and teacher.null_condition(1) is None:
             raise SidError(f"--guidance {args.guidance:g}: this teacher has no null condition to guide against")
-        guide = {"guidance": args.guidance, "guide": teacher.guide}
+        guide = {"guidance": args.guidance, "guide": teacher.guide, "sigmas": teacher.sampling_sigmas(steps)}
 
         def draw(seeds, classes):
             if not prompts:                                  # decoded through a latent teacher's VAE

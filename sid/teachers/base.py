@@ -59,6 +59,11 @@ class Teacher:
             return torch.zeros(n, self.label_dim)                      # moved to the batch's device where used
         return None
 
+    def sampling_sigmas(self, steps: int) -> torch.Tensor | None:
+        """The noise levels of the teacher's own sampling schedule of ``steps`` steps (ending with 0), or None for
+        EDM's Karras schedule."""
+        return None
+
     def guide(self, denoiser, scale: float):
         """``denoiser`` (the teacher's, or a student of its architecture) under guidance of strength κ as this
         teacher is guided: classifier-free guidance against its null condition (``guidance.guided``)."""

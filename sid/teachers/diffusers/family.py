@@ -37,6 +37,12 @@ class Family:
         """The latents' channels, from the network's config."""
         return config.get("in_channels")
 
+    def flow_times(self, scheduler, steps: int, shape) -> torch.Tensor:
+        """The flow times (from 1, then 0 appended) the pipeline's flow-matching Euler ``scheduler`` steps through in
+        ``steps`` steps for latents of ``shape``, as its ``__call__`` sets them (SD3: the scheduler's own spacing)."""
+        scheduler.set_timesteps(steps)
+        return scheduler.sigmas
+
     def latent_shape(self, model: nn.Module, factor: int, resolution: int | None = None) -> tuple[int, int, int]:
         """One latent's shape: (channels, height, width) at the network's own sample size, or for square images of
         ``resolution`` pixels (a multiple of the VAE's ``factor`` × the network's patch size)."""

@@ -66,6 +66,17 @@ class LatentTeacher(DiffusersTeacher):
     def components(self) -> dict:
         return self.codec.components()
 
+    def sampling_sigmas(self, steps: int) -> torch.Tensor | None:
+        """The noise levels (EDM units, ending with 0) the pipeline's own flow-matching Euler scheduler steps
+        through in ``steps`` steps, its shift (and FLUX's resolution-dependent one) applied; from σ = ∞ where its
+        times start at t = 1. None for other schedulers (the samplers' Karras schedule)."""
+        config = self.spec.get("scheduler_config") or {}
+        if config.get("_class_name") != "FlowMatchEulerDiscreteScheduler":
+            return None
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+        t = family_of(self.spec["pipeline"]).flow_times(scheduler, steps, self.shape).double()
+        return t / (1 - t)                                     # σ = t / (1 − t): ∞ at t = 1, 0 at t = 0
+
     def offload_codec(self, device) -> None:
         """``perf.offload_codec``: the VAE (and text encoders) on the CPU between uses."""
         self.codec.offload(device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -90,6 +91,15 @@ class PackedFamily(Family):
 
     def channels(self, config) -> int:
         return config.get("in_channels") // 4
+
+    def flow_times(self, scheduler, steps: int, shape) -> torch.Tensor:
+        """``FluxPipeline.__call__``'s: sigmas linspace(1, 1/steps), shifted by μ of the image's token count where the
+        scheduler shifts by resolution (``use_dynamic_shifting``: FLUX.1-dev)."""
+        config, tokens = scheduler.config, (shape[1] // 2) * (shape[2] // 2)
+        slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+        mu = config.base_shift + slope * (tokens - config.base_image_seq_len)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps).tolist(), mu=mu)
+        return scheduler.sigmas
 
     def latent_shape(self, model: nn.Module, factor: int, resolution: int | None = None) -> tuple[int, int, int]:
         resolution = resolution or self.default_size * factor
