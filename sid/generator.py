@@ -15,9 +15,9 @@ from torch import nn
 from sid.checkpoint import fsync, tensors_checksum, write_error
 from sid.errors import SidError, described, first_line
 from sid.guidance import part
-from sid.precond import check_pure_noise, from_noise
+from sid.precond import check_pure_noise
 from sid.schema import MAX_STEPS, RENOISE
-from sid.steps import few_step, step_sigmas
+from sid.steps import generate
 from sid.teachers import (
     ability,
     backbone_values,
@@ -50,11 +50,7 @@ class OneStepGenerator(nn.Module):
                 first: int | None = None, noise: list | None = None) -> torch.Tensor:
         """G(z): its K steps, or ``steps`` on their own schedule; ``first``: only the first that many of them (SiD-DiT
         trains on a step count drawn each iteration); ``noise``: the fresh noise of the later steps."""
-        steps = steps or self.steps
-        if steps == 1:
-            return from_noise(self.denoiser, z, self.sigma_init, labels)
-        sigmas = step_sigmas(self.denoiser, self.sigma_init, steps)[:first or steps]
-        return few_step(self.denoiser, z, sigmas, self.renoise, labels, noise)
+        return generate(self.denoiser, z, self.sigma_init, steps or self.steps, self.renoise, labels, first, noise)
 
     def random_inputs(self, n: int, device=None, generator: torch.Generator | None = None):
         """z ~ N(0, I) and, for class-conditional generators, uniformly drawn one-hot labels."""

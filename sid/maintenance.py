@@ -210,9 +210,8 @@ def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> N
     acc = run.accelerator
     metrics, nonfinite = logger.state_dict(), guard.state_dict()      # collectives: on every process
     states = network_states(run)                                     # collectives when sharded
-    whole = states["ema"]
-    if run.sharded and run.cfg.lora.generator:      # the state holds the adapters alone: the export needs the base
-        whole = full_state(run.ema.model.state_dict(), acc.is_main_process)
+    # A sharded LoRA EMA's state holds its adapters alone: its export gathers the whole network (a collective too).
+    whole = ema_generator(run) if run.sharded and run.cfg.lora.generator else None
     acc.wait_for_everyone()
     if acc.is_main_process:
         if not all_finite(states["fake_score"], states["generator"], states["ema"]):
@@ -222,7 +221,7 @@ def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> N
             state = {"nimg": run.nimg, "step": run.step, "seconds": logger.elapsed(), "config": to_dict(run.cfg),
                      **states, "metrics": metrics, "nonfinite": nonfinite, "conditions": run.conditions.state_dict()}
             save_training_state(run.cfg.train.run_dir, run.nimg, state, keep=run.cfg.train.keep_ckpts)
-            export(run, "generator", plain_generator(run, whole))
+            export(run, "generator", plain_generator(run, states["ema"]) if whole is None else whole)
     acc.wait_for_everyone()
 
 

@@ -104,8 +104,12 @@ class FlowRule(Rule):
         self.timestep_scale = timestep_scale
 
     def forward(self, sigma: torch.Tensor) -> Coefficients:
+        """At σ = ∞ (t = 1) the denoiser is given the noise z itself, x / σ: ``pure_noise``'s coefficients, chosen
+        per sample without a host sync."""
         t = sigma / (1 + sigma)
-        return Coefficients(c_skip=1 - t, c_out=-t, c_in=1 - t, c_noise=t * self.timestep_scale)
+        c = Coefficients(c_skip=1 - t, c_out=-t, c_in=1 - t, c_noise=t * self.timestep_scale)
+        limit = self.pure_noise(torch.ones_like(sigma))
+        return Coefficients(*(torch.where(sigma.isinf(), a, b) for a, b in zip(limit, c)))
 
     def training_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """1/t²: velocity MSE, since v̂ − v = (x0 − D) / t (SD3's and SiD-DiT's unweighted flow matching)."""
@@ -146,15 +150,7 @@ class Preconditioned(nn.Module):
         """``augment_labels``: for backbones conditioned on how their input was augmented (EDM's CIFAR-10
         networks; the fake-score step with ``loss.augment``), passed on only when given."""
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-        sigma = broadcast_sigma(sigma, x)
-        c = self.rule(sigma)
-        limit = getattr(self.rule, "pure_noise", None)
-        if limit is not None:           # σ = ∞ (flows: t = 1): x is the noise z itself, x / σ (no host sync here)
-            c = Coefficients(*(torch.where(sigma.isinf(), a, b) for a, b in zip(limit(torch.ones_like(sigma)), c)))
-        return self.evaluate(c, x, labels, augment_labels)
-
-    def evaluate(self, c: Coefficients, x: torch.Tensor, labels=None, augment_labels=None) -> torch.Tensor:
-        """``c_skip x + c_out F(c_in x, c_noise)`` for given coefficients."""
+        c = self.rule(broadcast_sigma(sigma, x))
         inputs = (c.c_in * x, c.c_noise.flatten(), labels)
         extra = {} if augment_labels is None else {"augment_labels": augment_labels}
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -167,10 +163,9 @@ class Preconditioned(nn.Module):
 def from_noise(denoiser, z: torch.Tensor, sigma: float, labels=None) -> torch.Tensor:
     """``D(σ z; σ, labels)``: the denoiser at noise z scaled to the level σ (a generator's step). σ = ∞ is pure
     noise, defined where the denoiser's rule has that limit (flows: t = 1): the denoiser is given z itself."""
-    if math.isfinite(sigma):
-        return denoiser(sigma * z, torch.full((len(z),), sigma, device=z.device), labels)
-    check_pure_noise(denoiser)
-    return denoiser(z, torch.full((len(z),), sigma, device=z.device), labels)
+    if math.isinf(sigma):
+        check_pure_noise(denoiser)
+    return denoiser(z if math.isinf(sigma) else sigma * z, torch.full((len(z),), sigma, device=z.device), labels)
 
 
 def check_pure_noise(denoiser) -> None:

@@ -28,6 +28,15 @@ def step_sigmas(denoiser, sigma_init: float, steps: int) -> list[float]:
     return [float(sigma_init), *(t / (1 - t) for t in times)]
 
 
+def generate(denoiser, z: torch.Tensor, sigma_init: float, steps: int = 1, renoise: str = "fresh", labels=None,
+             first: int | None = None, noise: list | None = None) -> torch.Tensor:
+    """A generator's output from z: one evaluation at σ_init (``steps`` = 1), or the first ``first`` (default: all)
+    of its K steps (``few_step``)."""
+    if steps == 1:
+        return from_noise(denoiser, z, sigma_init, labels)
+    return few_step(denoiser, z, step_sigmas(denoiser, sigma_init, steps)[:first or steps], renoise, labels, noise)
+
+
 def few_step(denoiser, z: torch.Tensor, sigmas: list[float], renoise: str = "fresh", labels=None,
              noise: list | None = None) -> torch.Tensor:
     """The generator's output after the steps at ``sigmas``: every step but the last without gradient, as SiD-DiT

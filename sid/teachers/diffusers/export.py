@@ -21,8 +21,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from sid.errors import SidError, described
-from sid.precond import Preconditioned, from_noise
-from sid.steps import few_step, step_sigmas
+from sid.precond import Preconditioned
+from sid.steps import generate
 from sid.teachers.diffusers.codecs import ImageCodec, vae_factor
 from sid.teachers.diffusers.families import FAMILIES, family_of
 from sid.teachers.diffusers.files import held, quiet
@@ -127,12 +127,10 @@ class SiDPipeline(DiffusionPipeline):
         if class_labels is not None:
             classes = torch.as_tensor(class_labels, device=self.device).reshape(-1).expand(len(z))
             cond = nn.functional.one_hot(classes, denoiser.label_dim).float()
-        steps, sigma_init = num_inference_steps or self.config.steps, float(self.config.sigma_init)
-        if steps == 1:
-            images = from_noise(denoiser, z, sigma_init, cond)
-        else:
-            noise = [randn_tensor(z.shape, generator=generator, device=self.device) for _ in range(steps - 1)]
-            images = few_step(denoiser, z, step_sigmas(denoiser, sigma_init, steps), self.config.renoise, cond, noise)
+        steps, renoise = num_inference_steps or self.config.steps, self.config.renoise
+        noise = ([randn_tensor(z.shape, generator=generator, device=self.device) for _ in range(steps - 1)]
+                 if renoise == "fresh" else None)                           # the later steps' fresh noise
+        images = generate(denoiser, z, float(self.config.sigma_init), steps, renoise, cond, noise=noise)
         if codec is not None and output_type != "latent":
             images = codec.decode(images)
         if output_type in ("pt", "latent"):
