@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sid.checkpoint import fsync, write_error
+from sid.data import Shuffled
 from sid.errors import SidError
 
 
@@ -108,29 +109,19 @@ def read_prompts(path: str | Path) -> list[str]:
 class Prompts(Unconditional):
     """Prompts from a list, in a shuffled order that is new every pass, encoded by the teacher's own encoders.
 
-    The order is a function of (seed, pass) alone, and ``drawn``, the number of prompts drawn by all processes
-    together, is the whole state: process ``rank`` of ``world`` takes the ``rank``-th slice of each global draw.
-    ``encode`` turns a list of prompts into a condition; with a ``cache`` (a dict of every prompt's condition, see
-    ``encode_all``) the encoder is not run while training.
+    The order and the position are a ``Shuffled`` stream's (``sid/data.py``): a function of (seed, pass), resumed
+    on any number of processes. ``encode`` turns a list of prompts into a condition; with a ``cache`` (a dict of
+    every prompt's condition, see ``encode_all``) the encoder is not run while training.
     """
 
     def __init__(self, prompts: list[str], encode: Callable[[list[str]], dict], seed: int = 0, rank: int = 0,
                  world: int = 1, cache: dict | None = None):
-        self.prompts, self.encode, self.seed, self.rank, self.world = prompts, encode, seed, rank, world
-        self.cache, self.drawn = cache, 0
-        self._order = (-1, None)                                     # (pass, its permutation)
+        self.prompts, self.encode, self.cache = prompts, encode, cache
+        self.stream = Shuffled(len(prompts), seed, rank, world, salt="prompts")
 
-    def order(self, epoch: int) -> torch.Tensor:
-        if self._order[0] != epoch:
-            generator = torch.Generator().manual_seed(hash_seed(self.seed, epoch))
-            self._order = (epoch, torch.randperm(len(self.prompts), generator=generator))
-        return self._order[1]
-
-    def indices(self, n: int) -> list[int]:
-        """The prompt indices of this process's next ``n`` draws (and the position moved past all processes')."""
-        start, total = self.drawn + self.rank * n, len(self.prompts)
-        self.drawn += n * self.world
-        return [int(self.order(i // total)[i % total]) for i in range(start, start + n)]
+    @property
+    def drawn(self) -> int:
+        return self.stream.drawn
 
     def condition(self, indices: list[int], device=None) -> dict:
         if self.cache is not None:
@@ -140,7 +131,7 @@ class Prompts(Unconditional):
         return {k: v.to(device) for k, v in cond.items()}
 
     def draw(self, n: int, device=None) -> dict:
-        return self.condition(self.indices(n), device)
+        return self.condition(self.stream.indices(n), device)
 
     def fixed(self, n: int, device=None) -> dict:
         """The first ``n`` prompts of the list, in its order (cycled when it is shorter)."""
@@ -156,16 +147,10 @@ class Prompts(Unconditional):
         return f" from {len(self.prompts):,} prompts{' (embeddings cached)' if self.cache is not None else ''}"
 
     def state_dict(self) -> dict:
-        return {"drawn": self.drawn}
+        return self.stream.state_dict()
 
     def load_state_dict(self, state: dict | None) -> None:
-        self.drawn = int((state or {}).get("drawn", 0))
-
-
-def hash_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (independent streams for each pass of the prompts)."""
-    digest = hashlib.sha256(("prompts:" + ",".join(str(int(p)) for p in parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+        self.stream.load_state_dict(state)
 
 
 def encode_all(prompts: list[str], encode: Callable[[list[str]], dict], batch: int = 64) -> dict:

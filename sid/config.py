@@ -43,7 +43,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvc
 CHOICES = {
     "teacher.kind": TEACHER_KINDS,
     "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm", "flow"),
-    "loss.kind": ("sid", "dmd"),
+    "loss.kind": ("sid", "dmd", "sida"),
     "loss.weighting": ("sid", "x0", "eps", "one_minus_t", "velocity"),
     "generator.renoise": RENOISE,
     "loss.time": ("karras", "timesteps", "logit_normal"),
@@ -79,6 +79,9 @@ RANGES = [
     *((f"loss.{key}", lambda v: 0 <= v <= 100, "in [0, 100] (a guidance scale; 1: none)")
       for key in ("guide_fake_train", "guide_fake", "guide_teacher")),
     ("loss.drop_cond", lambda v: 0 <= v < 1, "in [0, 1) (a probability)"),
+    ("loss.gan_scale", lambda v: v >= 0, ">= 0"), ("loss.d_scale", lambda v: v >= 0, ">= 0"),
+    ("loss.gan_start_nimg", lambda v: v >= 0, ">= 0"), ("loss.g_start_nimg", lambda v: v >= 0, ">= 0"),
+    ("optim.fake_clip", lambda v: v is None or v > 0, "> 0, or null for the member's own"),
     ("conditions.class_probs", lambda v: all(p >= 0 for p in v) and (not v or sum(v) > 0), "non-negative, not all 0"),
     ("loss.sigma_min", lambda v: v is None or v > 0, "> 0, or null for the teacher's"),
     ("loss.sigma_max", lambda v: v is None or v > 0, "> 0, or null for the teacher's"),
@@ -108,6 +111,25 @@ def check_lambda(cfg: DictConfig) -> None:
     if cfg.optim.fake_updates > 1 and cfg.loss.reuse_generator_batch:
         raise SidError(f"optim.fake_updates={cfg.optim.fake_updates} needs fresh samples for each fake-score update; "
                        "loss.reuse_generator_batch=true fits the generator step's one batch: set one of them back")
+
+
+def check_member(cfg: DictConfig) -> None:
+    """What a member of the family needs and what it cannot take: SiDA reads real images, no other member does."""
+    kind, source = cfg.loss.kind, cfg.data.source
+    if kind != "sida" and source:
+        raise SidError(f"data.source is read by loss.kind=sida only; loss.kind={kind} is data-free: set "
+                       "data.source=null, or loss.kind=sida")
+    if kind != "sida":
+        return
+    if not source:
+        raise SidError("loss.kind=sida reads real images: set data.source (fashion-mnist:train, an .npz, or a folder "
+                       "of images)")
+    if cfg.loss.guide_fake_train != 1 or cfg.loss.guide_fake != 1:
+        raise SidError("loss.kind=sida reads its logit from one forward of the fake score, and guidance on the fake "
+                       "score runs two: leave loss.guide_fake_train and loss.guide_fake at 1")
+    if cfg.loss.reuse_generator_batch:
+        raise SidError("loss.kind=sida draws the fake step's samples beside its real images: set "
+                       "loss.reuse_generator_batch=false")
 
 
 def check_pairs(cfg: DictConfig) -> None:
@@ -166,7 +188,7 @@ class Rules(NamedTuple):
 
 
 UNBOUNDED = ("generator.sigma_init",)      # the numbers that may be +∞ (σ_init: pure noise, a flow teacher's t = 1)
-RULES = {Config: Rules(CHOICES, RANGES, (check_lambda, check_pairs, check_teacher)),
+RULES = {Config: Rules(CHOICES, RANGES, (check_lambda, check_member, check_pairs, check_teacher)),
          TeacherTrainingConfig: Rules(TEACHER_CHOICES, TEACHER_RANGES)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import zipfile
 from pathlib import Path
@@ -68,3 +69,41 @@ def load_images(source: str) -> torch.Tensor:
     arrays = [np.asarray(Image.open(p)) for p in files]
     arrays = [a[..., None] if a.ndim == 2 else a[..., :3] for a in arrays]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+# Shuffled streams: the prompts' and the real images' order --------------------------------------------------------
+
+def hash_seed(*parts: int, salt: str = "prompts") -> int:
+    """A 63-bit seed from integers: an independent stream for each pass of a shuffled list (``salt`` names it)."""
+    digest = hashlib.sha256((salt + ":" + ",".join(str(int(p)) for p in parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class Shuffled:
+    """Positions in a list of ``size`` items, in an order that is new every pass and a function of (seed, pass)
+    alone. ``drawn``, the number of items drawn by all processes together, is the whole state: process ``rank`` of
+    ``world`` takes the ``rank``-th slice of each global draw, so a run resumes where it stopped on any number of
+    processes."""
+
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world: int = 1, salt: str = "prompts"):
+        self.size, self.seed, self.rank, self.world, self.salt = size, seed, rank, world, salt
+        self.drawn = 0
+        self._order = (-1, None)                                     # (pass, its permutation)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(hash_seed(self.seed, epoch, salt=self.salt))
+            self._order = (epoch, torch.randperm(self.size, generator=generator))
+        return self._order[1]
+
+    def indices(self, n: int) -> list[int]:
+        """The item indices of this process's next ``n`` draws (and the position moved past all processes')."""
+        start = self.drawn + self.rank * n
+        self.drawn += n * self.world
+        return [int(self.order(i // self.size)[i % self.size]) for i in range(start, start + n)]
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.drawn = int((state or {}).get("drawn", 0))

@@ -16,7 +16,7 @@ import torch
 from sid.augment import LABEL_DIM, GeometricAugment
 from sid.config import CHOICES, resolve_lam
 from sid.errors import SidError
-from sid.guidance import drop, guided
+from sid.guidance import concat, drop, guided
 from sid.schedules import sample_lognormal_sigma, sample_sid_sigma, sample_timestep_sigma
 
 WEIGHTINGS = CHOICES["loss.weighting"]
@@ -122,6 +122,62 @@ def dmd_loss(teacher: Callable, fake_score: Callable, x_g: torch.Tensor, sigma: 
     return 0.5 * _sum_per_sample((x_g - target) ** 2)
 
 
+# SiDA (Zhou et al., ICLR 2025): the fake score is also the discriminator, its logit read from its own encoder ------
+
+class EncoderLogits:
+    """SiDA's logit: the channel mean of the output of a network's last encoder block (``Teacher.encoder_end``),
+    caught by a forward hook as the network runs, so the denoiser contract stays one call. Registered once, before
+    any compilation; ``logits()`` is the last forward's, [B, 1, h, w] (an MLP's: [B, 1]), at least float32."""
+
+    def __init__(self, block: torch.nn.Module):
+        self.features = None
+        self.handle = block.register_forward_hook(self.catch)
+
+    def catch(self, module, inputs, output) -> None:
+        self.features = output[0] if isinstance(output, tuple) else output
+
+    def logits(self) -> torch.Tensor:
+        if self.features is None:
+            raise SidError("SiDA's logit was read before the fake score ran")
+        features, self.features = self.features, None
+        return features.mean(1, keepdim=True, dtype=torch.promote_types(features.dtype, torch.float32))
+
+
+def bce_logits(logits: torch.Tensor, target: float) -> torch.Tensor:
+    """The binary cross-entropy of ``logits`` against one label, the mean over every element of the micro-batch
+    (``BCEWithLogitsLoss()``, as SiDA's code reduces it): one number shared by the batch."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def sida_fake_losses(fake_score: Callable, logits: Callable[[], torch.Tensor], x0: torch.Tensor, x_real: torch.Tensor,
+                     sigma: torch.Tensor, labels=None, *, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiDA's fake-score step (sida_loss.py, fakescore_discriminator_share_encoder_loss), per sample: the denoising
+    loss λ_EDM(σ) Σ_j (D_ψ(x0 + σn) − x0)_j² on the detached generator samples x0, and the discriminator term
+    λ_EDM(σ) ½ [BCE(ℓ(x_real + σn), 1) + BCE(ℓ(x0 + σn), 0)], ℓ the encoder logit, real and generated samples at the
+    same σ and n, in one forward of the fake score (the real images' denoised output is not used)."""
+    s = sigma.reshape(-1, *[1] * (x0.ndim - 1))
+    n = torch.randn_like(x0)
+    denoised = fake_score(torch.cat([x0 + s * n, x_real + s * n]), torch.cat([sigma, sigma]), concat(labels, labels))
+    fake_logits, real_logits = logits().chunk(2)
+    weight = edm_loss_weight(sigma, sigma_data)
+    denoise = weight * _sum_per_sample((denoised[:len(x0)] - x0) ** 2)
+    return denoise, weight * (bce_logits(real_logits, 1.0) + bce_logits(fake_logits, 0.0)) / 2
+
+
+def sida_generator_losses(teacher: Callable, fake_score: Callable, logits: Callable[[], torch.Tensor],
+                          x_g: torch.Tensor, sigma: torch.Tensor, labels=None, *, lam: float,
+                          weighting: str = "sid") -> tuple[torch.Tensor, torch.Tensor]:
+    """SiDA's generator terms (sida_loss.py, generator_share_encoder_loss), per sample: SiD's w · L_λ, and the
+    adversarial ω · BCE(clamp(ℓ(x_t), ±10), 1) · CHW, ℓ the fake score's encoder logit in the same forward as f_ψ
+    and ω SiD's weight (stopped) whatever ``weighting`` is; the BCE is the micro-batch's mean."""
+    s = sigma.reshape(-1, *[1] * (x_g.ndim - 1))
+    x_t = x_g + s * torch.randn_like(x_g)
+    f_teacher = teacher(x_t, sigma, labels)
+    f_fake = fake_score(x_t, sigma, labels)
+    gan = sid_weight(x_g, f_teacher) * bce_logits(logits().clamp(-10, 10), 1.0) * x_g[0].numel()
+    return loss_weight(weighting, sigma, x_g, f_teacher) * identity_loss(f_teacher, f_fake, x_g, lam), gan
+
+
 @dataclass(frozen=True)
 class DistillationLoss:
     """Both losses of one run with every constant bound: the σ samplers, λ, the weighting and the reduction.
@@ -153,7 +209,9 @@ class DistillationLoss:
     timestep_sigmas: torch.Tensor | None = None   # time=timesteps: the teacher's σ_k, k = 0..K-1
     timesteps: tuple[int, int] = (20, 979)        # ... and the range of k, both ends included
     fake_weight: Callable | None = None  # σ -> the fake-score loss weight; None: λ_EDM(σ) with sigma_data
-    kind: str = "sid"                   # sid: ``generator_loss`` (SiD, FGM by λ) | dmd: ``dmd_loss``
+    kind: str = "sid"                   # sid: ``generator_loss`` (SiD, FGM by λ) | dmd: ``dmd_loss`` | sida
+    gan_scale: float = 0.0              # sida: c_GAN / per-process batch (the generator's adversarial term)
+    d_scale: float = 0.0                # sida: c_D / per-process batch (the fake score's discriminator term)
 
     @classmethod
     def from_config(cls, loss, teacher, per_process: int) -> DistillationLoss:
@@ -194,7 +252,8 @@ class DistillationLoss:
                    rho=loss.rho, p_mean=loss.p_mean, p_std=loss.p_std, sigma_data=d.sigma_data,
                    g_scale=loss.g_scale / per_process, fake_scale=loss.fake_scale / per_process,
                    augment=GeometricAugment(loss.augment) if loss.augment else None, **scales,
-                   drop_cond=loss.drop_cond if guides_fake else 0.0, null=null, guide=teacher.guide, **native)
+                   drop_cond=loss.drop_cond if guides_fake else 0.0, null=null, guide=teacher.guide,
+                   gan_scale=loss.gan_scale / per_process, d_scale=loss.d_scale / per_process, **native)
 
     def fake_conditions(self, cond):
         """The fake step's conditions: each replaced by the null one at rate ``drop_cond`` (SiD-LSG drops 10% of
@@ -215,6 +274,21 @@ class DistillationLoss:
             return fake_score_loss(net, x0, sigma, labels, sigma_data=self.sigma_data) * self.fake_scale
         return self.fake_weight(sigma) * _squared_error(net, x0, sigma, labels) * self.fake_scale
 
+    def fake_score_adversarial(self, fake_score: Callable, logits: Callable[[], torch.Tensor], x_g: torch.Tensor,
+                               x_real: torch.Tensor, labels=None) -> torch.Tensor:
+        """SiDA's fake-score step: the denoising loss (weighted as ``fake_score``'s) plus c_D times the
+        discriminator term, on the generator's detached samples and the real images, each augmented by its own
+        draw where ``augment`` is on (SiDA's code augments them apart)."""
+        sigma = self.fake_sigma(len(x_g), x_g.device, x_g.dtype)
+        x0, net = x_g.detach(), fake_score
+        if self.augment is not None:
+            (x0, fake_labels), (x_real, real_labels) = self.augment(x0), self.augment(x_real)
+            net = partial(net, augment_labels=torch.cat([fake_labels, real_labels]))
+        denoise, discriminate = sida_fake_losses(net, logits, x0, x_real, sigma, labels, sigma_data=self.sigma_data)
+        if self.fake_weight is not None:
+            denoise = denoise / edm_loss_weight(sigma, self.sigma_data) * self.fake_weight(sigma)
+        return denoise * self.fake_scale + discriminate * self.d_scale
+
     def fake_sigma(self, n: int, device=None, dtype=torch.float32) -> torch.Tensor:
         """The fake-score loss's σ: log-normal (SiD; SiD-DiT's logit-normal t), or the teacher's timesteps (its
         float64 table rounded to the samples' ``dtype``)."""
@@ -231,11 +305,17 @@ class DistillationLoss:
             return sample_lognormal_sigma(n, self.p_mean, self.p_std, device=device)
         return sample_sid_sigma(n, self.t_max, self.sigma_min, self.sigma_max, self.rho, device=device)
 
-    def generator(self, teacher: Callable, fake_score: Callable, x_g: torch.Tensor, labels=None) -> torch.Tensor:
-        """The generator loss w · L_λ at ``generator_sigma``."""
+    def generator(self, teacher: Callable, fake_score: Callable, x_g: torch.Tensor, labels=None,
+                  logits: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """The generator loss w · L_λ at ``generator_sigma``; with SiDA's encoder ``logits`` (its adversarial term
+        on), ½ of it plus ½ c_GAN times the adversarial term (sida_training_loop.py)."""
         sigma = self.generator_sigma(len(x_g), x_g.device, x_g.dtype)
         guide = self.guide or (lambda net, scale: guided(net, scale, self.null))
         teacher, fake_score = guide(teacher, self.guide_teacher), guided(fake_score, self.guide_fake, self.null)
+        if logits is not None:
+            sid, gan = sida_generator_losses(teacher, fake_score, logits, x_g, sigma, labels, lam=self.lam,
+                                             weighting=self.weighting)
+            return 0.5 * sid * self.g_scale + 0.5 * gan * self.gan_scale
         if self.kind == "dmd":
             return dmd_loss(teacher, fake_score, x_g, sigma, labels, weighting=self.weighting) * self.g_scale
         return generator_loss(teacher, fake_score, x_g, sigma, labels, lam=self.lam,

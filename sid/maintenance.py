@@ -219,7 +219,8 @@ def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> N
                   f"already in {run.cfg.train.run_dir} stay the last finite ones", file=sys.stderr, flush=True)
         else:
             state = {"nimg": run.nimg, "step": run.step, "seconds": logger.elapsed(), "config": to_dict(run.cfg),
-                     **states, "metrics": metrics, "nonfinite": nonfinite, "conditions": run.conditions.state_dict()}
+                     **states, "metrics": metrics, "nonfinite": nonfinite, "conditions": run.conditions.state_dict(),
+                     **({"real_images": run.real.state_dict()} if run.real is not None else {})}
             save_training_state(run.cfg.train.run_dir, run.nimg, state, keep=run.cfg.train.keep_ckpts)
             export(run, "generator", plain_generator(run, states["ema"]) if whole is None else whole)
     acc.wait_for_everyone()

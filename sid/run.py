@@ -21,9 +21,10 @@ from sid.conditions import build_conditions
 from sid.config import LAMBDA_PRESETS
 from sid.ema import EMA
 from sid.errors import SidError
-from sid.generator import OneStepGenerator, num_params
+from sid.generator import OneStepGenerator, load_generator, num_params
 from sid.lora import lora_student, shares
-from sid.losses import DistillationLoss
+from sid.losses import DistillationLoss, EncoderLogits
+from sid.real_images import build_real_images
 from sid.runtime import micro_batches, precision_policy
 from sid.sharding import check_launch as check_sharding
 from sid.sharding import device_mesh, meta_copy, shard, shard_holders, split_optimizer_state
@@ -56,6 +57,8 @@ class Run:
     bf16: bool = False
     precision: str = ""                  # where the precision came from (the config, or Accelerate's launch)
     resumed: dict | None = None          # the restored state's logger and NaN-guard sums (resumed runs)
+    real: object = None                  # loss.kind=sida: the real images' stream (sid/real_images.py), else None
+    logits: EncoderLogits | None = None  # loss.kind=sida: the fake score's encoder logit, else None
     changed: list[str] | None = None     # optimiser settings the config changed on resume
 
     @property
@@ -114,10 +117,14 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         check_sharding(accelerator.num_processes)
     teacher.to(device, denoiser=sharding is None)   # sharded: each process's shard reaches the device when split
     conditions = build_conditions(cfg, teacher, accelerator.process_index, accelerator.num_processes)
+    real = build_real_images(cfg, teacher, accelerator.process_index, accelerator.num_processes)
     shared = frozenset(shares(teacher.denoiser))
     fake_score = student(teacher, cfg.lora, cfg.lora.fake_score)
     generator = OneStepGenerator(student(teacher, cfg.lora, cfg.lora.generator), teacher.shape,
                                  initial_sigma(cfg.generator, teacher), cfg.generator.steps, cfg.generator.renoise)
+    path = resolve_resume(resume, cfg.train.run_dir) if resume else None
+    if cfg.generator.init and path is None:                  # a resumed run has its own generator
+        start_from(generator, cfg.generator.init, cfg.lora.generator, trust_code)
     apply_perf(cfg.perf, bf16, teacher, [fake_score, generator])
     batch_gpu, rounds = micro_batches(cfg, accelerator.num_processes)
     loss = DistillationLoss.from_config(cfg.loss, teacher, per_process=batch_gpu * rounds)
@@ -129,7 +136,6 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
     ema = EMA(generator, cfg.ema.halflife_nimg, cfg.ema.rampup, shared)
     nimg = step = 0
     seconds, resumed, changed = 0.0, None, []
-    path = resolve_resume(resume, cfg.train.run_dir) if resume else None
     if path is not None:                        # the networks whole, before any sharding splits them
         state = load_training_state(path)
         restore(path, state, fake_score=Owned(fake_score, shared), generator=Owned(generator, shared),
@@ -155,11 +161,14 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         restore(path, state, convert=split_optimizer_state if sharding else None, opt_fake=opt_fake, opt_g=opt_g)
         nimg, step, seconds = state["nimg"], state["step"], state.get("seconds", 0.0)
         conditions.load_state_dict(state.get("conditions"))
+        if real is not None:
+            real.load_state_dict(state.get("real_images"))
         resumed = {k: state[k] for k in ("metrics", "nonfinite") if k in state}
         # The config's optimiser settings hold, not the checkpoint's (a lower learning rate on resume takes effect).
         changed = (apply_hyperparameters(opt_fake, "optim.fake", cfg.optim.fake_lr, cfg.optim.fake_betas, cfg.optim.eps)
                    + apply_hyperparameters(opt_g, "optim.g", cfg.optim.g_lr, cfg.optim.g_betas, cfg.optim.eps))
         accelerator.print(f"resumed from {path} at {nimg} images")
+    logits = encoder_logits(teacher, fake_score) if cfg.loss.kind == "sida" else None   # hooked before compiling
     if use_compile(cfg.perf.compile, device):   # in place: state_dict keys and the EMA copy stay uncompiled
         accelerator.print("torch.compile: the networks compile during the first iterations (perf.compile=false: eager)")
         for net in (teacher.denoiser, fake_score, generator):
@@ -170,7 +179,31 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         fake_ddp, generator_ddp = fake_score, generator
     return Run(cfg, accelerator, teacher, conditions, loss, fake_score, generator, fake_ddp, generator_ddp, opt_fake,
                opt_g, ema, batch_gpu, rounds, shared, template, nimg, step, seconds, bf16=bf16, precision=precision,
-               resumed=resumed, changed=changed)
+               resumed=resumed, changed=changed, real=real, logits=logits)
+
+
+def start_from(generator: OneStepGenerator, path: str, lora: bool, trust_code: bool) -> None:
+    """``generator.init``: the generator's weights from an exported generator of the same architecture (SiD²A
+    starts from a SiD generator; its fake score, as SiDA's code has it, from the teacher)."""
+    if lora:
+        raise SidError("generator.init loads a full generator's weights; lora.generator=true trains adapters over "
+                       "the teacher: set one of them back")
+    source = load_generator(path, trust_code=trust_code).denoiser.state_dict()
+    own = generator.denoiser.state_dict()
+    if source.keys() != own.keys() or any(source[k].shape != own[k].shape for k in own):
+        raise SidError(f"generator.init={path} is a generator of another architecture than this teacher's; give a "
+                       "generator distilled from the same teacher")
+    generator.denoiser.load_state_dict(source)
+
+
+def encoder_logits(teacher: Teacher, fake_score: torch.nn.Module) -> EncoderLogits:
+    """SiDA's logit on the fake score: the channel mean of its last encoder block's output."""
+    block = teacher.encoder_end(fake_score)
+    if block is None:
+        raise SidError(f"loss.kind=sida reads its logit from the fake score's encoder, and this {teacher.spec['kind']} "
+                       "teacher's network has none sid knows (EDM's UNets, diffusers UNets, analytic teachers' MLPs): "
+                       "use loss.kind=sid or dmd")
+    return EncoderLogits(block)
 
 
 def sharding_of(accelerator: Accelerator):
@@ -250,6 +283,9 @@ def describe(run: Run) -> str:
                  f"{', sharded (FSDP2)' if run.sharded else ''}")
     budget = f"{cfg.train.total_nimg:,} images" + (f" or {cfg.train.max_seconds:g} s" if cfg.train.max_seconds else "")
     member = "DMD (outputs detached)" if cfg.loss.kind == "dmd" else f"λ = {run.loss.lam:g}{named}"
+    if cfg.loss.kind == "sida":
+        member = (f"SiDA at {member} (GAN from {cfg.loss.gan_start_nimg:,} images, the generator from "
+                  f"{cfg.loss.g_start_nimg:,}){run.real.describe()}")
     if cfg.optim.fake_updates > 1:
         member += f", {cfg.optim.fake_updates} fake-score updates per generator update"
     return (f"distilling the {cfg.teacher.kind} teacher ({size}samples {'×'.join(map(str, run.teacher.shape))}) "

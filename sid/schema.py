@@ -66,12 +66,16 @@ class GeneratorConfig:
     steps: int = 1                       # K: SiD-DiT's few-step generator on t_i = t_init (1 − i/K) (sid/steps.py)
     renoise: str = "fresh"               # between steps: fresh | fixed | ddim noise (SiD-DiT's noise_type)
     random_steps: bool = False           # train on k ~ U{1..K} steps each iteration, the k-th trained (SiD-DiT)
+    init: Optional[str] = None           # start the generator and its EMA from this exported generator (a run
+                                         # folder or its generator/), e.g. SiD²A from a SiD run; null: the teacher
 
 
 @dataclass
 class LossConfig:
     kind: str = "sid"                    # the member of the identity family: sid (SiD and FGM, by λ) | dmd (DMD /
-                                         # VSD: both networks' outputs detached, the gradient ω (f_ψ − f_φ))
+                                         # VSD: both networks' outputs detached, the gradient ω (f_ψ − f_φ)) |
+                                         # sida (SiD + a GAN term whose logit is the fake score's encoder; reads
+                                         # real images, data.source)
     lam: str = "sid"                     # λ: sid (1.2) | lambda1 (1.0) | fgm (0.5) | l2 (0) | any number (kind sid)
     weighting: str = "sid"               # sid: 1/mean|x_g - f_φ| | x0: 1 | eps: 1/σ² | one_minus_t: 1 − t (SiD-DiT)
                                          # | velocity: 2/t² (λ = ½: FGM's velocity loss), t = σ / (1 + σ)
@@ -100,6 +104,12 @@ class LossConfig:
     guide_teacher: float = 1.0           # κ4: the teacher in the generator loss
     drop_cond: float = 0.1               # the fake step's conditions replaced by the null one at this rate,
                                          # when guide_fake_train or guide_fake differs from 1 (SiD-LSG)
+    # SiDA (kind sida; Zhou et al. 2025): generator ½ g_scale ℓ_SiD + ½ gan_scale ω BCE(D_ψ(x_t), 1)·CHW; fake
+    # score its denoising loss + d_scale λ_EDM(σ) ½ [BCE(D_ψ(x_real + σn), 1) + BCE(D_ψ(x_g + σn), 0)]
+    gan_scale: float = 0.01              # c_GAN, the generator's adversarial term
+    d_scale: float = 1.0                 # c_D, the fake score's (discriminator's) term
+    gan_start_nimg: int = 200_000        # the generator's adversarial term from this many images on
+    g_start_nimg: int = 100_000          # generator updates from this many images on (the fake score first)
 
 
 @dataclass
@@ -112,6 +122,17 @@ class ConditionsConfig:
                                          # .safetensors file (made when missing; small prompt sets)
     class_probs: list[float] = field(default_factory=list)  # class-conditional teachers: each class's
                                          # probability (normalised); empty: uniform
+
+
+@dataclass
+class DataConfig:
+    """Real images, read only by the members that use them (loss.kind=sida; sid/real_images.py)."""
+
+    source: Optional[str] = None         # fashion-mnist[:train|:test] | .npz (images, labels) | image folder
+                                         # (labels: dataset.json or sub-folders); resized and cropped to the
+                                         # teacher's images; null: data-free
+    xflip: bool = False                  # random horizontal flips
+    skip_bad: bool = False               # skip unreadable images with a warning (false: one error line)
 
 
 @dataclass
@@ -137,6 +158,8 @@ class OptimConfig:
     fake_betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     eps: float = 1e-8
     fake_updates: int = 1                # fake-score updates per generator update (DMD2's two time-scale rule: 5)
+    fake_clip: Optional[float] = None    # clip the fake score's gradients to [−c, c] elementwise; null: the
+                                         # member's own (sida: 1, as SiDA's code; others: none)
 
 
 @dataclass
@@ -197,6 +220,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     conditions: ConditionsConfig = field(default_factory=ConditionsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)

@@ -67,6 +67,7 @@ def iteration(run: Run) -> Stats:
     reuse = run.cfg.loss.reuse_generator_batch
     fake_updates = []
     first = drawn_steps(run)
+    clip = fake_clip(run.cfg)
 
     # Update fake score: f_ψ fits fresh samples of the current generator, drawn with G in eval mode (optim.
     # fake_updates times: DMD2's two time-scale rule). With loss.reuse_generator_batch only the first iteration
@@ -76,12 +77,17 @@ def iteration(run: Run) -> Stats:
         set_training(run.fake_score, True, run.shared)
         for _ in range(run.cfg.optim.fake_updates):
             fake_updates.append(update(run, run.fake_score, run.fake_ddp, run.opt_fake,
-                                       partial(fake_score_micro_loss, run, None, first)))
+                                       partial(fake_score_micro_loss, run, None, first), clip))
 
-    # Update generator: f_φ and f_ψ frozen in their parameters, differentiable in their inputs.
+    # Update generator: f_φ and f_ψ frozen in their parameters, differentiable in their inputs (SiDA: only once
+    # the fake score has had loss.g_start_nimg images).
     set_training(run.fake_score, False, run.shared)
     run.generator.train()
-    g = update(run, run.generator, run.generator_ddp, run.opt_g, partial(generator_micro_loss, run, first))
+    if run.real is None or run.nimg >= run.cfg.loss.g_start_nimg:
+        g = update(run, run.generator, run.generator_ddp, run.opt_g, partial(generator_micro_loss, run, first))
+    else:
+        zero = torch.zeros((), device=run.accelerator.device)
+        g = Update(zero, zero.long(), zero.bool(), [])
 
     if reuse:                            # f_ψ fits the samples of the generator step just taken (detached)
         run.generator.eval()
@@ -112,6 +118,14 @@ def drawn_steps(run: Run) -> int | None:
     return int(torch.randint(1, steps + 1, (1,), generator=draw))
 
 
+def fake_clip(cfg) -> float | None:
+    """``optim.fake_clip``, or the member's own: SiDA clips the fake score's gradients at 1 (sida_training_loop.py,
+    ``clip_grad_value_`` whenever its GAN is on), the others not at all."""
+    if cfg.optim.fake_clip is not None:
+        return cfg.optim.fake_clip
+    return 1.0 if cfg.loss.kind == "sida" else None
+
+
 def draw_inputs(run: Run) -> tuple[torch.Tensor, object]:
     """A micro-batch of generator inputs: z ~ N(0, I) and conditions from the run's source."""
     device = run.accelerator.device
@@ -119,10 +133,25 @@ def draw_inputs(run: Run) -> tuple[torch.Tensor, object]:
     return z, run.conditions.draw(run.batch_gpu, device)
 
 
+def adversarial_micro_loss(run: Run, first: int | None) -> tuple[torch.Tensor, tuple]:
+    """A micro-batch of SiDA's fake-score loss: real images (in the teacher's space) and generator samples drawn
+    for the real images' labels (a class-conditional teacher; SiDA's loop draws both from its dataset)."""
+    device = run.accelerator.device
+    x_real, labels = run.real.draw(run.batch_gpu, device)
+    z, drawn = draw_inputs(run)
+    labels = run.loss.fake_conditions(labels if run.teacher.label_dim else drawn)
+    with torch.no_grad():
+        x_g = run.generator(z, labels, first=first)
+        x_real = run.teacher.from_images(x_real)
+    return run.loss.fake_score_adversarial(run.fake_ddp, run.logits.logits, x_g, x_real, labels), (x_g, labels)
+
+
 def fake_score_micro_loss(run: Run, samples: list | None, first: int | None, r: int) -> tuple[torch.Tensor, tuple]:
     """Micro-batch ``r`` of the fake-score loss: on ``samples[r]``, or (None) on fresh generator samples. With
     guidance on the fake score, a share of the conditions becomes the null one before the samples are drawn, as
     SiD-LSG drops prompts (on reused samples, only the fake score's conditions are replaced)."""
+    if run.real is not None:
+        return adversarial_micro_loss(run, first)
     if samples is None:
         z, labels = draw_inputs(run)
         labels = run.loss.fake_conditions(labels)
@@ -139,13 +168,16 @@ def generator_micro_loss(run: Run, first: int | None, r: int) -> tuple[torch.Ten
     ``first`` steps; None: all)."""
     z, labels = draw_inputs(run)
     x_g = run.generator_ddp(z, labels, first=first)
-    return run.loss.generator(run.teacher.denoiser, run.fake_score, x_g, labels), (x_g.detach(), labels)
+    adversarial = run.real is not None and run.nimg >= run.cfg.loss.gan_start_nimg
+    logits = run.logits.logits if adversarial else None
+    return run.loss.generator(run.teacher.denoiser, run.fake_score, x_g, labels, logits), (x_g.detach(), labels)
 
 
 def update(run: Run, module: torch.nn.Module, ddp: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           micro_loss: Callable[[int], tuple[torch.Tensor, tuple]]) -> Update:
+           micro_loss: Callable[[int], tuple[torch.Tensor, tuple]], clip: float | None = None) -> Update:
     """One optimiser step of ``module``: gradients accumulated over the micro-batches (all-reduced on the last
-    one only), non-finite samples dropped and gradients sanitised (SiD's NaN policy), the step, cleared grads.
+    one only), non-finite samples dropped and gradients sanitised (SiD's NaN policy) and clipped to [−clip, clip]
+    where asked, the step, cleared grads.
     A step that dropped more than half of its samples is counted non-finite, as one with a non-finite gradient is
     (a run whose every loss has diverged must not train on nothing and report success)."""
     total, dropped, samples = 0.0, 0, []
@@ -158,6 +190,8 @@ def update(run: Run, module: torch.nn.Module, ddp: torch.nn.Module, optimizer: t
         total, dropped = total + per_sample.detach().sum(), dropped + n_bad
         samples.append(sample)
     bad = sanitize_grads(module) | (2 * dropped > run.batch_gpu * run.rounds)
+    if clip is not None:
+        torch.nn.utils.clip_grad_value_([p for p in module.parameters() if p.grad is not None], clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return Update(total, dropped, bad, samples)

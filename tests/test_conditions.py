@@ -38,27 +38,27 @@ def test_bad_prompt_files_are_one_line(tmp_path, name, content, message):
 
 def test_every_pass_draws_every_prompt_once_in_a_new_order():
     source = Prompts(PROMPTS, fake_encode, seed=3)
-    passes = [source.indices(7), source.indices(7)]
+    passes = [source.stream.indices(7), source.stream.indices(7)]
     assert sorted(passes[0]) == sorted(passes[1]) == list(range(7)) and passes[0] != passes[1]
-    assert Prompts(PROMPTS, fake_encode, seed=3).indices(14) == passes[0] + passes[1]      # a function of the seed
-    assert Prompts(PROMPTS, fake_encode, seed=4).indices(7) != passes[0]
+    assert Prompts(PROMPTS, fake_encode, seed=3).stream.indices(14) == passes[0] + passes[1]   # the seed's
+    assert Prompts(PROMPTS, fake_encode, seed=4).stream.indices(7) != passes[0]
 
 
 def test_processes_take_their_slices_of_one_stream_and_a_restored_position_continues_it():
     whole = Prompts(PROMPTS, fake_encode, seed=0)
-    stream = [whole.indices(6) for _ in range(3)]                     # one process, micro-batches of 6
+    stream = [whole.stream.indices(6) for _ in range(3)]                     # one process, micro-batches of 6
     ranks = [Prompts(PROMPTS, fake_encode, seed=0, rank=r, world=2) for r in range(2)]
     for draw in stream:                                               # two processes, 3 each
-        assert ranks[0].indices(3) + ranks[1].indices(3) == draw
+        assert ranks[0].stream.indices(3) + ranks[1].stream.indices(3) == draw
     assert ranks[0].state_dict() == ranks[1].state_dict() == whole.state_dict() == {"drawn": 18}
     resumed = Prompts(PROMPTS, fake_encode, seed=0)                   # resumed on one process
     resumed.load_state_dict(ranks[1].state_dict())
-    assert resumed.indices(5) == whole.indices(5)
+    assert resumed.stream.indices(5) == whole.stream.indices(5)
 
 
 def test_drawn_and_fixed_conditions_are_the_prompts_encodings():
     source = Prompts(PROMPTS, fake_encode, seed=1)
-    order = Prompts(PROMPTS, fake_encode, seed=1).indices(3)
+    order = Prompts(PROMPTS, fake_encode, seed=1).stream.indices(3)
     torch.testing.assert_close(source.draw(3)["text"], fake_encode([PROMPTS[i] for i in order])["text"])
     torch.testing.assert_close(source.fixed(9)["text"], fake_encode([PROMPTS[i % 7] for i in range(9)])["text"])
     assert source.grid_prompts(2) == PROMPTS[:2]

@@ -10,6 +10,7 @@ from torch import nn
 
 from sid.errors import SidError
 from sid.guidance import guided
+from sid.networks import MLP
 from sid.precond import Preconditioned
 
 
@@ -89,6 +90,34 @@ class Teacher:
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Samples -> images (sample grids, FID): the samples themselves, except for latent families."""
         return x
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """One sample as an image, (C, H, W) as ``decode`` returns it: the sample's own shape, except for latent
+        families."""
+        return self.shape
+
+    def from_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] of ``image_shape`` -> samples the denoiser works on (real images, ``data.source``):
+        the images themselves, except for latent families."""
+        return images
+
+    def encoder_end(self, net: nn.Module) -> nn.Module | None:
+        """The last block of ``net``'s encoder (a network of this family: the teacher or a student, LoRA or
+        sharded), whose output feeds the middle of a UNet, or None where the network has no such place. SiDA's
+        logit is the channel mean of its output: the last ``enc`` block of EDM's SongUNet and DhariwalUNet, a
+        diffusers UNet's last down block, and for the MLP of analytic teachers its middle hidden layer."""
+        for module in net.modules():
+            blocks = getattr(module, "enc", None)
+            if isinstance(blocks, nn.ModuleDict) and len(blocks):
+                return list(blocks.values())[-1]
+            blocks = getattr(module, "down_blocks", None)
+            if isinstance(blocks, nn.ModuleList) and len(blocks):
+                return blocks[-1]
+            if isinstance(module, MLP):
+                hidden = [m for m in module.body if isinstance(m, nn.SiLU)]
+                return hidden[(len(hidden) - 1) // 2] if hidden else None
+        return None
 
     def components(self) -> dict | None:
         """The frozen networks an export carries beside the generator (a latent family's VAE and encoders)."""

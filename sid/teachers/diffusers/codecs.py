@@ -77,6 +77,17 @@ class ImageCodec:
             z = latents.to(next(vae.parameters()).device, vae.dtype) / self.scaling_factor + self.shift_factor
             return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> latents as the pipeline scales them, (z − shift) · scaling, z the mean of the VAE's
+        posterior (deterministic, so a resumed run reads the same latents; a VAE without a posterior, such as
+        Sana's autoencoder, gives its latent)."""
+        vae = self.vae
+        with self.working():
+            encoded = vae.encode(images.to(next(vae.parameters()).device, vae.dtype), return_dict=False)[0]
+            z = encoded.mean if hasattr(encoded, "mean") and not torch.is_tensor(encoded) else encoded
+            return ((z - self.shift_factor) * self.scaling_factor).float()
+
 
 class TextCodec(ImageCodec):
     """The frozen parts of a latent text-to-image pipeline around its denoiser: its tokenizers and text encoders

@@ -50,6 +50,14 @@ class LatentTeacher(DiffusersTeacher):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(latents)
 
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        factor = vae_factor(self.codec.vae.config)
+        return (int(self.codec.vae.config.get("in_channels", 3)), self.shape[-2] * factor, self.shape[-1] * factor)
+
+    def from_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.codec.encode(images)
+
     def to(self, device, denoiser: bool = True) -> LatentTeacher:
         """The denoiser (unless ``denoiser=False``), and the codec unless it is offloaded (then it stays on the CPU
         between uses)."""
