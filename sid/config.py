@@ -43,7 +43,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvc
 CHOICES = {
     "teacher.kind": TEACHER_KINDS,
     "teacher.diffusers.prediction_type": (None, "epsilon", "v_prediction", "sample", "edm", "flow"),
-    "loss.kind": ("sid", "dmd", "sida"),
+    "loss.kind": ("sid", "dmd", "sida", "sim"),
     "loss.weighting": ("sid", "x0", "eps", "one_minus_t", "velocity"),
     "generator.renoise": RENOISE,
     "loss.time": ("karras", "timesteps", "logit_normal"),
@@ -79,6 +79,7 @@ RANGES = [
     *((f"loss.{key}", lambda v: 0 <= v <= 100, "in [0, 100] (a guidance scale; 1: none)")
       for key in ("guide_fake_train", "guide_fake", "guide_teacher")),
     ("loss.drop_cond", lambda v: 0 <= v < 1, "in [0, 1) (a probability)"),
+    ("loss.sim_c", _positive, "> 0"),
     ("loss.gan_scale", lambda v: v >= 0, ">= 0"), ("loss.d_scale", lambda v: v >= 0, ">= 0"),
     ("loss.gan_start_nimg", lambda v: v >= 0, ">= 0"), ("loss.g_start_nimg", lambda v: v >= 0, ">= 0"),
     ("optim.fake_clip", lambda v: v is None or v > 0, "> 0, or null for the member's own"),
@@ -350,14 +351,19 @@ def _expanded_size(node, limit: int = MAX_YAML_VALUES) -> int:
     return count
 
 
+WITHOUT_LAMBDA = {"dmd": "its generator gradient, ω (f_ψ − f_φ) through x_g alone, is the same for every λ",
+                  "sim": "its divergence is the pseudo-Huber one of loss.sim_c, not SiD's λ-family"}
+
+
 def set_aside_lambda(cfg: DictConfig, command_line: DictConfig) -> None:
-    """λ has no meaning for ``loss.kind=dmd`` (its gradient, ω (f_ψ − f_φ) through x_g alone, is the same for every
-    λ): a λ asked for on the command line is refused in one line; a preset's is set back to the default."""
-    if cfg.loss.kind != "dmd" or str(cfg.loss.lam) == LossConfig.lam:
+    """λ has no meaning for ``loss.kind=dmd`` or ``sim`` (``WITHOUT_LAMBDA`` says why): a λ asked for on the command
+    line is refused in one line; a preset's is set back to the default."""
+    kind = cfg.loss.kind
+    if kind not in WITHOUT_LAMBDA or str(cfg.loss.lam) == LossConfig.lam:
         return
     if OmegaConf.select(command_line, "loss.lam") is not None:
-        raise SidError(f"loss.lam={cfg.loss.lam} has no meaning for loss.kind=dmd: its generator gradient, "
-                       "ω (f_ψ − f_φ) through x_g alone, is the same for every λ; leave loss.lam unset")
+        raise SidError(f"loss.lam={cfg.loss.lam} has no meaning for loss.kind={kind}: {WITHOUT_LAMBDA[kind]}; "
+                       "leave loss.lam unset")
     cfg.loss.lam = LossConfig.lam
 
 

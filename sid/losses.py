@@ -122,6 +122,25 @@ def dmd_loss(teacher: Callable, fake_score: Callable, x_g: torch.Tensor, sigma: 
     return 0.5 * _sum_per_sample((x_g - target) ** 2)
 
 
+def sim_loss(teacher: Callable, fake_score: Callable, x_g: torch.Tensor, sigma: torch.Tensor, labels=None, *,
+             c: float, weighting: str = "sid") -> torch.Tensor:
+    """SIM (Luo et al. 2024, Algorithm 1): −d'(y)ᵀ (s_ψ(x_t) − ∇ log q(x_t | x_g)) for the pseudo-Huber
+    d(y) = √(‖y‖² + c²) − c of the score difference y = s_ψ − s_φ, the networks' parameters frozen and their inputs
+    differentiable (nothing else detached), which by SIM's score-gradient theorem has the gradient of the divergence
+    E_{x_t ~ sg p_θ} d(s_θ − s_φ). With scores s = (D − x_t)/σ² and ∇ log q = (x_g − x_t)/σ², it is
+
+        ⟨Δ, f_ψ − x_g⟩ / (σ² √(‖Δ‖² + c²σ⁴)),   Δ = f_φ − f_ψ,
+
+    returned here times w c σ⁴, a per-σ weight of SIM's integral, so that c → ∞ is SiD's w L_1 (docs/losses.md)."""
+    s = sigma.reshape(-1, *[1] * (x_g.ndim - 1))
+    x_t = x_g + s * torch.randn_like(x_g)
+    f_teacher = teacher(x_t, sigma, labels)
+    f_fake = fake_score(x_t, sigma, labels)
+    delta = f_teacher - f_fake
+    scale = c * sigma**2 / (_sum_per_sample(delta**2) + (c * sigma**2) ** 2).sqrt()
+    return loss_weight(weighting, sigma, x_g, f_teacher) * scale * _sum_per_sample(delta * (f_fake - x_g))
+
+
 # SiDA (Zhou et al., ICLR 2025): the fake score is also the discriminator, its logit read from its own encoder ------
 
 class EncoderLogits:
@@ -209,7 +228,8 @@ class DistillationLoss:
     timestep_sigmas: torch.Tensor | None = None   # time=timesteps: the teacher's σ_k, k = 0..K-1
     timesteps: tuple[int, int] = (20, 979)        # ... and the range of k, both ends included
     fake_weight: Callable | None = None  # σ -> the fake-score loss weight; None: λ_EDM(σ) with sigma_data
-    kind: str = "sid"                   # sid: ``generator_loss`` (SiD, FGM by λ) | dmd: ``dmd_loss`` | sida
+    kind: str = "sid"                   # sid: ``generator_loss`` (SiD, FGM by λ) | dmd: ``dmd_loss`` | sida | sim
+    sim_c: float = 1.0                  # sim: the pseudo-Huber c (score units)
     gan_scale: float = 0.0              # sida: c_GAN / per-process batch (the generator's adversarial term)
     d_scale: float = 0.0                # sida: c_D / per-process batch (the fake score's discriminator term)
 
@@ -253,7 +273,8 @@ class DistillationLoss:
                    g_scale=loss.g_scale / per_process, fake_scale=loss.fake_scale / per_process,
                    augment=GeometricAugment(loss.augment) if loss.augment else None, **scales,
                    drop_cond=loss.drop_cond if guides_fake else 0.0, null=null, guide=teacher.guide,
-                   gan_scale=loss.gan_scale / per_process, d_scale=loss.d_scale / per_process, **native)
+                   sim_c=loss.sim_c, gan_scale=loss.gan_scale / per_process, d_scale=loss.d_scale / per_process,
+                   **native)
 
     def fake_conditions(self, cond):
         """The fake step's conditions: each replaced by the null one at rate ``drop_cond`` (SiD-LSG drops 10% of
@@ -316,6 +337,9 @@ class DistillationLoss:
             sid, gan = sida_generator_losses(teacher, fake_score, logits, x_g, sigma, labels, lam=self.lam,
                                              weighting=self.weighting)
             return 0.5 * sid * self.g_scale + 0.5 * gan * self.gan_scale
+        if self.kind == "sim":
+            sim = sim_loss(teacher, fake_score, x_g, sigma, labels, c=self.sim_c, weighting=self.weighting)
+            return sim * self.g_scale
         if self.kind == "dmd":
             return dmd_loss(teacher, fake_score, x_g, sigma, labels, weighting=self.weighting) * self.g_scale
         return generator_loss(teacher, fake_score, x_g, sigma, labels, lam=self.lam,

@@ -282,7 +282,8 @@ def describe(run: Run) -> str:
     processes = (f"{acc.num_processes} {acc.device.type} process{'es' if acc.num_processes > 1 else ''}"
                  f"{', sharded (FSDP2)' if run.sharded else ''}")
     budget = f"{cfg.train.total_nimg:,} images" + (f" or {cfg.train.max_seconds:g} s" if cfg.train.max_seconds else "")
-    member = "DMD (outputs detached)" if cfg.loss.kind == "dmd" else f"λ = {run.loss.lam:g}{named}"
+    member = {"dmd": "DMD (outputs detached)", "sim": f"SIM (pseudo-Huber c = {cfg.loss.sim_c:g})"}.get(
+        cfg.loss.kind, f"λ = {run.loss.lam:g}{named}")
     if cfg.loss.kind == "sida":
         member = (f"SiDA at {member} (GAN from {cfg.loss.gan_start_nimg:,} images, the generator from "
                   f"{cfg.loss.g_start_nimg:,}){run.real.describe()}")

@@ -75,7 +75,8 @@ class LossConfig:
     kind: str = "sid"                    # the member of the identity family: sid (SiD and FGM, by λ) | dmd (DMD /
                                          # VSD: both networks' outputs detached, the gradient ω (f_ψ − f_φ)) |
                                          # sida (SiD + a GAN term whose logit is the fake score's encoder; reads
-                                         # real images, data.source)
+                                         # real images, data.source) | sim (SIM: the pseudo-Huber score
+                                         # divergence of loss.sim_c)
     lam: str = "sid"                     # λ: sid (1.2) | lambda1 (1.0) | fgm (0.5) | l2 (0) | any number (kind sid)
     weighting: str = "sid"               # sid: 1/mean|x_g - f_φ| | x0: 1 | eps: 1/σ² | one_minus_t: 1 − t (SiD-DiT)
                                          # | velocity: 2/t² (λ = ½: FGM's velocity loss), t = σ / (1 + σ)
@@ -104,6 +105,8 @@ class LossConfig:
     guide_teacher: float = 1.0           # κ4: the teacher in the generator loss
     drop_cond: float = 0.1               # the fake step's conditions replaced by the null one at this rate,
                                          # when guide_fake_train or guide_fake differs from 1 (SiD-LSG)
+    sim_c: float = 1.0                   # SIM's c: d(y) = √(‖y‖² + c²) − c on the score difference y (score units,
+                                         # 1/σ times the noise's); c → ∞ is SiD at λ = 1
     # SiDA (kind sida; Zhou et al. 2025): generator ½ g_scale ℓ_SiD + ½ gan_scale ω BCE(D_ψ(x_t), 1)·CHW; fake
     # score its denoising loss + d_scale λ_EDM(σ) ½ [BCE(D_ψ(x_real + σn), 1) + BCE(D_ψ(x_g + σn), 0)]
     gan_scale: float = 0.01              # c_GAN, the generator's adversarial term
