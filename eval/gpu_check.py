@@ -16,13 +16,25 @@ Command B, with carry [".whl", ".data/fashion-mnist-test", ".inc"] (at most 9 mi
     PYTHONPATH=/tmp/site:$PWD SID_FASHION_MNIST=$PWD/.data/fashion-mnist-test python3 -m eval.gpu_check quality \
         --out $OUT/quality --weights .inc/inception-2015-12-05-fp16.pt --budget 480
 
+Command C, the family ranked (issue: DMD, SiDA and SIM beside SiD), the same carry plus a 12,000-image share of
+the training set as SiDA's real images, made here (4 MB, so that all travels within 64 MiB) with
+``python3 -c "import numpy as np; from sid.data import fashion_mnist; np.savez_compressed('.data/fmnist-train-12k.npz',
+images=fashion_mnist('train')[:12000].permute(0, 2, 3, 1).numpy())"``, carry [".whl", ".data/fashion-mnist-test",
+".data/fmnist-train-12k.npz", ".inc"] (at most 9 minutes; five members of 75 s each and their FIDs):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+    PYTHONPATH=/tmp/site:$PWD SID_FASHION_MNIST=$PWD/.data/fashion-mnist-test python3 -m eval.gpu_check quality \
+        --out $OUT/members --weights .inc/inception-2015-12-05-fp16.pt --budget 480 --seconds 75 \
+        --members sid,fgm,dmd,sim,sida --real .data/fmnist-train-12k.npz
+
 ``speed``: the GPU tests (tests/test_speed.py -k gpu), then the speed ladder of eval/bench_speed.py on
 ``speed/cifar_unet`` (reference settings, bf16, fused Adam, bf16 teacher, torch.compile, the reused generator
 batch), one row at a time, each written as soon as measured (bench.json, bench.md), with the fast / reference
 ratio; a row that would not fit in what is left of the budget is skipped with a line saying so.
-``quality``: the shipped teacher's FID at 35 Heun evaluations, then λ = 1.2 and λ = ½ each distilled for
---seconds with in-loop FID every --every-nimg images, then FID of each final generator over two seed sets;
-quality.json, quality.md and quality.png (FID against images, one line per λ, the teacher as a line).
+``quality``: the shipped teacher's FID at 35 Heun evaluations, then each of --members (default λ = 1.2 and
+λ = ½; eval/bench_members.py names them) distilled for --seconds with in-loop FID every --every-nimg images, then
+FID of each final generator over two seed sets; quality.json, quality.md and quality.png (FID against images and
+seconds, one line per member, the teacher as a line).
 """
 
 from __future__ import annotations
@@ -110,8 +122,9 @@ def speed(out: Path, budget: Budget, smoke: bool, iters: int) -> dict:
 
 
 def quality(out: Path, budget: Budget, smoke: bool, args) -> dict:
-    """Command B: the teacher's FID, λ = 1.2 and λ = ½ distilled for --seconds each, their final FIDs."""
+    """Command B: the teacher's FID, each of --members distilled for --seconds, their final FIDs."""
     from eval.bench_fmnist import reference
+    from eval.bench_members import MEMBERS
     from eval.bench_speed import device_name
     from sid.config import load_config
     from sid.generator import load_generator
@@ -128,12 +141,13 @@ def quality(out: Path, budget: Budget, smoke: bool, args) -> dict:
     result = {"device": device_name(torch.device(DEVICE)), "date": time.strftime("%Y-%m-%d"), "num": args.num,
               "runs": {}}
     result["teacher_fid"] = teacher_fid(metric, teacher, 18, args.num, device=DEVICE)
-    for lam in ("1.2", "0.5"):
+    for name in args.members.split(","):
+        label, member = MEMBERS[name]
         if not budget.fits(args.seconds + 60):
-            result["runs"][lam] = {"skipped": f"would not fit in the {budget.left():.0f} s left"}
+            result["runs"][name] = {"label": label, "skipped": f"would not fit in the {budget.left():.0f} s left"}
             continue
-        run_dir = out / f"lam={lam}"
-        overrides = [*teacher_cfg, f"loss.lam={lam}", f"train.max_seconds={args.seconds}",
+        run_dir = out / name
+        overrides = [*teacher_cfg, *(o.format(real=args.real) for o in member), f"train.max_seconds={args.seconds}",
                      "train.total_nimg=1000000000000",
                      f"eval.every_nimg={args.every_nimg}", f"eval.num={args.num}", f"eval.fid_ref={ref.resolve()}",
                      f"eval.fid_weights={args.weights}", f"train.run_dir={run_dir}", "train.progress=false",
@@ -143,8 +157,8 @@ def quality(out: Path, budget: Budget, smoke: bool, args) -> dict:
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         generator = load_generator(run_dir / "generator", device=DEVICE)
         finals = [generator_fid(metric, generator, args.num, seed=s) for s in (1, 2)]
-        result["runs"][lam] = {"nimg": run.nimg, "curve": [(r["nimg"], r["seconds"], r["fid"]) for r in records
-                                                           if "fid" in r], "final_fid": finals}
+        result["runs"][name] = {"label": label, "nimg": run.nimg, "final_fid": finals,
+                                "curve": [(r["nimg"], r["seconds"], r["fid"]) for r in records if "fid" in r]}
         write(out, "quality", result, quality_table(result))
     figure(result, out / "quality.png")
     write(out, "quality", result, quality_table(result))
@@ -153,14 +167,15 @@ def quality(out: Path, budget: Budget, smoke: bool, args) -> dict:
 
 def quality_table(result: dict) -> str:
     lines = [f"{result['device']}, {result['date']}: FID-{result['num']}; the teacher (Heun, 35 NFE) "
-             f"{result['teacher_fid']:.2f}", "", "| λ | images | final FID (2 seed sets) | best in-loop FID |",
+             f"{result['teacher_fid']:.2f}", "", "| member | images | final FID (2 seed sets) | best in-loop FID |",
              "|---|---|---|---|"]
-    for lam, run in result["runs"].items():
+    for run in result["runs"].values():
         if "skipped" in run:
-            lines.append(f"| {lam} | skipped: {run['skipped']} | | |")
+            lines.append(f"| {run['label']} | skipped: {run['skipped']} | | |")
             continue
         best = min((fid for _, _, fid in run["curve"]), default=float("nan"))
-        lines.append(f"| {lam} | {run['nimg']:,} | {', '.join(f'{v:.2f}' for v in run['final_fid'])} | {best:.2f} |")
+        lines.append(f"| {run['label']} | {run['nimg']:,} | {', '.join(f'{v:.2f}' for v in run['final_fid'])} | "
+                     f"{best:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,11 +184,11 @@ def figure(result: dict, path: Path) -> None:
 
     fig = Figure(figsize=(10, 3.5), dpi=120)
     axes = fig.subplots(1, 2)
-    for lam, run in result["runs"].items():
+    for run in result["runs"].values():
         if run.get("curve"):
             nimg, seconds, fid = zip(*run["curve"])
-            axes[0].plot(nimg, fid, marker="o", label=f"λ = {lam}")
-            axes[1].plot(seconds, fid, marker="o", label=f"λ = {lam}")
+            axes[0].plot(nimg, fid, marker="o", label=run["label"])
+            axes[1].plot(seconds, fid, marker="o", label=run["label"])
     for ax, x in zip(axes, ("generator images", "seconds")):
         ax.axhline(result["teacher_fid"], color="0.3", linestyle=":", label="teacher, Heun 35 NFE")
         ax.set_xlabel(x)
@@ -191,7 +206,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="the same code paths on a CPU with tiny sizes")
     parser.add_argument("--iters", type=int, default=20, help="speed: timed iterations per row")
     parser.add_argument("--teacher", default="builtin:fmnist")
-    parser.add_argument("--seconds", type=float, default=150, help="quality: training seconds per λ")
+    parser.add_argument("--seconds", type=float, default=150, help="quality: training seconds per member")
+    parser.add_argument("--members", default="sid,fgm", help="quality: members of eval/bench_members.py's MEMBERS")
+    parser.add_argument("--real", default="fashion-mnist:train", help="quality: SiDA's real images (data.source)")
     parser.add_argument("--every-nimg", type=int, default=256_000, help="quality: in-loop FID interval")
     parser.add_argument("--num", type=int, default=10_000, help="quality: samples per FID")
     parser.add_argument("--ref-source", default="fashion-mnist:test")

@@ -10,7 +10,7 @@ resumed run continues where it stopped, on any number of processes.
 from __future__ import annotations
 
 import hashlib
-import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +22,7 @@ from torch import nn
 from sid.checkpoint import fsync, write_error
 from sid.data import Shuffled
 from sid.errors import SidError
+from sid.prompt_sources import read_prompts
 
 
 class Unconditional:
@@ -79,42 +80,16 @@ class ClassLabels(Unconditional):
         return nn.functional.one_hot(torch.arange(n, device=device) % self.label_dim, self.label_dim).float()
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file (one per line, blank lines skipped) or a JSONL file (``.jsonl``: one object per line
-    with a ``prompt``, ``text`` or ``caption`` field); one error line for a missing, unreadable or empty file."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SidError(f"cannot read the prompts file {path} ({type(e).__name__}); give a UTF-8 text file, one "
-                       "prompt per line (or .jsonl)") from None
-    if path.suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                prompts.append(next(str(record[k]) for k in ("prompt", "text", "caption") if k in record))
-            except (json.JSONDecodeError, TypeError, StopIteration):
-                raise SidError(f"{path}:{number} is not a JSON object with a prompt, text or caption field; fix "
-                               "that line") from None
-    else:
-        prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise SidError(f"the prompts file {path} holds no prompts; give one prompt per line")
-    return prompts
-
-
 class Prompts(Unconditional):
-    """Prompts from a list, in a shuffled order that is new every pass, encoded by the teacher's own encoders.
+    """Prompts from a sequence (a list, or a file read on demand: ``sid.prompt_sources``), in a shuffled order that
+    is new every pass, encoded by the teacher's own encoders.
 
     The order and the position are a ``Shuffled`` stream's (``sid/data.py``): a function of (seed, pass), resumed
     on any number of processes. ``encode`` turns a list of prompts into a condition; with a ``cache`` (a dict of
     every prompt's condition, see ``encode_all``) the encoder is not run while training.
     """
 
-    def __init__(self, prompts: list[str], encode: Callable[[list[str]], dict], seed: int = 0, rank: int = 0,
+    def __init__(self, prompts: Sequence[str], encode: Callable[[list[str]], dict], seed: int = 0, rank: int = 0,
                  world: int = 1, cache: dict | None = None):
         self.prompts, self.encode, self.cache = prompts, encode, cache
         self.stream = Shuffled(len(prompts), seed, rank, world, salt="prompts")
@@ -208,7 +183,7 @@ def build_conditions(cfg, teacher, rank: int = 0, world: int = 1):
         if not section.prompts:
             raise SidError("a text-to-image teacher is distilled from prompts: set conditions.prompts=FILE (one "
                            "prompt per line, or .jsonl)")
-        prompts = read_prompts(section.prompts)
+        prompts = read_prompts(section.prompts, section.prompt_key)
         cache = None
         if section.cache:
             cache = load_cache(section.cache, prompts, teacher.encode, teacher.encoder_fingerprint())

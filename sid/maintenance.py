@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from sid.checkpoint import Owned, all_finite, save_training_state
-from sid.conditions import read_prompts
 from sid.config import as_tuple, to_dict
 from sid.errors import SidError, described
 from sid.generator import OneStepGenerator, export_generator, note_measured
@@ -28,6 +27,7 @@ from sid.metrics import (
     sliced_wasserstein,
     text_sampler,
 )
+from sid.prompt_sources import read_prompts
 from sid.run import Run, kind_of
 from sid.runtime import MetricsLogger, NonFiniteGuard, any_process, best_record
 from sid.sampling import sample_teacher

@@ -119,8 +119,11 @@ class LossConfig:
 class ConditionsConfig:
     """What the generator is asked for, data-free (sid/conditions.py)."""
 
-    prompts: Optional[str] = None        # text-to-image teachers: a text file, one prompt per line, or .jsonl
-                                         # ({"prompt": ...} per line); shuffled anew each pass, resumable
+    prompts: Optional[str] = None        # text-to-image teachers: a text file (one prompt per line), .jsonl,
+                                         # .parquet or WebDataset .tar shards (a glob), read on demand (any
+                                         # size); shuffled anew each pass, resumable
+    prompt_key: Optional[str] = None     # the prompt's JSONL field or Parquet column (null: prompt, text or
+                                         # caption), or the shards' caption extension (null: txt)
     cache: Optional[str] = None          # text-to-image: every prompt's embedding, encoded once into this
                                          # .safetensors file (made when missing; small prompt sets)
     class_probs: list[float] = field(default_factory=list)  # class-conditional teachers: each class's

@@ -4,8 +4,9 @@ and the embeddings cache."""
 import pytest
 import torch
 
-from sid.conditions import ClassLabels, Prompts, load_cache, read_prompts
+from sid.conditions import ClassLabels, Prompts, load_cache
 from sid.errors import SidError
+from sid.prompt_sources import read_prompts
 
 
 def fake_encode(prompts):
@@ -19,8 +20,8 @@ PROMPTS = [f"prompt {i}" for i in range(7)]
 def test_prompts_are_read_from_text_and_jsonl_files(tmp_path):
     (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n\n{"caption": "a dog", "id": 3}\n{"text": "a fox"}\n')
-    assert read_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
-    assert read_prompts(tmp_path / "p.jsonl") == ["a cat", "a dog", "a fox"]
+    assert list(read_prompts(tmp_path / "p.txt")) == ["a cat", "a dog"]
+    assert list(read_prompts(tmp_path / "p.jsonl")) == ["a cat", "a dog", "a fox"]
 
 
 @pytest.mark.parametrize("name, content, message", [

@@ -34,9 +34,10 @@ def test_the_quality_command_smoke_and_its_budget(tmp_path):
     np.savez(tmp_path / "ref.npz", images=rng.integers(0, 255, (16, 32, 32, 1), dtype=np.uint8))
     common = ["quality", "--smoke", "--weights", str(extractor), "--ref-source", str(tmp_path / "ref.npz"),
               "--num", "8", "--every-nimg", "8", "--seconds", "1"]
-    assert main([*common, "--out", str(tmp_path / "q"), "--budget", "300"]) == 0
+    members = ["--members", "sid,fgm,dmd,sim,sida", "--real", str(tmp_path / "ref.npz")]    # command C's
+    assert main([*common, *members, "--out", str(tmp_path / "q"), "--budget", "300"]) == 0
     result = json.loads((tmp_path / "q" / "quality.json").read_text())
-    assert set(result["runs"]) == {"1.2", "0.5"} and np.isfinite(result["teacher_fid"])
+    assert list(result["runs"]) == ["sid", "fgm", "dmd", "sim", "sida"] and np.isfinite(result["teacher_fid"])
     assert all(len(run["final_fid"]) == 2 and run["curve"] for run in result["runs"].values())
     assert (tmp_path / "q" / "quality.png").stat().st_size > 1000
     # a budget too short for the runs: the teacher's FID is measured, the runs are skipped with a line

@@ -23,7 +23,6 @@ import torch
 
 from sid.cli import output_path, parser, writing
 from sid.commands.sample import load_teacher
-from sid.conditions import read_prompts
 from sid.data import load_images
 from sid.errors import SidError
 from sid.generator import load_generator
@@ -42,6 +41,7 @@ from sid.metrics import (
     teacher_fid,
     text_sampler,
 )
+from sid.prompt_sources import read_prompts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

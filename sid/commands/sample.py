@@ -17,12 +17,12 @@ import torch
 from tqdm.auto import tqdm
 
 from sid.cli import output_path, parser, writing
-from sid.conditions import read_prompts as prompts_of
 from sid.config import load_config
 from sid.errors import SidError
 from sid.generator import load_generator
 from sid.images import save_image_grid, save_samples, to_uint8
 from sid.metrics import text_sampler
+from sid.prompt_sources import read_prompts as prompts_of
 from sid.sampling import sample_teacher
 from sid.teachers import Teacher, build_teacher, teacher_from_path
 
@@ -127,7 +127,7 @@ def main(argv=None, prog=None) -> int:
 
 def read_prompts(prompts: list[str], path: str | None) -> list[str]:
     """--prompt values, then those of --prompts-file (one per line, or .jsonl)."""
-    return list(prompts) + (prompts_of(path) if path else [])
+    return list(prompts) + (list(prompts_of(path)) if path else [])
 
 
 def in_batches(draw, seeds: list[int], classes: list[int] | None, batch: int, progress: bool | None) -> torch.Tensor:
