@@ -86,7 +86,8 @@ RANGES = [
     ("conditions.class_probs", lambda v: all(p >= 0 for p in v) and (not v or sum(v) > 0), "non-negative, not all 0"),
     ("loss.sigma_min", lambda v: v is None or v > 0, "> 0, or null for the teacher's"),
     ("loss.sigma_max", lambda v: v is None or v > 0, "> 0, or null for the teacher's"),
-    ("ema.halflife_nimg", lambda v: v >= 0, ">= 0 (0: no EMA)"), ("ema.rampup", lambda v: v >= 0, ">= 0"),
+    ("ema.halflife_nimg", lambda v: valid_halflives(v), ">= 0 (0: no EMA), or a list of distinct such numbers"),
+    ("ema.rampup", lambda v: v >= 0, ">= 0"),
     ("train.total_nimg", _count, "a positive integer"), ("train.log_every_nimg", _count, "a positive integer"),
     ("train.sample_every_nimg", _count, "a positive integer"), ("train.ckpt_every_nimg", _count, "a positive integer"),
     ("train.keep_ckpts", _count, "a positive integer"), ("train.num_samples", _count, "a positive integer"),
@@ -104,6 +105,19 @@ RANGES = [
     ("teacher.diffusers.sigma_data", _positive, "> 0"), ("teacher.edm_pickle.sigma_data", _positive, "> 0"),
     ("teacher.edm_pickle.dropout", lambda v: v is None or 0 <= v < 1, "in [0, 1), or null for the pickled rate"),
 ]
+
+
+def halflives(value) -> list[float]:
+    """``ema.halflife_nimg`` as a list: one number, or several (one EMA each, the first the main one)."""
+    return [float(v) for v in value] if isinstance(value, (list, tuple, ListConfig)) else [float(value)]
+
+
+def valid_halflives(value) -> bool:
+    try:
+        values = halflives(value)
+    except (TypeError, ValueError):
+        return False
+    return bool(values) and all(v >= 0 for v in values) and len(set(values)) == len(values)
 
 
 def check_lambda(cfg: DictConfig) -> None:
@@ -174,7 +188,8 @@ TEACHER_RANGES = [
                                                       "train.sample_every_nimg", "train.ckpt_every_nimg",
                                                       "train.keep_ckpts")),
     ("optim.lr", _positive, "> 0"), ("loss.sigma_data", _positive, "> 0"), ("loss.p_std", _positive, "> 0"),
-    ("optim.warmup_nimg", lambda v: v >= 0, ">= 0"), ("ema.halflife_nimg", lambda v: v >= 0, ">= 0 (0: no EMA)"),
+    ("optim.warmup_nimg", lambda v: v >= 0, ">= 0"),
+    ("ema.halflife_nimg", lambda v: isinstance(v, (int, float)) and v >= 0, "a number >= 0 (0: no EMA)"),
     ("ema.rampup", lambda v: v >= 0, ">= 0"), ("train.seed", lambda v: 0 <= v < 2**63, "in [0, 2^63)"),
 ]
 

@@ -52,6 +52,11 @@ class EMA(nn.Module):
         super().__init__()
         self.model = copy.deepcopy(model, memo=sharing_memo(model, shared)).eval().requires_grad_(False)
         self.halflife_nimg, self.rampup, self.shared = halflife_nimg, rampup, shared
+        self.name = "ema"                # several EMAs (sid train): the further ones are ``ema-<half-life>``
+
+    @property
+    def main(self) -> bool:
+        return self.name == "ema"
 
     @torch.no_grad()
     def update(self, model: nn.Module, cur_nimg: int, batch: int) -> None:

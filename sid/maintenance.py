@@ -4,6 +4,7 @@ Nothing here changes what is trained."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -89,7 +90,9 @@ def build_evaluator(run: Run):
     samples for teachers that have them. Returns a function giving ``{"fid": v}`` or ``{"swd": v}``.
 
     Each value better than every earlier one of the run (lower; read back from metrics.jsonl when resuming)
-    also exports the EMA generator to ``generator-best/``: SiD's results are the best snapshot of a run."""
+    also exports the EMA generator to ``generator-best/``: SiD's results are the best snapshot of a run. With
+    several EMAs each is measured (``fid_ema-<h>``, ``swd_ema-<h>`` beside the main one's) and the best of all of
+    them is ``generator-best/``."""
     cfg, acc = run.cfg, run.accelerator
     if run.teacher.exact_samples:
         name, reference = "swd", run.teacher.sample(cfg.eval.num, torch.Generator().manual_seed(0))
@@ -115,20 +118,24 @@ def build_evaluator(run: Run):
         def measure(generator):
             return generator_fid(metric, generator, cfg.eval.num, decode=run.teacher.decode)
 
-    best = best_record(Path(cfg.train.run_dir) / "metrics.jsonl", name)
+    keys = {ema: name if ema.main else f"{name}_{ema.name}" for ema in run.emas}
+    best = min(best_record(Path(cfg.train.run_dir) / "metrics.jsonl", key) for key in keys.values())
 
     def evaluate():
         nonlocal best
         result = {}
-        generator = ema_generator(run)                          # a sharded run's: gathered (every process)
-        if acc.is_main_process:
-            measured = measure(generator)
-            result = measured if isinstance(measured, dict) else {name: measured}
-        if result and result[name] < best:                      # NaN is never better
-            best = result[name]
-            export(run, "generator-best", generator, **result)
-        if result:                                              # the export of this step, if any, names it too
-            note_measured(Path(cfg.train.run_dir) / "generator", run.nimg, result)
+        for ema, key in keys.items():
+            generator = ema_generator(run, ema)                 # a sharded run's: gathered (every process)
+            measured = measure(generator) if acc.is_main_process else {}
+            measured = measured if isinstance(measured, dict) else {name: measured}
+            value = measured.get(name, math.nan)
+            result.update({k if ema.main else f"{k}_{ema.name}": v for k, v in measured.items()})
+            if measured and value < best:                       # NaN is never better
+                best = value
+                halflife = {} if len(keys) == 1 else {"ema_halflife_nimg": ema.halflife_nimg}
+                export(run, "generator-best", generator, **measured, **halflife)
+            if measured:                                        # the export of this step, if any, names it too
+                note_measured(Path(cfg.train.run_dir) / export_folder(ema), run.nimg, measured)
         acc.wait_for_everyone()
         return result
 
@@ -211,10 +218,10 @@ def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> N
     metrics, nonfinite = logger.state_dict(), guard.state_dict()      # collectives: on every process
     states = network_states(run)                                     # collectives when sharded
     # A sharded LoRA EMA's state holds its adapters alone: its export gathers the whole network (a collective too).
-    whole = ema_generator(run) if run.sharded and run.cfg.lora.generator else None
+    wholes = [ema_generator(run, e) for e in run.emas] if run.sharded and run.cfg.lora.generator else None
     acc.wait_for_everyone()
     if acc.is_main_process:
-        if not all_finite(states["fake_score"], states["generator"], states["ema"]):
+        if not all_finite(*(states[k] for k in ("fake_score", "generator", *(e.name for e in run.emas)))):
             print(f"warning: no training state at {run.nimg:,} images: the weights hold NaN or inf; the states "
                   f"already in {run.cfg.train.run_dir} stay the last finite ones", file=sys.stderr, flush=True)
         else:
@@ -222,7 +229,9 @@ def save_checkpoint(run: Run, logger: MetricsLogger, guard: NonFiniteGuard) -> N
                      **states, "metrics": metrics, "nonfinite": nonfinite, "conditions": run.conditions.state_dict(),
                      **({"real_images": run.real.state_dict()} if run.real is not None else {})}
             save_training_state(run.cfg.train.run_dir, run.nimg, state, keep=run.cfg.train.keep_ckpts)
-            export(run, "generator", plain_generator(run, states["ema"]) if whole is None else whole)
+            for i, ema in enumerate(run.emas):          # the main EMA is generator/, each further one its own
+                whole = plain_generator(run, states[ema.name], ema) if wholes is None else wholes[i]
+                export(run, export_folder(ema), whole, **({"ema_halflife_nimg": ema.halflife_nimg} if i else {}))
     acc.wait_for_everyone()
 
 
@@ -233,24 +242,31 @@ def network_states(run: Run) -> dict:
     states = {"fake_score": Owned(run.fake_score, run.shared).state_dict(),
               "generator": Owned(run.generator, run.shared).state_dict(),
               "ema": Owned(run.ema.model, run.shared).state_dict(),
+              **{e.name: Owned(e.model, run.shared).state_dict() for e in run.more_emas},
               "opt_fake": run.opt_fake.state_dict(), "opt_g": run.opt_g.state_dict()}
     if run.sharded:
         states = {name: full_state(state, run.accelerator.is_main_process) for name, state in states.items()}
     return states
 
 
-def ema_generator(run: Run) -> OneStepGenerator | None:
-    """The EMA generator as one module: itself, or for a sharded run a copy gathered whole on the main process (a
-    collective: every process calls it; None off the main process)."""
+def export_folder(ema) -> str:
+    """Where an EMA is exported: ``generator`` (the main one), ``generator-ema-<half-life>`` (the others)."""
+    return "generator" if ema.main else f"generator-{ema.name}"
+
+
+def ema_generator(run: Run, ema=None) -> OneStepGenerator | None:
+    """An EMA generator (the main one, or ``ema``) as one module: itself, or for a sharded run a copy gathered
+    whole on the main process (a collective: every process calls it; None off the main process)."""
+    ema = ema or run.ema
     if not run.sharded:
-        return run.ema.model
-    return plain_generator(run, full_state(run.ema.model.state_dict(), run.accelerator.is_main_process))
+        return ema.model
+    return plain_generator(run, full_state(ema.model.state_dict(), run.accelerator.is_main_process), ema)
 
 
-def plain_generator(run: Run, state: dict) -> OneStepGenerator | None:
+def plain_generator(run: Run, state: dict, ema=None) -> OneStepGenerator | None:
     """The EMA generator of a gathered ``state`` (sharded runs; on the main process), else the EMA itself."""
     if not run.sharded:
-        return run.ema.model
+        return (ema or run.ema).model
     if not run.accelerator.is_main_process:
         return None
     return loaded(run.template, state).to(run.accelerator.device).eval().requires_grad_(False)

@@ -28,6 +28,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sid.config import halflives
 from sid.generator import OneStepGenerator
 from sid.lora import lora_student, shares
 from sid.losses import DistillationLoss
@@ -94,7 +95,9 @@ def plan(cfg, processes: int = 1, sharded: bool = False, on_gpu: bool = True, tr
     for name, label in (("fake_score", "fake score"), ("generator", "generator")):
         rows.append((f"{label}: {kind[name]} (fp32)", trained[name] * 4 / split))
         rows.append((f"{label}: Adam moments", ADAM_MOMENTS * trained[name] * 4 / split))
-    rows.append((f"generator: EMA {kind['generator']}", trained["generator"] * 4 / split))
+    emas = len(halflives(cfg.ema.halflife_nimg))
+    rows.append((f"generator: EMA {kind['generator']}" + (f" × {emas}" if emas > 1 else ""),
+                 emas * trained["generator"] * 4 / split))
     rows.append(("gradients (one student at a time)", max(trained.values()) * 4 / split))
     key = json.dumps([OmegaConf.to_container(cfg[k], resolve=True) for k in ("teacher", "loss", "lora")]
                      + [cfg.perf.grad_checkpointing, bf16, trust_code], sort_keys=True, default=str)

@@ -18,7 +18,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from sid.checkpoint import Owned, load_training_state, resolve_resume, restore
 from sid.conditions import build_conditions
-from sid.config import LAMBDA_PRESETS
+from sid.config import LAMBDA_PRESETS, halflives
 from sid.ema import EMA
 from sid.errors import SidError
 from sid.generator import OneStepGenerator, load_generator, num_params
@@ -46,7 +46,7 @@ class Run:
     generator_ddp: torch.nn.Module
     opt_fake: torch.optim.Optimizer
     opt_g: torch.optim.Optimizer
-    ema: EMA
+    ema: EMA                             # the main EMA (ema.halflife_nimg's first value): generator/
     batch_gpu: int                       # per-process micro-batch
     rounds: int                          # micro-batches per update (gradient accumulation)
     shared: frozenset = frozenset()      # ids of the teacher's tensors (LoRA students share them, frozen)
@@ -59,6 +59,12 @@ class Run:
     resumed: dict | None = None          # the restored state's logger and NaN-guard sums (resumed runs)
     real: object = None                  # loss.kind=sida: the real images' stream (sid/real_images.py), else None
     logits: EncoderLogits | None = None  # loss.kind=sida: the fake score's encoder logit, else None
+    more_emas: tuple = ()                # EMAs of the further half-lives of a list ema.halflife_nimg
+
+    @property
+    def emas(self) -> list[EMA]:
+        """Every EMA of the generator, the main one first."""
+        return [self.ema, *self.more_emas]
     changed: list[str] | None = None     # optimiser settings the config changed on resume
 
     @property
@@ -133,16 +139,19 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         return torch.optim.Adam(own_parameters(module, shared), lr=lr, betas=tuple(betas), eps=cfg.optim.eps,
                                 fused=cfg.perf.fused_adam or None)
 
-    ema = EMA(generator, cfg.ema.halflife_nimg, cfg.ema.rampup, shared)
+    ema, *more_emas = (EMA(generator, h, cfg.ema.rampup, shared) for h in halflives(cfg.ema.halflife_nimg))
+    for e in more_emas:
+        e.name = ema_key(e)
     nimg = step = 0
     seconds, resumed, changed = 0.0, None, []
     if path is not None:                        # the networks whole, before any sharding splits them
         state = load_training_state(path)
         restore(path, state, fake_score=Owned(fake_score, shared), generator=Owned(generator, shared),
-                ema=Owned(ema.model, shared))
+                ema=Owned(ema.model, shared), **{e.name: Owned(e.model, shared) for e in more_emas})
     template = None
     if sharding is None:
-        ema.to(device)
+        for e in (ema, *more_emas):
+            e.to(device)
     else:                                       # FSDP2: every network split over the processes, block by block
         template = meta_copy(generator)
         mesh = device_mesh(device, accelerator.num_processes)
@@ -151,10 +160,11 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         by_layer = cfg.lora.fake_score or cfg.lora.generator
         (shard_holders if by_layer else shard)(teacher.denoiser, mesh, sharding.reshard_after_forward, offload)
         for net, adapters in ((fake_score, cfg.lora.fake_score), (generator, cfg.lora.generator),
-                              (ema.model, cfg.lora.generator)):
+                              *((e.model, cfg.lora.generator) for e in (ema, *more_emas))):
             (shard_holders if adapters else shard)(net, mesh, sharding.reshard_after_forward)
         shared = frozenset(shares(teacher.denoiser))       # the sharded layers hold new (sharded) tensors
-        ema.shared = shared
+        for e in (ema, *more_emas):
+            e.shared = shared
     opt_fake = adam(fake_score, cfg.optim.fake_lr, cfg.optim.fake_betas)
     opt_g = adam(generator, cfg.optim.g_lr, cfg.optim.g_betas)
     if path is not None:
@@ -179,7 +189,12 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         fake_ddp, generator_ddp = fake_score, generator
     return Run(cfg, accelerator, teacher, conditions, loss, fake_score, generator, fake_ddp, generator_ddp, opt_fake,
                opt_g, ema, batch_gpu, rounds, shared, template, nimg, step, seconds, bf16=bf16, precision=precision,
-               resumed=resumed, changed=changed, real=real, logits=logits)
+               resumed=resumed, changed=changed, real=real, logits=logits, more_emas=tuple(more_emas))
+
+
+def ema_key(ema: EMA) -> str:
+    """A further EMA's name in the training state and its export folder's suffix: ``ema-<half-life>``."""
+    return f"ema-{ema.halflife_nimg:g}"
 
 
 def start_from(generator: OneStepGenerator, path: str, lora: bool, trust_code: bool) -> None:

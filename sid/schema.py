@@ -170,7 +170,9 @@ class OptimConfig:
 
 @dataclass
 class EMAConfig:
-    halflife_nimg: float = 500_000       # EMA half-life in images (SiD: 0.5 Mimg); 0 disables
+    halflife_nimg: Any = 500_000         # EMA half-life in images (SiD: 0.5 Mimg); 0 disables. sid train: a list
+                                         # keeps one EMA per half-life (the first is generator/, each is
+                                         # exported as generator-ema-<h>/, the best of them generator-best/)
     rampup: float = 0.05                 # half-life <= rampup * images seen
 
 

@@ -96,7 +96,8 @@ def iteration(run: Run) -> Stats:
                                    partial(fake_score_micro_loss, run, g.samples, first)))
 
     # Update EMA, its ramp-up counting the images before this iteration's (as SiD's and EDM's loops).
-    run.ema.update(run.generator, run.nimg, run.cfg.optim.batch)
+    for ema in run.emas:
+        ema.update(run.generator, run.nimg, run.cfg.optim.batch)
     run.nimg += run.cfg.optim.batch
     run.step += 1
 
@@ -229,7 +230,7 @@ def loop(run: Run, stop: GracefulStop) -> bool:
         stopped = stop.agreed(acc, at_log) and not done                  # on the last step: finish normally
         if at_log:
             guard.check(acc)
-            beta = ema_beta(batch, run.nimg - batch, cfg.ema.halflife_nimg, cfg.ema.rampup)   # the last update's
+            beta = ema_beta(batch, run.nimg - batch, run.ema.halflife_nimg, cfg.ema.rampup)   # the last update's
             logger.flush(run.nimg, run.step, ema_beta=beta)
             done = done or (deadline is not None and past(deadline, acc))
         # Checkpoint first: pictures and evaluation that fail cannot lose the interval.

@@ -57,3 +57,48 @@ def test_the_trainer_updates_the_ema_with_the_count_before_each_iteration(tmp_pa
     for e, p in zip(expected, run.ema.model.parameters()):
         torch.testing.assert_close(p, e)
     assert run.nimg == 192
+
+
+def test_several_emas_are_kept_exported_evaluated_and_resumed_exactly(tmp_path):
+    """ema.halflife_nimg=[500, 2000]: both EMAs are training state (a run stopped at 256 images and resumed to 512
+    ends bit-identical to an uninterrupted one), each is exported (the first as generator/, the second as
+    generator-ema-2000/) and measured in-loop, and generator-best/ is the best value of either. A one-value list is
+    the single EMA, bit for bit."""
+    import json
+
+    from conftest import assert_resumed_exactly
+
+    from sid.config import load_config
+    from sid.generator import load_generator
+    from sid.trainer import train
+
+    def config(name, total, halflife="[500,2000]"):
+        return load_config([], ["teacher.analytic.student_width=32", "teacher.analytic.student_fit_steps=20",
+                                "optim.batch=64", f"train.total_nimg={total}", "train.log_every_nimg=128",
+                                "train.sample_every_nimg=100000", "train.ckpt_every_nimg=256", "eval.every_nimg=128",
+                                "eval.num=256", f"train.run_dir={tmp_path / name}", "train.progress=false",
+                                "train.tracker=none", f"ema.halflife_nimg={halflife}", "ema.rampup=100"])
+
+    whole = train(config("whole", 512))
+    train(config("split", 256))
+    resumed = train(config("split", 512), resume="auto")
+    assert_resumed_exactly(whole, resumed)
+    (a,), (b,) = whole.more_emas, resumed.more_emas
+    assert a.halflife_nimg == 2000 and all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
+                                                                               b.model.state_dict().values()))
+    assert not torch.equal(*(next(e.model.parameters()) for e in whole.emas))      # two different averages
+    folder = tmp_path / "whole"
+    for export, ema in (("generator", whole.ema), ("generator-ema-2000", a)):
+        loaded = load_generator(folder / export)
+        assert all(torch.equal(x, y.cpu()) for x, y in zip(loaded.denoiser.state_dict().values(),
+                                                            ema.model.denoiser.state_dict().values()))
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    values = [r[k] for r in records for k in ("swd", "swd_ema-2000") if k in r]
+    assert len(values) == 8
+    best = json.loads((folder / "generator-best" / "generator.json").read_text())
+    assert best["swd"] == min(values) and best.get("ema_halflife_nimg", 500) in (500, 2000)
+
+    single, listed = train(config("single", 128, "500")), train(config("listed", 128, "[500]"))
+    assert not listed.more_emas
+    assert all(torch.equal(x, y) for x, y in zip(single.ema.model.state_dict().values(),
+                                                  listed.ema.model.state_dict().values()))
