@@ -28,7 +28,18 @@ from sid.errors import SidError, described
 KEYS = ("prompt", "text", "caption")
 
 
-class LineFile(Sequence):
+class PromptSequence(Sequence):
+    """A sequence of prompts read one at a time (``read(i)``): indices and slices, as a list takes them."""
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.read(j) for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return self.read(i % len(self))
+
+
+class LineFile(PromptSequence):
     """A text or JSONL file's prompts by the byte offset of their lines."""
 
     def __init__(self, path: Path, key: str | None = None):
@@ -62,13 +73,13 @@ class LineFile(Sequence):
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def __getitem__(self, i: int) -> str:
+    def read(self, i: int) -> str:
         with open(self.path, "rb") as f:
             f.seek(self.offsets[i])
             return self.prompt(f.readline())
 
 
-class ParquetColumn(Sequence):
+class ParquetColumn(PromptSequence):
     """A Parquet file's prompt column, read a row group at a time (the last one kept)."""
 
     def __init__(self, path: Path, key: str | None = None):
@@ -95,16 +106,14 @@ class ParquetColumn(Sequence):
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def __getitem__(self, i: int) -> str:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def read(self, i: int) -> str:
         g = next(g for g in range(len(self.starts) - 1) if i < self.starts[g + 1])
         if self.group[0] != g:
             self.group = (g, self.file.read_row_group(g, columns=[self.key]).column(0).to_pylist())
         return str(self.group[1][i - self.starts[g]])
 
 
-class TarCaptions(Sequence):
+class TarCaptions(PromptSequence):
     """WebDataset shards' captions: the members whose extension is the key, by (shard, offset, size)."""
 
     def __init__(self, shards: list[Path], key: str | None = None):
@@ -125,9 +134,7 @@ class TarCaptions(Sequence):
     def __len__(self) -> int:
         return len(self.where) // 3
 
-    def __getitem__(self, i: int) -> str:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def read(self, i: int) -> str:
         s, offset, size = self.where[3 * i:3 * i + 3]
         with open(self.shards[s], "rb") as f:
             f.seek(offset)

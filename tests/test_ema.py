@@ -67,7 +67,6 @@ def test_several_emas_are_kept_exported_evaluated_and_resumed_exactly(tmp_path):
     import json
 
     from conftest import assert_resumed_exactly
-
     from sid.config import load_config
     from sid.generator import load_generator
     from sid.trainer import train

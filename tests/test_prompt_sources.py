@@ -61,3 +61,11 @@ def test_a_million_prompts_stream_in_bounded_memory(tmp_path):
     source = Prompts(prompts, lambda batch: drawn.extend(batch) or {}, seed=0)
     source.draw(64)
     assert [int(p.rsplit(" ", 1)[1]) for p in drawn] == source.stream.order(0)[:64].tolist()
+
+
+def test_a_source_reads_indices_slices_and_negative_indices_as_a_list(tmp_path):
+    (tmp_path / "p.txt").write_text("a\nb\n\nc\nd\n")
+    prompts = read_prompts(tmp_path / "p.txt")
+    assert prompts[1:3] == ["b", "c"] and prompts[-1] == "d" and prompts[::2] == ["a", "c"]
+    with pytest.raises(IndexError):
+        prompts[4]

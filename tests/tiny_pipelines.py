@@ -249,7 +249,8 @@ def save_tiny_flux(root: Path, dev: bool = True) -> Path:
 
 
 # The tiny latent pipelines by family (``tiny_pipeline`` in conftest builds each once per session).
-BUILDERS = {"sd": save_tiny_sd, "sdxl": save_tiny_sdxl, "sd3": save_tiny_sd3,
+BUILDERS = {"sd": save_tiny_sd, "sd-v": lambda root: save_tiny_sd(root, "v_prediction"), "sdxl": save_tiny_sdxl,
+            "sd3": save_tiny_sd3,
             "sd3-without-t5": lambda root: save_tiny_sd3(root, t5=False), "pixart": save_tiny_pixart,
             "pixart-sigma": lambda root: save_tiny_pixart(root, sigma=True), "sana": save_tiny_sana,
             "dit": save_tiny_dit, "flux": save_tiny_flux, "flux-schnell": lambda root: save_tiny_flux(root, dev=False)}

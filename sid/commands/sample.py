@@ -100,9 +100,11 @@ def main(argv=None, prog=None) -> int:
             return teacher.decode(latents).cpu()
     else:
         generator = load_generator(args.generator, device=args.device, trust_code=args.trust_code)
-        from sid.teachers.diffusers import export_codec  # diffusers loads for generators only
+        from sid.teachers.diffusers import export_codec, stock_call  # diffusers loads for generators only
 
         codec = export_codec(args.generator, args.trust_code)  # a latent generator's VAE (and text encoder)
+        if call := stock_call(args.generator):
+            print(call)
         text = codec is not None and codec.text_to_image
         if prompts and not text:
             raise SidError("--prompt given, but this generator takes no text (its teacher was not text-to-image)")

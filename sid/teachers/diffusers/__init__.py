@@ -11,6 +11,7 @@ own form. The wing's face; its rooms:
 ``families/``       one module per latent family (SD, SDXL, SD3, PixArt, Sana, DiT, FLUX), registered there
 ``published``       the published architectures sid ships, as folders of configs (the memory plan, offline)
 ``latent``          latent pipeline folders as teachers
+``stock``           exports as their family's stock pipeline (SD, SDXL, SD3, FLUX) and the call that reproduces them
 ``export``          ``SiDPipeline``: the export in diffusers' form, its model card
 ==================  ==========================================================================================
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from sid.teachers.base import Teacher
 from sid.teachers.diffusers import latent, unet
-from sid.teachers.diffusers.export import SiDPipeline, export_native, load_native, note_native
+from sid.teachers.diffusers.export import SiDPipeline, export_native, load_native, note_native, stock_call
 from sid.teachers.diffusers.families import FAMILIES
 from sid.teachers.diffusers.files import load_clip, names_a_teacher
 from sid.teachers.diffusers.latent import export_codec
@@ -81,4 +82,4 @@ def backbone_from_spec(spec: dict) -> nn.Module:
 
 __all__ = ["SiDPipeline", "architecture", "backbone_from_spec", "build", "denoiser_from_config", "denoiser_from_spec",
            "export_codec", "export_native", "load_clip", "load_native", "names_a_teacher", "note_native",
-           "sample_shape", "save_teacher"]
+           "sample_shape", "save_teacher", "stock_call"]

@@ -8,6 +8,7 @@ stock one-step ``EDMEulerScheduler`` and diffusers alone reproduces the generato
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -28,7 +29,8 @@ from sid.teachers.diffusers.families import FAMILIES, family_of
 from sid.teachers.diffusers.files import held, quiet
 from sid.teachers.diffusers.latent import export_family, index_family, latent_denoiser, with_length
 from sid.teachers.diffusers.models import model_of, own_shape
-from sid.teachers.diffusers.rules import edm_output
+from sid.teachers.diffusers.rules import edm_output, prediction_of
+from sid.teachers.diffusers.stock import DISCRETE, FLOW, StockForm, stock_form, stock_pipeline
 from sid.teachers.diffusers.unet import denoiser_from_unet
 
 TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
@@ -61,6 +63,23 @@ class SiDPipeline(DiffusionPipeline):
         self.register_to_config(sigma_init=sigma_init, prediction_type=prediction_type, sigma_data=sigma_data,
                                 teacher_pipeline=teacher_pipeline, sample_size=sample_size,
                                 max_sequence_length=max_sequence_length, steps=steps, renoise=renoise)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``DiffusionPipeline.from_pretrained``; an export in its family's stock form (``stock.py``) is read as
+        diffusers reads it, and its generator's settings from sid's ``generator.json`` beside it."""
+        folder = Path(pretrained_model_name_or_path)
+        index = folder / "model_index.json"
+        name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+        if name not in (*DISCRETE, *FLOW):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        stock = DiffusionPipeline.from_pretrained(folder, **kwargs)
+        settings = stock_settings(folder, stock.scheduler)
+        spec = json.loads((folder / "generator.json").read_text())["denoiser"]
+        parts = {k: v for k, v in stock.components.items()
+                 if v is not None and k in inspect.signature(cls.__init__).parameters}
+        return cls(**parts, teacher_pipeline=name, sigma_data=spec.get("sigma_data", 0.5),
+                   max_sequence_length=spec.get("max_sequence_length"), **settings)
 
     @property
     def family(self) -> str | None:
@@ -145,9 +164,10 @@ def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_d
                   components: dict | None = None) -> None:
     """The generator in diffusers' form beside sid's files: ``unet/``, ``scheduler/``, ``model_index.json`` and a
     model card (from the export's ``config``); with a text-to-image teacher's ``components`` (VAE, text encoder,
-    tokenizer) also those, written once (they are frozen: a folder that has them keeps them). For
-    EDM-preconditioned teachers the scheduler is a stock one-step ``EDMEulerScheduler`` (σ_min = σ_max = σ_init),
-    so diffusers alone reproduces the generator; otherwise ``SiDPipeline`` does."""
+    tokenizer) also those, written once (they are frozen: a folder that has them keeps them). A one-step generator
+    of SD, SDXL, SD3 or FLUX is that family's stock pipeline (``stock.py``); otherwise the folder is a
+    ``SiDPipeline``, whose scheduler is, for EDM-preconditioned teachers, a stock one-step ``EDMEulerScheduler``
+    (σ_min = σ_max = σ_init), so that the network and scheduler alone reproduce the generator too."""
     out_dir = Path(out_dir)
     model = model_of(denoiser)
     if spec["prediction_type"] == "edm":
@@ -160,11 +180,16 @@ def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_d
         scheduler = cls.from_config(schedule)
     family = spec.get("pipeline")
     slot = FAMILIES[family].network if family in FAMILIES else "unet"
-    settings = ({"teacher_pipeline": family, "sample_size": list(config["shape"][1:]),
-                 "max_sequence_length": spec.get("max_sequence_length")} if family else {})
-    settings.update(steps=config.get("steps", 1), renoise=config.get("renoise", "fresh"))
-    pipeline = SiDPipeline(**{slot: model}, scheduler=scheduler, **(components or {}), sigma_init=sigma_init,
-                           prediction_type=spec["prediction_type"], sigma_data=denoiser.sigma_data, **settings)
+    vae = (components or {}).get("vae")
+    form = stock_form(spec, config, dict(vae.config)) if vae is not None else None
+    if form is not None:                                   # the family's own pipeline class reproduces it
+        pipeline = stock_pipeline(form, slot, model, components)
+    else:
+        settings = ({"teacher_pipeline": family, "sample_size": list(config["shape"][1:]),
+                     "max_sequence_length": spec.get("max_sequence_length")} if family else {})
+        settings.update(steps=config.get("steps", 1), renoise=config.get("renoise", "fresh"))
+        pipeline = SiDPipeline(**{slot: model}, scheduler=scheduler, **(components or {}), sigma_init=sigma_init,
+                               prediction_type=spec["prediction_type"], sigma_data=denoiser.sigma_data, **settings)
     written = [slot, "scheduler", *(name for name in (components or {}) if not (out_dir / name).is_dir())]
     tmp = out_dir / ".tmp-diffusers"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -212,8 +237,9 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float] |
         raise SidError(f"{folder / 'model_index.json'} is not the index of a sid export ({type(e).__name__}); "
                        "export it again") from None
     scheduler_cls = getattr(diffusers, scheduler_name, None) if scheduler_lib == "diffusers" else None
-    family = index_family(index)
-    if (index.get("_class_name") != "SiDPipeline" or unet_lib != "diffusers" or unet_name not in NETWORKS
+    stock = index.get("_class_name") in (*DISCRETE, *FLOW)
+    family = index["_class_name"] if stock else index_family(index)
+    if (not (stock or index.get("_class_name") == "SiDPipeline") or unet_lib != "diffusers" or unet_name not in NETWORKS
             or not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin))
             or family not in (None, *FAMILIES)):
         raise SidError(f"{folder} is a diffusers folder, but not a sid export (SiDPipeline with a diffusers network "
@@ -225,10 +251,23 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float] |
         raise SidError(f"{folder}: its unet/ or scheduler/ cannot be loaded ({described(e)}); "
                        "export it again") from None
     named = ("sigma_init", "prediction_type", "sigma_data", "sample_size", "steps", "renoise")
-    settings = {k: index[k] for k in named if k in index}
+    settings = stock_settings(folder, scheduler) if stock else {k: index[k] for k in named if k in index}
     pipeline = SiDPipeline(**{slot: unet}, scheduler=scheduler, teacher_pipeline=family, **settings)
     config = pipeline.config
     return pipeline.denoiser(), pipeline.sample_shape(), float(config.sigma_init), config.steps, config.renoise
+
+
+def stock_settings(folder: Path, scheduler) -> dict:
+    """What a stock-form export says of its generator: one step from ``generator.json``'s σ_init (a stock folder
+    without sid's record beside it is a pipeline, not an export), on the scheduler's parameterisation."""
+    try:
+        record = json.loads((Path(folder) / "generator.json").read_text())
+        sigma_init, sample_size = float(record["sigma_init"]), list(record["shape"][1:])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SidError(f"{folder} is a stock diffusers pipeline without sid's generator.json beside it: a teacher, "
+                       "not an export? Sample a teacher with `sid sample --teacher`") from None
+    prediction = prediction_of({**scheduler.config, "_class_name": type(scheduler).__name__})
+    return {"sigma_init": sigma_init, "prediction_type": prediction, "sample_size": sample_size}
 
 
 def note_native(folder: Path, config: dict) -> None:
@@ -241,7 +280,7 @@ def note_native(folder: Path, config: dict) -> None:
 def write_card(folder: Path, config: dict) -> None:
     """The model card of an export, written beside and renamed (a reader never sees half of one)."""
     tmp = Path(folder) / ".README.md.tmp"
-    tmp.write_text(model_card(config))
+    tmp.write_text(model_card(config, written_form(folder, config)))
     os.replace(tmp, Path(folder) / "README.md")
 
 
@@ -254,7 +293,44 @@ def evaluations(config: dict) -> str:
             f"{steps} network evaluations per sample")
 
 
-def model_card(config: dict) -> str:
+def written_form(folder: Path, config: dict) -> StockForm | None:
+    """The stock form of the export in ``folder`` (from its VAE's config), where its index names that pipeline."""
+    try:
+        vae = json.loads((Path(folder) / "vae" / "config.json").read_text())
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    form = stock_form(config["denoiser"], config, vae)
+    return form if form is not None and index.get("_class_name") == form.pipeline else None
+
+
+def stock_call(path) -> str | None:
+    """The diffusers lines that draw an export's images, where it is in its family's stock form (``path``: the
+    export or its run folder); None otherwise."""
+    folder = Path(path)
+    folder = folder / "generator" if not (folder / "model_index.json").is_file() else folder
+    try:
+        form = written_form(folder, json.loads((folder / "generator.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if form is None:
+        return None
+    return (f"{folder} is a stock {form.pipeline}; in diffusers alone: pipe = DiffusionPipeline.from_pretrained("
+            f"{str(folder)!r}); {form.call_text()}")
+
+
+def stock_use(form: StockForm) -> str:
+    """How to use a stock-form export, in the model card."""
+    return (f"With diffusers alone (this folder is a stock `{form.pipeline}`; sid is not needed):\n\n"
+            "```python\nimport torch\nfrom diffusers import DiffusionPipeline\n\n"
+            'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder")\n'
+            f"image = {form.call_text()}.images[0]\n```\n\n"
+            "These arguments are the generator exactly: its guidance was distilled into it, so it takes none "
+            "(`guidance_scale=1.0`)" + ("" if form.plain else "; its σ_init lies between two of the teacher's "
+                                          "timesteps, so the one step is given as `sigmas`") + ".\n")
+
+
+def model_card(config: dict, form: StockForm | None = None) -> str:
     """The README.md of a diffusers-form export: what it is, how it was made, what it measured, how to use it."""
     spec, run = config["denoiser"], config.get("config") or {}
     teacher = (run.get("teacher") or {}).get("diffusers") or {}
@@ -271,7 +347,9 @@ def model_card(config: dict) -> str:
     pipeline = ("```python\nfrom sid import SiDPipeline\n\n"
                 f'images = SiDPipeline.from_pretrained("path/to/this/folder")({call}).images      # PIL images\n'
                 "```\n")
-    if spec.get("prediction_type") == "edm" and config.get("steps", 1) == 1:
+    if form is not None:
+        use = stock_use(form)
+    elif spec.get("prediction_type") == "edm" and config.get("steps", 1) == 1:
         use = ("With diffusers alone (the scheduler is a one-step `EDMEulerScheduler`, σ_min = σ_max = σ_init):\n\n"
                "```python\nimport torch\n"
                f"from diffusers import EDMEulerScheduler, {unet}\n\n"

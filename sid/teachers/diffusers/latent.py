@@ -258,6 +258,13 @@ def export_codec(folder, trust_code: bool = False) -> ImageCodec | None:
         return None
     if not held(index, "vae"):
         return None
+    if index.get("_class_name") in FAMILIES:            # a stock-form export: sid's record says size and length
+        try:
+            record = json.loads((folder / "generator.json").read_text())
+            index = {**index, "sample_size": record["shape"][1:],
+                     "max_sequence_length": record["denoiser"].get("max_sequence_length")}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     try:
         return load_codec(folder, index, trust_code=trust_code)
     except (OSError, ValueError, RuntimeError) as e:
