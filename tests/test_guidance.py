@@ -145,7 +145,7 @@ def test_the_fake_step_draws_its_samples_with_the_conditions_the_fake_score_sees
     loss = SimpleNamespace(fake_conditions=loss.fake_conditions,
                            fake_score=lambda net, x, c: seen.setdefault("fake score", c).sum(1))
     run = SimpleNamespace(generator=Generator(), batch_gpu=64, loss=loss, fake_ddp=None, conditions=ClassLabels(3),
-                          accelerator=SimpleNamespace(device=torch.device("cpu")))
+                          accelerator=SimpleNamespace(device=torch.device("cpu")), real=None)
     torch.manual_seed(1)
     fake_score_micro_loss(run, None, None, 0)
     assert seen["generator"] is seen["fake score"]
