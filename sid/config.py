@@ -131,6 +131,9 @@ def check_lambda(cfg: DictConfig) -> None:
 def check_member(cfg: DictConfig) -> None:
     """What a member of the family needs and what it cannot take: SiDA reads real images, no other member does."""
     kind, source = cfg.loss.kind, cfg.data.source
+    if cfg.data.cache and not source:
+        raise SidError("data.cache caches the images of data.source, and none is given: set data.source, or "
+                       "data.cache=null")
     if kind != "sida" and source:
         raise SidError(f"data.source is read by loss.kind=sida only; loss.kind={kind} is data-free: set "
                        "data.source=null, or loss.kind=sida")
@@ -434,7 +437,8 @@ def load_config(files=(), overrides=(), schema_class=None) -> DictConfig:
 # macOS's and Windows' file systems alike).
 NAME_MAX = 255
 PATH_KEYS = ("train.run_dir", "teacher.diffusers.path", "teacher.edm_pickle.path", "conditions.prompts",
-             "conditions.cache", "eval.fid_ref", "eval.prompts", "eval.clip", "eval.fid_weights", "data.source")
+             "conditions.cache", "eval.fid_ref", "eval.prompts", "eval.clip", "eval.fid_weights", "data.source",
+             "data.cache")
 
 
 def dotted(item: str) -> DictConfig:

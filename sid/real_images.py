@@ -10,15 +10,20 @@ Sources (``data.source``):
 * ``fashion-mnist[:train|:test]``: Debian's idx files, padded to 32x32, with their ten labels;
 * an ``.npz``: uint8 images under ``images`` (NHWC or NCHW) and, optionally, integer ``labels``;
 * a folder of PNG/JPEG images: labels from EDM's ``dataset.json`` (``{"labels": [[file, class], ...]}``) where it
-  has one, else from sub-folders (each sub-folder, in sorted order, one class), else none.
+  has one, else from sub-folders (each sub-folder, in sorted order, one class), else none;
+* WebDataset shards, ``.tar`` (a file or a glob such as ``images-*.tar``): each sample's image member, labelled
+  where every sample has a ``.cls`` member.
 """
 
 from __future__ import annotations
 
+import glob
 import gzip
+import io
 import json
 import os
 import sys
+import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from safetensors import SafetensorError, safe_open
 
 from sid.data import FASHION_FILES, FASHION_MNIST_DIR, IMAGE_SUFFIXES, Shuffled, fashion_mnist
 from sid.errors import SidError, described
@@ -67,6 +73,11 @@ def open_image_set(source: str) -> ImageSet:
             raise SidError(f"{path} holds {len(labels)} labels for {len(images)} images in {FASHION_FILES[split]}")
         return ImageSet(len(images), lambda i: images[i].permute(1, 2, 0).numpy(), labels,
                         lambda i: f"{source} #{i}", source)
+    if source.endswith(".tar"):
+        shards = [Path(p) for p in sorted(glob.glob(source))] if any(c in source for c in "*?[") else [Path(source)]
+        if not shards or not shards[0].is_file():
+            raise SidError(f"data.source={source!r}: no tar shards there")
+        return shard_set(shards)
     path = Path(source)
     if not path.exists():
         raise SidError(f"data.source={source!r} not found: give fashion-mnist[:train|:test], an .npz of uint8 images "
@@ -120,6 +131,38 @@ def folder_set(root: Path) -> ImageSet:
     return ImageSet(len(files), lambda i: Image.open(files[i]), labels, lambda i: str(files[i]), str(root))
 
 
+def shard_set(shards: list[Path]) -> ImageSet:
+    """WebDataset shards' images (members named <key>.png/.jpg/...; one image per sample key, in the shards'
+    order), labelled where every sample has a ``.cls`` member (an integer), read by (shard, offset, size)."""
+    where, labels = [], []
+    for s, shard in enumerate(shards):
+        classes = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    key, _, extension = member.name.rpartition(".")
+                    if not member.isfile():
+                        continue
+                    if "." + extension.lower() in IMAGE_SUFFIXES:
+                        where.append((s, member.offset_data, member.size, key))
+                    elif extension == "cls":
+                        classes[key] = int(tar.extractfile(member).read().decode().strip())
+        except (OSError, tarfile.TarError, ValueError) as e:
+            raise SidError(f"{shard} is not a readable tar shard of images ({described(e, 80)})") from None
+        labels += [classes.get(key) for (shard_index, _, _, key) in where if shard_index == s]
+    if not where:
+        raise SidError(f"the shards {shards[0]}... hold no images ({', '.join(IMAGE_SUFFIXES)})")
+
+    def read(i: int):
+        s, offset, size, _ = where[i]
+        with open(shards[s], "rb") as f:
+            f.seek(offset)
+            return Image.open(io.BytesIO(f.read(size)))
+
+    known = None if any(label is None for label in labels) else torch.tensor(labels)
+    return ImageSet(len(where), read, known, lambda i: f"{shards[where[i][0]]}:{where[i][3]}", str(shards[0]))
+
+
 def fit(image, shape: tuple[int, int, int]) -> torch.Tensor:
     """An image as uint8 [C, H, W] of ``shape``: grey or RGB as C asks, the centre cropped to the aspect ratio of
     (H, W) and resized with a Lanczos filter (EDM's dataset tool), untouched where it already fits."""
@@ -148,9 +191,11 @@ class RealImages:
     (the trainer reseeds it every step)."""
 
     def __init__(self, images: ImageSet, shape, label_dim: int = 0, seed: int = 0, rank: int = 0, world: int = 1,
-                 xflip: bool = False, skip_bad: bool = False):
+                 xflip: bool = False, skip_bad: bool = False, encode=None):
         self.images, self.shape, self.label_dim = images, tuple(shape), label_dim
         self.xflip, self.skip_bad, self.skipped = xflip, skip_bad, 0
+        self.encode = encode or (lambda x: x)        # images -> the teacher's samples (a latent teacher's VAE)
+        self.cached = None                           # data.cache: (every image's sample, the index it was read at)
         self.stream = Shuffled(images.size, seed, rank, world, salt="images")
         if label_dim:
             if images.labels is None:
@@ -179,17 +224,66 @@ class RealImages:
         raise SidError(f"no image of data.source={self.images.source} could be read")
 
     def draw(self, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This process's next ``n`` images as float32 in [-1, 1] on ``device``, and their one-hot labels (None
-        for an unconditional teacher)."""
-        read = [self.image(i) for i in self.stream.indices(n)]
-        images = torch.stack([image for image, _ in read]).to(device, torch.float32) / 127.5 - 1
-        if self.xflip:
-            flip = torch.randint(2, (n,), device=device).bool().view(-1, 1, 1, 1)
-            images = torch.where(flip, images.flip(3), images)
+        """This process's next ``n`` real samples in the teacher's space (images in [-1, 1], or a latent teacher's
+        latents of them) on ``device``, and their one-hot labels (None for an unconditional teacher)."""
+        drawn = self.stream.indices(n)
+        if self.cached is not None:
+            samples, read = self.cached[0][drawn].to(device), self.cached[1][drawn].tolist()
+        else:
+            pairs = [self.image(i) for i in drawn]
+            images, read = torch.stack([image for image, _ in pairs]).to(device, torch.float32) / 127.5 - 1, \
+                [i for _, i in pairs]
+            if self.xflip:
+                flip = torch.randint(2, (n,), device=device).bool().view(-1, 1, 1, 1)
+                images = torch.where(flip, images.flip(3), images)
+            with torch.no_grad():
+                samples = self.encode(images)
         if not self.label_dim:
-            return images, None
-        labels = self.images.labels[[i for _, i in read]]
-        return images, torch.nn.functional.one_hot(labels, self.label_dim).float().to(device)
+            return samples, None
+        return samples, torch.nn.functional.one_hot(self.images.labels[read], self.label_dim).float().to(device)
+
+    def use_cache(self, path: Path, device=None, batch: int = 64) -> None:
+        """``data.cache``: every image's sample (a latent teacher's latents), encoded once into ``path``
+        (safetensors, written atomically) and read from it after; a cache of other images, or made by another VAE
+        (its first samples, encoded again, differ), is one line."""
+        from safetensors.torch import load_file, save_file
+
+        made_for = {"source": self.images.source, "count": str(self.images.size), "shape": str(list(self.shape))}
+        if path.is_file():
+            try:
+                with safe_open(str(path), "pt") as f:
+                    metadata = f.metadata() or {}
+                cached = load_file(path)
+                self.cached = (cached["samples"], cached["index"])
+            except (SafetensorError, OSError, KeyError) as e:
+                raise SidError(f"data.cache={path} is not a readable cache ({type(e).__name__}); delete it and it is "
+                               "made again") from None
+            if {k: metadata.get(k) for k in made_for} != made_for:
+                raise SidError(f"data.cache={path} was made for other images than data.source={self.images.source} "
+                               "at this size; delete it (it is made again) or name another file")
+            first = self.encode_range(range(min(2, self.images.size)), device).cpu()
+            if not torch.allclose(first, self.cached[0][:len(first)], rtol=1e-4, atol=1e-5):
+                raise SidError(f"data.cache={path} was made by another encoder than this teacher's VAE; delete it "
+                               "(it is made again) or name another file")
+            return
+        parts = [self.encode_range(range(i, min(i + batch, self.images.size)), device).cpu()
+                 for i in range(0, self.images.size, batch)]
+        index = torch.tensor([self.image(i)[1] for i in range(self.images.size)])
+        self.cached = (torch.cat(parts), index)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"samples": self.cached[0].contiguous(), "index": index}, tmp, metadata=made_for)
+            tmp.replace(path)
+        except (OSError, SafetensorError) as e:
+            tmp.unlink(missing_ok=True)
+            raise SidError(f"could not write data.cache={path} ({described(e, 80)}); free space, or set "
+                           "data.cache=null") from None
+
+    def encode_range(self, indices, device=None) -> torch.Tensor:
+        images = torch.stack([self.image(i)[0] for i in indices]).to(device, torch.float32) / 127.5 - 1
+        with torch.no_grad():
+            return self.encode(images)
 
     def describe(self) -> str:
         return f", real images from {self.images.source} ({self.images.size:,})"
@@ -221,7 +315,7 @@ class TeacherSamples:
         pass
 
 
-def build_real_images(cfg, teacher, rank: int = 0, world: int = 1):
+def build_real_images(cfg, teacher, rank: int = 0, world: int = 1, device=None):
     """The real images of ``cfg.data`` for this teacher (None for a data-free run); one line where they cannot
     be used."""
     source = cfg.data.source
@@ -237,5 +331,14 @@ def build_real_images(cfg, teacher, rank: int = 0, world: int = 1):
                        "read; SiDA runs on unconditional and class-conditional teachers")
     if teacher.points:
         raise SidError("data.source: this teacher's samples are 2-D points, not images; use data.source=teacher")
-    return RealImages(open_image_set(source), teacher.image_shape, teacher.label_dim, cfg.train.seed, rank, world,
-                      cfg.data.xflip, cfg.data.skip_bad)
+    real = RealImages(open_image_set(source), teacher.image_shape, teacher.label_dim, cfg.train.seed, rank, world,
+                      cfg.data.xflip, cfg.data.skip_bad, encode=teacher.from_images)
+    if cfg.data.cache:
+        if teacher.image_shape == teacher.shape:
+            raise SidError("data.cache holds a latent teacher's encoded images; this teacher works on the images "
+                           "themselves: set data.cache=null")
+        if cfg.data.xflip:
+            raise SidError("data.cache stores each image encoded once, and a flipped image's latent is not the "
+                           "flipped latent: set data.xflip=false with a cache")
+        real.use_cache(Path(cfg.data.cache), device)
+    return real

@@ -123,7 +123,7 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         check_sharding(accelerator.num_processes)
     teacher.to(device, denoiser=sharding is None)   # sharded: each process's shard reaches the device when split
     conditions = build_conditions(cfg, teacher, accelerator.process_index, accelerator.num_processes)
-    real = build_real_images(cfg, teacher, accelerator.process_index, accelerator.num_processes)
+    real = build_real_images(cfg, teacher, accelerator.process_index, accelerator.num_processes, device)
     shared = frozenset(shares(teacher.denoiser))
     fake_score = student(teacher, cfg.lora, cfg.lora.fake_score)
     generator = OneStepGenerator(student(teacher, cfg.lora, cfg.lora.generator), teacher.shape,

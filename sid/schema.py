@@ -135,10 +135,13 @@ class DataConfig:
     """Real images, read only by the members that use them (loss.kind=sida; sid/real_images.py)."""
 
     source: Optional[str] = None         # fashion-mnist[:train|:test] | .npz (images, labels) | image folder
-                                         # (labels: dataset.json or sub-folders); resized and cropped to the
-                                         # teacher's images; null: data-free
+                                         # (labels: dataset.json or sub-folders) | WebDataset .tar shards (a
+                                         # glob; labels: .cls); resized and cropped to the teacher's images;
+                                         # teacher: an analytic teacher's exact samples; null: data-free
     xflip: bool = False                  # random horizontal flips
     skip_bad: bool = False               # skip unreadable images with a warning (false: one error line)
+    cache: Optional[str] = None          # latent teachers: every image's latents, encoded once into this
+                                         # .safetensors file (made when missing; small image sets)
 
 
 @dataclass

@@ -143,7 +143,6 @@ def adversarial_micro_loss(run: Run, first: int | None) -> tuple[torch.Tensor, t
     labels = run.loss.fake_conditions(labels if run.teacher.label_dim else drawn)
     with torch.no_grad():
         x_g = run.generator(z, labels, first=first)
-        x_real = run.teacher.from_images(x_real)
     return run.loss.fake_score_adversarial(run.fake_ddp, run.logits.logits, x_g, x_real, labels), (x_g, labels)
 
 

@@ -2,6 +2,7 @@
 stream and its position, and bad data as one line."""
 
 import gzip
+import io
 import json
 
 import numpy as np
@@ -125,3 +126,53 @@ def test_a_latent_teacher_reads_real_images_as_its_pipeline_encodes_them():
     expected = (vae.encode(images).latent_dist.mean - 0.25) * 0.5
     assert torch.equal(codec.encode(images), expected.detach())
     assert codec.encode(images).shape == (2, 4, 8, 8) and codec.decode(codec.encode(images)).shape == images.shape
+
+
+def test_webdataset_shards_of_images_and_their_labels(tmp_path):
+    """Tar shards (a glob): each sample's image member in the shards' order, labelled by its .cls members."""
+    import tarfile
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for s in range(2):
+        with tarfile.open(tmp_path / f"images-{s:03d}.tar", "w") as tar:
+            for i in range(2):
+                png = io.BytesIO()
+                Image.fromarray(np.full((8, 8, 3), 10 * (2 * s + i), np.uint8)).save(png, format="PNG")
+                add(tar, f"{s}{i:05d}.png", png.getvalue())
+                add(tar, f"{s}{i:05d}.cls", str(2 * s + i).encode())
+    images = open_image_set(str(tmp_path / "images-*.tar"))
+    assert images.size == 4 and images.labels.tolist() == [0, 1, 2, 3]
+    stream = RealImages(images, (3, 8, 8), label_dim=4, seed=0)
+    x, labels = stream.draw(4)
+    assert torch.equal(((x[:, 0, 0, 0] + 1) * 127.5).round() / 10, labels.argmax(1).float())
+
+
+def test_a_latent_cache_is_made_once_read_after_and_refused_for_another_vae(tmp_path):
+    """data.cache: every image encoded once (the stream then draws the cached latents, equal to encoding on the
+    fly); a cache made by another VAE is one line."""
+    from diffusers import AutoencoderKL
+
+    from sid.teachers.diffusers.codecs import ImageCodec
+
+    def codec(seed):
+        torch.manual_seed(seed)
+        return ImageCodec(AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                                        norm_num_groups=4))
+
+    np.savez(tmp_path / "a.npz", images=np.stack([rgb(i, 16, 16) for i in range(5)]))
+    images, vae = open_image_set(str(tmp_path / "a.npz")), codec(0)
+    fly = RealImages(images, (3, 16, 16), seed=2, encode=vae.encode)
+    cached = RealImages(images, (3, 16, 16), seed=2, encode=vae.encode)
+    cached.use_cache(tmp_path / "cache.safetensors")
+    torch.testing.assert_close(cached.draw(7)[0], fly.draw(7)[0], rtol=1e-5, atol=1e-6)
+    again = RealImages(images, (3, 16, 16), seed=2, encode=lambda x: 1 / 0)    # read, not encoded again ...
+    again.encode = vae.encode                                                    # ... except the 2 it checks
+    again.use_cache(tmp_path / "cache.safetensors")
+    assert torch.equal(again.cached[0], cached.cached[0])
+    with pytest.raises(SidError, match="made by another encoder than this teacher's VAE"):
+        RealImages(images, (3, 16, 16), encode=codec(1).encode).use_cache(tmp_path / "cache.safetensors")
