@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sid.errors import SidError, described, first_line
@@ -56,6 +56,34 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_cache(path: Path, key: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A cache file's tensors and metadata (``key``: the config key that names it; ``what``: what it caches), or
+    one line saying to delete it."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(path), metadata
+    except (SafetensorError, OSError) as e:
+        raise SidError(f"{key}={path} is not a readable {what} ({type(e).__name__}); delete it and it is made "
+                       "again") from None
+
+
+def write_cache(path: Path, tensors: dict[str, torch.Tensor], metadata: dict, key: str, what: str,
+                instead: str) -> None:
+    """A cache file written beside, flushed and renamed (a reader never sees half of one); a failure is one line
+    (``instead``: what setting ``key`` to null does)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        fsync(tmp)
+        tmp.replace(path)
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise SidError(f"could not write the {what} {path} ({write_error(e)}); free space, or set {key}=null "
+                       f"{instead}") from None
 
 
 def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:

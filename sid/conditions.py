@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sid.checkpoint import fsync, write_error
+from sid.checkpoint import read_cache, write_cache
 from sid.data import Shuffled
 from sid.errors import SidError
 from sid.prompt_sources import read_prompts
@@ -140,13 +138,7 @@ def load_cache(path: str | Path, prompts: list[str], encode: Callable[[list[str]
     does not exist yet."""
     path, made_for = Path(path), {"prompts_sha256": text_digest(prompts), "encoder": encoder}
     if path.is_file():
-        try:
-            with safe_open(str(path), "pt") as f:
-                metadata = f.metadata() or {}
-            cache = load_file(path)
-        except (SafetensorError, OSError) as e:
-            raise SidError(f"conditions.cache={path} is not a readable embeddings cache ({type(e).__name__}); "
-                           "delete it and it is made again") from None
+        cache, metadata = read_cache(path, "conditions.cache", "embeddings cache")
         if metadata.get("encoder") != encoder:
             raise SidError(f"conditions.cache={path} was made with another text encoder than this teacher's; "
                            "delete it (it is made again) or name another file")
@@ -155,16 +147,7 @@ def load_cache(path: str | Path, prompts: list[str], encode: Callable[[list[str]
                            "(it is made again) or name another file")
         return cache
     cache = encode_all(prompts, encode)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in cache.items()}, tmp, metadata=made_for)
-        fsync(tmp)
-        tmp.replace(path)
-    except (OSError, SafetensorError) as e:
-        tmp.unlink(missing_ok=True)
-        raise SidError(f"could not write the embeddings cache {path} ({write_error(e)}); free space, or set "
-                       "conditions.cache=null to encode prompts as they are drawn") from None
+    write_cache(path, cache, made_for, "conditions.cache", "embeddings cache", "to encode prompts as they are drawn")
     return cache
 
 

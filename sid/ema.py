@@ -46,13 +46,13 @@ class EMA(nn.Module):
     """
 
     def __init__(self, model: nn.Module, halflife_nimg: float, rampup: float | None = 0.05,
-                 shared: frozenset[int] = frozenset()):
+                 shared: frozenset[int] = frozenset(), name: str = "ema"):
         """``shared``: ids of tensors the model shares with the frozen teacher (a LoRA student's base weights): the
         copy shares them too, and only the model's own tensors are averaged."""
         super().__init__()
         self.model = copy.deepcopy(model, memo=sharing_memo(model, shared)).eval().requires_grad_(False)
         self.halflife_nimg, self.rampup, self.shared = halflife_nimg, rampup, shared
-        self.name = "ema"                # several EMAs (sid train): the further ones are ``ema-<half-life>``
+        self.name = name                 # several EMAs (sid train): the further ones are ``ema-<half-life>``
 
     @property
     def main(self) -> bool:

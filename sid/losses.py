@@ -87,6 +87,13 @@ def loss_weight(weighting: str, sigma: torch.Tensor, x_g: torch.Tensor, f_teache
     raise SidError(f"loss.weighting={weighting!r} is unknown; choose one of {WEIGHTINGS}")
 
 
+def predictions(teacher: Callable, fake_score: Callable, x_g: torch.Tensor, sigma: torch.Tensor,
+                labels=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """f_φ and f_ψ at x_t = x_g + σn, n ~ N(0, I) drawn here: what every member's generator loss is made of."""
+    x_t = x_g + sigma.reshape(-1, *[1] * (x_g.ndim - 1)) * torch.randn_like(x_g)
+    return teacher(x_t, sigma, labels), fake_score(x_t, sigma, labels)
+
+
 def generator_loss(
     teacher: Callable,
     fake_score: Callable,
@@ -101,10 +108,7 @@ def generator_loss(
 
     Neither prediction is detached: the caller freezes the parameters of both networks, not their inputs.
     """
-    s = sigma.reshape(-1, *[1] * (x_g.ndim - 1))
-    x_t = x_g + s * torch.randn_like(x_g)
-    f_teacher = teacher(x_t, sigma, labels)
-    f_fake = fake_score(x_t, sigma, labels)
+    f_teacher, f_fake = predictions(teacher, fake_score, x_g, sigma, labels)
     return loss_weight(weighting, sigma, x_g, f_teacher) * identity_loss(f_teacher, f_fake, x_g, lam)
 
 
@@ -113,11 +117,9 @@ def dmd_loss(teacher: Callable, fake_score: Callable, x_g: torch.Tensor, sigma: 
     """DMD / VSD (Yin et al. 2024; Wang et al. 2023): ½ Σ_j (x_g − sg[x_g − w (f_ψ − f_φ)])_j², whose gradient
     w.r.t. x_g is w (f_ψ − f_φ), through x_g alone: SiD's loss with both outputs detached, for any λ. The networks
     run without a graph (no activations kept), which is the member's saving."""
-    s = sigma.reshape(-1, *[1] * (x_g.ndim - 1))
-    x_t = x_g.detach() + s * torch.randn_like(x_g)
     with torch.no_grad():
-        f_teacher, f_fake = teacher(x_t, sigma, labels), fake_score(x_t, sigma, labels)
-        w = loss_weight(weighting, sigma, x_g, f_teacher).reshape(s.shape)
+        f_teacher, f_fake = predictions(teacher, fake_score, x_g.detach(), sigma, labels)
+        w = loss_weight(weighting, sigma, x_g, f_teacher).reshape(-1, *[1] * (x_g.ndim - 1))
         target = x_g - w * (f_fake - f_teacher)
     return 0.5 * _sum_per_sample((x_g - target) ** 2)
 
@@ -132,10 +134,7 @@ def sim_loss(teacher: Callable, fake_score: Callable, x_g: torch.Tensor, sigma: 
         ⟨Δ, f_ψ − x_g⟩ / (σ² √(‖Δ‖² + c²σ⁴)),   Δ = f_φ − f_ψ,
 
     returned here times w c σ⁴, a per-σ weight of SIM's integral, so that c → ∞ is SiD's w L_1 (docs/losses.md)."""
-    s = sigma.reshape(-1, *[1] * (x_g.ndim - 1))
-    x_t = x_g + s * torch.randn_like(x_g)
-    f_teacher = teacher(x_t, sigma, labels)
-    f_fake = fake_score(x_t, sigma, labels)
+    f_teacher, f_fake = predictions(teacher, fake_score, x_g, sigma, labels)
     delta = f_teacher - f_fake
     scale = c * sigma**2 / (_sum_per_sample(delta**2) + (c * sigma**2) ** 2).sqrt()
     return loss_weight(weighting, sigma, x_g, f_teacher) * scale * _sum_per_sample(delta * (f_fake - x_g))
@@ -169,17 +168,19 @@ def bce_logits(logits: torch.Tensor, target: float) -> torch.Tensor:
 
 
 def sida_fake_losses(fake_score: Callable, logits: Callable[[], torch.Tensor], x0: torch.Tensor, x_real: torch.Tensor,
-                     sigma: torch.Tensor, labels=None, *, sigma_data: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     sigma: torch.Tensor, labels=None, *, sigma_data: float,
+                     fake_weight: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SiDA's fake-score step (sida_loss.py, fakescore_discriminator_share_encoder_loss), per sample: the denoising
     loss λ_EDM(σ) Σ_j (D_ψ(x0 + σn) − x0)_j² on the detached generator samples x0, and the discriminator term
     λ_EDM(σ) ½ [BCE(ℓ(x_real + σn), 1) + BCE(ℓ(x0 + σn), 0)], ℓ the encoder logit, real and generated samples at the
-    same σ and n, in one forward of the fake score (the real images' denoised output is not used)."""
+    same σ and n, in one forward of the fake score (the real images' denoised output is not used). ``fake_weight``:
+    the denoising loss's weight of σ instead of λ_EDM (``loss.fake_loss=native``)."""
     s = sigma.reshape(-1, *[1] * (x0.ndim - 1))
     n = torch.randn_like(x0)
     denoised = fake_score(torch.cat([x0 + s * n, x_real + s * n]), torch.cat([sigma, sigma]), concat(labels, labels))
     fake_logits, real_logits = logits().chunk(2)
     weight = edm_loss_weight(sigma, sigma_data)
-    denoise = weight * _sum_per_sample((denoised[:len(x0)] - x0) ** 2)
+    denoise = (weight if fake_weight is None else fake_weight(sigma)) * _sum_per_sample((denoised[:len(x0)] - x0) ** 2)
     return denoise, weight * (bce_logits(real_logits, 1.0) + bce_logits(fake_logits, 0.0)) / 2
 
 
@@ -189,10 +190,7 @@ def sida_generator_losses(teacher: Callable, fake_score: Callable, logits: Calla
     """SiDA's generator terms (sida_loss.py, generator_share_encoder_loss), per sample: SiD's w · L_λ, and the
     adversarial ω · BCE(clamp(ℓ(x_t), ±10), 1) · CHW, ℓ the fake score's encoder logit in the same forward as f_ψ
     and ω SiD's weight (stopped) whatever ``weighting`` is; the BCE is the micro-batch's mean."""
-    s = sigma.reshape(-1, *[1] * (x_g.ndim - 1))
-    x_t = x_g + s * torch.randn_like(x_g)
-    f_teacher = teacher(x_t, sigma, labels)
-    f_fake = fake_score(x_t, sigma, labels)
+    f_teacher, f_fake = predictions(teacher, fake_score, x_g, sigma, labels)
     gan = sid_weight(x_g, f_teacher) * bce_logits(logits().clamp(-10, 10), 1.0) * x_g[0].numel()
     return loss_weight(weighting, sigma, x_g, f_teacher) * identity_loss(f_teacher, f_fake, x_g, lam), gan
 
@@ -305,9 +303,8 @@ class DistillationLoss:
         if self.augment is not None:
             (x0, fake_labels), (x_real, real_labels) = self.augment(x0), self.augment(x_real)
             net = partial(net, augment_labels=torch.cat([fake_labels, real_labels]))
-        denoise, discriminate = sida_fake_losses(net, logits, x0, x_real, sigma, labels, sigma_data=self.sigma_data)
-        if self.fake_weight is not None:
-            denoise = denoise / edm_loss_weight(sigma, self.sigma_data) * self.fake_weight(sigma)
+        denoise, discriminate = sida_fake_losses(net, logits, x0, x_real, sigma, labels, sigma_data=self.sigma_data,
+                                                 fake_weight=self.fake_weight)
         return denoise * self.fake_scale + discriminate * self.d_scale
 
     def fake_sigma(self, n: int, device=None, dtype=torch.float32) -> torch.Tensor:

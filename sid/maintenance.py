@@ -118,21 +118,23 @@ def build_evaluator(run: Run):
         def measure(generator):
             return generator_fid(metric, generator, cfg.eval.num, decode=run.teacher.decode)
 
-    keys = {ema: name if ema.main else f"{name}_{ema.name}" for ema in run.emas}
-    best = min(best_record(Path(cfg.train.run_dir) / "metrics.jsonl", key) for key in keys.values())
+    def named(key: str, ema) -> str:                            # the main EMA's fid; fid_ema-<h> of the others
+        return key if ema.main else f"{key}_{ema.name}"
+
+    best = min(best_record(Path(cfg.train.run_dir) / "metrics.jsonl", named(name, ema)) for ema in run.emas)
 
     def evaluate():
         nonlocal best
         result = {}
-        for ema, key in keys.items():
+        for ema in run.emas:
             generator = ema_generator(run, ema)                 # a sharded run's: gathered (every process)
             measured = measure(generator) if acc.is_main_process else {}
             measured = measured if isinstance(measured, dict) else {name: measured}
             value = measured.get(name, math.nan)
-            result.update({k if ema.main else f"{k}_{ema.name}": v for k, v in measured.items()})
+            result.update({named(k, ema): v for k, v in measured.items()})
             if measured and value < best:                       # NaN is never better
                 best = value
-                halflife = {} if len(keys) == 1 else {"ema_halflife_nimg": ema.halflife_nimg}
+                halflife = {"ema_halflife_nimg": ema.halflife_nimg} if run.more_emas else {}
                 export(run, "generator-best", generator, **measured, **halflife)
             if measured:                                        # the export of this step, if any, names it too
                 note_measured(Path(cfg.train.run_dir) / export_folder(ema), run.nimg, measured)
@@ -241,8 +243,7 @@ def network_states(run: Run) -> dict:
     (a collective: every process calls it; the others get empty states)."""
     states = {"fake_score": Owned(run.fake_score, run.shared).state_dict(),
               "generator": Owned(run.generator, run.shared).state_dict(),
-              "ema": Owned(run.ema.model, run.shared).state_dict(),
-              **{e.name: Owned(e.model, run.shared).state_dict() for e in run.more_emas},
+              **{e.name: Owned(e.model, run.shared).state_dict() for e in run.emas},
               "opt_fake": run.opt_fake.state_dict(), "opt_g": run.opt_g.state_dict()}
     if run.sharded:
         states = {name: full_state(state, run.accelerator.is_main_process) for name, state in states.items()}

@@ -32,8 +32,8 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError, safe_open
 
+from sid.checkpoint import read_cache, write_cache
 from sid.data import FASHION_FILES, FASHION_MNIST_DIR, IMAGE_SUFFIXES, Shuffled, fashion_mnist
 from sid.errors import SidError, described
 
@@ -230,9 +230,7 @@ class RealImages:
         if self.cached is not None:
             samples, read = self.cached[0][drawn].to(device), self.cached[1][drawn].tolist()
         else:
-            pairs = [self.image(i) for i in drawn]
-            images, read = torch.stack([image for image, _ in pairs]).to(device, torch.float32) / 127.5 - 1, \
-                [i for _, i in pairs]
+            images, read = self.read(drawn, device)
             if self.xflip:
                 flip = torch.randint(2, (n,), device=device).bool().view(-1, 1, 1, 1)
                 images = torch.where(flip, images.flip(3), images)
@@ -246,44 +244,35 @@ class RealImages:
         """``data.cache``: every image's sample (a latent teacher's latents), encoded once into ``path``
         (safetensors, written atomically) and read from it after; a cache of other images, or made by another VAE
         (its first samples, encoded again, differ), is one line."""
-        from safetensors.torch import load_file, save_file
-
         made_for = {"source": self.images.source, "count": str(self.images.size), "shape": str(list(self.shape))}
         if path.is_file():
-            try:
-                with safe_open(str(path), "pt") as f:
-                    metadata = f.metadata() or {}
-                cached = load_file(path)
-                self.cached = (cached["samples"], cached["index"])
-            except (SafetensorError, OSError, KeyError) as e:
-                raise SidError(f"data.cache={path} is not a readable cache ({type(e).__name__}); delete it and it is "
-                               "made again") from None
-            if {k: metadata.get(k) for k in made_for} != made_for:
+            cached, metadata = read_cache(path, "data.cache", "latent cache")
+            if {k: metadata.get(k) for k in made_for} != made_for or not {"samples", "index"} <= cached.keys():
                 raise SidError(f"data.cache={path} was made for other images than data.source={self.images.source} "
                                "at this size; delete it (it is made again) or name another file")
-            first = self.encode_range(range(min(2, self.images.size)), device).cpu()
+            self.cached = (cached["samples"], cached["index"])
+            first = self.encoded(range(min(2, self.images.size)), device)[0]
             if not torch.allclose(first, self.cached[0][:len(first)], rtol=1e-4, atol=1e-5):
                 raise SidError(f"data.cache={path} was made by another encoder than this teacher's VAE; delete it "
                                "(it is made again) or name another file")
             return
-        parts = [self.encode_range(range(i, min(i + batch, self.images.size)), device).cpu()
+        parts = [self.encoded(range(i, min(i + batch, self.images.size)), device)
                  for i in range(0, self.images.size, batch)]
-        index = torch.tensor([self.image(i)[1] for i in range(self.images.size)])
-        self.cached = (torch.cat(parts), index)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"samples": self.cached[0].contiguous(), "index": index}, tmp, metadata=made_for)
-            tmp.replace(path)
-        except (OSError, SafetensorError) as e:
-            tmp.unlink(missing_ok=True)
-            raise SidError(f"could not write data.cache={path} ({described(e, 80)}); free space, or set "
-                           "data.cache=null") from None
+        self.cached = (torch.cat([s for s, _ in parts]), torch.tensor([i for _, read in parts for i in read]))
+        write_cache(path, {"samples": self.cached[0], "index": self.cached[1]}, made_for, "data.cache",
+                    "latent cache", "to encode the images as they are drawn")
 
-    def encode_range(self, indices, device=None) -> torch.Tensor:
-        images = torch.stack([self.image(i)[0] for i in indices]).to(device, torch.float32) / 127.5 - 1
+    def read(self, indices, device=None) -> tuple[torch.Tensor, list[int]]:
+        """The images at ``indices`` as float32 in [-1, 1] on ``device``, and the index each was read at."""
+        pairs = [self.image(i) for i in indices]
+        images = torch.stack([image for image, _ in pairs]).to(device, torch.float32) / 127.5 - 1
+        return images, [i for _, i in pairs]
+
+    def encoded(self, indices, device=None) -> tuple[torch.Tensor, list[int]]:
+        """The teacher's samples of the images at ``indices`` (on the CPU), and the index each was read at."""
+        images, read = self.read(indices, device)
         with torch.no_grad():
-            return self.encode(images)
+            return self.encode(images).cpu(), read
 
     def describe(self) -> str:
         return f", real images from {self.images.source} ({self.images.size:,})"

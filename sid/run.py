@@ -139,18 +139,17 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         return torch.optim.Adam(own_parameters(module, shared), lr=lr, betas=tuple(betas), eps=cfg.optim.eps,
                                 fused=cfg.perf.fused_adam or None)
 
-    ema, *more_emas = (EMA(generator, h, cfg.ema.rampup, shared) for h in halflives(cfg.ema.halflife_nimg))
-    for e in more_emas:
-        e.name = ema_key(e)
+    emas = [EMA(generator, h, cfg.ema.rampup, shared, name=f"ema-{h:g}" if i else "ema")
+            for i, h in enumerate(halflives(cfg.ema.halflife_nimg))]
     nimg = step = 0
     seconds, resumed, changed = 0.0, None, []
     if path is not None:                        # the networks whole, before any sharding splits them
         state = load_training_state(path)
         restore(path, state, fake_score=Owned(fake_score, shared), generator=Owned(generator, shared),
-                ema=Owned(ema.model, shared), **{e.name: Owned(e.model, shared) for e in more_emas})
+                **{e.name: Owned(e.model, shared) for e in emas})
     template = None
     if sharding is None:
-        for e in (ema, *more_emas):
+        for e in emas:
             e.to(device)
     else:                                       # FSDP2: every network split over the processes, block by block
         template = meta_copy(generator)
@@ -160,10 +159,10 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
         by_layer = cfg.lora.fake_score or cfg.lora.generator
         (shard_holders if by_layer else shard)(teacher.denoiser, mesh, sharding.reshard_after_forward, offload)
         for net, adapters in ((fake_score, cfg.lora.fake_score), (generator, cfg.lora.generator),
-                              *((e.model, cfg.lora.generator) for e in (ema, *more_emas))):
+                              *((e.model, cfg.lora.generator) for e in emas)):
             (shard_holders if adapters else shard)(net, mesh, sharding.reshard_after_forward)
         shared = frozenset(shares(teacher.denoiser))       # the sharded layers hold new (sharded) tensors
-        for e in (ema, *more_emas):
+        for e in emas:
             e.shared = shared
     opt_fake = adam(fake_score, cfg.optim.fake_lr, cfg.optim.fake_betas)
     opt_g = adam(generator, cfg.optim.g_lr, cfg.optim.g_betas)
@@ -188,13 +187,8 @@ def build(cfg, accelerator: Accelerator, resume: str | None, trust_code: bool = 
     else:
         fake_ddp, generator_ddp = fake_score, generator
     return Run(cfg, accelerator, teacher, conditions, loss, fake_score, generator, fake_ddp, generator_ddp, opt_fake,
-               opt_g, ema, batch_gpu, rounds, shared, template, nimg, step, seconds, bf16=bf16, precision=precision,
-               resumed=resumed, changed=changed, real=real, logits=logits, more_emas=tuple(more_emas))
-
-
-def ema_key(ema: EMA) -> str:
-    """A further EMA's name in the training state and its export folder's suffix: ``ema-<half-life>``."""
-    return f"ema-{ema.halflife_nimg:g}"
+               opt_g, emas[0], batch_gpu, rounds, shared, template, nimg, step, seconds, bf16=bf16, precision=precision,
+               resumed=resumed, changed=changed, real=real, logits=logits, more_emas=tuple(emas[1:]))
 
 
 def start_from(generator: OneStepGenerator, path: str, lora: bool, trust_code: bool) -> None:

@@ -74,12 +74,9 @@ class SiDPipeline(DiffusionPipeline):
         if name not in (*DISCRETE, *FLOW):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         stock = DiffusionPipeline.from_pretrained(folder, **kwargs)
-        settings = stock_settings(folder, stock.scheduler)
-        spec = json.loads((folder / "generator.json").read_text())["denoiser"]
         parts = {k: v for k, v in stock.components.items()
                  if v is not None and k in inspect.signature(cls.__init__).parameters}
-        return cls(**parts, teacher_pipeline=name, sigma_data=spec.get("sigma_data", 0.5),
-                   max_sequence_length=spec.get("max_sequence_length"), **settings)
+        return cls(**parts, teacher_pipeline=name, **stock_settings(folder, stock.scheduler))
 
     @property
     def family(self) -> str | None:
@@ -258,16 +255,18 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float] |
 
 
 def stock_settings(folder: Path, scheduler) -> dict:
-    """What a stock-form export says of its generator: one step from ``generator.json``'s σ_init (a stock folder
-    without sid's record beside it is a pipeline, not an export), on the scheduler's parameterisation."""
+    """What a stock-form export says of its generator (``SiDPipeline``'s settings): one step from
+    ``generator.json``'s σ_init at its size and prompt length (a stock folder without sid's record beside it is a
+    pipeline, not an export), on the scheduler's parameterisation."""
     try:
         record = json.loads((Path(folder) / "generator.json").read_text())
-        sigma_init, sample_size = float(record["sigma_init"]), list(record["shape"][1:])
+        sigma_init, sample_size, spec = float(record["sigma_init"]), list(record["shape"][1:]), record["denoiser"]
     except (OSError, ValueError, KeyError, TypeError):
         raise SidError(f"{folder} is a stock diffusers pipeline without sid's generator.json beside it: a teacher, "
                        "not an export? Sample a teacher with `sid sample --teacher`") from None
     prediction = prediction_of({**scheduler.config, "_class_name": type(scheduler).__name__})
-    return {"sigma_init": sigma_init, "prediction_type": prediction, "sample_size": sample_size}
+    return {"sigma_init": sigma_init, "prediction_type": prediction, "sample_size": sample_size,
+            "sigma_data": spec.get("sigma_data", 0.5), "max_sequence_length": spec.get("max_sequence_length")}
 
 
 def note_native(folder: Path, config: dict) -> None:
