@@ -29,18 +29,22 @@ def step_sigmas(denoiser, sigma_init: float, steps: int) -> list[float]:
 
 
 def generate(denoiser, z: torch.Tensor, sigma_init: float, steps: int = 1, renoise: str = "fresh", labels=None,
-             first: int | None = None, noise: list | None = None) -> torch.Tensor:
+             first: int | None = None, noise: list | None = None, on_step=None) -> torch.Tensor:
     """A generator's output from z: one evaluation at σ_init (``steps`` = 1), or the first ``first`` (default: all)
-    of its K steps (``few_step``)."""
+    of its K steps (``few_step``). ``on_step(i, σ_i, D_i)``: called after each step, its return is that step's
+    output (a pipeline's callback may replace it)."""
     if steps == 1:
-        return from_noise(denoiser, z, sigma_init, labels)
-    return few_step(denoiser, z, step_sigmas(denoiser, sigma_init, steps)[:first or steps], renoise, labels, noise)
+        d = from_noise(denoiser, z, sigma_init, labels)
+        return d if on_step is None else on_step(0, float(sigma_init), d)
+    return few_step(denoiser, z, step_sigmas(denoiser, sigma_init, steps)[:first or steps], renoise, labels, noise,
+                    on_step)
 
 
 def few_step(denoiser, z: torch.Tensor, sigmas: list[float], renoise: str = "fresh", labels=None,
-             noise: list | None = None) -> torch.Tensor:
+             noise: list | None = None, on_step=None) -> torch.Tensor:
     """The generator's output after the steps at ``sigmas``: every step but the last without gradient, as SiD-DiT
-    trains only the last one. ``noise``: the fresh noise of steps 1, 2, ... (default: drawn here)."""
+    trains only the last one. ``noise``: the fresh noise of steps 1, 2, ... (default: drawn here); ``on_step``: as
+    in ``generate``."""
     grad = torch.is_grad_enabled()
     x, n, d = None, z, None
     for i, sigma in enumerate(sigmas):
@@ -58,4 +62,6 @@ def few_step(denoiser, z: torch.Tensor, sigmas: list[float], renoise: str = "fre
             else:
                 x = d + sigma * n
                 d = denoiser(x, torch.full((len(z),), sigma, device=z.device), labels)
+        if on_step is not None:
+            d = on_step(i, float(sigma), d)
     return d

@@ -12,7 +12,8 @@ own form. The wing's face; its rooms:
 ``published``       the published architectures sid ships, as folders of configs (the memory plan, offline)
 ``latent``          latent pipeline folders as teachers
 ``stock``           exports as their family's stock pipeline (SD, SDXL, SD3, FLUX) and the call that reproduces them
-``export``          ``SiDPipeline``: the export in diffusers' form, its model card
+``pipeline``        ``SiDPipeline``: a generator as a diffusers pipeline, with diffusers' pipeline contract
+``export``          the export in diffusers' form (stock, else ``SiDPipeline``), its model card, reading it back
 ==================  ==========================================================================================
 
 Loading reads weights only (safetensors, or torch files read weights-only, as diffusers does) and runs code from a
@@ -26,10 +27,11 @@ from torch import nn
 
 from sid.teachers.base import Teacher
 from sid.teachers.diffusers import latent, unet
-from sid.teachers.diffusers.export import SiDPipeline, export_native, load_native, note_native, stock_call
+from sid.teachers.diffusers.export import export_native, load_native, note_native, stock_call
 from sid.teachers.diffusers.families import FAMILIES
 from sid.teachers.diffusers.files import load_clip, names_a_teacher
 from sid.teachers.diffusers.latent import export_codec
+from sid.teachers.diffusers.pipeline import SiDPipeline
 from sid.teachers.diffusers.unet import denoiser_from_config, sample_shape, save_teacher
 
 

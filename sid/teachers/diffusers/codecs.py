@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from sid.checkpoint import tensors_checksum
+from sid.teachers.diffusers.models import working_device
 
 
 def vae_factor(config) -> int:
@@ -27,9 +28,9 @@ class ImageCodec:
     text_to_image = False
 
     def __init__(self, vae):
-        self.vae = vae.eval().requires_grad_(False)
-        self.scaling_factor = float(vae.config.scaling_factor)
-        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.vae = None if vae is None else vae.eval().requires_grad_(False)  # None: a pipeline's text part alone
+        self.scaling_factor = float(vae.config.scaling_factor) if vae is not None else 1.0
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0) if vae is not None else 0.0
         self.visit = None                      # offloaded: the device the networks visit to work, else None
 
     @classmethod
@@ -74,7 +75,7 @@ class ImageCodec:
         """Latents -> images in [-1, 1] through the VAE, as the pipeline decodes them."""
         vae = self.vae
         with self.working():
-            z = latents.to(next(vae.parameters()).device, vae.dtype) / self.scaling_factor + self.shift_factor
+            z = latents.to(working_device(vae), vae.dtype) / self.scaling_factor + self.shift_factor
             return vae.decode(z, return_dict=False)[0].float().clamp(-1, 1)
 
     @torch.no_grad()
@@ -84,7 +85,7 @@ class ImageCodec:
         Sana's autoencoder, gives its latent)."""
         vae = self.vae
         with self.working():
-            encoded = vae.encode(images.to(next(vae.parameters()).device, vae.dtype), return_dict=False)[0]
+            encoded = vae.encode(images.to(working_device(vae), vae.dtype), return_dict=False)[0]
             z = encoded.mean if hasattr(encoded, "mean") and not torch.is_tensor(encoded) else encoded
             return ((z - self.shift_factor) * self.scaling_factor).float()
 
@@ -129,7 +130,7 @@ class TextCodec(ImageCodec):
     def run(self, name: str, ids: torch.Tensor, **kwargs):
         """The text encoder ``name`` on token ids (on its device)."""
         encoder = self.parts[name]
-        return encoder(ids.to(encoder.device), **kwargs)
+        return encoder(ids.to(working_device(encoder)), **kwargs)
 
     def clip(self, suffix: str, prompts: list[str]):
         """(penultimate hidden states, first output) of the CLIP text encoder ``text_encoder{suffix}``, as SDXL

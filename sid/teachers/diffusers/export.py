@@ -1,4 +1,4 @@
-"""Exported generators in diffusers' own form: ``SiDPipeline`` and the export beside sid's files.
+"""Exported generators in diffusers' own form, beside sid's files: the folder, its model card, reading it back.
 
 A generator distilled from a diffusers UNet teacher is written as a diffusers pipeline folder (``unet/``,
 ``scheduler/``, ``model_index.json``, a model card). Where the teacher is EDM-preconditioned the scheduler is a
@@ -8,153 +8,24 @@ stock one-step ``EDMEulerScheduler`` and diffusers alone reproduces the generato
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
 from pathlib import Path
 
 import diffusers
-import torch
 from diffusers import DiffusionPipeline, EDMEulerScheduler, SchedulerMixin
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from sid.errors import SidError, described
 from sid.precond import Preconditioned
-from sid.steps import generate
-from sid.teachers.diffusers.codecs import ImageCodec, vae_factor
-from sid.teachers.diffusers.families import FAMILIES, family_of
+from sid.teachers.diffusers.families import FAMILIES
 from sid.teachers.diffusers.files import held, quiet
-from sid.teachers.diffusers.latent import export_family, index_family, latent_denoiser, with_length
-from sid.teachers.diffusers.models import model_of, own_shape
-from sid.teachers.diffusers.rules import edm_output, prediction_of
+from sid.teachers.diffusers.latent import index_family
+from sid.teachers.diffusers.models import model_of
+from sid.teachers.diffusers.pipeline import SiDPipeline, stock_settings
+from sid.teachers.diffusers.rules import edm_output
 from sid.teachers.diffusers.stock import DISCRETE, FLOW, StockForm, stock_form, stock_pipeline
-from sid.teachers.diffusers.unet import denoiser_from_unet
-
-TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
-
-
-class SiDPipeline(DiffusionPipeline):
-    """A one-step generator as a diffusers pipeline: ``SiDPipeline.from_pretrained(folder)(batch_size=4).images``,
-    or, distilled from a text-to-image teacher, ``SiDPipeline.from_pretrained(folder)("a photo of a cat").images``.
-
-    ``unet`` (or ``transformer``) is the generator's network, ``scheduler`` the teacher's (its parameterisation);
-    the pipeline's config names σ_init, the prediction type, σ_data and, for a latent generator, its teacher's
-    pipeline class and latent size. One network evaluation: x = D(σ_init z; σ_init, c), with D the teacher's
-    coefficient rule around the network, as ``sid`` trained it. A latent generator also holds its teacher's VAE (and
-    text encoders and tokenizers): c is the prompt's encoding, as the teacher's pipeline encodes it, and x the
-    latents the VAE decodes.
-    """
-
-    _optional_components = ["unet", "transformer", "vae", *TEXT_PARTS]
-
-    def __init__(self, scheduler, unet=None, vae=None, text_encoder=None, tokenizer=None, transformer=None,
-                 text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-                 sigma_init: float = 2.5, prediction_type: str = "edm", sigma_data: float = 0.5,
-                 teacher_pipeline: str | None = None, sample_size: list[int] | None = None,
-                 max_sequence_length: int | None = None, steps: int = 1, renoise: str = "fresh"):
-        super().__init__()
-        teacher_pipeline = export_family(teacher_pipeline, transformer is not None, text_encoder is not None)
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, transformer=transformer,
-                              text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
-                              tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
-        self.register_to_config(sigma_init=sigma_init, prediction_type=prediction_type, sigma_data=sigma_data,
-                                teacher_pipeline=teacher_pipeline, sample_size=sample_size,
-                                max_sequence_length=max_sequence_length, steps=steps, renoise=renoise)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """``DiffusionPipeline.from_pretrained``; an export in its family's stock form (``stock.py``) is read as
-        diffusers reads it, and its generator's settings from sid's ``generator.json`` beside it."""
-        folder = Path(pretrained_model_name_or_path)
-        index = folder / "model_index.json"
-        name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-        if name not in (*DISCRETE, *FLOW):
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        stock = DiffusionPipeline.from_pretrained(folder, **kwargs)
-        parts = {k: v for k, v in stock.components.items()
-                 if v is not None and k in inspect.signature(cls.__init__).parameters}
-        return cls(**parts, teacher_pipeline=name, **stock_settings(folder, stock.scheduler))
-
-    @property
-    def family(self) -> str | None:
-        """The teacher's latent pipeline class (None: a pixel-space generator)."""
-        return self.config.teacher_pipeline
-
-    @property
-    def text_to_image(self) -> bool:
-        return self.family in FAMILIES and FAMILIES[self.family].text_to_image
-
-    @property
-    def network(self) -> nn.Module:
-        return self.unet if self.transformer is None else self.transformer
-
-    def denoiser(self) -> Preconditioned:
-        """The generator's network under its coefficient rule (and its teacher family's backbone)."""
-        config = {k: v for k, v in dict(self.scheduler.config).items()}
-        config["_class_name"] = type(self.scheduler).__name__
-        if self.family is not None:
-            return latent_denoiser(self.family, self.network, self.config.prediction_type, config,
-                                   self.config.sigma_data)
-        return denoiser_from_unet(self.unet, self.config.prediction_type, config, self.config.sigma_data)
-
-    def sample_shape(self) -> tuple[int, ...]:
-        """One sample's shape: the network's channels at the export's latent size (else the network's own)."""
-        size, network = self.config.sample_size, self.network
-        if size:
-            channels = network.config.in_channels if self.family is None else family_of(self.family).channels(
-                network.config)
-            return (channels, *size)
-        return own_shape(network) if self.family is None else family_of(self.family).latent_shape(network, 1)
-
-    def codec(self) -> ImageCodec | None:
-        """The VAE (and the text encoders and tokenizers), as the teacher used them (latent generators), or None."""
-        if self.vae is None:
-            return None
-        parts = {name: getattr(self, name) for name in TEXT_PARTS if getattr(self, name) is not None}
-        factor = vae_factor(self.vae.config)
-        shape = self.sample_shape()
-        codec = family_of(self.family).codec.build(self.vae, parts, self.network, dict(self.config),
-                                                   (shape[1] * factor, shape[2] * factor))
-        return with_length(codec, self.config.max_sequence_length, self.family)
-
-    @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, batch_size: int = 1,
-                 generator: torch.Generator | None = None, class_labels=None, latents: torch.Tensor | None = None,
-                 output_type: str = "pil", return_dict: bool = True, num_inference_steps: int | None = None):
-        """``prompt``: one prompt per image (a text-to-image generator; a single one is used ``batch_size`` times);
-        ``latents``: the noise z ~ N(0, I) itself, instead of drawing it from ``generator``; ``output_type``:
-        ``pil``, ``np``, ``pt`` (images in [-1, 1]) or ``latent`` (a latent generator's latents);
-        ``num_inference_steps``: other than the generator's own step count (its config's ``steps``; ``sid.steps``)."""
-        denoiser, codec = self.denoiser(), self.codec()
-        cond = None
-        if self.text_to_image:
-            if prompt is None:
-                raise ValueError("this generator was distilled from a text-to-image teacher: give a prompt")
-            prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
-            batch_size, cond = len(prompts), codec.encode(prompts)
-        elif prompt is not None:
-            raise ValueError("this generator takes no prompt (its teacher was not text-to-image)")
-        shape = (batch_size, *self.sample_shape())
-        z = (randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32) if latents is None
-             else latents.to(self.device, torch.float32))
-        if class_labels is not None:
-            classes = torch.as_tensor(class_labels, device=self.device).reshape(-1).expand(len(z))
-            cond = nn.functional.one_hot(classes, denoiser.label_dim).float()
-        steps, renoise = num_inference_steps or self.config.steps, self.config.renoise
-        noise = ([randn_tensor(z.shape, generator=generator, device=self.device) for _ in range(steps - 1)]
-                 if renoise == "fresh" else None)                           # the later steps' fresh noise
-        images = generate(denoiser, z, float(self.config.sigma_init), steps, renoise, cond, noise=noise)
-        if codec is not None and output_type != "latent":
-            images = codec.decode(images)
-        if output_type in ("pt", "latent"):
-            out = images
-        else:
-            out = ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
-            out = self.numpy_to_pil(out) if output_type == "pil" else out
-        return ImagePipelineOutput(images=out) if return_dict else (out,)
 
 
 def export_native(denoiser: Preconditioned, spec: dict, sigma_init: float, out_dir: Path, config: dict,
@@ -252,21 +123,6 @@ def load_native(folder: Path) -> tuple[Preconditioned, tuple[int, ...], float] |
     pipeline = SiDPipeline(**{slot: unet}, scheduler=scheduler, teacher_pipeline=family, **settings)
     config = pipeline.config
     return pipeline.denoiser(), pipeline.sample_shape(), float(config.sigma_init), config.steps, config.renoise
-
-
-def stock_settings(folder: Path, scheduler) -> dict:
-    """What a stock-form export says of its generator (``SiDPipeline``'s settings): one step from
-    ``generator.json``'s σ_init at its size and prompt length (a stock folder without sid's record beside it is a
-    pipeline, not an export), on the scheduler's parameterisation."""
-    try:
-        record = json.loads((Path(folder) / "generator.json").read_text())
-        sigma_init, sample_size, spec = float(record["sigma_init"]), list(record["shape"][1:]), record["denoiser"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise SidError(f"{folder} is a stock diffusers pipeline without sid's generator.json beside it: a teacher, "
-                       "not an export? Sample a teacher with `sid sample --teacher`") from None
-    prediction = prediction_of({**scheduler.config, "_class_name": type(scheduler).__name__})
-    return {"sigma_init": sigma_init, "prediction_type": prediction, "sample_size": sample_size,
-            "sigma_data": spec.get("sigma_data", 0.5), "max_sequence_length": spec.get("max_sequence_length")}
 
 
 def note_native(folder: Path, config: dict) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from sid.errors import SidError
 from sid.teachers.diffusers.codecs import ImageCodec
-from sid.teachers.diffusers.models import own_shape
+from sid.teachers.diffusers.models import own_shape, working_device
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def context(cond, key: str, model: nn.Module, family: str) -> torch.Tensor:
     if not isinstance(cond, dict) or key not in cond:
         raise SidError(f"a {family} network needs a condition with {key!r}; encode prompts with the teacher's "
                        "encode()")
-    value = cond[key].to(model.device)
+    value = cond[key].to(working_device(model))
     return value.to(model.dtype) if value.is_floating_point() else value
 
 

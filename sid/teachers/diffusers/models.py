@@ -3,6 +3,7 @@ architecture, and ``DiffusersTeacher``, whose networks checkpoint and take LoRA 
 
 from __future__ import annotations
 
+import torch
 from diffusers import ModelMixin
 from torch import nn
 
@@ -20,6 +21,16 @@ def own_shape(model: nn.Module) -> tuple[int, int, int]:
     """One sample's shape at a diffusers model's own size: (channels, height, width) of its config."""
     size = model.config.sample_size
     return (model.config.in_channels, *((size, size) if isinstance(size, int) else size))
+
+
+def working_device(module: nn.Module) -> torch.device:
+    """Where a network computes: the execution device of its offloading hooks (accelerate's, which keep the weights
+    elsewhere, even on the meta device, between calls), else its parameters' device."""
+    for part in module.modules():
+        device = getattr(getattr(part, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+    return next(module.parameters()).device
 
 
 def spec_of(denoiser: Preconditioned, prediction_type: str, scheduler_config: dict | None,

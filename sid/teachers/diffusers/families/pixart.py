@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sid.teachers.diffusers.codecs import TextCodec
-from sid.teachers.diffusers.family import Family, context, encoder, eps_channels
+from sid.teachers.diffusers.family import Family, context, encoder, eps_channels, working_device
 
 
 class PixArtBackbone(nn.Module):
@@ -41,12 +41,13 @@ class PixArtCodec(TextCodec):
     def build(cls, vae, parts, model, index, image_size):
         height, width = image_size
         micro = {"resolution": [height, width], "aspect_ratio": [height / width]}
-        return cls(vae, parts, micro if model.use_additional_conditions else None)
+        return cls(vae, parts, micro if model is not None and model.use_additional_conditions else None)
 
     def encode_text(self, prompts: list[str]) -> dict:
         tokens = self.tokens("tokenizer", prompts, self.max_sequence_length)
         mask = tokens.attention_mask
-        text = self.run("text_encoder", tokens.input_ids, attention_mask=mask.to(self.parts["text_encoder"].device))
+        text = self.run("text_encoder", tokens.input_ids,
+                        attention_mask=mask.to(working_device(self.parts["text_encoder"])))
         return {"text": text[0], "mask": mask.to(text[0].device)}
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sid.teachers.diffusers.codecs import TextCodec
-from sid.teachers.diffusers.family import Family, context, encoder, eps_channels
+from sid.teachers.diffusers.family import Family, context, encoder, eps_channels, working_device
 
 
 class SanaBackbone(nn.Module):
@@ -54,7 +54,8 @@ class SanaCodec(TextCodec):
         extra = len(tokenizer.encode(instruction)) - 2 if instruction else 0
         tokens = self.tokens("tokenizer", [instruction + p for p in prompts], self.max_sequence_length + extra)
         mask = tokens.attention_mask
-        text = self.run("text_encoder", tokens.input_ids, attention_mask=mask.to(self.parts["text_encoder"].device))
+        text = self.run("text_encoder", tokens.input_ids,
+                        attention_mask=mask.to(working_device(self.parts["text_encoder"])))
         return {"text": text[0], "mask": mask.to(text[0].device)}
 
     def encode_text(self, prompts: list[str]) -> dict:

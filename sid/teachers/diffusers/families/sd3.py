@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sid.errors import SidError
 from sid.teachers.diffusers.codecs import TextCodec
 from sid.teachers.diffusers.family import Family, context, encoder
 
@@ -39,7 +40,7 @@ class SD3Codec(TextCodec):
 
     @classmethod
     def build(cls, vae, parts, model, index, image_size):
-        return cls(vae, parts, joint_attention_dim=int(model.config.joint_attention_dim))
+        return cls(vae, parts, joint_attention_dim=None if model is None else int(model.config.joint_attention_dim))
 
     def encode_text(self, prompts: list[str]) -> dict:
         (hidden, pooled), (hidden_2, pooled_2) = self.clip("", prompts), self.clip("_2", prompts)
@@ -48,6 +49,9 @@ class SD3Codec(TextCodec):
             ids = self.tokens("tokenizer_3", prompts, self.max_sequence_length).input_ids
             t5 = self.run("text_encoder_3", ids)[0]
         else:
+            if self.joint_attention_dim is None:
+                raise SidError("without T5, SD3's prompt encoding is zeros of the transformer's joint_attention_dim: "
+                               "load the transformer with the text encoders")
             t5 = clip.new_zeros(len(prompts), self.max_sequence_length, self.joint_attention_dim)
         clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"text": torch.cat([clip, t5], dim=-2), "pooled": torch.cat([pooled, pooled_2], dim=-1)}
