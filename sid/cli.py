@@ -6,6 +6,7 @@
     sid sweep report runs/sweep                       report.md and figures of a sweep
     sid sample runs/fmnist/generator --out grid.png   sample a one-step generator (or a teacher)
     sid fid ref|gen|teacher|images ...                FID and its reference statistics
+    sid export-lora runs/sd                           the generator as a LoRA on its teacher (diffusers)
     sid --version
 
 --config takes a YAML file or the name of a preset shipped in configs/. `sid COMMAND --help` says more.
@@ -27,7 +28,8 @@ from typing import Callable
 
 from sid.errors import SidError
 
-COMMANDS = {name: f"sid.commands.{name}" for name in ("train", "teacher", "sweep", "sample", "fid")}
+COMMANDS = {name: f"sid.commands.{name.replace('-', '_')}"
+            for name in ("train", "teacher", "sweep", "sample", "fid", "export-lora")}
 
 
 def main(argv=None) -> int:

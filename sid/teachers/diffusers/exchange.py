@@ -1,0 +1,135 @@
+"""A distilled network in the form people exchange it: a LoRA on its teacher that stock diffusers loads
+(``pipe.load_lora_weights(folder)``, its alpha honoured through the adapter metadata diffusers writes).
+
+A LoRA student's adapter is that LoRA exactly (its rank and α as trained). A full student's difference to the
+teacher, ΔW = W_student − W_teacher, is written as the rank-r truncated SVD of each Linear and Conv2d weight's
+ΔW (flattened to out × in·k·k): ΔW ≈ B A with B = U_r √S_r, A = √S_r V_rᵀ, α = r (Eckart–Young: the best rank-r
+approximation in Frobenius norm). What the SVD drops is measured and said, and so are the differences no LoRA can
+carry (biases, norms, embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import diffusers
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from sid.errors import SidError, described
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def lora_pipeline(name: str | None) -> tuple[type, str]:
+    """(the stock pipeline class, the network's component) of a family whose pipeline loads LoRAs; one line for
+    the others."""
+    cls = getattr(diffusers, name, None) if name else None
+    slots = getattr(cls, "_lora_loadable_modules", None) or ()
+    slot = next((s for s in ("unet", "transformer") if s in slots), None)
+    if slot is None:
+        readers = sorted(n for n in ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
+                                     "StableDiffusion3Pipeline", "FluxPipeline", "SanaPipeline"))
+        raise SidError(f"diffusers loads no LoRA into a {name or 'pixel-space UNet'} pipeline, so this generator "
+                       f"has no LoRA form; its export folder is the full network. LoRA forms exist for "
+                       f"{', '.join(readers)}")
+    return cls, slot
+
+
+def adapter_lora(folder: Path) -> tuple[dict, dict]:
+    """(state, LoraConfig dict) of a LoRA student's adapter as sid saves it (``lora.save_adapter``: peft's
+    ``adapter_model.safetensors`` and ``adapter_config.json``, keys relative to the teacher's network)."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        state = load_file(folder / "adapter_model.safetensors")
+    except (OSError, ValueError) as e:
+        raise SidError(f"{folder}: the adapter cannot be read ({described(e)}); export the run again") from None
+    return state, config
+
+
+def layers(network: nn.Module) -> dict[str, nn.Module]:
+    """The Linear and Conv2d layers of a network, by name: the ones a LoRA can change."""
+    return {name: m for name, m in network.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+@torch.no_grad()
+def extract_lora(student: nn.Module, teacher: nn.Module, rank: int) -> tuple[dict, dict, dict]:
+    """(state, LoraConfig dict, report) of the rank-``rank`` LoRA closest to ``student`` − ``teacher`` (same
+    architecture) in each layer: truncated SVD in float64, padded with zero directions where a layer's ΔW has
+    fewer. The report: the relative Frobenius error of the carried ΔW (all layers together and the worst layer),
+    and the tensors that differ but are not LoRA weights, with their share of ‖Δ‖."""
+    if rank < 1:
+        raise SidError(f"--rank {rank}: a LoRA's rank is at least 1")
+    teacher_layers, state, targets = layers(teacher), {}, []
+    kept = dropped = worst = 0.0
+    for name, layer in layers(student).items():
+        base = teacher_layers.get(name)
+        if base is None or base.weight.shape != layer.weight.shape:
+            raise SidError(f"the student's {name} has no counterpart of its shape in the teacher: the LoRA is a "
+                           "difference to the teacher the run distilled; give that teacher")
+        delta = (layer.weight.double() - base.weight.double()).flatten(1)
+        if not delta.any():
+            continue
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, len(s))
+        root = s[:r].sqrt()
+        b, a = u[:, :r] * root, root[:, None] * vh[:r]
+        if r < rank:                                         # zero directions: every layer has rank ``rank``
+            b, a = nn.functional.pad(b, (0, rank - r)), nn.functional.pad(a, (0, 0, 0, rank - r))
+        lost = float(s[r:].square().sum())
+        kept, dropped = kept + float(s.square().sum()), dropped + lost
+        worst = max(worst, math.sqrt(lost / float(s.square().sum())))
+        shape = layer.weight.shape
+        a = a.reshape(rank, *shape[1:]) if layer.weight.ndim == 4 else a
+        b = b.reshape(shape[0], rank, 1, 1) if layer.weight.ndim == 4 else b
+        state[f"{name}.lora_A.weight"] = a.float().contiguous()
+        state[f"{name}.lora_B.weight"] = b.float().contiguous()
+        targets.append(name)
+    if not targets:
+        raise SidError("the student's weights equal the teacher's: there is no difference to write as a LoRA")
+    carried = {f"{name}.weight" for name in layers(student)}             # in the LoRA, or equal
+    teacher_state = teacher.state_dict()
+    others = {k: float((v.double() - teacher_state[k].double()).square().sum())
+              for k, v in student.state_dict().items() if k not in carried and v.is_floating_point()}
+    others = {k: v for k, v in others.items() if v > 0}
+    total = kept + sum(others.values())
+    report = {"rank": rank, "layers": len(targets), "svd_error": math.sqrt(dropped / kept), "worst_layer": worst,
+              "not_carried": sorted(others), "not_carried_share": math.sqrt(sum(others.values()) / total)}
+    return state, {"r": rank, "lora_alpha": rank, "target_modules": targets}, report
+
+
+@torch.no_grad()
+def apply_lora(network: nn.Module, state: dict, config: dict) -> nn.Module:
+    """``network`` with the LoRA merged into its weights, W + (α / r) B A, in place (what ``fuse_lora`` does)."""
+    scale = config["lora_alpha"] / config["r"]
+    for name, layer in layers(network).items():
+        a, b = state.get(f"{name}.lora_A.weight"), state.get(f"{name}.lora_B.weight")
+        if a is not None:
+            product = b.double().flatten(1) @ a.double().flatten(1)
+            layer.weight += (scale * product).reshape(layer.weight.shape).to(layer.weight)
+    return network
+
+
+def write_lora(folder: Path, pipeline: type, slot: str, state: dict, config: dict, card: str) -> None:
+    """The LoRA as diffusers' ``save_lora_weights`` writes it for ``pipeline`` (keys under ``slot``, the LoraConfig
+    in the file's metadata, so that ``load_lora_weights`` honours α), with a card; written beside, then moved in."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    metadata = {"r": config["r"], "lora_alpha": config["lora_alpha"],
+                "target_modules": sorted(config["target_modules"])}
+    try:
+        pipeline.save_lora_weights(tmp, safe_serialization=True, **{f"{slot}_lora_layers": state,
+                                                                    f"{slot}_lora_adapter_metadata": metadata})
+        (tmp / "README.md").write_text(card)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError as e:
+        raise SidError(f"could not write the LoRA to {folder} ({described(e)}); free space and run again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
