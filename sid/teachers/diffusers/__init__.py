@@ -13,6 +13,7 @@ own form. The wing's face; its rooms:
 ``latent``          latent pipeline folders as teachers
 ``stock``           exports as their family's stock pipeline (SD, SDXL, SD3, FLUX) and the call that reproduces them
 ``pipeline``        ``SiDPipeline``: a generator as a diffusers pipeline, with diffusers' pipeline contract
+``exchange``        the export as a LoRA on its teacher (``sid export-lora``)
 ``export``          the export in diffusers' form (stock, else ``SiDPipeline``), its model card, reading it back
 ==================  ==========================================================================================
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from sid.teachers.base import Teacher
 from sid.teachers.diffusers import latent, unet
+from sid.teachers.diffusers.exchange import LORA_FILE, export_lora
 from sid.teachers.diffusers.export import export_native, load_native, note_native, stock_call
 from sid.teachers.diffusers.families import FAMILIES
 from sid.teachers.diffusers.files import load_clip, names_a_teacher
@@ -82,6 +84,6 @@ def backbone_from_spec(spec: dict) -> nn.Module:
     return unet.unet_class(spec["class_name"]).from_config(spec["unet_config"])
 
 
-__all__ = ["SiDPipeline", "architecture", "backbone_from_spec", "build", "denoiser_from_config", "denoiser_from_spec",
-           "export_codec", "export_native", "load_clip", "load_native", "names_a_teacher", "note_native",
-           "sample_shape", "save_teacher", "stock_call"]
+__all__ = ["LORA_FILE", "SiDPipeline", "architecture", "backbone_from_spec", "build", "denoiser_from_config",
+           "denoiser_from_spec", "export_codec", "export_lora", "export_native", "load_clip", "load_native",
+           "names_a_teacher", "note_native", "sample_shape", "save_teacher", "stock_call"]

@@ -10,6 +10,7 @@ carry (biases, norms, embeddings).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -22,8 +23,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sid.errors import SidError, described
+from sid.steps import generate
+from sid.teachers.diffusers.export import load_native, written_form
+from sid.teachers.diffusers.latent import export_codec
+from sid.teachers.diffusers.models import model_of
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+SEEDS = range(4)
 
 
 def lora_pipeline(name: str | None) -> tuple[type, str]:
@@ -133,3 +139,95 @@ def write_lora(folder: Path, pipeline: type, slot: str, state: dict, config: dic
         raise SidError(f"could not write the LoRA to {folder} ({described(e)}); free space and run again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_folder(path: Path) -> Path:
+    """The export folder of a run folder or of the export itself."""
+    for folder in (path, path / "generator"):
+        if (folder / "generator.json").is_file():
+            return folder
+    raise SidError(f"{path} is neither a run folder nor an export (no generator.json); give the run's folder")
+
+
+def network_of(class_name: str, folder: str, slot: str) -> nn.Module:
+    """The diffusers network of a pipeline folder (or hub id), in float32."""
+    try:
+        return getattr(diffusers, class_name).from_pretrained(folder, subfolder=slot, torch_dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise SidError(f"the {slot} cannot be loaded from {folder} ({type(e).__name__}); the LoRA is a difference "
+                       "to the teacher the run distilled: give its folder with --teacher") from None
+
+
+@torch.no_grad()
+def fidelity(folder: Path, teacher_net: nn.Module, state: dict, config: dict, prompt: str) -> dict:
+    """The LoRA generator (the teacher's network with the LoRA merged) against the export, from the noise of
+    ``SEEDS``: the relative error ‖x_LoRA − x‖ / ‖x‖, and the share of the student's change from the teacher it
+    misses, ‖x_LoRA − x‖ / ‖x_teacher − x‖."""
+    denoiser, shape, sigma_init, steps, renoise = load_native(folder)
+    codec = export_codec(folder)
+    cond = codec.encode([prompt] * len(SEEDS)) if codec is not None and codec.text_to_image else None
+    z = torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(s)) for s in SEEDS])
+    outputs = []
+    for weights in (None, apply_lora(copy.deepcopy(teacher_net), state, config), teacher_net):
+        if weights is not None:
+            model_of(denoiser).load_state_dict(weights.state_dict())
+        torch.manual_seed(0)                                    # a few-step generator's fresh noise
+        outputs.append(generate(denoiser, z, sigma_init, steps, renoise, cond).double())
+    x, lora, teacher = outputs
+    miss = (lora - x).norm()
+    return {"relative": float(miss / x.norm()), "missed": float(miss / (teacher - x).norm())}
+
+
+def lora_card(folder: Path, record: dict, teacher: str, report: dict, measured: dict, pipeline: str) -> str:
+    """The LoRA's README: what it is, how it was made, what it measured, the diffusers call."""
+    if report.get("exact"):
+        how = (f"the LoRA student's adapter itself (rank {report['rank']}, α {report['alpha']:g}): exact, "
+               "no approximation")
+    else:
+        how = (f"the rank-{report['rank']} truncated SVD of the full student's weight differences W − W_teacher in "
+               f"{report['layers']} Linear and Conv2d layers: relative Frobenius error {report['svd_error']:.3g} of "
+               f"ΔW overall, {report['worst_layer']:.3g} in the worst layer")
+        if report["not_carried"]:
+            how += (f"; {len(report['not_carried'])} other tensors (biases, norms) also differ and a LoRA cannot "
+                    f"carry them ({report['not_carried_share']:.3g} of ‖Δ‖)")
+    form = written_form(folder, record)
+    lines = ["import torch", "from diffusers import DiffusionPipeline", ""]
+    if form is not None:                          # a stock export: its scheduler takes the generator's one step
+        scheduler = type(form.scheduler).__name__
+        lines[1:1] = [f"from diffusers import {scheduler}"]
+    lines += [f'pipe = DiffusionPipeline.from_pretrained("{teacher}")', 'pipe.load_lora_weights("path/to/this/folder")']
+    if form is not None:
+        lines += [f'pipe.scheduler = {scheduler}.from_pretrained("{folder}", subfolder="scheduler")',
+                  f"image = {form.call_text()}.images[0]"]
+    use = "```python\n" + "\n".join(lines) + "\n```\n"
+    return (f"---\nlibrary_name: diffusers\ntags: [sid, lora, one-step, distillation]\nbase_model: {teacher}\n---\n\n"
+            f"# A one-step generator as a LoRA on its teacher\n\nThe generator `{folder}` (distilled by sid from "
+            f"the {pipeline} `{teacher}`) as {how}.\n\nMeasured on the noise of seeds 0–{len(SEEDS) - 1}: the LoRA "
+            f"generator's samples differ from the export's by {measured['relative']:.3g} (relative), "
+            f"{measured['missed']:.3g} of the student's change from the teacher.\n\n{use}")
+
+
+def export_lora(path, teacher: str | None = None, rank: int | None = None, out=None,
+                prompt: str = "a photo of a cat") -> dict:
+    """The generator of a run (or an export) as a LoRA on its teacher, in ``out`` (default: ``lora/`` in the
+    export): a LoRA student's saved adapter as it is (unless ``rank`` is given), else the rank-``rank`` (default
+    64) truncated SVD of the difference. Returns where, the report and what was measured."""
+    folder = export_folder(Path(path))
+    record = json.loads((folder / "generator.json").read_text())
+    spec = record["denoiser"]
+    cls, slot = lora_pipeline(spec.get("pipeline"))
+    teacher = teacher or ((record.get("config") or {}).get("teacher") or {}).get("diffusers", {}).get("path")
+    if not teacher:
+        raise SidError(f"{folder} does not name its teacher's folder: give it with --teacher")
+    out = Path(out) if out is not None else folder / "lora"
+    teacher_net = network_of(spec["class_name"], teacher, slot)
+    adapter = folder / "adapter"
+    if rank is None and (adapter / "adapter_config.json").is_file():
+        state, config = adapter_lora(adapter)
+        report = {"exact": True, "rank": config["r"], "alpha": config["lora_alpha"]}
+    else:
+        student = network_of(spec["class_name"], str(folder), slot)
+        state, config, report = extract_lora(student, teacher_net, rank or 64)
+    measured = fidelity(folder, teacher_net, state, config, prompt)
+    write_lora(out, cls, slot, state, config, lora_card(folder, record, teacher, report, measured, cls.__name__))
+    return {"out": out, "report": report, "measured": measured, "pipeline": cls.__name__, "teacher": teacher}
