@@ -15,6 +15,7 @@ import sys
 import diffusers
 import pytest
 import torch
+from safetensors import safe_open
 from tiny_pipelines import save_tiny_sd
 
 from sid.cli import main as sid_main
@@ -28,8 +29,8 @@ peft = pytest.importorskip("peft")
 
 LORA_RUN = """
 import sys, torch
-from diffusers import DiffusionPipeline, EulerDiscreteScheduler
-teacher, lora, export = sys.argv[1:4]
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler, StableDiffusionPipeline
+teacher, lora, export, single = sys.argv[1:5]
 pipe = DiffusionPipeline.from_pretrained(teacher)
 pipe.load_lora_weights(lora)
 pipe.scheduler = EulerDiscreteScheduler.from_pretrained(export, subfolder="scheduler")
@@ -37,8 +38,10 @@ call = dict(num_inference_steps=1, guidance_scale=1.0, output_type="pt")
 seeded = lambda: [torch.Generator().manual_seed(s) for s in (0, 1)]
 lora_images = pipe(["a cat", "a red dog"], generator=seeded(), **call).images
 images = DiffusionPipeline.from_pretrained(export)(["a cat", "a red dog"], generator=seeded(), **call).images
+single = StableDiffusionPipeline.from_single_file(single, config=export, safety_checker=None, local_files_only=True)
+single_images = single(["a cat", "a red dog"], generator=seeded(), **call).images
 assert not any(m == "sid" or m.startswith("sid.") for m in sys.modules)
-print(float((lora_images - images).abs().max()))
+print(float((lora_images - images).abs().max()), float((single_images - images).abs().max()))
 """
 
 
@@ -82,12 +85,20 @@ def test_a_lora_students_adapter_loads_in_stock_diffusers_with_its_alpha(tmp_pat
     assert_same_weights(student, export, 1e-6)
     relative = float(printed.split("differ from the generator's by ")[1].split(" ")[0])
     assert relative < 1e-5                                       # the LoRA generator's samples are the export's
-    # the card's call, in a process without sid: the teacher's pipeline with the LoRA draws the export's images
+    # the single-file checkpoint, beside the export, with the call in its metadata
+    assert sid_main(["export-single-file", str(tmp_path / "run")]) == 0
+    single = tmp_path / "run" / "run-generator.safetensors"
+    assert str(single) in capsys.readouterr().out
+    with safe_open(str(single), "pt") as f:
+        assert "num_inference_steps=1" in f.metadata()["sid_sampling"]
+    # in a process without sid: the teacher's pipeline with the LoRA (the card's call) and the single file (read by
+    # from_single_file with the export's configs) draw the export's images
     export_folder = tmp_path / "run" / "generator"
-    done = subprocess.run([sys.executable, "-c", LORA_RUN, str(teacher), str(lora), str(export_folder)],
+    done = subprocess.run([sys.executable, "-c", LORA_RUN, str(teacher), str(lora), str(export_folder), str(single)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.split()[-1]) < 1e-5                 # images in [0, 1]
+    by_lora, by_single_file = map(float, done.stdout.split()[-2:])
+    assert by_lora < 1e-5 and by_single_file == 0                # images in [0, 1]; the single file: the same weights
     # decomposed again at its own rank, the merged student's difference is that LoRA (rank ≤ 2 by construction)
     assert sid_main(["export-lora", str(tmp_path / "run"), "--rank", "2", "--out", str(tmp_path / "svd")]) == 0
     printed = capsys.readouterr().out
@@ -141,7 +152,7 @@ def test_a_truncated_svd_loses_what_eckart_young_says(sd_unets):
     assert math.isclose(report["worst_layer"], worst, rel_tol=1e-9) and report["svd_error"] > 0.1
 
 
-def test_what_has_no_lora_form_is_one_line(tmp_path, capsys):
+def test_what_has_no_lora_or_single_file_form_is_one_line(tmp_path, capsys):
     with pytest.raises(SidError, match="no LoRA form"):
         lora_pipeline(None)
     with pytest.raises(SidError, match="no LoRA form"):
@@ -149,6 +160,73 @@ def test_what_has_no_lora_form_is_one_line(tmp_path, capsys):
     assert sid_main(["export-lora", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "no generator.json" in err
+    assert sid_main(["export-single-file", str(tmp_path)]) == 2
+    assert "no generator.json" in capsys.readouterr().err
     teacher = diffusers.UNet2DConditionModel.from_pretrained(save_tiny_sd(tmp_path / "sd"), subfolder="unet")
     with pytest.raises(SidError, match="equal the teacher's"):
         extract_lora(teacher, teacher, rank=4)
+
+
+def test_a_single_file_of_sd_15s_shape_reads_back_exactly(tmp_path):
+    """A UNet and VAE shaped as SD 1.5's (two layers per block, a last down block without attention, a mid block,
+    VAE attention), scaled down: ``from_single_file`` of the written file gives every weight back exactly."""
+    from tiny_pipelines import tiny_clip_encoder, tiny_tokenizer
+
+    from sid.teachers.diffusers.single_file import write_single_file
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, layers_per_block=2, block_out_channels=(8, 16, 16), cross_attention_dim=16,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4,
+        norm_num_groups=4)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16, 16), layers_per_block=2, latent_channels=4,
+                                  norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 3,
+                                  up_block_types=("UpDecoderBlock2D",) * 3)
+    pipe = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=tiny_clip_encoder(),
+                                             tokenizer=tiny_tokenizer(tmp_path / "tok"),
+                                             scheduler=diffusers.EulerDiscreteScheduler(), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "pipe")
+    written = write_single_file(unet, vae, pipe.text_encoder, tmp_path / "m.safetensors")
+    back = diffusers.StableDiffusionPipeline.from_single_file(str(written), config=str(tmp_path / "pipe"),
+                                                              safety_checker=None, local_files_only=True)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(pipe, name).state_dict(), getattr(back, name).state_dict()
+        assert set(ours) == set(theirs), name
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+def test_the_single_file_has_sd_15s_own_layout():
+    """SD 1.5's published UNet and VAE (built on the meta device from the shipped configs) written under the names
+    and shapes an original SD 1.5 checkpoint has, which ComfyUI and A1111 load by module path: upsamplers after the
+    attention where a block has one, downsamplers as ``op``, VAE attention as 1×1 convolutions, ``nin_shortcut``."""
+    import json
+
+    from sid.teachers.diffusers.published import ARCHITECTURES
+    from sid.teachers.diffusers.single_file import unet_to_ldm, vae_to_ldm
+
+    shipped = ARCHITECTURES / "stable-diffusion-v1-5--stable-diffusion-v1-5.json"
+    configs = {k: v[1] for k, v in json.loads(shipped.read_text())["components"].items()}      # [class, config]
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(configs["unet"])
+        vae = diffusers.AutoencoderKL.from_config(configs["vae"])
+    keys = {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config)}
+    shapes = {k: tuple(v.shape) for k, v in keys.items()}
+    unet_keys = {"output_blocks.11.0.skip_connection.weight": (320, 640, 1, 1),   # diffusers' test for SD 1.x
+                 "output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+                 "output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+                 "output_blocks.8.2.conv.weight": (640, 640, 3, 3), "input_blocks.3.0.op.weight": (320, 320, 3, 3),
+                 "input_blocks.9.0.op.weight": (1280, 1280, 3, 3), "input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+                 "middle_block.1.transformer_blocks.0.attn2.to_k.weight": (1280, 768),
+                 "middle_block.2.out_layers.3.weight": (1280, 1280, 3, 3), "time_embed.2.weight": (1280, 1280),
+                 "input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1), "out.2.weight": (4, 320, 3, 3)}
+    vae_keys = {"encoder.down.1.block.0.nin_shortcut.weight": (256, 128, 1, 1),
+                "decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+                "decoder.up.3.upsample.conv.weight": (512, 512, 3, 3), "encoder.down.0.downsample.conv.weight":
+                (128, 128, 3, 3), "encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+                "decoder.mid.block_2.conv2.weight": (512, 512, 3, 3), "post_quant_conv.weight": (4, 4, 1, 1)}
+    expected = {**{f"model.diffusion_model.{k}": v for k, v in unet_keys.items()},
+                **{f"first_stage_model.{k}": v for k, v in vae_keys.items()}}
+    assert {k: shapes.get(k) for k in expected} == expected
+    assert len(keys) == len(unet.state_dict()) + len(vae.state_dict())             # one name for each tensor

@@ -14,6 +14,7 @@ own form. The wing's face; its rooms:
 ``stock``           exports as their family's stock pipeline (SD, SDXL, SD3, FLUX) and the call that reproduces them
 ``pipeline``        ``SiDPipeline``: a generator as a diffusers pipeline, with diffusers' pipeline contract
 ``exchange``        the export as a LoRA on its teacher (``sid export-lora``)
+``single_file``     an SD 1.x export as one checkpoint file in the original layout (``sid export-single-file``)
 ``export``          the export in diffusers' form (stock, else ``SiDPipeline``), its model card, reading it back
 ==================  ==========================================================================================
 
@@ -34,6 +35,7 @@ from sid.teachers.diffusers.families import FAMILIES
 from sid.teachers.diffusers.files import load_clip, names_a_teacher
 from sid.teachers.diffusers.latent import export_codec
 from sid.teachers.diffusers.pipeline import SiDPipeline
+from sid.teachers.diffusers.single_file import export_single_file
 from sid.teachers.diffusers.unet import denoiser_from_config, sample_shape, save_teacher
 
 
@@ -85,5 +87,5 @@ def backbone_from_spec(spec: dict) -> nn.Module:
 
 
 __all__ = ["LORA_FILE", "SiDPipeline", "architecture", "backbone_from_spec", "build", "denoiser_from_config",
-           "denoiser_from_spec", "export_codec", "export_lora", "export_native", "load_clip", "load_native",
-           "names_a_teacher", "note_native", "sample_shape", "save_teacher", "stock_call"]
+           "denoiser_from_spec", "export_codec", "export_lora", "export_native", "export_single_file", "load_clip",
+           "load_native", "names_a_teacher", "note_native", "sample_shape", "save_teacher", "stock_call"]
