@@ -73,6 +73,10 @@ def stock_exports(tiny_pipeline, tmp_path_factory):
     flux = build_teacher(load_config([], ["teacher.kind=diffusers", f"teacher.diffusers.path={tiny_pipeline('flux')}",
                                           "teacher.diffusers.resolution=16"]).teacher)       # not its pipeline's size
     exports["flux"] = export_student(flux, root / "flux", float("inf"))
+    pixart = teacher_of(tiny_pipeline("pixart"))
+    exports["pixart-α"] = export_student(pixart, root / "pixart", float(pixart.timestep_sigmas()[625]))
+    exports["pixart-Σ, σ 2.5"] = export_student(teacher_of(tiny_pipeline("pixart-sigma")), root / "pixart-sigma", 2.5)
+    exports["sana"] = export_student(teacher_of(tiny_pipeline("sana")), root / "sana", float("inf"))
     forms = {name: written_form(folder, json.loads((folder / "generator.json").read_text()))
              for name, folder in exports.items()}
     jobs = [(str(exports[name]), form.call) for name, form in forms.items()]
@@ -88,7 +92,8 @@ def test_each_family_exports_its_stock_pipeline_which_reproduces_the_generator(s
     assert results["sid imported"] is False
     expected = {"sd, timestep 625": "StableDiffusionPipeline", "sd, σ 2.5": "StableDiffusionPipeline",
                 "sd v-prediction": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+                "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "pixart-α": "PixArtAlphaPipeline",
+                "pixart-Σ, σ 2.5": "PixArtSigmaPipeline", "sana": "SanaPipeline"}
     for name, folder in exports.items():
         run = results[str(folder)]
         assert run["class"] == expected[name] and run["auto"] == expected[name], name

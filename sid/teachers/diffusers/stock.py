@@ -1,23 +1,27 @@
 """Exports as their family's stock diffusers pipeline: a one-step generator distilled from a Stable Diffusion, SDXL,
-SD3 or FLUX pipeline is written as that pipeline's own folder (the student's network in place of the teacher's, the
-teacher's VAE and text encoders), with a scheduler under which the pipeline's documented call
+PixArt, SD3, FLUX or Sana pipeline is written as that pipeline's own folder (the student's network in place of the
+teacher's, the teacher's VAE and text encoders), with a scheduler under which the pipeline's documented call
 
     pipe(prompt, num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(s))
 
 is the generator's one step, in diffusers alone (no sid import, ``tests/test_export_stock.py``).
 
-* Discrete VP families (SD 1.x/2.x, SDXL; ε or v): ``EulerDiscreteScheduler`` on the teacher's own betas cut after
-  the generator's timestep k (``trained_betas`` of length k + 1, ``num_train_timesteps = k + 1``, trailing spacing):
-  one step lands on k, σ_k, latents z σ_k, and Euler's one step to σ = 0 is the network's x0, which is
-  D(σ_k z; σ_k). A σ_init between two timesteps cannot be one config's one step: the export is cut after the next
-  timestep up and its exact call passes ``sigmas=[σ_init, 0.0]`` (Euler maps σ to its fractional timestep as sid's
-  rule does, by linear interpolation in ln σ).
-* Flow families at t = 1 (SD3, FLUX; ``generator.sigma_init: .inf``): the teacher's ``FlowMatchEulerDiscreteScheduler``
-  as it is; one step starts at σ = 1 whatever its shift (1 is the shift's fixed point) and steps to 0:
-  z − v(z; 1), the generator.
+* Discrete VP families (SD 1.x/2.x, SDXL, PixArt-α and -Σ; ε or v): ``EulerDiscreteScheduler`` on the teacher's
+  own betas cut after the generator's timestep k (``trained_betas`` of length k + 1, ``num_train_timesteps =
+  k + 1``, trailing spacing): one step lands on k, σ_k, latents z σ_k, and Euler's one step to σ = 0 is the
+  network's x0, which is D(σ_k z; σ_k). A σ_init between two timesteps cannot be one config's one step: the export
+  is cut after the next timestep up and its exact call passes ``sigmas=[σ_init, 0.0]`` (Euler maps σ to its
+  fractional timestep as sid's rule does, by linear interpolation in ln σ).
+* Flow families at t = 1 (SD3, FLUX, Sana; ``generator.sigma_init: .inf``): the teacher's schedule as a
+  ``FlowMatchEulerDiscreteScheduler``; one step starts at σ = 1 whatever its shift (1 is the shift's fixed point)
+  and steps to 0: z − v(z; 1), the generator.
 
-Everything else (pixel-space generators, DiT, PixArt, Sana, flow generators below t = 1, few-step generators, whose
-re-noising no stock scheduler takes) stays a ``SiDPipeline``, and its model card says so.
+PixArt's and Sana's calls also switch off their resolution binning (which would resize a size off its table) and
+PixArt's caption cleaning (sid encodes prompts as given, and so must the call).
+
+Everything else stays a ``SiDPipeline``, and its model card says so: pixel-space generators, flow generators below
+t = 1, few-step generators (whose re-noising no stock scheduler takes), and DiT, whose pipeline starts from unscaled
+noise and so cannot start a step at σ_k z.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ from torch import nn
 
 from sid.teachers.diffusers.codecs import vae_factor
 
-DISCRETE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-FLOW = ("StableDiffusion3Pipeline", "FluxPipeline")
+DISCRETE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline")
+FLOW = ("StableDiffusion3Pipeline", "FluxPipeline", "SanaPipeline")
+EXACT = {"PixArtAlphaPipeline": {"use_resolution_binning": False, "clean_caption": False},   # the call as sid
+         "PixArtSigmaPipeline": {"use_resolution_binning": False, "clean_caption": False},   # encodes and sizes
+         "SanaPipeline": {"use_resolution_binning": False}}
 
 
 @dataclass
@@ -87,18 +94,19 @@ def stock_form(spec: dict, config: dict, vae_config: dict) -> StockForm | None:
 
 def sizes(spec: dict, config: dict, vae_config: dict) -> dict:
     """The call's height and width where the generator's latents are not the pipeline's default size (its
-    network's ``sample_size``; FLUX's pipeline: 128), and the prompt's length where the run encoded it at another
-    than the pipeline's own (``max_sequence_length``)."""
-    latent = tuple(config["shape"][-2:])
-    own = 128 if spec.get("pipeline") == "FluxPipeline" else spec["unet_config"].get("sample_size")
+    network's ``sample_size``; FLUX's pipeline: 128 latents, Sana's: 1024 pixels), the prompt's length where the
+    run encoded it at another than the pipeline's own (``max_sequence_length``), and the family's switches
+    (``EXACT``)."""
+    latent, factor, pipeline = tuple(config["shape"][-2:]), vae_factor(vae_config), spec.get("pipeline")
+    own = (128 if pipeline == "FluxPipeline" else 1024 // factor if pipeline == "SanaPipeline"    # their defaults
+           else spec["unet_config"].get("sample_size"))
     own = tuple(own) if isinstance(own, (list, tuple)) else (own, own)
     call = {}
     if latent != own:
-        factor = vae_factor(vae_config)
         call.update(height=latent[0] * factor, width=latent[1] * factor)
     if spec.get("max_sequence_length"):
         call["max_sequence_length"] = int(spec["max_sequence_length"])
-    return call
+    return {**call, **EXACT.get(spec.get("pipeline"), {})}
 
 
 def stock_pipeline(form: StockForm, slot: str, network: nn.Module, components: dict):
