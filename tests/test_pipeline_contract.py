@@ -23,7 +23,7 @@ from sid.teachers.diffusers import SiDPipeline
 
 pytestmark = pytest.mark.slow
 TEXT_TO_IMAGE = {"prompt", "height", "width", "guidance_scale", "negative_prompt", "prompt_embeds",
-                 "negative_prompt_embeds"}
+                 "negative_prompt_embeds", "cross_attention_kwargs"}
 OPTIONAL = {"num_inference_steps", "num_images_per_prompt", "generator", "latents", "output_type", "return_dict",
             "callback_on_step_end", "callback_on_step_end_tensor_inputs"}
 
@@ -152,6 +152,20 @@ def test_guidance_is_classifier_free_guidance_on_the_generator(sd):
     torch.testing.assert_close(guided, d_u + 4.0 * (d_c - d_u), rtol=1e-5, atol=1e-5)
     default_null = sd("a cat", guidance_scale=4.0, latents=z, output_type="latent", num_inference_steps=1).images
     assert (default_null - guided).abs().max() > 1e-3
+
+
+def test_cross_attention_kwargs_reach_the_network_a_lora_scale_included(sd):
+    """A LoRA loaded on the UNet (peft), scaled by ``cross_attention_kwargs={"scale": s}`` as in stock pipelines:
+    scale 0 is the network without it."""
+    from peft import LoraConfig
+
+    plain = sd("a cat", generator=seeded(0), output_type="np").images
+    sd.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    with_lora = sd("a cat", generator=seeded(0), output_type="np").images
+    assert np.abs(with_lora - plain).max() > 1e-3
+    off = sd("a cat", generator=seeded(0), output_type="np", cross_attention_kwargs={"scale": 0.0}).images
+    np.testing.assert_allclose(off, plain, atol=1e-6)
+    assert not sd.unet._forward_pre_hooks                                # the hook is gone after the call
 
 
 def test_height_and_width_set_the_latent_size(sd):

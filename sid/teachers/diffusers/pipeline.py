@@ -9,6 +9,7 @@ It keeps diffusers' pipeline contract, as a stock text-to-image pipeline does: `
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    AutoencoderTiny,
     DiffusionPipeline,
     EDMEulerScheduler,
     UNet2DConditionModel,
@@ -70,7 +72,7 @@ class SiDPipeline(DiffusionPipeline):
     _callback_tensor_inputs = ["latents"]
 
     def __init__(self, scheduler=None, unet: UNet2DModel | UNet2DConditionModel | None = None,
-                 vae: AutoencoderKL | AutoencoderDC | None = None, text_encoder=None, tokenizer=None,
+                 vae: AutoencoderKL | AutoencoderDC | AutoencoderTiny | None = None, text_encoder=None, tokenizer=None,
                  transformer: TRANSFORMERS | None = None, text_encoder_2=None, tokenizer_2=None,
                  text_encoder_3=None, tokenizer_3=None, sigma_init: float | None = None,
                  prediction_type: str | None = None, sigma_data: float = 0.5, teacher_pipeline: str | None = None,
@@ -245,7 +247,8 @@ class SiDPipeline(DiffusionPipeline):
                  prompt_attention_mask: torch.Tensor | None = None,
                  negative_prompt_attention_mask: torch.Tensor | None = None, class_labels=None, batch_size: int = 1,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs: list[str] = ("latents",)):
+                 callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+                 cross_attention_kwargs: dict | None = None):
         """``prompt``: one per image (a text-to-image generator; a single one is used ``batch_size`` times), or
         its ``prompt_embeds`` (``encode_prompt``); ``class_labels``: a class-conditional generator's;
         ``num_images_per_prompt`` images of each; ``guidance_scale``: classifier-free guidance on the generator
@@ -254,7 +257,9 @@ class SiDPipeline(DiffusionPipeline):
         itself, instead of drawing it from ``generator``; ``num_inference_steps``: other than the generator's own
         step count (``sid.steps``); ``callback_on_step_end(pipe, i, σ_i, {"latents": x_i})`` after each step, its
         returned latents used from there on; ``output_type``: "pil", "np" or "pt" (images in [0, 1]) or "latent"
-        (the generator's own output: latents, or a pixel generator's images in [-1, 1])."""
+        (the generator's own output: latents, or a pixel generator's images in [-1, 1]); ``cross_attention_kwargs``:
+        passed to the network's attention (under its own name: ``joint_attention_kwargs`` for SD3 and FLUX), e.g.
+        ``{"scale": 0.5}`` for a LoRA loaded on it."""
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not among "
@@ -284,7 +289,7 @@ class SiDPipeline(DiffusionPipeline):
             return guided(denoiser, self._guidance_scale, lambda _: null)(x, sigma, c)
 
         denoise.rule = denoiser.rule
-        with self.progress_bar(total=steps) as bar:
+        with self.progress_bar(total=steps) as bar, attention_kwargs(self.network, cross_attention_kwargs):
             def on_step(i, sigma, d):
                 if callback_on_step_end is not None:
                     d = callback_on_step_end(self, i, sigma, {"latents": d}).get("latents", d)
@@ -300,6 +305,24 @@ class SiDPipeline(DiffusionPipeline):
             out = self.image_processor.postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+
+@contextlib.contextmanager
+def attention_kwargs(network: nn.Module, kwargs: dict | None):
+    """The network called with ``kwargs`` for its attention for the duration (a forward pre-hook: the denoiser
+    contract stays one call), under the name its ``forward`` gives them."""
+    if not kwargs:
+        yield
+        return
+    names = [n for n in inspect.signature(network.forward).parameters if n.endswith("attention_kwargs")]
+    if not names:
+        raise ValueError(f"a {type(network).__name__} takes no attention kwargs: leave cross_attention_kwargs out")
+    hook = network.register_forward_pre_hook(lambda m, args, given: (args, {**given, names[0]: dict(kwargs)}),
+                                             with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def embeds(codec, prompts, given: dict, null: int | None = None) -> dict:
