@@ -7,7 +7,7 @@
     sid sample runs/fmnist/generator --out grid.png   sample a one-step generator (or a teacher)
     sid fid ref|gen|teacher|images ...                FID and its reference statistics
     sid export-lora runs/sd                           the generator as a LoRA on its teacher (diffusers)
-    sid export-single-file runs/sd                    an SD 1.x generator as one checkpoint file
+    sid export-single-file runs/sd                    an SD 1.x / SDXL generator as one checkpoint file
     sid --version
 
 --config takes a YAML file or the name of a preset shipped in configs/. `sid COMMAND --help` says more.

@@ -188,7 +188,9 @@ def test_a_single_file_of_sd_15s_shape_reads_back_exactly(tmp_path):
                                              scheduler=diffusers.EulerDiscreteScheduler(), safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(tmp_path / "pipe")
-    written = write_single_file(unet, vae, pipe.text_encoder, tmp_path / "m.safetensors")
+    networks = {"unet": unet, "vae": vae, "text_encoder": pipe.text_encoder}
+    written = write_single_file("StableDiffusionPipeline", networks,
+                                tmp_path / "m.safetensors")
     back = diffusers.StableDiffusionPipeline.from_single_file(str(written), config=str(tmp_path / "pipe"),
                                                               safety_checker=None, local_files_only=True)
     for name in ("unet", "vae", "text_encoder"):
@@ -230,3 +232,69 @@ def test_the_single_file_has_sd_15s_own_layout():
                 **{f"first_stage_model.{k}": v for k, v in vae_keys.items()}}
     assert {k: shapes.get(k) for k in expected} == expected
     assert len(keys) == len(unet.state_dict()) + len(vae.state_dict())             # one name for each tensor
+
+
+def test_an_sdxl_single_file_reads_back_exactly(tmp_path):
+    """SDXL: both text encoders (the second in OpenCLIP's names, q, k, v stacked) and the UNet's added embedding;
+    ``StableDiffusionXLPipeline.from_single_file`` gives every weight back exactly. (The two encoders differ in
+    width, as SDXL's do: readers tell them apart by their shapes.)"""
+    from tiny_pipelines import tiny_clip_encoder, tiny_tokenizer, tiny_vae
+
+    from sid.teachers.diffusers.single_file import write_single_file
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D",
+        "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=48,
+        attention_head_dim=4, norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 32)
+    networks = {"unet": unet, "vae": tiny_vae(), "text_encoder": tiny_clip_encoder(seed=1),
+                "text_encoder_2": tiny_clip_encoder(projection=True, hidden=32, seed=2)}
+    diffusers.StableDiffusionXLPipeline(**networks, scheduler=diffusers.EulerDiscreteScheduler(),
+                                        tokenizer=tiny_tokenizer(tmp_path / "v1"),
+                                        tokenizer_2=tiny_tokenizer(tmp_path / "v2")).save_pretrained(tmp_path / "xl")
+    written = write_single_file("StableDiffusionXLPipeline", networks, tmp_path / "xl.safetensors")
+    with safe_open(str(written), "pt") as f:
+        keys = set(f.keys())
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys
+    back = diffusers.StableDiffusionXLPipeline.from_single_file(str(written), config=str(tmp_path / "xl"),
+                                                                local_files_only=True)
+    for name, network in networks.items():
+        ours, theirs = network.state_dict(), getattr(back, name).state_dict()
+        assert set(ours) == set(theirs), name
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+def test_the_sdxl_single_file_has_sdxls_own_layout():
+    """SDXL base's published UNet and second text encoder (meta device, shipped configs) under the names and shapes
+    of the original SDXL checkpoint: the added embedding as ``label_emb``, the 10-deep middle transformer, the
+    upsampler after the attention, OpenCLIP's ``resblocks`` with q, k, v stacked and the projection transposed."""
+    import json
+
+    import transformers
+
+    from sid.teachers.diffusers.published import ARCHITECTURES
+    from sid.teachers.diffusers.single_file import open_clip_to_ldm, unet_to_ldm
+
+    shipped = ARCHITECTURES / "stabilityai--stable-diffusion-xl-base-1.0.json"
+    configs = {k: v[1] for k, v in json.loads(shipped.read_text())["components"].items()}
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel.from_config(configs["unet"])
+        encoder = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**configs["text_encoder_2"]))
+    keys = {**unet_to_ldm(unet.state_dict(), unet.config),
+            **open_clip_to_ldm(encoder.state_dict(), "conditioner.embedders.1.model.")}
+    shapes = {k: tuple(v.shape) for k, v in keys.items()}
+    expected = {"model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+                "model.diffusion_model.input_blocks.6.0.op.weight": (640, 640, 3, 3),
+                "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight": (640, 640),
+                "model.diffusion_model.middle_block.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),
+                "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+                "model.diffusion_model.output_blocks.8.0.skip_connection.weight": (320, 640, 1, 1),
+                "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (1280,),
+                "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+                "conditioner.embedders.1.model.text_projection": (1280, 1280),
+                "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+                "conditioner.embedders.1.model.ln_final.weight": (1280,)}
+    assert {k: shapes.get(k) for k in expected} == expected
+    assert len(keys) == len(unet.state_dict()) + len(encoder.state_dict()) - 4 * 32   # q, k, v (weight, bias): one each

@@ -1,5 +1,5 @@
-"""A Stable Diffusion 1.x generator as one checkpoint file (the original latent-diffusion layout: the UNet, VAE and
-CLIP text encoder in one safetensors file), the form ComfyUI, A1111 and diffusers' ``from_single_file`` read.
+"""A Stable Diffusion 1.x or SDXL generator as one checkpoint file (the original layout: the UNet, VAE and text
+encoders in one safetensors file), the form ComfyUI, A1111 and diffusers' ``from_single_file`` read.
 
     sid export-single-file runs/sd                       # runs/sd/sd-generator.safetensors
     sid export-single-file runs/sd/generator-best --out sd-one-step.safetensors

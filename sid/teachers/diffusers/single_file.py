@@ -1,7 +1,8 @@
-"""A Stable Diffusion 1.x generator as one checkpoint file in the original (CompVis latent-diffusion) layout, the
-form ComfyUI, A1111 and ``StableDiffusionPipeline.from_single_file`` read: the UNet under
-``model.diffusion_model.``, the VAE under ``first_stage_model.``, the CLIP text encoder under
-``cond_stage_model.transformer.``, as safetensors.
+"""A Stable Diffusion 1.x or SDXL generator as one checkpoint file in the original (latent-diffusion / SGM) layout,
+the form ComfyUI, A1111 and the pipelines' ``from_single_file`` read: the UNet under ``model.diffusion_model.``,
+the VAE under ``first_stage_model.``, the text encoders under ``cond_stage_model.transformer.`` (SD 1.x's CLIP) or
+``conditioner.embedders.0.transformer.`` and ``conditioner.embedders.1.model.`` (SDXL's CLIP and, in OpenCLIP's
+names, its second encoder), as safetensors.
 
 The renaming is the inverse of the one diffusers applies when it reads such a file: the UNet's blocks become
 LDM's flat ``input_blocks`` / ``middle_block`` / ``output_blocks`` (each down block's resnets and attentions at
@@ -16,9 +17,9 @@ import os
 from pathlib import Path
 
 import diffusers
+import torch
 import transformers
 from safetensors.torch import save_file
-from torch import nn
 
 from sid.errors import SidError, described
 from sid.teachers.diffusers.exchange import export_folder
@@ -41,6 +42,7 @@ def unet_to_ldm(state: dict, config) -> dict:
     """A ``UNet2DConditionModel``'s weights under LDM's names (``model.diffusion_model.`` added)."""
     n = config["layers_per_block"]
     blocks = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",    # SDXL
               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
               "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
               "mid_block.resnets.1": "middle_block.2"}
@@ -95,22 +97,57 @@ def vae_to_ldm(state: dict, config) -> dict:
     return out
 
 
-def single_file_state(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module) -> dict:
-    """The three networks' weights as one LDM checkpoint's."""
+def clip_to_ldm(state: dict, prefix: str) -> dict:
+    """A transformers ``CLIPTextModel``'s weights under ``prefix`` + ``text_model.``… (flattened or not)."""
+    return {f"{prefix}{k if k.startswith('text_model.') else 'text_model.' + k}": v for k, v in state.items()}
+
+
+def open_clip_to_ldm(state: dict, prefix: str) -> dict:
+    """A ``CLIPTextModelWithProjection``'s weights under OpenCLIP's names (SDXL's second encoder): ``resblocks``,
+    q, k and v stacked as ``attn.in_proj_*``, the projection transposed."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    out = {"positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           "text_projection": state.pop("text_projection.weight").T}
+    state.pop("embeddings.position_ids", None)
+    layer = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    for key in [k for k in state if k.startswith("encoder.layers.") and ".self_attn.q_proj." in k]:
+        i, kind = key.split(".")[2], key.rsplit(".", 1)[1]                          # weight or bias
+        stacked = [state.pop(f"encoder.layers.{i}.self_attn.{x}_proj.{kind}") for x in "qkv"]
+        out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(stacked)
+    for key, value in state.items():
+        if key.startswith("encoder.layers."):
+            i, rest = key.split(".", 3)[2:]
+            out[f"transformer.resblocks.{i}.{renamed(rest, layer)}"] = value
+        else:
+            out[renamed(key, {"final_layer_norm": "ln_final"})] = value
+    return {prefix + k: v for k, v in out.items()}
+
+
+LAYOUTS = {   # the text encoders' places in each family's single file
+    "StableDiffusionPipeline": {"text_encoder": (clip_to_ldm, "cond_stage_model.transformer.")},
+    "StableDiffusionXLPipeline": {"text_encoder": (clip_to_ldm, "conditioner.embedders.0.transformer."),
+                                  "text_encoder_2": (open_clip_to_ldm, "conditioner.embedders.1.model.")}}
+ENCODERS = {"text_encoder": transformers.CLIPTextModel, "text_encoder_2": transformers.CLIPTextModelWithProjection}
+
+
+def single_file_state(pipeline: str, networks: dict) -> dict:
+    """The networks of a ``pipeline`` (``unet``, ``vae`` and its text encoders) as one LDM checkpoint's weights."""
+    unet, vae = networks["unet"], networks["vae"]
     state = {**unet_to_ldm(unet.state_dict(), unet.config), **vae_to_ldm(vae.state_dict(), vae.config)}
-    state.update({f"cond_stage_model.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}": v
-                  for k, v in text_encoder.state_dict().items()})      # CLIPTextModel, flattened or not
+    for name, (convert, prefix) in LAYOUTS[pipeline].items():
+        state.update(convert(networks[name].state_dict(), prefix))
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def write_single_file(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, out: Path,
-                      metadata: dict | None = None) -> Path:
-    """A Stable Diffusion 1.x UNet, VAE and CLIP text encoder as one safetensors file at ``out`` (written beside,
-    then renamed); ``metadata``: strings stored in its header."""
+def write_single_file(pipeline: str, networks: dict, out: Path, metadata: dict | None = None) -> Path:
+    """A Stable Diffusion 1.x or SDXL pipeline's networks as one safetensors file at ``out`` (written beside, then
+    renamed); ``metadata``: strings stored in its header."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
-        save_file(single_file_state(unet, vae, text_encoder), tmp, metadata=metadata or {})
+        save_file(single_file_state(pipeline, networks), tmp, metadata=metadata or {})
         os.replace(tmp, out)
     except OSError as e:
         raise SidError(f"could not write {out} ({described(e)}); free space and run again") from None
@@ -120,28 +157,27 @@ def write_single_file(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, 
 
 
 def export_single_file(path, out=None) -> tuple[Path, str]:
-    """The Stable Diffusion 1.x generator of a run (or an export) as one checkpoint file, ``out`` (default: beside
-    the export, ``<run>/<run name>-<export name>.safetensors``), with sid's record and the one-step call in its
-    metadata; returns the file and how to sample it."""
+    """The Stable Diffusion 1.x or SDXL generator of a run (or an export) as one checkpoint file, ``out`` (default:
+    beside the export, ``<run>/<run name>-<export name>.safetensors``), with sid's record and the one-step call in
+    its metadata; returns the file and how to sample it."""
     folder = export_folder(Path(path))
     record = json.loads((folder / "generator.json").read_text())
-    if record["denoiser"].get("pipeline") != "StableDiffusionPipeline":
-        raise SidError(f"a single-file checkpoint is written for Stable Diffusion 1.x generators; {folder} was "
-                       f"distilled from a {record['denoiser'].get('pipeline') or 'pixel-space UNet'}: its export "
-                       "folder is the form to share")
+    pipeline = record["denoiser"].get("pipeline")
+    if pipeline not in LAYOUTS:
+        raise SidError(f"a single-file checkpoint is written for Stable Diffusion 1.x and SDXL generators; {folder} "
+                       f"was distilled from a {pipeline or 'pixel-space UNet'}: its export folder is the form to share")
+    classes = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
+               **{name: ENCODERS[name] for name in LAYOUTS[pipeline]}}
     try:
-        networks = {name: cls.from_pretrained(folder, subfolder=name) for name, cls in
-                    (("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL),
-                     ("text_encoder", transformers.CLIPTextModel))}
+        networks = {name: cls.from_pretrained(folder, subfolder=name) for name, cls in classes.items()}
     except (OSError, ValueError) as e:
-        raise SidError(f"{folder}: its unet/, vae/ or text_encoder/ cannot be loaded ({type(e).__name__}); a "
-                       "single-file checkpoint needs a Stable Diffusion 1.x export with a CLIP text encoder") from None
+        raise SidError(f"{folder}: its {', '.join(f'{n}/' for n in classes)} cannot all be loaded "
+                       f"({type(e).__name__}); a single file holds every one of them") from None
     form = written_form(folder, record)
-    how = (f"diffusers: StableDiffusionPipeline.from_single_file(file, config={str(folder)!r}) (its configs and "
-           f"one-step scheduler), then {form.call_text()}" if form is not None else
-           f"diffusers: StableDiffusionPipeline.from_single_file(file, config={str(folder)!r}), sampled as the "
-           "export's card says")
+    how = (f"diffusers: {pipeline}.from_single_file(file, config={str(folder)!r}) (its configs and one-step "
+           f"scheduler), then {form.call_text()}" if form is not None else
+           f"diffusers: {pipeline}.from_single_file(file, config={str(folder)!r}), sampled as the export's card says")
     metadata = {"sid": json.dumps({k: record.get(k) for k in ("sigma_init", "steps", "renoise", "shape", "nimg")}),
                 "sid_sampling": how}
     out = Path(out) if out is not None else folder.parent / f"{folder.parent.resolve().name}-{folder.name}.safetensors"
-    return write_single_file(networks["unet"], networks["vae"], networks["text_encoder"], out, metadata), how
+    return write_single_file(pipeline, networks, out, metadata), how
