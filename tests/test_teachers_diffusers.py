@@ -442,6 +442,7 @@ def test_the_export_loads_as_a_diffusers_pipeline(tiny_unet_overrides, tmp_path,
         assert len(pipeline(batch_size=2).images) == 2                                # PIL images
     card = (folder / "README.md").read_text()
     assert "library_name: diffusers" in card and "λ = 1.2" in card and "after 32 generator images" in card
+    assert ("start from unscaled noise z" in card) == (prediction_type != "edm")    # why no stock pipeline
     # the diffusers form alone loads as a generator too, and its index cannot name other code
     alone = tmp_path / "diffusers-form"
     alone.mkdir()

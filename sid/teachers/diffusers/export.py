@@ -185,6 +185,19 @@ def stock_use(form: StockForm) -> str:
                                           "timesteps, so the one step is given as `sigmas`") + ".\n")
 
 
+def no_stock(spec: dict, config: dict) -> str:
+    """Why no stock diffusers pipeline reproduces this generator, as its card says."""
+    if config.get("steps", 1) != 1:
+        return (f"no stock scheduler re-noises between steps as this {config['steps']}-step generator does "
+                f"({config.get('renoise', 'fresh')})")
+    if spec.get("pipeline") in FLOW:
+        return "it starts below t = 1, and flow pipelines start from pure noise"
+    if spec.get("pipeline") is None or spec.get("pipeline") == "DiTPipeline":
+        return ("diffusers' pipelines for this network start from unscaled noise z, so no scheduler config starts "
+                "their step at σ_init z")
+    return "no stock scheduler config lands its one step on this generator's noise level"
+
+
 def model_card(config: dict, form: StockForm | None = None) -> str:
     """The README.md of a diffusers-form export: what it is, how it was made, what it measured, how to use it."""
     spec, run = config["denoiser"], config.get("config") or {}
@@ -215,7 +228,8 @@ def model_card(config: dict, form: StockForm | None = None) -> str:
                "images = scheduler.step(unet(scheduler.scale_model_input(x, t), t).sample, t, x).pred_original_sample"
                "  # in [-1, 1]\n```\n\nOr, as with every sid export:\n\n" + pipeline)
     else:
-        use = "With sid's pipeline class (the teacher's VP or flow schedule around the UNet):\n\n" + pipeline
+        why = no_stock(spec, config)
+        use = f"With sid's pipeline class (the teacher's VP or flow schedule around the network; {why}):\n\n" + pipeline
     return (f"---\nlibrary_name: diffusers\ntags: [sid, one-step, distillation, score-identity-distillation]\n---\n\n"
             f"# One-step generator distilled by sid\n\n"
             f"A one-step generator of {'×'.join(map(str, config['shape']))} samples, distilled data-free from the "
