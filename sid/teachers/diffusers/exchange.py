@@ -25,6 +25,7 @@ from torch import nn
 from sid.errors import SidError, described
 from sid.steps import generate
 from sid.teachers.diffusers.export import load_native, written_form
+from sid.teachers.diffusers.files import export_dir
 from sid.teachers.diffusers.latent import export_codec
 from sid.teachers.diffusers.models import model_of
 
@@ -141,12 +142,12 @@ def write_lora(folder: Path, pipeline: type, slot: str, state: dict, config: dic
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_folder(path: Path) -> Path:
-    """The export folder of a run folder or of the export itself."""
-    for folder in (path, path / "generator"):
-        if (folder / "generator.json").is_file():
-            return folder
-    raise SidError(f"{path} is neither a run folder nor an export (no generator.json); give the run's folder")
+def export_folder(path) -> Path:
+    """The export folder of a run folder or of the export itself (``files.export_dir``), holding sid's record."""
+    folder = export_dir(path)
+    if not (folder / "generator.json").is_file():
+        raise SidError(f"{path} is neither a run folder nor an export (no generator.json); give the run's folder")
+    return folder
 
 
 def network_of(class_name: str, folder: str, slot: str) -> nn.Module:
@@ -212,7 +213,7 @@ def export_lora(path, teacher: str | None = None, rank: int | None = None, out=N
     """The generator of a run (or an export) as a LoRA on its teacher, in ``out`` (default: ``lora/`` in the
     export): a LoRA student's saved adapter as it is (unless ``rank`` is given), else the rank-``rank`` (default
     64) truncated SVD of the difference. Returns where, the report and what was measured."""
-    folder = export_folder(Path(path))
+    folder = export_folder(path)
     record = json.loads((folder / "generator.json").read_text())
     spec = record["denoiser"]
     cls, slot = lora_pipeline(spec.get("pipeline"))

@@ -20,7 +20,7 @@ from torch import nn
 from sid.errors import SidError, described
 from sid.precond import Preconditioned
 from sid.teachers.diffusers.families import FAMILIES
-from sid.teachers.diffusers.files import held, quiet
+from sid.teachers.diffusers.files import export_dir, held, quiet
 from sid.teachers.diffusers.latent import index_family
 from sid.teachers.diffusers.models import model_of
 from sid.teachers.diffusers.pipeline import SiDPipeline, stock_settings
@@ -162,8 +162,7 @@ def written_form(folder: Path, config: dict) -> StockForm | None:
 def stock_call(path) -> str | None:
     """The diffusers lines that draw an export's images, where it is in its family's stock form (``path``: the
     export or its run folder); None otherwise."""
-    folder = Path(path)
-    folder = folder / "generator" if not (folder / "model_index.json").is_file() else folder
+    folder = export_dir(path)
     try:
         form = written_form(folder, json.loads((folder / "generator.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError):

@@ -83,6 +83,15 @@ def read_json(path: Path) -> dict | None:
         raise SidError(f"{path} is not valid JSON ({e}); restore it from the model's source") from None
 
 
+def export_dir(path) -> Path:
+    """The export folder ``path`` names: the export itself, its run folder (then its ``generator/``), or a file in
+    it."""
+    folder = Path(path)
+    folder = folder.parent if folder.is_file() else folder
+    own = (folder / "model_index.json").is_file() or (folder / "generator.json").is_file()
+    return folder if own else folder / "generator"
+
+
 def held(index: dict, name: str) -> bool:
     """Whether a pipeline's index holds the component ``name`` (not absent, not [null, null])."""
     return (index.get(name) or [None])[0] is not None

@@ -21,6 +21,7 @@ from sid.precond import Preconditioned
 from sid.teachers.diffusers.codecs import ImageCodec, vae_factor
 from sid.teachers.diffusers.families import FAMILIES, family_of
 from sid.teachers.diffusers.files import (
+    export_dir,
     held,
     hub_calls,
     hub_unreachable,
@@ -249,9 +250,7 @@ def with_length(codec: ImageCodec, length: int | None, pipeline: str) -> ImageCo
 def export_codec(folder, trust_code: bool = False) -> ImageCodec | None:
     """The VAE (and text encoder and tokenizer) an export of a latent generator carries (its teacher's), or None
     for an export of a pixel-space one: ``folder`` is the export, its run folder, or a file in it."""
-    folder = Path(folder)
-    folder = folder.parent if folder.is_file() else folder
-    folder = folder / "generator" if not (folder / "model_index.json").is_file() else folder
+    folder = export_dir(folder)
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):

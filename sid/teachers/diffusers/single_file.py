@@ -160,7 +160,7 @@ def export_single_file(path, out=None) -> tuple[Path, str]:
     """The Stable Diffusion 1.x or SDXL generator of a run (or an export) as one checkpoint file, ``out`` (default:
     beside the export, ``<run>/<run name>-<export name>.safetensors``), with sid's record and the one-step call in
     its metadata; returns the file and how to sample it."""
-    folder = export_folder(Path(path))
+    folder = export_folder(path)
     record = json.loads((folder / "generator.json").read_text())
     pipeline = record["denoiser"].get("pipeline")
     if pipeline not in LAYOUTS:
