@@ -25,6 +25,7 @@ from torch import nn
 from sid.errors import SidError, described
 from sid.steps import generate
 from sid.teachers.diffusers.export import load_native, written_form
+from sid.teachers.diffusers.families import FAMILIES
 from sid.teachers.diffusers.files import export_dir
 from sid.teachers.diffusers.latent import export_codec
 from sid.teachers.diffusers.models import model_of
@@ -36,16 +37,19 @@ SEEDS = range(4)
 def lora_pipeline(name: str | None) -> tuple[type, str]:
     """(the stock pipeline class, the network's component) of a family whose pipeline loads LoRAs; one line for
     the others."""
-    cls = getattr(diffusers, name, None) if name else None
-    slots = getattr(cls, "_lora_loadable_modules", None) or ()
-    slot = next((s for s in ("unet", "transformer") if s in slots), None)
+    slot = lora_slot(name)
     if slot is None:
-        readers = sorted(n for n in ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
-                                     "StableDiffusion3Pipeline", "FluxPipeline", "SanaPipeline"))
+        readers = sorted(family for family in FAMILIES if lora_slot(family))
         raise SidError(f"diffusers loads no LoRA into a {name or 'pixel-space UNet'} pipeline, so this generator "
                        f"has no LoRA form; its export folder is the full network. LoRA forms exist for "
                        f"{', '.join(readers)}")
-    return cls, slot
+    return getattr(diffusers, name), slot
+
+
+def lora_slot(name: str | None) -> str | None:
+    """The component a pipeline class loads LoRAs into (its network: ``unet`` or ``transformer``), or None."""
+    slots = getattr(getattr(diffusers, name, None) if name else None, "_lora_loadable_modules", None) or ()
+    return next((s for s in ("unet", "transformer") if s in slots), None)
 
 
 def adapter_lora(folder: Path) -> tuple[dict, dict]:
