@@ -9,6 +9,7 @@ wrong prompt, noise or step moves images by 1e-2 or more.
 
 import contextlib
 import copy
+import inspect
 import io
 import math
 
@@ -56,9 +57,9 @@ def pixel_unet(seed=0):
 
 
 def test_the_call_has_the_text_to_image_signature():
-    parameters = dict(list(__import__("inspect").signature(SiDPipeline.__call__).parameters.items())[1:])
+    parameters = dict(list(inspect.signature(SiDPipeline.__call__).parameters.items())[1:])
     assert TEXT_TO_IMAGE <= set(parameters)
-    assert all(parameters[name].default is not __import__("inspect").Parameter.empty for name in OPTIONAL)
+    assert all(parameters[name].default is not inspect.Parameter.empty for name in OPTIONAL)
 
 
 def test_pt_np_and_pil_outputs_agree_and_pt_is_in_0_1(sd):
