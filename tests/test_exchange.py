@@ -21,6 +21,7 @@ from tiny_pipelines import save_tiny_sd
 from sid.cli import main as sid_main
 from sid.config import load_config
 from sid.errors import SidError
+from sid.generator import load_generator
 from sid.teachers.diffusers.exchange import LORA_FILE, apply_lora, extract_lora, layers, lora_pipeline, write_lora
 
 pytestmark = pytest.mark.slow
@@ -99,6 +100,16 @@ def test_a_lora_students_adapter_loads_in_stock_diffusers_with_its_alpha(tmp_pat
     assert done.returncode == 0, done.stderr[-2000:]
     by_lora, by_single_file = map(float, done.stdout.split()[-2:])
     assert by_lora < 1e-5 and by_single_file == 0                # images in [0, 1]; the single file: the same weights
+    # an --out that holds other files (here the export itself) is refused in one line, and nothing is touched
+    export_files = sorted(p.name for p in export_folder.iterdir())
+    weights = export_folder / "generator.safetensors"
+    for command in (["export-lora", str(tmp_path / "run"), "--out", str(export_folder)],
+                    ["export-single-file", str(tmp_path / "run"), "--out", str(weights)]):
+        assert sid_main(command) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "--out" in err
+    assert sorted(p.name for p in export_folder.iterdir()) == export_files
+    assert load_generator(export_folder) is not None                  # its weights are intact
     # decomposed again at its own rank, the merged student's difference is that LoRA (rank ≤ 2 by construction)
     assert sid_main(["export-lora", str(tmp_path / "run"), "--rank", "2", "--out", str(tmp_path / "svd")]) == 0
     printed = capsys.readouterr().out

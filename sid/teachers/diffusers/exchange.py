@@ -126,10 +126,22 @@ def apply_lora(network: nn.Module, state: dict, config: dict) -> nn.Module:
     return network
 
 
+def check_replaceable(folder: Path) -> None:
+    """One line where ``folder`` holds anything but a LoRA written here (it is replaced whole: an export or any
+    other folder given as ``--out`` must never be)."""
+    others = sorted(p.name for p in Path(folder).iterdir() if p.name not in (LORA_FILE, "README.md")) \
+        if Path(folder).is_dir() else []
+    if others:
+        raise SidError(f"{folder} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                       "a LoRA's folder is replaced whole: give a new or empty folder with --out")
+
+
 def write_lora(folder: Path, pipeline: type, slot: str, state: dict, config: dict, card: str) -> None:
     """The LoRA as diffusers' ``save_lora_weights`` writes it for ``pipeline`` (keys under ``slot``, the LoraConfig
-    in the file's metadata, so that ``load_lora_weights`` honours α), with a card; written beside, then moved in."""
+    in the file's metadata, so that ``load_lora_weights`` honours α), with a card; written beside, then moved in
+    (over a LoRA written before, never over other files)."""
     folder = Path(folder)
+    check_replaceable(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     metadata = {"r": config["r"], "lora_alpha": config["lora_alpha"],
@@ -225,6 +237,7 @@ def export_lora(path, teacher: str | None = None, rank: int | None = None, out=N
     if not teacher:
         raise SidError(f"{folder} does not name its teacher's folder: give it with --teacher")
     out = Path(out) if out is not None else folder / "lora"
+    check_replaceable(out)                                   # before the work, not after it
     teacher_net = network_of(spec["class_name"], teacher, slot)
     adapter = folder / "adapter"
     if rank is None and (adapter / "adapter_config.json").is_file():

@@ -19,6 +19,7 @@ from pathlib import Path
 import diffusers
 import torch
 import transformers
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sid.errors import SidError, described
@@ -156,6 +157,15 @@ def write_single_file(pipeline: str, networks: dict, out: Path, metadata: dict |
     return out
 
 
+def written_here(path: Path) -> bool:
+    """Whether ``path`` is a single file this module wrote (its header names how to sample it)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return "sid_sampling" in (f.metadata() or {})
+    except (OSError, SafetensorError):                  # not safetensors at all
+        return False
+
+
 def export_single_file(path, out=None) -> tuple[Path, str]:
     """The Stable Diffusion 1.x or SDXL generator of a run (or an export) as one checkpoint file, ``out`` (default:
     beside the export, ``<run>/<run name>-<export name>.safetensors``), with sid's record and the one-step call in
@@ -166,6 +176,10 @@ def export_single_file(path, out=None) -> tuple[Path, str]:
     if pipeline not in LAYOUTS:
         raise SidError(f"a single-file checkpoint is written for Stable Diffusion 1.x and SDXL generators; {folder} "
                        f"was distilled from a {pipeline or 'pixel-space UNet'}: its export folder is the form to share")
+    out = Path(out) if out is not None else folder.parent / f"{folder.parent.resolve().name}-{folder.name}.safetensors"
+    if out.exists() and not written_here(out):
+        raise SidError(f"{out} exists and is not a single file written by sid: give another --out (nothing was "
+                       "overwritten)")
     classes = {"unet": diffusers.UNet2DConditionModel, "vae": diffusers.AutoencoderKL,
                **{name: ENCODERS[name] for name in LAYOUTS[pipeline]}}
     try:
@@ -179,5 +193,4 @@ def export_single_file(path, out=None) -> tuple[Path, str]:
            f"diffusers: {pipeline}.from_single_file(file, config={str(folder)!r}), sampled as the export's card says")
     metadata = {"sid": json.dumps({k: record.get(k) for k in ("sigma_init", "steps", "renoise", "shape", "nimg")}),
                 "sid_sampling": how}
-    out = Path(out) if out is not None else folder.parent / f"{folder.parent.resolve().name}-{folder.name}.safetensors"
     return write_single_file(pipeline, networks, out, metadata), how
